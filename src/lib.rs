@@ -1,0 +1,10 @@
+//! streamhelper: the log-backup (PITR) checkpoint advancer of TiDB/TiKV, synchronous and
+//! thread-based. See `docs/architecture.md` for the module map and the data flow.
+
+pub mod codec;
+pub mod error;
+pub mod proto;
+pub mod types;
+
+pub use error::{Error, Result, ResultExt};
+pub use types::{KeyRange, RegionId, StoreId, Ts};
