@@ -3,7 +3,9 @@
 
 pub mod codec;
 pub mod error;
+pub mod etcd;
 pub mod proto;
+pub mod security;
 pub mod types;
 
 pub use error::{Error, Result, ResultExt};
