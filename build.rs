@@ -44,8 +44,8 @@ fn main() {
         fs::write(out_dir.join(&service.name), service.content).expect("write grpc stubs");
     }
 
-    // The generated files are `include!`d inside `mod` blocks, where inner attributes
-    // are not allowed; src/proto.rs sets the lint allowances instead.
+    // The generated files are `include!`d inside `mod` blocks, where inner attributes and
+    // inner doc comments are not allowed; src/proto.rs sets the lint allowances instead.
     for entry in fs::read_dir(&out_dir).expect("list OUT_DIR") {
         let path = entry.expect("dir entry").path();
         if path.extension().map_or(false, |e| e == "rs") {
@@ -56,6 +56,12 @@ fn main() {
 
 fn strip_inner_attributes(path: &Path) {
     let text = fs::read_to_string(path).expect("read generated file");
-    let kept: Vec<&str> = text.lines().filter(|l| !l.trim_start().starts_with("#![")).collect();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !l.starts_with("#![") && !l.starts_with("//!")
+        })
+        .collect();
     fs::write(path, kept.join("\n")).expect("rewrite generated file");
 }
