@@ -13,7 +13,10 @@ macro_rules! generated {
                 non_upper_case_globals,
                 unused_imports,
                 unused_results,
-                renamed_and_removed_lints
+                renamed_and_removed_lints,
+                unused_parens,
+                mismatched_lifetime_syntaxes,
+                unknown_lints
             )]
             pub mod $module {
                 include!(concat!(env!("OUT_DIR"), "/", $file));
