@@ -4,8 +4,11 @@
 pub mod codec;
 pub mod error;
 pub mod etcd;
+pub mod meta;
 pub mod proto;
 pub mod security;
+pub mod stop;
+pub mod timefmt;
 pub mod types;
 
 pub use error::{Error, Result, ResultExt};
