@@ -139,8 +139,11 @@ impl PauseState {
                     Err(e) => format!(" (payload unreadable: {e})"),
                 };
                 format!(
-                    "paused ({:?}) at {} by {} pid {}{reason}",
-                    v2.severity, v2.operation_time, v2.operation_hostname, v2.operation_pid
+                    "paused ({}) at {} by {} pid {}{reason}",
+                    if v2.severity == Severity::Error { "ERROR" } else { "MANUAL" },
+                    v2.operation_time,
+                    v2.operation_hostname,
+                    v2.operation_pid
                 )
             }
         }
