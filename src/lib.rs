@@ -6,6 +6,7 @@ pub mod error;
 pub mod etcd;
 pub mod proto;
 pub mod security;
+pub mod sim;
 pub mod types;
 
 pub use error::{Error, Result, ResultExt};
