@@ -12,6 +12,7 @@ mod gc;
 mod mailbox;
 mod model;
 mod oracle;
+pub mod probe;
 mod pd;
 mod rng;
 mod server;

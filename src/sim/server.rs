@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use grpcio::{Environment, RpcStatus, Server, ServerBuilder, ServerCredentials, Service, UnarySink};
+use grpcio::{ChannelBuilder, Client, Environment, RpcStatus, Server, ServerBuilder, ServerCredentials, Service, UnarySink};
 
 use crate::error::{Error, Result};
 
@@ -49,12 +49,26 @@ impl RunningServer {
     }
 }
 
-/// Sends a unary reply. The returned future only reports delivery, which nobody here acts
-/// on, so it is dropped: the reply is already on its way (this runs on the gate's thread
-/// too, where there is no `RpcContext` to spawn it on).
+/// Runs futures on the sim's completion-queue threads, as `RpcContext::spawn` does, for
+/// replies sent after their handler returned (delayed or parked ones have no context left).
+/// grpcio spawns through a `Client`; this one's channel never carries a call, so it never
+/// connects anywhere.
+fn spawner() -> &'static Client {
+    static CLIENT: OnceLock<Client> = OnceLock::new();
+    CLIENT.get_or_init(|| Client::new(ChannelBuilder::new(sim_env()).connect("127.0.0.1:1")))
+}
+
+/// Sends a unary reply and drives it to completion. Dropping the delivery future early
+/// would release the call before the client's close arrives, which gRPC core turns into a
+/// CANCELLED status for the client.
 pub fn reply<T>(sink: UnarySink<T>, answer: std::result::Result<T, RpcStatus>) {
-    let _delivery = match answer {
+    let delivery = match answer {
         Ok(message) => sink.success(message),
         Err(status) => sink.fail(status),
     };
+    spawner().spawn(async move {
+        if let Err(e) = delivery.await {
+            log::debug!("sim: a reply was not delivered: {e}");
+        }
+    });
 }
