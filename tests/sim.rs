@@ -57,6 +57,11 @@ fn ask_pairs(sim: &SimCluster, store_id: StoreId, pairs: &[(RegionId, u64)]) -> 
     answers.into_iter().map(|c| (c.get_region().get_id(), c)).collect()
 }
 
+/// The store's answer for one region.
+fn ask_one(sim: &SimCluster, store_id: StoreId, region: &SimRegion) -> RegionCheckpoint {
+    ask(sim, store_id, std::slice::from_ref(region)).remove(&region.id).expect("one answer per region")
+}
+
 fn assert_not_flushed(answer: &RegionCheckpoint, id: RegionId, asked_version: u64) {
     let err = answer.get_err();
     assert!(answer.has_err(), "region {id} should be an error: {answer:?}");
@@ -368,13 +373,13 @@ fn leadership_moves_show_after_the_stores_flush() {
     assert_eq!(sim.region(region.id).unwrap().leader, Some(new));
 
     // Until they flush again the old leader still reports its last map, the new one not.
-    assert!(!ask(&sim, old, &[region.clone()])[&region.id].has_err());
-    assert_not_flushed(&ask(&sim, new, &[region.clone()])[&region.id], region.id, region.epoch_version);
+    assert!(!ask_one(&sim, old, &region).has_err());
+    assert_not_flushed(&ask_one(&sim, new, &region), region.id, region.epoch_version);
 
     sim.flush_all();
     let region = sim.region(region.id).unwrap();
-    assert_not_flushed(&ask(&sim, old, &[region.clone()])[&region.id], region.id, region.epoch_version);
-    let answer = &ask(&sim, new, &[region.clone()])[&region.id];
+    assert_not_flushed(&ask_one(&sim, old, &region), region.id, region.epoch_version);
+    let answer = &ask_one(&sim, new, &region);
     assert_eq!(answer.get_checkpoint(), sim.last_flush_ts(new).unwrap());
 
     // Without a leader nobody flushes it, so its truth stays behind.
@@ -382,7 +387,7 @@ fn leadership_moves_show_after_the_stores_flush() {
     sim.flush_all();
     assert_eq!(sim.region(region.id).unwrap().leader, None);
     assert!(sim.true_checkpoint(&region.range) < sim.last_flush_ts(new).unwrap());
-    assert!(ask(&sim, new, &[region.clone()])[&region.id].has_err());
+    assert!(ask_one(&sim, new, &region).has_err());
 }
 
 #[test]
@@ -424,7 +429,7 @@ fn never_flush_region_is_never_reported_and_holds_the_truth_back() {
     sim.flush_all();
     sim.flush_all();
     let leader = stuck.leader.unwrap();
-    assert_not_flushed(&ask(&sim, leader, &[stuck.clone()])[&stuck.id], stuck.id, stuck.epoch_version);
+    assert_not_flushed(&ask_one(&sim, leader, &stuck), stuck.id, stuck.epoch_version);
     assert_eq!(sim.true_checkpoint(&stuck.range), sim.start_ts());
     assert_eq!(sim.true_checkpoint(&KeyRange::full()), sim.start_ts());
     let elsewhere = sim.regions()[5].range.clone();
@@ -432,7 +437,7 @@ fn never_flush_region_is_never_reported_and_holds_the_truth_back() {
 
     sim.set_never_flush(stuck.id, false);
     sim.flush_all();
-    assert_eq!(ask(&sim, leader, &[stuck.clone()])[&stuck.id].get_checkpoint(), sim.last_flush_ts(leader).unwrap());
+    assert_eq!(ask_one(&sim, leader, &stuck).get_checkpoint(), sim.last_flush_ts(leader).unwrap());
 }
 
 #[test]

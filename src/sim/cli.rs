@@ -61,6 +61,11 @@ impl ControlFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io(e)),
         };
+        let len = file.metadata().map_err(io)?.len();
+        if len < self.offset {
+            // Truncated or replaced: read it again from the start.
+            self.offset = 0;
+        }
         file.seek(SeekFrom::Start(self.offset)).map_err(io)?;
         let mut text = String::new();
         file.read_to_string(&mut text).map_err(io)?;

@@ -301,10 +301,7 @@ impl SimCluster {
             changed
         };
         if changed && !supported {
-            store_state.close_subscribers(Some(RpcStatus::with_message(
-                RpcStatusCode::UNIMPLEMENTED,
-                format!("store {store}: log backup flush subscription is disabled"),
-            )));
+            store_state.close_subscribers(Some(tikv::subscription_disabled(store)));
         }
     }
 

@@ -188,14 +188,14 @@ impl RegionTable {
     }
 
     /// Regions from the one containing `start` on, in key order, as PD's scans see them.
-    pub fn from_containing(&self, start: &[u8]) -> impl Iterator<Item = (&Key, &RegionMeta)> {
+    pub fn scan_from(&self, start: &[u8]) -> impl Iterator<Item = (&Key, &RegionMeta)> {
         let first = self.region_at(start).0.clone();
         self.by_start.range(first..)
     }
 
     /// Regions overlapping `range`, in key order.
     pub fn overlapping<'a>(&'a self, range: &'a KeyRange) -> impl Iterator<Item = (&'a Key, &'a RegionMeta)> {
-        self.from_containing(&range.start)
+        self.scan_from(&range.start)
             .take_while(move |(start, meta)| overlaps(start, &meta.end, range))
     }
 

@@ -145,7 +145,7 @@ fn raw_key(encoded: &[u8], field: &str) -> Result<Vec<u8>, PdError> {
 /// at most `limit` of them (`limit <= 0`: all).
 fn scan<'a>(table: &'a RegionTable, start: &[u8], end: &'a [u8], limit: i32) -> impl Iterator<Item = (&'a Key, &'a RegionMeta)> {
     let limit = if limit <= 0 { usize::MAX } else { limit as usize };
-    table.from_containing(start).take_while(move |(s, _)| end.is_empty() || s.as_ref() < end).take(limit)
+    table.scan_from(start).take_while(move |(s, _)| end.is_empty() || s.as_ref() < end).take(limit)
 }
 
 pub fn store_proto(store: &StoreState) -> metapb::Store {

@@ -17,7 +17,7 @@ use crate::types::StoreId;
 
 use super::mailbox::{mailbox, Inbox};
 use super::server::reply;
-use super::state::{LastFlush, SimState};
+use super::state::{LastFlush, SimState, StoreState};
 use super::encode_boundary;
 
 /// TiKV puts at most this many events in one `SubscribeFlushEventResponse`.
@@ -122,6 +122,25 @@ async fn forward(mut inbox: Inbox<Push>, mut sink: ServerStreamingSink<Subscribe
     let _ = sink.fail(status).await;
 }
 
+impl LogBackupService {
+    /// Runs `answer` when the store's gate lets its reply out: now, after its delay, or
+    /// when it stops hanging.
+    fn when_answering(&self, answer: impl FnOnce(&SimState, &StoreState) + Send + 'static) {
+        let state = self.state.clone();
+        let store = self.store;
+        self.state.gate.submit(store, move || {
+            if let Some(store_state) = state.store(store) {
+                answer(&state, store_state);
+            }
+        });
+    }
+}
+
+/// What a store without the flush subscription feature answers.
+pub fn subscription_disabled(store: StoreId) -> RpcStatus {
+    RpcStatus::with_message(RpcStatusCode::UNIMPLEMENTED, format!("store {store}: log backup flush subscription is disabled"))
+}
+
 impl LogBackup for LogBackupService {
     fn get_last_flush_ts_of_region(
         &mut self,
@@ -129,11 +148,8 @@ impl LogBackup for LogBackupService {
         request: GetLastFlushTSOfRegionRequest,
         sink: UnarySink<GetLastFlushTSOfRegionResponse>,
     ) {
-        let state = self.state.clone();
-        let store = self.store;
-        self.state.gate.submit(store, move || {
-            let Some(store_state) = state.store(store) else { return };
-            let last = store_state.last_flush.read().clone();
+        self.when_answering(move |_, store| {
+            let last = store.last_flush.read().clone();
             reply(sink, Ok(checkpoints(&last, &request)));
         });
     }
@@ -146,32 +162,23 @@ impl LogBackup for LogBackupService {
     ) {
         let (outbox, inbox) = mailbox(SUBSCRIBER_QUEUE);
         ctx.spawn(forward(inbox, sink, self.store));
-        let state = self.state.clone();
-        let store = self.store;
-        self.state.gate.submit(store, move || {
-            let Some(store_state) = state.store(store) else { return };
-            if !store_state.run.lock().subscription_supported {
-                let status = RpcStatus::with_message(
-                    RpcStatusCode::UNIMPLEMENTED,
-                    format!("store {store}: log backup flush subscription is disabled"),
-                );
-                outbox.push_all(vec![Push::Fail(status)]);
+        self.when_answering(move |_, store| {
+            if !store.run.lock().subscription_supported {
+                outbox.push_all(vec![Push::Fail(subscription_disabled(store.id))]);
                 return;
             }
-            log::debug!("store {store}: new flush subscriber {:?}", request.get_client_id());
-            store_state.subscribers.lock().push(outbox);
-            store_state.broadcast();
+            log::debug!("store {}: new flush subscriber {:?}", store.id, request.get_client_id());
+            store.subscribers.lock().push(outbox);
+            store.broadcast();
         });
     }
 
     fn flush_now(&mut self, _ctx: RpcContext, _request: FlushNowRequest, sink: UnarySink<FlushNowResponse>) {
-        let state = self.state.clone();
-        let store = self.store;
-        self.state.gate.submit(store, move || {
+        self.when_answering(move |state, store| {
             // Never wait for delivery here: this may run on a completion-queue thread,
             // which the subscription streams need. The sim has no task list: the
             // flush covers every key, so there is no per-task result to report.
-            state.flush(&[store], false);
+            state.flush(&[store.id], false);
             reply(sink, Ok(FlushNowResponse::new()));
         });
     }
