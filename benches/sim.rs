@@ -107,7 +107,8 @@ fn flush_to_subscribers(sim: &SimCluster, by_store: &HashMap<StoreId, Vec<(Regio
         .into_iter()
         .map(|store| {
             let client = log_backup_client(&sim.store_address(store)).unwrap();
-            let stream = client.subscribe_flush_event_opt(&SubscribeFlushEventRequest::new(), call_option(DEADLINE)).unwrap();
+            let stream =
+                client.subscribe_flush_event_opt(&SubscribeFlushEventRequest::new(), call_option(DEADLINE)).unwrap();
             (by_store.get(&store).map_or(0, Vec::len), client, stream)
         })
         .collect();
@@ -122,7 +123,10 @@ fn flush_to_subscribers(sim: &SimCluster, by_store: &HashMap<StoreId, Vec<(Regio
 fn main() {
     let regions = env_size("SIM_BENCH_REGIONS", 1_000_000);
     let stores = env_size("SIM_BENCH_STORES", 20);
-    println!("sim bench: {regions} regions over {stores} stores, {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "sim bench: {regions} regions over {stores} stores, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 
     let before = rss_bytes();
     let began = Instant::now();
@@ -146,19 +150,25 @@ fn main() {
     let mut by_store: HashMap<StoreId, Vec<(RegionId, u64)>> = HashMap::new();
     for region in &scanned {
         let meta = region.get_region();
-        by_store.entry(region.get_leader().get_store_id()).or_default().push((meta.get_id(), meta.get_region_epoch().get_version()));
+        by_store
+            .entry(region.get_leader().get_store_id())
+            .or_default()
+            .push((meta.get_id(), meta.get_region_epoch().get_version()));
     }
     let total = scanned.len();
     drop(scanned);
     for parallel in [false, true] {
         let how = if parallel { "stores in parallel" } else { "one loop" };
-        let answered = measure(&format!("GetLastFlushTSOfRegion, batches of {BATCH}, {how}, regions"), |n| *n, || {
-            poll_leaders(&sim, &by_store, parallel)
-        });
+        let answered = measure(
+            &format!("GetLastFlushTSOfRegion, batches of {BATCH}, {how}, regions"),
+            |n| *n,
+            || poll_leaders(&sim, &by_store, parallel),
+        );
         assert_eq!(answered, total);
     }
 
-    let events = measure(&format!("flush to {stores} subscribers, events"), |n| *n, || flush_to_subscribers(&sim, &by_store));
+    let events =
+        measure(&format!("flush to {stores} subscribers, events"), |n| *n, || flush_to_subscribers(&sim, &by_store));
     assert_eq!(events, total);
     println!("RSS at the end: {}", mib(rss_bytes()));
 }

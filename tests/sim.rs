@@ -17,8 +17,8 @@ use streamhelper::proto::pdpb::{
     UpdateServiceGCSafePointRequest,
 };
 use streamhelper::proto::pdpb_grpc::PdClient;
-use streamhelper::sim::probe::{call_option, header, last_flush_ts, log_backup_client, pd_client, scan_regions};
 use streamhelper::sim::cli::{run_sim_command, SimArgs};
+use streamhelper::sim::probe::{call_option, header, last_flush_ts, log_backup_client, pd_client, scan_regions};
 use streamhelper::sim::{record_key, SimCluster, SimConfig, SimRegion};
 use streamhelper::types::compose_ts;
 use streamhelper::{KeyRange, RegionId, StoreId, Ts};
@@ -114,7 +114,11 @@ fn subscribe(sim: &SimCluster, store_id: StoreId) -> Receiver<Result<Vec<(KeyRan
 }
 
 /// Events received within `within`, flattened, until `want` events arrived.
-fn collect_events(rx: &Receiver<Result<Vec<(KeyRange, Ts)>, RpcStatusCode>>, want: usize, within: Duration) -> Vec<(KeyRange, Ts)> {
+fn collect_events(
+    rx: &Receiver<Result<Vec<(KeyRange, Ts)>, RpcStatusCode>>,
+    want: usize,
+    within: Duration,
+) -> Vec<(KeyRange, Ts)> {
     let deadline = Instant::now() + within;
     let mut events = Vec::new();
     while events.len() < want {
@@ -536,7 +540,8 @@ fn stopped_store_refuses_connections_and_keeps_its_leaders() {
     let led = led_by(&sim, 3);
     sim.stop_store(3);
     let client = log_backup_client(&address).unwrap();
-    let err = last_flush_ts(&client, &address, &[(led[0].id, led[0].epoch_version)], Duration::from_secs(2)).unwrap_err();
+    let err =
+        last_flush_ts(&client, &address, &[(led[0].id, led[0].epoch_version)], Duration::from_secs(2)).unwrap_err();
     assert_eq!(err.rpc_status(), Some(RpcStatusCode::UNAVAILABLE), "{err}");
     assert_eq!(led_by(&sim, 3), led, "PD still names it leader");
     let truth = sim.true_checkpoint(&led[0].range);
@@ -588,7 +593,8 @@ fn stopped_pd_comes_back_on_its_port() {
 
 #[test]
 fn timed_flushes_raise_the_truth_without_being_told() {
-    let config = SimConfig { stores: 2, regions: 8, flush_interval: Some(Duration::from_millis(50)), ..SimConfig::default() };
+    let config =
+        SimConfig { stores: 2, regions: 8, flush_interval: Some(Duration::from_millis(50)), ..SimConfig::default() };
     let sim = SimCluster::start(config).unwrap();
     wait_until("a timed flush", DEADLINE, || sim.last_flush_ts(1).is_some());
     let first = sim.last_flush_ts(1);
@@ -613,7 +619,9 @@ fn reported_checkpoints_never_exceed_the_truth() {
                 let _ = sim.split(&[region.range.start.as_slice(), b"\x80"].concat());
             }
             2 => {
-                if let Some(next) = regions.iter().find(|r| r.range.start == region.range.end && !r.range.start.is_empty()) {
+                if let Some(next) =
+                    regions.iter().find(|r| r.range.start == region.range.end && !r.range.start.is_empty())
+                {
                     sim.merge(region.id, next.id).unwrap();
                 }
             }
@@ -626,7 +634,10 @@ fn reported_checkpoints_never_exceed_the_truth() {
             for (id, answer) in ask(&sim, store_id, &regions) {
                 if !answer.has_err() {
                     let range = &regions.iter().find(|r| r.id == id).unwrap().range;
-                    assert!(answer.get_checkpoint() <= sim.true_checkpoint(range), "step {step}: region {id} on store {store_id}");
+                    assert!(
+                        answer.get_checkpoint() <= sim.true_checkpoint(range),
+                        "step {step}: region {id} on store {store_id}"
+                    );
                 }
             }
         }

@@ -10,7 +10,8 @@ fn threads() -> usize {
 }
 
 fn busy_sim() -> SimCluster {
-    let config = SimConfig { stores: 3, regions: 64, flush_interval: Some(Duration::from_millis(20)), ..SimConfig::default() };
+    let config =
+        SimConfig { stores: 3, regions: 64, flush_interval: Some(Duration::from_millis(20)), ..SimConfig::default() };
     let sim = SimCluster::start(config).unwrap();
     // Exercise the reply thread with parked and delayed work before dropping.
     sim.hang_store(1);

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::etcd::EtcdProcess;
 
 use super::control::{parse_duration, parse_line, Control};
-use super::{SimCluster, SimConfig};
+use super::{rss_bytes, SimCluster, SimConfig};
 
 /// How often the control file is checked for new lines.
 const CONTROL_POLL: Duration = Duration::from_millis(200);
@@ -119,7 +119,8 @@ pub fn run_sim_command(args: SimArgs) -> Result<()> {
         Some(_) => None,
         None => Some(EtcdProcess::start()?),
     };
-    let etcd_endpoint = args.etcd.clone().or_else(|| etcd_process.as_ref().map(EtcdProcess::endpoint)).unwrap_or_default();
+    let etcd_endpoint =
+        args.etcd.clone().or_else(|| etcd_process.as_ref().map(EtcdProcess::endpoint)).unwrap_or_default();
     let config = SimConfig {
         stores: args.stores,
         regions: args.regions,
@@ -134,7 +135,8 @@ pub fn run_sim_command(args: SimArgs) -> Result<()> {
     for store in sim.store_ids() {
         println!("store {store}: {}", sim.store_address(store));
     }
-    println!("regions: {} built in {:?}", sim.region_count(), began.elapsed());
+    let rss = rss_bytes().map_or("unknown".to_string(), |b| format!("{} MiB", b >> 20));
+    println!("regions: {} built in {:?}, RSS {rss}", sim.region_count(), began.elapsed());
     println!("ready");
     let _ = std::io::stdout().flush();
 

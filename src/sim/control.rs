@@ -108,9 +108,13 @@ pub fn parse_line(line: &str) -> Result<Option<Control>> {
     let mut next = || words.next();
     let control = match verb {
         "flush" => Control::Flush(next().map(|w| number(Some(w), "a store id", line)).transpose()?),
-        "split" => Control::Split(parse_key(next().ok_or_else(|| Error::Config(format!("{line:?}: expected a key")))?)?),
+        "split" => {
+            Control::Split(parse_key(next().ok_or_else(|| Error::Config(format!("{line:?}: expected a key")))?)?)
+        }
         "merge" => Control::Merge(number(next(), "a region id", line)?, number(next(), "a region id", line)?),
-        "transfer-leader" => Control::TransferLeader(number(next(), "a region id", line)?, number(next(), "a store id", line)?),
+        "transfer-leader" => {
+            Control::TransferLeader(number(next(), "a region id", line)?, number(next(), "a store id", line)?)
+        }
         "remove-leader" => Control::RemoveLeader(number(next(), "a region id", line)?),
         "scatter" => Control::Scatter,
         "stop-store" => Control::StopStore(number(next(), "a store id", line)?),
@@ -213,7 +217,12 @@ impl Control {
 }
 
 fn status(sim: &SimCluster) -> String {
-    let mut text = format!("PD {}; {} regions; true checkpoint {}", sim.pd_endpoint(), sim.region_count(), sim.true_checkpoint(&KeyRange::full()));
+    let mut text = format!(
+        "PD {}; {} regions; true checkpoint {}",
+        sim.pd_endpoint(),
+        sim.region_count(),
+        sim.true_checkpoint(&KeyRange::full())
+    );
     for store in sim.store_ids() {
         let flushed = sim.last_flush_ts(store).map_or("never".to_string(), |ts| ts.to_string());
         text.push_str(&format!("\nstore {store} at {}: last flush {flushed}", sim.store_address(store)));
@@ -236,7 +245,10 @@ mod tests {
         assert_eq!(parse_line("split abc").unwrap(), Some(Control::Split(b"abc".to_vec())));
         assert_eq!(parse_line("transfer-leader 1001 2").unwrap(), Some(Control::TransferLeader(1001, 2)));
         assert_eq!(parse_line("never-flush 1001 on").unwrap(), Some(Control::NeverFlush(1001, true)));
-        assert_eq!(parse_line("delay-store 3 250ms").unwrap(), Some(Control::DelayStore(3, Duration::from_millis(250))));
+        assert_eq!(
+            parse_line("delay-store 3 250ms").unwrap(),
+            Some(Control::DelayStore(3, Duration::from_millis(250)))
+        );
         assert!(parse_line("split 0x6").is_err());
         assert!(parse_line("stop-store x").unwrap_err().to_string().contains("store id"));
         assert!(parse_line("frobnicate").unwrap_err().to_string().contains("frobnicate"));

@@ -59,7 +59,8 @@ impl State {
     }
 
     fn take_parked(&mut self, store: StoreId) -> Vec<Job> {
-        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked).into_iter().partition(|(s, _)| *s == store);
+        let (taken, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.parked).into_iter().partition(|(s, _)| *s == store);
         self.parked = kept;
         taken.into_iter().map(|(_, job)| job).collect()
     }
@@ -137,7 +138,8 @@ impl ReplyGate {
         let removed = {
             let mut state = self.shared.state.lock();
             let parked = state.take_parked(store);
-            let (scheduled, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut state.timers).into_iter().partition(|t| t.store == store);
+            let (scheduled, kept): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut state.timers).into_iter().partition(|t| t.store == store);
             state.timers = kept.into_iter().collect();
             (parked, scheduled)
         };

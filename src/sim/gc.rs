@@ -53,7 +53,8 @@ impl GcSafePoints {
     }
 
     fn min(&self, now: i64) -> MinSafePoint {
-        let gc_worker = MinSafePoint { service_id: GC_WORKER.into(), ttl: i64::MAX - now, safe_point: self.gc_safe_point };
+        let gc_worker =
+            MinSafePoint { service_id: GC_WORKER.into(), ttl: i64::MAX - now, safe_point: self.gc_safe_point };
         self.services
             .iter()
             .filter(|(_, (_, expires))| *expires > now)

@@ -12,8 +12,8 @@ mod gc;
 mod mailbox;
 mod model;
 mod oracle;
-pub mod probe;
 mod pd;
+pub mod probe;
 mod rng;
 mod server;
 mod state;
@@ -121,9 +121,14 @@ impl SimCluster {
         let tso = Tso::default();
         let start_ts = tso.next();
         let table = RegionTable::build(config.stores, config.regions, config.seed, start_ts);
-        let state = Arc::new(SimState::new(config.cluster_id, tso, start_ts, table, config.stores, ReplyGate::start()?));
-        let mut cluster =
-            SimCluster { state: state.clone(), servers: Mutex::new(Servers::default()), pd_port: Mutex::new(0), flusher: None };
+        let state =
+            Arc::new(SimState::new(config.cluster_id, tso, start_ts, table, config.stores, ReplyGate::start()?));
+        let mut cluster = SimCluster {
+            state: state.clone(),
+            servers: Mutex::new(Servers::default()),
+            pd_port: Mutex::new(0),
+            flusher: None,
+        };
         cluster.start_pd()?;
         for id in cluster.store_ids() {
             cluster.serve_store(id)?;

@@ -195,8 +195,7 @@ impl RegionTable {
 
     /// Regions overlapping `range`, in key order.
     pub fn overlapping<'a>(&'a self, range: &'a KeyRange) -> impl Iterator<Item = (&'a Key, &'a RegionMeta)> {
-        self.scan_from(&range.start)
-            .take_while(move |(start, meta)| overlaps(start, &meta.end, range))
+        self.scan_from(&range.start).take_while(move |(start, meta)| overlaps(start, &meta.end, range))
     }
 
     /// The oracle: the lowest truth over `range`.

@@ -18,11 +18,11 @@ use crate::proto::pdpb::{
 use crate::proto::pdpb_grpc::Pd;
 use crate::types::{physical_ms, DisplayKey};
 
+use super::encode_boundary;
 use super::model::{Key, RegionMeta, RegionTable};
 use super::server::reply;
 use super::state::{unix_now, SimState, StoreState};
 use super::tso::logical;
-use super::encode_boundary;
 
 const MEMBER_ID: u64 = 1;
 /// What the sim's stores report as their TiKV version.
@@ -136,14 +136,22 @@ fn raw_key(encoded: &[u8], field: &str) -> Result<Vec<u8>, PdError> {
     decode_boundary(encoded).map_err(|e| {
         (
             ErrorType::UNKNOWN,
-            format!("{field} {} is not a memcomparable-encoded key ({e}); encode keys as TiDB does", DisplayKey(encoded)),
+            format!(
+                "{field} {} is not a memcomparable-encoded key ({e}); encode keys as TiDB does",
+                DisplayKey(encoded)
+            ),
         )
     })
 }
 
 /// Regions from the one containing `start` while they start before `end` (empty = +inf),
 /// at most `limit` of them (`limit <= 0`: all).
-fn scan<'a>(table: &'a RegionTable, start: &[u8], end: &'a [u8], limit: i32) -> impl Iterator<Item = (&'a Key, &'a RegionMeta)> {
+fn scan<'a>(
+    table: &'a RegionTable,
+    start: &[u8],
+    end: &'a [u8],
+    limit: i32,
+) -> impl Iterator<Item = (&'a Key, &'a RegionMeta)> {
     let limit = if limit <= 0 { usize::MAX } else { limit as usize };
     table.scan_from(start).take_while(move |(s, _)| end.is_empty() || s.as_ref() < end).take(limit)
 }
@@ -202,14 +210,20 @@ impl Pd for PdService {
     fn get_store(&mut self, _ctx: RpcContext, request: GetStoreRequest, sink: UnarySink<GetStoreResponse>) {
         self.answer(request.get_header(), sink, |state| {
             let id = request.get_store_id();
-            let store = state.store(id).ok_or_else(|| (ErrorType::UNKNOWN, format!("invalid store ID {id}, not found")))?;
+            let store =
+                state.store(id).ok_or_else(|| (ErrorType::UNKNOWN, format!("invalid store ID {id}, not found")))?;
             let mut response = GetStoreResponse::new();
             response.set_store(store_proto(store));
             Ok(response)
         });
     }
 
-    fn get_all_stores(&mut self, _ctx: RpcContext, request: GetAllStoresRequest, sink: UnarySink<GetAllStoresResponse>) {
+    fn get_all_stores(
+        &mut self,
+        _ctx: RpcContext,
+        request: GetAllStoresRequest,
+        sink: UnarySink<GetAllStoresResponse>,
+    ) {
         // The sim has no tombstone stores, so `exclude_tombstone_stores` changes nothing.
         self.answer(request.get_header(), sink, |state| {
             let mut response = GetAllStoresResponse::new();
@@ -227,7 +241,12 @@ impl Pd for PdService {
         });
     }
 
-    fn get_region_by_id(&mut self, _ctx: RpcContext, request: GetRegionByIDRequest, sink: UnarySink<GetRegionResponse>) {
+    fn get_region_by_id(
+        &mut self,
+        _ctx: RpcContext,
+        request: GetRegionByIDRequest,
+        sink: UnarySink<GetRegionResponse>,
+    ) {
         self.answer(request.get_header(), sink, |state| {
             let table = state.regions.read();
             // PD answers an unknown id with an empty response, not an error.
@@ -282,7 +301,12 @@ impl Pd for PdService {
         });
     }
 
-    fn get_gc_safe_point(&mut self, _ctx: RpcContext, request: GetGCSafePointRequest, sink: UnarySink<GetGCSafePointResponse>) {
+    fn get_gc_safe_point(
+        &mut self,
+        _ctx: RpcContext,
+        request: GetGCSafePointRequest,
+        sink: UnarySink<GetGCSafePointResponse>,
+    ) {
         self.answer(request.get_header(), sink, |state| {
             let mut response = GetGCSafePointResponse::new();
             response.set_safe_point(state.gc.lock().gc_safe_point());

@@ -41,7 +41,14 @@ fn rpc_error(call: &'static str, target: &str, source: grpcio::Error) -> Error {
 
 /// Every region overlapping `range`, page by page (`page` regions per `ScanRegions`), each
 /// page starting where the previous one ended, as TiDB's region iterator does.
-pub fn scan_regions(client: &PdClient, target: &str, cluster_id: u64, range: &KeyRange, page: i32, deadline: Duration) -> Result<Vec<pdpb::Region>> {
+pub fn scan_regions(
+    client: &PdClient,
+    target: &str,
+    cluster_id: u64,
+    range: &KeyRange,
+    page: i32,
+    deadline: Duration,
+) -> Result<Vec<pdpb::Region>> {
     let mut regions = Vec::new();
     let mut start = range.start.clone();
     loop {
@@ -54,7 +61,10 @@ pub fn scan_regions(client: &PdClient, target: &str, cluster_id: u64, range: &Ke
             .scan_regions_opt(&request, call_option(deadline))
             .map_err(|e| rpc_error("ScanRegions", target, e))?;
         if response.get_header().has_error() {
-            return Err(Error::Pd { endpoint: target.into(), reason: response.get_header().get_error().get_message().into() });
+            return Err(Error::Pd {
+                endpoint: target.into(),
+                reason: response.get_header().get_error().get_message().into(),
+            });
         }
         let page_regions = response.take_regions().into_vec();
         let Some(last) = page_regions.last() else {
@@ -71,7 +81,12 @@ pub fn scan_regions(client: &PdClient, target: &str, cluster_id: u64, range: &Ke
 }
 
 /// `GetLastFlushTSOfRegion` for `(id, epoch_version)` pairs, in one call.
-pub fn last_flush_ts(client: &LogBackupClient, target: &str, regions: &[(RegionId, u64)], deadline: Duration) -> Result<Vec<RegionCheckpoint>> {
+pub fn last_flush_ts(
+    client: &LogBackupClient,
+    target: &str,
+    regions: &[(RegionId, u64)],
+    deadline: Duration,
+) -> Result<Vec<RegionCheckpoint>> {
     let mut request = GetLastFlushTSOfRegionRequest::new();
     for &(id, version) in regions {
         let mut identity = RegionIdentity::new();

@@ -48,6 +48,8 @@ mod tests {
         assert_ne!(xs[0], SimRng::new(8).next_u64());
         let picked = a.pick_distinct(5, 3);
         assert_eq!(picked.len(), 3);
-        assert!(picked.iter().all(|&p| p < 5) && picked[0] != picked[1] && picked[1] != picked[2] && picked[0] != picked[2]);
+        assert!(
+            picked.iter().all(|&p| p < 5) && picked[0] != picked[1] && picked[1] != picked[2] && picked[0] != picked[2]
+        );
     }
 }

@@ -3,7 +3,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use grpcio::{ChannelBuilder, Client, Environment, RpcStatus, Server, ServerBuilder, ServerCredentials, Service, UnarySink};
+use grpcio::{
+    ChannelBuilder, Client, Environment, RpcStatus, Server, ServerBuilder, ServerCredentials, Service, UnarySink,
+};
 
 use crate::error::{Error, Result};
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use grpcio::RpcStatus;
 use parking_lot::{Mutex, RwLock};
 
-use crate::types::{StoreId, Ts};
+use crate::types::{RegionId, StoreId, Ts};
 
 use super::gate::ReplyGate;
 use super::gc::GcSafePoints;
@@ -30,7 +30,7 @@ pub struct LastFlush {
 }
 
 impl LastFlush {
-    pub fn find(&self, region: u64) -> Option<&FlushedRegion> {
+    pub fn find(&self, region: RegionId) -> Option<&FlushedRegion> {
         self.regions.binary_search_by_key(&region, |r| r.id).ok().map(|i| &self.regions[i])
     }
 }
@@ -123,7 +123,14 @@ pub struct SimState {
 }
 
 impl SimState {
-    pub fn new(cluster_id: u64, tso: Tso, start_ts: Ts, regions: RegionTable, stores: usize, gate: ReplyGate) -> SimState {
+    pub fn new(
+        cluster_id: u64,
+        tso: Tso,
+        start_ts: Ts,
+        regions: RegionTable,
+        stores: usize,
+        gate: ReplyGate,
+    ) -> SimState {
         SimState {
             cluster_id,
             start_ts,

@@ -15,10 +15,10 @@ use crate::proto::logbackuppb::{
 use crate::proto::logbackuppb_grpc::LogBackup;
 use crate::types::StoreId;
 
+use super::encode_boundary;
 use super::mailbox::{mailbox, Inbox};
 use super::server::reply;
 use super::state::{LastFlush, SimState, StoreState};
-use super::encode_boundary;
 
 /// TiKV puts at most this many events in one `SubscribeFlushEventResponse`.
 pub const EVENTS_PER_MESSAGE: usize = 1024;
@@ -138,7 +138,10 @@ impl LogBackupService {
 
 /// What a store without the flush subscription feature answers.
 pub fn subscription_disabled(store: StoreId) -> RpcStatus {
-    RpcStatus::with_message(RpcStatusCode::UNIMPLEMENTED, format!("store {store}: log backup flush subscription is disabled"))
+    RpcStatus::with_message(
+        RpcStatusCode::UNIMPLEMENTED,
+        format!("store {store}: log backup flush subscription is disabled"),
+    )
 }
 
 impl LogBackup for LogBackupService {
