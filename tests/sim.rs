@@ -710,3 +710,31 @@ fn sim_command_stops_after_its_duration() {
     run_sim_command(args).unwrap();
     assert!(began.elapsed() >= Duration::from_millis(300) && began.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn text_controls_act_on_the_sim() {
+    use streamhelper::sim::control::{parse_line, Control};
+    let sim = sim(3, 8, 14);
+    let apply = |line: &str| parse_line(line).unwrap().unwrap().apply(&sim);
+    let key = record_key(100, 777);
+    let region = sim.region_at(&key).id;
+    assert!(apply("split t100_r777").unwrap().contains("split"));
+    assert_eq!(sim.region_at(&key).range.start, key);
+    apply(&format!("transfer-leader {region} 2")).unwrap();
+    assert_eq!(sim.region(region).unwrap().leader, Some(2));
+    apply("flush 2").unwrap();
+    assert!(sim.last_flush_ts(2).is_some() && sim.last_flush_ts(1).is_none());
+    apply("stop-store 3").unwrap();
+    let address = sim.store_address(3);
+    assert!(last_flush_ts(&log_backup_client(&address).unwrap(), &address, &[], Duration::from_secs(2)).is_err());
+    assert!(apply("restart-store 3").unwrap().contains("127.0.0.1:"));
+    assert!(apply("merge 1 2").unwrap_err().to_string().contains("region"));
+    assert!(apply("status").unwrap().contains("store 3 at"));
+    assert_eq!(parse_line("quit").unwrap(), Some(Control::Quit));
+}
+
+#[test]
+fn the_sim_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<SimCluster>();
+}
