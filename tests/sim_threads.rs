@@ -1,12 +1,21 @@
 //! Dropping a simulated cluster ends every thread it started. A binary of its own, so that
-//! no other test's threads come and go while the process's threads are counted.
+//! no other test's sims come and go while threads are counted.
 
 use std::time::{Duration, Instant};
 
 use streamhelper::sim::{SimCluster, SimConfig};
 
-fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
+/// The threads a sim starts itself (gRPC core starts and retires its own helper threads as
+/// it pleases, so the process's total is no measure).
+const SIM_THREADS: &[&str] = &["sim-replies", "sim-flusher"];
+
+fn sim_threads() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .map(|task| std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string())
+        .filter(|name| SIM_THREADS.iter().any(|prefix| name.starts_with(prefix)))
+        .collect()
 }
 
 fn busy_sim() -> SimCluster {
@@ -19,19 +28,21 @@ fn busy_sim() -> SimCluster {
     sim
 }
 
+/// Waits until the sim threads number `count`; a new thread names itself once it runs.
+fn wait_for_sim_threads(count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim_threads().len() != count {
+        assert!(Instant::now() < deadline, "expected {count} sim threads, have {:?}", sim_threads());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn dropping_the_sim_ends_its_threads() {
-    // The first sim also starts gRPC's process-wide completion-queue threads.
-    drop(busy_sim());
-    let baseline = threads();
     for _ in 0..3 {
         let sim = busy_sim();
-        assert!(threads() > baseline, "the sim runs threads of its own");
+        wait_for_sim_threads(2); // a reply thread and a flusher
         drop(sim);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while threads() > baseline {
-            assert!(Instant::now() < deadline, "{} threads left after drop, {baseline} before", threads());
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_sim_threads(0);
     }
 }
