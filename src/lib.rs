@@ -1,6 +1,7 @@
 //! streamhelper: the log-backup (PITR) checkpoint advancer of TiDB/TiKV, synchronous and
 //! thread-based. See `docs/architecture.md` for the module map and the data flow.
 
+pub mod advancer;
 pub mod cli;
 pub mod codec;
 pub mod error;
@@ -9,6 +10,7 @@ pub mod meta;
 pub mod proto;
 pub mod security;
 pub mod sim;
+pub mod spans;
 pub mod stop;
 pub mod timefmt;
 pub mod types;

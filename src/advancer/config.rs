@@ -1,0 +1,125 @@
+//! Advancer configuration: defaults are upstream's, values come from flags or a TOML-like
+//! file and can be changed on a running advancer.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::timefmt::parse_duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Period of the ticker; also bounds the optional (polling) part of a tick.
+    pub tick_interval: Duration,
+    /// Delay before re-opening a failed task listener or subscription.
+    pub backoff: Duration,
+    /// Spans older than now − this are polled from TiKV.
+    pub try_advance_threshold: Duration,
+    /// A task whose stored checkpoint lags more than this is paused; zero disables.
+    pub lag_limit: Duration,
+    /// TTL of the owner lease.
+    pub owner_ttl: Duration,
+    /// Dial deadline for TiKV stores.
+    pub dial_timeout: Duration,
+    /// Deadline of one RPC (PD, TiKV, etcd).
+    pub rpc_timeout: Duration,
+    /// Upload the unchanged checkpoint at least this often, so readers see a live owner.
+    pub upload_heartbeat: Duration,
+    /// TTL of the PD service GC safepoint.
+    pub gc_safepoint_ttl: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            tick_interval: Duration::from_secs(12),
+            backoff: Duration::from_secs(5),
+            try_advance_threshold: Duration::from_secs(4 * 60),
+            lag_limit: Duration::from_secs(48 * 3600),
+            owner_ttl: Duration::from_secs(60),
+            dial_timeout: Duration::from_secs(8),
+            rpc_timeout: Duration::from_secs(10),
+            upload_heartbeat: Duration::from_secs(60),
+            gc_safepoint_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Config {
+    /// The polling threshold while some subscription is broken (upstream: 9/20 of the normal one).
+    pub fn degraded_threshold(&self) -> Duration {
+        self.try_advance_threshold * 9 / 20
+    }
+
+    /// Sets one option by its flag name (`tick-interval = "12s"`).
+    pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let duration = parse_duration(value).map_err(|e| Error::Config(format!("{name}: {e}")))?;
+        let slot = match name {
+            "tick-interval" => &mut self.tick_interval,
+            "backoff-time" => &mut self.backoff,
+            "try-advance-threshold" => &mut self.try_advance_threshold,
+            "check-point-lag-limit" => &mut self.lag_limit,
+            "owner-ttl" => &mut self.owner_ttl,
+            "dial-timeout" => &mut self.dial_timeout,
+            "rpc-timeout" => &mut self.rpc_timeout,
+            "upload-heartbeat" => &mut self.upload_heartbeat,
+            "gc-safepoint-ttl" => &mut self.gc_safepoint_ttl,
+            other => return Err(Error::Config(format!("unknown option {other:?}"))),
+        };
+        *slot = duration;
+        self.validate()
+    }
+
+    /// Reads `name = value` lines (TOML subset: comments with `#`, optional quotes).
+    pub fn apply_file_text(&mut self, text: &str, origin: &str) -> Result<()> {
+        for (number, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or_default().trim();
+            if line.is_empty() || line.starts_with('[') {
+                continue;
+            }
+            let (name, value) = line
+                .split_once('=')
+                .ok_or_else(|| Error::Config(format!("{origin}:{}: expected `name = value`", number + 1)))?;
+            let name = name.trim().replace('_', "-");
+            let value = value.trim().trim_matches('"').trim_matches('\'');
+            self.set(&name, value).map_err(|e| Error::Config(format!("{origin}:{}: {e}", number + 1)))?;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("tick-interval", self.tick_interval),
+            ("backoff-time", self.backoff),
+            ("owner-ttl", self.owner_ttl),
+            ("dial-timeout", self.dial_timeout),
+            ("rpc-timeout", self.rpc_timeout),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
+            return Err(Error::Config(format!("{name} must be positive")));
+        }
+        if self.owner_ttl < Duration::from_secs(1) {
+            return Err(Error::Config("owner-ttl must be at least 1s".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_and_flags_override_defaults() {
+        let mut config = Config::default();
+        assert_eq!(config.degraded_threshold(), Duration::from_secs(108));
+        config
+            .apply_file_text("# advancer\n[log-backup]\ntick_interval = \"3s\"\ncheck-point-lag-limit = '1h'\n", "test.toml")
+            .unwrap();
+        assert_eq!(config.tick_interval, Duration::from_secs(3));
+        assert_eq!(config.lag_limit, Duration::from_secs(3600));
+        let err = config.apply_file_text("nonsense", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("f.toml:1"), "{err}");
+        assert!(config.set("tick-interval", "0s").is_err());
+        assert!(config.set("flux", "1s").unwrap_err().to_string().contains("flux"));
+    }
+}

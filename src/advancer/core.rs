@@ -1,0 +1,266 @@
+//! The I/O-free heart of the advancer: task events, flush events, poll results and `now` in;
+//! polls to make and actions to take out. No threads, sockets or clocks, so every failure
+//! story is a plain unit test.
+//!
+//! Safety lives here: span values only grow (max-merge), updates are clipped to the task's
+//! ranges, the in-memory checkpoint never decreases, lag is judged from the *stored*
+//! checkpoint, and a paused or deleted task is never uploaded.
+
+use std::collections::BTreeMap;
+
+use super::config::Config;
+use crate::meta::{PauseV2, Severity, UploadOutcome};
+use crate::proto::brpb::StreamBackupTaskInfo;
+use crate::spans::{collapse, SpanFrontier};
+use crate::timefmt::{format_duration, format_rfc3339};
+use crate::types::{system_time_of, ts_distance, ts_sub, KeyRange, Ts};
+
+/// One task's state.
+struct TaskState {
+    info: StreamBackupTaskInfo,
+    ranges: Vec<KeyRange>,
+    frontier: SpanFrontier,
+    /// The global checkpoint we believe in; never decreases.
+    checkpoint: Ts,
+    /// The last value we wrote (or found stored) and when (`now` of that tick).
+    uploaded: Option<(Ts, Ts)>,
+    paused: bool,
+}
+
+/// Ranges of one task to poll from TiKV this tick.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PollPlan {
+    pub task: String,
+    pub ranges: Vec<KeyRange>,
+}
+
+/// What the driver must do after a tick, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Write the task's global checkpoint (monotonic, fenced).
+    Upload { task: String, ts: Ts },
+    /// Hold PD's GC safepoint for `log-backup-coordinator` at `safe_point`.
+    BlockGc { safe_point: Ts },
+    /// No task left: release the GC safepoint.
+    UnblockGc,
+    /// Pause a task whose checkpoint lags too far behind.
+    Pause { task: String, pause: PauseV2 },
+}
+
+/// A task's state for `/status` and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskStatus {
+    pub name: String,
+    pub start_ts: Ts,
+    pub checkpoint: Ts,
+    pub uploaded: Option<Ts>,
+    pub paused: bool,
+    /// The span holding the checkpoint back, if any.
+    pub slowest: Option<(KeyRange, Ts)>,
+    pub spans: usize,
+}
+
+pub struct Advancer {
+    config: Config,
+    tasks: BTreeMap<String, TaskState>,
+    subscriptions_healthy: bool,
+    /// Whether PD currently holds a safepoint for us, so that `UnblockGc` is sent once.
+    gc_blocked: bool,
+}
+
+impl Advancer {
+    pub fn new(config: Config) -> Self {
+        Advancer { config, tasks: BTreeMap::new(), subscriptions_healthy: true, gc_blocked: false }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Replaces the configuration; takes effect at the next tick (a raised lag limit lets a
+    /// resumed task run without a restart).
+    pub fn update_config(&mut self, config: Config) {
+        self.config = config;
+    }
+
+    pub fn update_config_with(&mut self, f: impl FnOnce(&mut Config)) {
+        f(&mut self.config);
+    }
+
+    pub fn task_names(&self) -> Vec<String> {
+        self.tasks.keys().cloned().collect()
+    }
+
+    /// A task appeared or was redefined: its frontier starts over at its start ts and its
+    /// checkpoint at max(stored, start ts). `stored` is what etcd holds (0 if none).
+    pub fn add_task(&mut self, info: StreamBackupTaskInfo, ranges: &[KeyRange], paused: bool, stored: Ts) {
+        let start_ts = info.get_start_ts();
+        let ranges = collapse(ranges);
+        let state = TaskState {
+            frontier: SpanFrontier::new(&ranges, start_ts),
+            checkpoint: stored.max(start_ts),
+            uploaded: None,
+            paused,
+            ranges,
+            info,
+        };
+        log::info!(
+            "added task {} with {} ranges, start ts {start_ts}, checkpoint {}{}",
+            state.info.get_name(),
+            state.ranges.len(),
+            state.checkpoint,
+            if paused { ", paused" } else { "" }
+        );
+        self.tasks.insert(state.info.get_name().to_string(), state);
+    }
+
+    /// Forgets the named task and only it (its paused flag goes with it).
+    pub fn remove_task(&mut self, name: &str) -> bool {
+        self.tasks.remove(name).is_some()
+    }
+
+    pub fn set_paused(&mut self, name: &str, paused: bool) {
+        if let Some(task) = self.tasks.get_mut(name) {
+            task.paused = paused;
+        }
+    }
+
+    /// Resume starts over: stale in-memory state of a long pause must not be trusted more
+    /// than what TiKV reports now.
+    pub fn resume_task(&mut self, name: &str, stored: Ts) {
+        if let Some(task) = self.tasks.remove(name) {
+            self.add_task(task.info, &task.ranges, false, stored.max(task.checkpoint));
+        }
+    }
+
+    pub fn set_subscriptions_healthy(&mut self, healthy: bool) {
+        if !healthy && self.subscriptions_healthy {
+            log::warn!("a flush subscription is broken: polling spans older than {:?}", self.config.degraded_threshold());
+        }
+        self.subscriptions_healthy = healthy;
+    }
+
+    fn active(&self) -> impl Iterator<Item = (&String, &TaskState)> {
+        self.tasks.iter().filter(|(_, t)| !t.paused)
+    }
+
+    /// A flushed range from a subscription: raises every task's spans it covers.
+    pub fn on_flush(&mut self, range: &KeyRange, ts: Ts) {
+        for task in self.tasks.values_mut() {
+            task.frontier.merge(range, ts);
+        }
+    }
+
+    /// Region checkpoints polled for `task`.
+    pub fn on_poll_result<'a>(&mut self, task: &str, advanced: impl IntoIterator<Item = (&'a KeyRange, Ts)>) {
+        if let Some(state) = self.tasks.get_mut(task) {
+            for (range, ts) in advanced {
+                state.frontier.merge(range, ts);
+            }
+        }
+    }
+
+    /// Which spans to poll: those of running tasks older than the threshold (tighter while
+    /// a subscription is broken), as collapsed ranges.
+    pub fn plan_polls(&self, now: Ts) -> Vec<PollPlan> {
+        let threshold = if self.subscriptions_healthy { self.config.try_advance_threshold } else { self.config.degraded_threshold() };
+        let below = ts_sub(now, threshold);
+        self.active()
+            .filter_map(|(name, task)| {
+                let lagging: Vec<KeyRange> = task.frontier.below(below).map(|s| KeyRange::new(s.start, s.end)).collect();
+                let ranges = collapse(&lagging);
+                (!ranges.is_empty()).then(|| PollPlan { task: name.clone(), ranges })
+            })
+            .collect()
+    }
+
+    /// Moves each running task's checkpoint to its frontier's minimum (never down) and says
+    /// what to upload, then where the GC safepoint goes.
+    pub fn finish_tick(&mut self, now: Ts) -> Vec<Action> {
+        let heartbeat = self.config.upload_heartbeat;
+        let mut actions = Vec::new();
+        for (name, task) in self.tasks.iter_mut().filter(|(_, t)| !t.paused) {
+            if let Some(min) = task.frontier.min_ts() {
+                if min > task.checkpoint {
+                    task.checkpoint = min;
+                }
+            }
+            let due = match task.uploaded {
+                None => true,
+                Some((value, at)) => task.checkpoint > value || ts_distance(now, at) >= heartbeat,
+            };
+            if due {
+                actions.push(Action::Upload { task: name.clone(), ts: task.checkpoint });
+            }
+        }
+        // One service safepoint covers every task, paused ones included: a resumed task
+        // still needs its data.
+        match self.tasks.values().map(|t| t.checkpoint).min() {
+            Some(min) => {
+                self.gc_blocked = true;
+                actions.push(Action::BlockGc { safe_point: min.saturating_sub(1) });
+            }
+            None if self.gc_blocked => {
+                self.gc_blocked = false;
+                actions.push(Action::UnblockGc);
+            }
+            None => {}
+        }
+        actions
+    }
+
+    /// Records an upload's outcome and judges lag from the value etcd now holds. Returns a
+    /// pause when the lag exceeds the limit; the task stops uploading at once.
+    pub fn on_uploaded(&mut self, task: &str, outcome: UploadOutcome, now: Ts) -> Option<Action> {
+        let limit = self.config.lag_limit;
+        let state = self.tasks.get_mut(task)?;
+        let stored = match outcome {
+            UploadOutcome::Fenced => return None,
+            UploadOutcome::Written => state.checkpoint,
+            UploadOutcome::KeptHigher { stored } => {
+                // Another writer got further: that value is a true checkpoint too.
+                state.checkpoint = state.checkpoint.max(stored);
+                stored
+            }
+        };
+        state.uploaded = Some((stored, now));
+        if limit.is_zero() || stored < state.info.get_start_ts() {
+            return None;
+        }
+        let lag = ts_distance(now, stored);
+        if lag <= limit {
+            return None;
+        }
+        log::warn!("checkpoint lag is too large: task {task} lags {} (limit {})", format_duration(lag), format_duration(limit));
+        state.paused = true;
+        let message = format!(
+            "The checkpoint is at {}, now it is {}, the lag is too huge ({}) hence pause the task to avoid impaction to the cluster",
+            format_rfc3339(system_time_of(stored)),
+            format_rfc3339(system_time_of(now)),
+            format_duration(lag)
+        );
+        Some(Action::Pause { task: task.to_string(), pause: PauseV2::now(Severity::Error).with_message(&message) })
+    }
+
+    pub fn status(&self) -> Vec<TaskStatus> {
+        self.tasks
+            .iter()
+            .map(|(name, t)| TaskStatus {
+                name: name.clone(),
+                start_ts: t.info.get_start_ts(),
+                checkpoint: t.checkpoint,
+                uploaded: t.uploaded.map(|(v, _)| v),
+                paused: t.paused,
+                slowest: t.frontier.min().map(|s| (KeyRange::new(s.start, s.end), s.ts)),
+                spans: t.frontier.len(),
+            })
+            .collect()
+    }
+
+    /// The checkpoint of `range` within a task as the frontier knows it (upstream's
+    /// `GetCheckpointInRange` answer after polling).
+    pub fn checkpoint_in_range(&self, task: &str, range: &KeyRange) -> Option<Ts> {
+        let state = self.tasks.get(task)?;
+        state.frontier.iter().filter(|s| KeyRange::new(s.start, s.end).overlaps(range)).map(|s| s.ts).min()
+    }
+}

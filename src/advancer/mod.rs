@@ -1,0 +1,12 @@
+//! The checkpoint advancer: the deterministic core, its configuration, and the daemon that
+//! drives it with threads at the edges.
+
+pub mod config;
+pub mod core;
+pub mod metrics;
+pub mod status;
+#[cfg(test)]
+mod tests;
+
+pub use config::Config;
+pub use core::{Action, Advancer, PollPlan, TaskStatus};

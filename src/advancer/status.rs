@@ -1,0 +1,119 @@
+//! The status endpoint: a tiny HTTP/1.0 server on its own thread serving `/metrics`
+//! (Prometheus text) and `/status` (JSON). Requests are answered from snapshots the ticker
+//! publishes, so a scrape never waits for a tick.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::stop::{stop_pair, StopHandle, StopToken};
+
+/// Answers a path with `(content type, body)`, or `None` for 404.
+pub type Handler = Arc<dyn Fn(&str) -> Option<(&'static str, String)> + Send + Sync>;
+
+pub struct StatusServer {
+    addr: SocketAddr,
+    stop: Option<StopHandle>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StatusServer {
+    pub fn start(addr: &str, handler: Handler) -> Result<StatusServer> {
+        let listener = TcpListener::bind(addr)
+            .map_err(|source| Error::Io { what: format!("binding the status address {addr}"), source })?;
+        let bound = listener.local_addr().map_err(|source| Error::Io { what: "reading the status address".into(), source })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| Error::Io { what: "configuring the status listener".into(), source })?;
+        let (stop_handle, stop) = stop_pair();
+        let thread = std::thread::Builder::new()
+            .name("status".into())
+            .spawn(move || serve(listener, handler, stop))
+            .map_err(|source| Error::Io { what: "spawning the status thread".into(), source })?;
+        log::info!("status server listening on http://{bound} (/metrics, /status)");
+        Ok(StatusServer { addr: bound, stop: Some(stop_handle), thread: Some(thread) })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for StatusServer {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(listener: TcpListener, handler: Handler, stop: StopToken) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = answer(stream, &handler) {
+                    log::debug!("status request failed: {e}");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if stop.sleep(Duration::from_millis(50)) {
+                    return;
+                }
+            }
+            Err(e) => {
+                log::warn!("status server accept failed: {e}");
+                if stop.sleep(Duration::from_millis(200)) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn answer(stream: TcpStream, handler: &Handler) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
+    let (status, content_type, body) = match handler(&path) {
+        Some((content_type, body)) => ("200 OK", content_type, body),
+        None => ("404 Not Found", "text/plain", format!("no such page {path}; try /metrics or /status\n")),
+    };
+    let mut stream = stream;
+    write!(stream, "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    stream.flush()
+}
+
+/// A blocking GET for tests and the demo: returns (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::Read;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serves_pages_and_404() {
+        let handler: Handler = Arc::new(|path| (path == "/status").then(|| ("application/json", "{\"ok\":true}".to_string())));
+        let server = StatusServer::start("127.0.0.1:0", handler).unwrap();
+        assert_eq!(http_get(server.addr(), "/status").unwrap(), (200, "{\"ok\":true}".to_string()));
+        assert_eq!(http_get(server.addr(), "/nope").unwrap().0, 404);
+        assert!(StatusServer::start("256.0.0.1:1", Arc::new(|_| None)).err().unwrap().to_string().contains("256.0.0.1:1"));
+    }
+}

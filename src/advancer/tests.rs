@@ -1,0 +1,286 @@
+//! Failure stories of the core, each a plain unit test: no threads, no clocks.
+
+use std::time::Duration;
+
+use super::config::Config;
+use super::core::{Action, Advancer, PollPlan};
+use crate::meta::UploadOutcome;
+use crate::proto::brpb::StreamBackupTaskInfo;
+use crate::types::{compose_ts, KeyRange, Ts};
+
+const MINUTE: u64 = 60_000;
+
+/// A TSO `minutes` after an arbitrary epoch.
+fn at(minutes: f64) -> Ts {
+    compose_ts(1_700_000_000_000 + (minutes * MINUTE as f64) as u64, 0)
+}
+
+fn info(name: &str, start: Ts) -> StreamBackupTaskInfo {
+    let mut info = StreamBackupTaskInfo::new();
+    info.set_name(name.into());
+    info.set_start_ts(start);
+    info
+}
+
+fn r(start: &str, end: &str) -> KeyRange {
+    KeyRange::new(start, end)
+}
+
+/// Lag checks off: most stories are about what gets uploaded, not about pausing.
+fn config() -> Config {
+    Config { lag_limit: Duration::ZERO, ..Config::default() }
+}
+
+fn with_lag_limit() -> Config {
+    Config { lag_limit: Duration::from_secs(60), ..Config::default() }
+}
+
+fn uploads(actions: &[Action]) -> Vec<(String, Ts)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Upload { task, ts } => Some((task.clone(), *ts)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn gc(actions: &[Action]) -> Option<&Action> {
+    actions.iter().find(|a| matches!(a, Action::BlockGc { .. } | Action::UnblockGc))
+}
+
+/// Runs `finish_tick` and acknowledges every upload as written.
+fn tick(adv: &mut Advancer, now: Ts) -> (Vec<Action>, Vec<Action>) {
+    let actions = adv.finish_tick(now);
+    let pauses = uploads(&actions).into_iter().filter_map(|(task, _)| adv.on_uploaded(&task, UploadOutcome::Written, now)).collect();
+    (actions, pauses)
+}
+
+#[test]
+fn tick_uploads_the_minimum_of_all_regions() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    adv.on_poll_result("t", [(&r("", "b"), at(3.0)), (&r("b", "d"), at(2.0)), (&r("d", ""), at(4.0))]);
+    let (actions, pauses) = tick(&mut adv, at(4.5));
+    assert_eq!(uploads(&actions), [("t".to_string(), at(2.0))]);
+    assert_eq!(gc(&actions), Some(&Action::BlockGc { safe_point: at(2.0) - 1 }));
+    assert!(pauses.is_empty());
+}
+
+#[test]
+fn a_region_that_did_not_answer_holds_the_checkpoint() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    // [b, d) failed (not leader / epoch mismatch / store down): no value for it.
+    adv.on_poll_result("t", [(&r("", "b"), at(3.0)), (&r("d", ""), at(4.0))]);
+    assert_eq!(uploads(&tick(&mut adv, at(4.5)).0), [("t".to_string(), at(0.0))]);
+    adv.on_poll_result("t", [(&r("b", "d"), at(3.5))]);
+    assert_eq!(uploads(&tick(&mut adv, at(4.6)).0), [("t".to_string(), at(3.0))]);
+}
+
+#[test]
+fn late_lower_reports_never_lower_the_checkpoint() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    adv.on_poll_result("t", [(&KeyRange::full(), at(5.0))]);
+    assert_eq!(uploads(&tick(&mut adv, at(5.5)).0), [("t".to_string(), at(5.0))]);
+    adv.on_poll_result("t", [(&r("a", "z"), at(1.0))]);
+    adv.on_flush(&r("", "m"), at(2.0));
+    tick(&mut adv, at(5.6));
+    assert_eq!(adv.status()[0].checkpoint, at(5.0));
+}
+
+#[test]
+fn split_outside_the_task_ranges_cannot_freeze_the_checkpoint() {
+    // tidb#37783: a region straddling the task edge, or lying wholly outside, must neither
+    // be required nor leak its value outside the task.
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("t", at(0.0)), &[r("0002", "0048")], false, 0);
+    adv.on_poll_result("t", [(&r("", "0012"), at(5.0)), (&r("0012", "0034"), at(4.0)), (&r("0034", "0049"), at(6.0))]);
+    assert_eq!(uploads(&tick(&mut adv, at(6.5)).0), [("t".to_string(), at(4.0))]);
+    let status = &adv.status()[0];
+    assert_eq!(status.slowest, Some((r("0012", "0034"), at(4.0))));
+}
+
+#[test]
+fn a_new_owner_does_not_pause_a_healthy_task_from_its_empty_memory() {
+    // tidb#58031 / tidb#53561: lag is judged from the stored checkpoint.
+    let mut adv = Advancer::new(with_lag_limit());
+    let stored = at(10.0);
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, stored);
+    let (actions, pauses) = tick(&mut adv, at(10.5));
+    assert_eq!(uploads(&actions), [("t".to_string(), stored)], "starts from the stored value, not the start ts");
+    assert!(pauses.is_empty());
+    // Even if memory lags, a higher stored value decides the lag.
+    let mut behind = Advancer::new(with_lag_limit());
+    behind.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    behind.finish_tick(at(10.5));
+    assert_eq!(behind.on_uploaded("t", UploadOutcome::KeptHigher { stored }, at(10.5)), None);
+    assert_eq!(behind.status()[0].checkpoint, stored, "a higher stored checkpoint is adopted");
+}
+
+#[test]
+fn a_lagging_task_is_paused_once_and_stops_uploading() {
+    let mut adv = Advancer::new(with_lag_limit());
+    adv.add_task(info("t", at(1.0)), &[KeyRange::full()], false, 0);
+    adv.on_poll_result("t", [(&KeyRange::full(), at(2.0))]);
+    assert!(tick(&mut adv, at(2.5)).1.is_empty(), "30 s of lag is within the 1 min limit");
+    let (_, pauses) = tick(&mut adv, at(4.0));
+    match pauses.as_slice() {
+        [Action::Pause { task, pause }] => {
+            assert_eq!(task, "t");
+            assert_eq!(pause.severity, crate::meta::Severity::Error);
+            let text = format!("{:?}", pause.payload().unwrap());
+            assert!(text.contains("the lag is too huge (2m0s)"), "{text}");
+        }
+        other => panic!("expected one pause, got {other:?}"),
+    }
+    assert!(uploads(&adv.finish_tick(at(5.0))).is_empty(), "a paused task is not uploaded");
+    assert!(adv.status()[0].paused);
+}
+
+#[test]
+fn raising_the_lag_limit_lets_a_resumed_task_run() {
+    let mut adv = Advancer::new(with_lag_limit());
+    adv.add_task(info("t", at(1.0)), &[KeyRange::full()], false, 0);
+    adv.on_poll_result("t", [(&KeyRange::full(), at(2.0))]);
+    assert_eq!(tick(&mut adv, at(4.0)).1.len(), 1);
+    adv.update_config_with(|c| c.lag_limit = Duration::from_secs(3600));
+    adv.resume_task("t", at(2.0));
+    let (actions, pauses) = tick(&mut adv, at(4.1));
+    assert_eq!(uploads(&actions), [("t".to_string(), at(2.0))]);
+    assert!(pauses.is_empty());
+}
+
+#[test]
+fn the_paused_flag_does_not_outlive_its_deleted_task() {
+    // tidb#53047.
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    adv.set_paused("t", true);
+    assert!(adv.remove_task("t"));
+    adv.add_task(info("t", at(1.0)), &[KeyRange::full()], false, 0);
+    assert_eq!(uploads(&adv.finish_tick(at(1.1))), [("t".to_string(), at(1.0))]);
+}
+
+#[test]
+fn deleting_one_task_leaves_the_others_alone() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("a", at(0.0)), &[r("a", "b")], false, 0);
+    adv.add_task(info("b", at(0.0)), &[r("b", "c")], false, 0);
+    adv.on_flush(&r("a", "c"), at(1.0));
+    adv.set_paused("c", true); // unknown names are ignored
+    assert!(!adv.remove_task("zzz"));
+    assert!(adv.remove_task("a"));
+    assert_eq!(uploads(&tick(&mut adv, at(1.1)).0), [("b".to_string(), at(1.0))]);
+}
+
+#[test]
+fn one_gc_safepoint_covers_every_task_and_is_released_with_the_last() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("a", at(2.0)), &[r("a", "b")], false, 0);
+    adv.add_task(info("b", at(3.0)), &[r("b", "c")], true, 0);
+    assert_eq!(gc(&adv.finish_tick(at(3.1))), Some(&Action::BlockGc { safe_point: at(2.0) - 1 }));
+    adv.on_flush(&r("a", "b"), at(5.0));
+    assert_eq!(gc(&adv.finish_tick(at(5.1))), Some(&Action::BlockGc { safe_point: at(3.0) - 1 }), "the paused task still holds GC");
+    adv.remove_task("a");
+    adv.remove_task("b");
+    assert_eq!(gc(&adv.finish_tick(at(5.2))), Some(&Action::UnblockGc));
+    assert_eq!(gc(&adv.finish_tick(at(5.3))), None, "released once");
+}
+
+#[test]
+fn a_broken_subscription_tightens_the_polling_threshold() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    adv.on_flush(&r("", "m"), at(8.0));
+    adv.on_flush(&r("m", ""), at(11.0));
+    let now = at(12.0);
+    assert_eq!(adv.plan_polls(now), [], "4 min old at most: nothing to poll while subscriptions work");
+    adv.set_subscriptions_healthy(false);
+    assert_eq!(adv.plan_polls(now), [PollPlan { task: "t".into(), ranges: vec![r("", "m")] }]);
+    adv.set_paused("t", true);
+    assert_eq!(adv.plan_polls(now), [], "paused tasks are not polled");
+}
+
+#[test]
+fn an_unchanged_checkpoint_is_uploaded_as_a_heartbeat_only() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    adv.on_flush(&KeyRange::full(), at(1.0));
+    assert_eq!(uploads(&tick(&mut adv, at(1.1)).0).len(), 1);
+    assert_eq!(uploads(&tick(&mut adv, at(1.5)).0).len(), 0);
+    assert_eq!(uploads(&tick(&mut adv, at(2.2)).0).len(), 1, "one minute later: heartbeat");
+}
+
+#[test]
+fn a_fenced_upload_changes_nothing() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    adv.finish_tick(at(10.0));
+    assert_eq!(adv.on_uploaded("t", UploadOutcome::Fenced, at(10.0)), None, "no lag verdict without a stored value");
+    assert_eq!(adv.status()[0].uploaded, None);
+}
+
+/// Regions with a true flushed ts; reports are random subsets, stale or fresh; splits move
+/// boundaries. After every tick the checkpoint never exceeds the truth and never decreases.
+#[test]
+fn randomized_reports_never_overclaim_or_regress() {
+    let mut seed = 0x5eed_u64;
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for round in 0..50 {
+        let task_range = r("b", "x");
+        let mut adv = Advancer::new(config());
+        adv.add_task(info("t", at(0.0)), &[task_range.clone()], false, 0);
+        // Boundaries of regions over the whole key space; truth per region.
+        let mut bounds: Vec<String> = vec![String::new(), "c".into(), "k".into(), "q".into()];
+        let mut truth: Vec<Ts> = vec![at(0.0); bounds.len()];
+        let mut last = 0;
+        for step in 0..200 {
+            let i = rand(bounds.len() as u64) as usize;
+            match rand(4) {
+                0 => {
+                    // Split region i at a new key.
+                    let key = format!("{}{}", (b'a' + rand(26) as u8) as char, rand(100));
+                    if !bounds.contains(&key) {
+                        let pos = bounds.partition_point(|b| *b < key);
+                        bounds.insert(pos, key);
+                        truth.insert(pos, truth[pos - 1]);
+                    }
+                }
+                1 => truth[i] += rand(MINUTE) << 18,
+                _ => {
+                    // A report: the truth at some moment (possibly stale).
+                    let end = bounds.get(i + 1).cloned().unwrap_or_default();
+                    let reported = if rand(2) == 0 { truth[i] } else { at(0.0) + rand(truth[i] - at(0.0) + 1) };
+                    let range = r(&bounds[i], &end);
+                    if rand(2) == 0 {
+                        adv.on_poll_result("t", [(&range, reported)]);
+                    } else {
+                        adv.on_flush(&range, reported);
+                    }
+                }
+            }
+            let actions = adv.finish_tick(at(100.0));
+            for (_, ts) in uploads(&actions) {
+                adv.on_uploaded("t", UploadOutcome::Written, at(100.0));
+                let true_min = (0..bounds.len())
+                    .filter(|&j| {
+                        let end = bounds.get(j + 1).cloned().unwrap_or_default();
+                        r(&bounds[j], &end).overlaps(&task_range)
+                    })
+                    .map(|j| truth[j])
+                    .min()
+                    .unwrap();
+                assert!(ts <= true_min, "round {round} step {step}: uploaded {ts} above the truth {true_min}");
+                assert!(ts >= last, "round {round} step {step}: regressed from {last} to {ts}");
+                last = ts;
+            }
+        }
+    }
+}

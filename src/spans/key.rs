@@ -1,0 +1,68 @@
+//! Span boundary keys. Short keys (region keys are ~20 bytes) live inline, so storing one
+//! allocates nothing and comparing one reads only the record that holds it.
+
+use std::borrow::Borrow;
+use std::cmp::Ordering;
+
+/// Keys up to this length are inline; it makes `Key` exactly 24 bytes, the size of a `Vec`.
+const INLINE: usize = 22;
+
+#[derive(Clone)]
+pub(super) enum Key {
+    Inline { len: u8, buf: [u8; INLINE] },
+    Boxed(Box<[u8]>),
+}
+
+const _: () = assert!(std::mem::size_of::<Key>() == 24);
+
+impl Key {
+    pub(super) fn new(bytes: &[u8]) -> Key {
+        if bytes.len() <= INLINE {
+            let mut buf = [0; INLINE];
+            buf[..bytes.len()].copy_from_slice(bytes);
+            Key::Inline { len: bytes.len() as u8, buf }
+        } else {
+            Key::Boxed(bytes.into())
+        }
+    }
+
+    pub(super) fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, buf } => &buf[..*len as usize],
+            Key::Boxed(bytes) => bytes,
+        }
+    }
+}
+
+impl Default for Key {
+    fn default() -> Self {
+        Key::new(&[])
+    }
+}
+
+// Equality and order are those of the bytes, so `Borrow<[u8]>` lets maps be searched by slice.
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}

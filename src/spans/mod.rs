@@ -1,0 +1,453 @@
+//! Value-sorted span sets: for one log-backup task, non-overlapping spans covering exactly
+//! the task's key ranges, each with the ts up to which it is known to be flushed.
+//!
+//! [`SpanFrontier`] is built from the task's ranges and only ever tracks keys inside them:
+//! updates are clipped, so a region reported outside the task cannot freeze the checkpoint.
+//! [`SpanFrontier::merge`] raises the covered part of every piece to the new ts (a late,
+//! older report lowers nothing) and joins adjacent pieces that end up with equal values.
+//!
+//! Layout, chosen so that the common update (a region reporting the exact span it already
+//! has) costs two dependent cache misses and no allocation, and a span costs under 64 bytes
+//! beyond its key:
+//! - one record per boundary in an arena (`Rec`, 48 bytes, key inline up to 22 bytes),
+//!   covering `[key, next record's key)`; the untracked gaps between the task's ranges are
+//!   records too, so a piece's end is always the next record's start and is not stored;
+//! - records link forward in key order and are found by exact key through a hash table
+//!   ([`index`]), by arbitrary key (and their predecessor) through chunked key order
+//!   ([`order`]);
+//! - tracked records sit in an indexed 4-ary min-heap on (ts, start) ([`heap`]): the minimum
+//!   is its root and lagging pieces are a best-first walk from it.
+//!
+//! The exact-piece update looks up both of its keys in the index, which fetches the piece's
+//! record and its successor's in parallel; each record keeps a copy of its predecessor's ts,
+//! so deciding whether the piece now joins a neighbour reads no third record.
+
+mod heap;
+mod index;
+mod key;
+mod order;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+use std::fmt;
+
+use crate::types::{DisplayKey, KeyRange, Ts};
+use heap::TsHeap;
+use index::KeyIndex;
+use key::Key;
+use order::Order;
+
+/// The null record id.
+const NIL: u32 = u32::MAX;
+
+/// One boundary: the record covers `[key, next record's key)`, the last one up to +∞. It is
+/// a tracked piece when it is in the heap, an untracked gap otherwise.
+struct Rec {
+    key: Key,
+    ts: Ts,
+    /// The predecessor's `ts` (any value when there is none; gaps keep 0).
+    prev_ts: Ts,
+    next: u32,
+    heap_pos: u32,
+}
+
+// The bulk of the memory budget (64 bytes per span beyond the key).
+const _: () = assert!(std::mem::size_of::<Rec>() == 48);
+
+/// A span with its value: the owned form, for input and snapshots.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct Valued {
+    pub range: KeyRange,
+    pub ts: Ts,
+}
+
+impl Valued {
+    pub fn new(start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>, ts: Ts) -> Self {
+        Valued { range: KeyRange::new(start, end), ts }
+    }
+}
+
+/// A tracked piece, borrowed from its [`SpanFrontier`]. An empty `end` means +∞.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SpanRef<'a> {
+    pub start: &'a [u8],
+    pub end: &'a [u8],
+    pub ts: Ts,
+}
+
+impl SpanRef<'_> {
+    pub fn to_valued(&self) -> Valued {
+        Valued::new(self.start, self.end, self.ts)
+    }
+}
+
+impl fmt::Display for SpanRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let end = if self.end.is_empty() { "+inf".to_string() } else { DisplayKey(self.end).to_string() };
+        write!(f, "[{}, {})@{}", DisplayKey(self.start), end, self.ts)
+    }
+}
+
+impl fmt::Debug for SpanRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The pieces of a task's key ranges with the ts each is flushed up to.
+pub struct SpanFrontier {
+    recs: Vec<Rec>,
+    /// Head of the list of free records, threaded through `next`.
+    free: u32,
+    /// The record with the smallest key. Coalescing removes the right one of two records, so
+    /// this one never goes away.
+    first: u32,
+    index: KeyIndex,
+    order: Order,
+    heap: TsHeap,
+    ranges: Vec<KeyRange>,
+}
+
+impl SpanFrontier {
+    /// Tracks the union of `ranges` (see [`collapse`]), every key at `init`.
+    pub fn new(ranges: &[KeyRange], init: Ts) -> Self {
+        let mut spans = SpanFrontier {
+            recs: Vec::new(),
+            free: NIL,
+            first: NIL,
+            index: KeyIndex::new(),
+            order: Order::new(),
+            heap: TsHeap::default(),
+            ranges: Vec::new(),
+        };
+        let ranges = collapse(ranges);
+        let mut last = NIL;
+        for range in &ranges {
+            last = spans.insert_after(last, &range.start, Some(init));
+            if !range.end.is_empty() {
+                last = spans.insert_after(last, &range.end, None);
+            }
+        }
+        spans.ranges = ranges;
+        spans
+    }
+
+    /// Raises every tracked key of `range` to at least `ts`; keys outside the task are ignored.
+    pub fn merge(&mut self, range: &KeyRange, ts: Ts) {
+        self.merge_keys(&range.start, &range.end, ts);
+    }
+
+    /// [`merge`](Self::merge) on borrowed keys: updating a piece with exactly its own
+    /// boundaries allocates nothing.
+    pub fn merge_keys(&mut self, start: &[u8], end: &[u8], ts: Ts) {
+        if is_empty_range(start, end) {
+            return;
+        }
+        // The usual case: `[start, end)` is exactly one piece, the successor starting at `end`.
+        let [hit, end_rec] = self.index.get(&self.recs, [start, end]);
+        let end_rec = if end.is_empty() { Some(NIL) } else { end_rec };
+        if let (Some(id), Some(next)) = (hit, end_rec) {
+            if self.is_tracked(id) && self.recs[id as usize].next == next {
+                self.raise_piece(id, ts);
+                return;
+            }
+        }
+        // Otherwise walk the records from the one containing `start` up to `end`, skipping gaps
+        // (that is the clipping) and pieces already at `ts` or above, and cutting the ones that
+        // stick out of the range before raising them.
+        let mut cur = hit.or_else(|| self.order.find(&self.recs, start)).unwrap_or(self.first);
+        let mut changed = None;
+        while cur != NIL && key_before_end(self.key(cur), end) {
+            let old = self.recs[cur as usize].ts;
+            if self.is_tracked(cur) && old < ts {
+                if self.key(cur) < start {
+                    cur = self.insert_after(cur, start, Some(old));
+                }
+                if cmp_end(self.end_of(cur), end) == Ordering::Greater {
+                    self.insert_after(cur, end, Some(old));
+                }
+                self.set_ts(cur, ts);
+                changed = Some((changed.map_or(cur, |(first, _)| first), cur));
+            }
+            cur = self.recs[cur as usize].next;
+        }
+        if let Some((first, last)) = changed {
+            self.coalesce(first, last);
+        }
+    }
+
+    pub fn merge_all(&mut self, items: impl IntoIterator<Item = Valued>) {
+        for item in items {
+            self.merge(&item.range, item.ts);
+        }
+    }
+
+    /// The number of pieces.
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The smallest ts of any tracked key, in O(1); `None` when nothing is tracked.
+    pub fn min_ts(&self) -> Option<Ts> {
+        self.min().map(|span| span.ts)
+    }
+
+    /// The piece with the smallest ts (of those, the smallest start), in O(1).
+    pub fn min(&self) -> Option<SpanRef<'_>> {
+        (self.heap.len() > 0).then(|| self.span(self.heap.id(0)))
+    }
+
+    /// The pieces with ts below `threshold`, in ascending (ts, start) order. Lazy: taking the
+    /// first k costs O(k log k) and reads nothing at or above the threshold beyond the ≤ 4k+1
+    /// heap entries next to the ones returned, whatever the number of pieces.
+    pub fn below(&self, threshold: Ts) -> Below<'_> {
+        let mut below = Below { spans: self, threshold, pending: BinaryHeap::new() };
+        if self.heap.len() > 0 {
+            below.consider(0);
+        }
+        below
+    }
+
+    /// The pieces in key order.
+    pub fn iter(&self) -> impl Iterator<Item = SpanRef<'_>> + '_ {
+        let first = Some(self.first).filter(|&id| id != NIL);
+        std::iter::successors(first, move |&id| Some(self.recs[id as usize].next).filter(|&next| next != NIL))
+            .filter(move |&id| self.is_tracked(id))
+            .map(move |id| self.span(id))
+    }
+
+    /// The pieces in key order, owned.
+    pub fn snapshot(&self) -> Vec<Valued> {
+        self.iter().map(|span| span.to_valued()).collect()
+    }
+
+    /// The task's ranges as tracked: sorted, disjoint and not touching.
+    pub fn tracked_ranges(&self) -> &[KeyRange] {
+        &self.ranges
+    }
+
+    fn key(&self, id: u32) -> &[u8] {
+        self.recs[id as usize].key.as_bytes()
+    }
+
+    /// The end of record `id`'s range, empty for +∞.
+    fn end_of(&self, id: u32) -> &[u8] {
+        match self.recs[id as usize].next {
+            NIL => &[],
+            next => self.key(next),
+        }
+    }
+
+    fn is_tracked(&self, id: u32) -> bool {
+        self.recs[id as usize].heap_pos != NIL
+    }
+
+    fn span(&self, id: u32) -> SpanRef<'_> {
+        SpanRef { start: self.key(id), end: self.end_of(id), ts: self.recs[id as usize].ts }
+    }
+
+    /// The exact-piece update: reads only the piece's record and its successor's.
+    fn raise_piece(&mut self, id: u32, ts: Ts) {
+        if ts <= self.recs[id as usize].ts {
+            return;
+        }
+        self.set_ts(id, ts);
+        let next = self.recs[id as usize].next;
+        let joins_next = next != NIL && self.is_tracked(next) && self.recs[next as usize].ts == ts;
+        // `prev_ts` may match an absent or untracked predecessor; `coalesce` checks.
+        if joins_next || self.recs[id as usize].prev_ts == ts {
+            self.coalesce(id, id);
+        }
+    }
+
+    fn set_ts(&mut self, id: u32, ts: Ts) {
+        self.recs[id as usize].ts = ts;
+        self.heap.raise(&mut self.recs, id);
+        let next = self.recs[id as usize].next;
+        if next != NIL {
+            self.recs[next as usize].prev_ts = ts;
+        }
+    }
+
+    /// Adds a record starting at `key` right after `pred` (NIL: first): a piece at `ts`, or
+    /// a gap for `None`.
+    fn insert_after(&mut self, pred: u32, key: &[u8], ts: Option<Ts>) -> u32 {
+        let (next, prev_ts) = match pred {
+            NIL => (self.first, 0),
+            pred => (self.recs[pred as usize].next, self.recs[pred as usize].ts),
+        };
+        let rec = Rec { key: Key::new(key), ts: ts.unwrap_or_default(), prev_ts, next, heap_pos: NIL };
+        let id = if self.free == NIL {
+            assert!(self.recs.len() < NIL as usize, "span count overflows u32");
+            grow_push(&mut self.recs, rec);
+            (self.recs.len() - 1) as u32
+        } else {
+            let id = self.free;
+            self.free = self.recs[id as usize].next;
+            self.recs[id as usize] = rec;
+            id
+        };
+        match pred {
+            NIL => self.first = id,
+            pred => self.recs[pred as usize].next = id,
+        }
+        if next != NIL {
+            self.recs[next as usize].prev_ts = self.recs[id as usize].ts;
+        }
+        self.index.insert(&self.recs, id);
+        self.order.insert(&self.recs, pred, id);
+        if ts.is_some() {
+            self.heap.push(&mut self.recs, id);
+        }
+        id
+    }
+
+    /// Drops piece `id`, giving its range to its predecessor `prev`. (Gaps are never
+    /// removed: they are fixed by the tracked ranges.)
+    fn remove(&mut self, id: u32, prev: u32) {
+        self.heap.remove(&mut self.recs, id);
+        self.index.remove(&self.recs, id);
+        self.order.remove(&self.recs, id);
+        let next = self.recs[id as usize].next;
+        self.recs[prev as usize].next = next;
+        if next != NIL {
+            self.recs[next as usize].prev_ts = self.recs[prev as usize].ts;
+        }
+        self.recs[id as usize] = Rec { key: Key::default(), ts: 0, prev_ts: 0, next: self.free, heap_pos: NIL };
+        self.free = id;
+    }
+
+    /// Joins equal-valued neighbours after the values of records `first..=last` changed;
+    /// every other adjacent pair already differed.
+    fn coalesce(&mut self, first: u32, last: u32) {
+        let next = self.recs[last as usize].next;
+        // Looking up the predecessor costs a search; its ts copy says whether it may join.
+        let rec = &self.recs[first as usize];
+        let prev = if rec.prev_ts == rec.ts { self.order.prev(&self.recs, first) } else { None };
+        let mut left = prev.unwrap_or(first);
+        let stop = if next == NIL { last } else { next };
+        while left != stop {
+            let right = self.recs[left as usize].next;
+            let equal = self.is_tracked(left)
+                && self.is_tracked(right)
+                && self.recs[left as usize].ts == self.recs[right as usize].ts;
+            if !equal {
+                left = right;
+                continue;
+            }
+            self.remove(right, left);
+            if right == stop {
+                break;
+            }
+        }
+    }
+}
+
+impl fmt::Debug for SpanFrontier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// Iterator over the pieces below a threshold, from [`SpanFrontier::below`].
+pub struct Below<'a> {
+    spans: &'a SpanFrontier,
+    threshold: Ts,
+    /// Heap positions reached but not yet returned, smallest (ts, start) first.
+    pending: BinaryHeap<Reverse<(Ts, &'a [u8], usize)>>,
+}
+
+impl Below<'_> {
+    fn consider(&mut self, pos: usize) {
+        let span = self.spans.span(self.spans.heap.id(pos));
+        if span.ts < self.threshold {
+            self.pending.push(Reverse((span.ts, span.start, pos)));
+        }
+    }
+}
+
+impl<'a> Iterator for Below<'a> {
+    type Item = SpanRef<'a>;
+
+    fn next(&mut self) -> Option<SpanRef<'a>> {
+        let Reverse((_, _, pos)) = self.pending.pop()?;
+        for child in self.spans.heap.children(pos) {
+            self.consider(child);
+        }
+        Some(self.spans.span(self.spans.heap.id(pos)))
+    }
+}
+
+/// Pushes onto a large, long-lived array growing it by 1/8 rather than doubling, so at most
+/// 1/9 of it is slack; glibc's `realloc` remaps big blocks instead of copying them.
+fn grow_push<T>(v: &mut Vec<T>, item: T) {
+    if v.len() == v.capacity() {
+        v.reserve_exact(v.len() / 8 + 4);
+    }
+    v.push(item);
+}
+
+/// The union of `ranges` as sorted, disjoint ranges, with overlapping or touching ones
+/// joined and empty ones dropped.
+pub fn collapse(ranges: &[KeyRange]) -> Vec<KeyRange> {
+    let mut sorted: Vec<&KeyRange> = ranges.iter().filter(|r| !is_empty_range(&r.start, &r.end)).collect();
+    sorted.sort_by(|a, b| a.start.cmp(&b.start).then_with(|| cmp_end(&a.end, &b.end)));
+    let mut out: Vec<KeyRange> = Vec::with_capacity(sorted.len());
+    for range in sorted {
+        match out.last_mut() {
+            Some(last) if key_before_end(&range.start, &last.end) || range.start == last.end => {
+                if cmp_end(&range.end, &last.end) == Ordering::Greater {
+                    last.end = range.end.clone();
+                }
+            }
+            _ => out.push(range.clone()),
+        }
+    }
+    out
+}
+
+/// True when `a` and `b` describe the same piecewise function: pieces may come in any order
+/// and be split differently, but untracked gaps and values must match.
+pub fn valued_set_equals(a: &[Valued], b: &[Valued]) -> bool {
+    normalize(a) == normalize(b)
+}
+
+fn normalize(items: &[Valued]) -> Vec<Valued> {
+    let mut sorted: Vec<&Valued> = items.iter().filter(|v| !is_empty_range(&v.range.start, &v.range.end)).collect();
+    sorted.sort_by(|a, b| a.range.start.cmp(&b.range.start));
+    let mut out: Vec<Valued> = Vec::with_capacity(sorted.len());
+    for item in sorted {
+        match out.last_mut() {
+            Some(last) if last.ts == item.ts && !last.range.end.is_empty() && last.range.end == item.range.start => {
+                last.range.end = item.range.end.clone();
+            }
+            _ => out.push(item.clone()),
+        }
+    }
+    out
+}
+
+fn is_empty_range(start: &[u8], end: &[u8]) -> bool {
+    !end.is_empty() && start >= end
+}
+
+/// `key < end`, an empty `end` being +∞.
+fn key_before_end(key: &[u8], end: &[u8]) -> bool {
+    end.is_empty() || key < end
+}
+
+/// Orders range ends, the empty end (+∞) last.
+fn cmp_end(a: &[u8], b: &[u8]) -> Ordering {
+    match (a.is_empty(), b.is_empty()) {
+        (true, true) => Ordering::Equal,
+        (true, false) => Ordering::Greater,
+        (false, true) => Ordering::Less,
+        (false, false) => a.cmp(b),
+    }
+}

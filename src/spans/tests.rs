@@ -1,0 +1,425 @@
+use super::*;
+
+fn kr(start: &str, end: &str) -> KeyRange {
+    KeyRange::new(start, end)
+}
+
+fn v(start: &str, end: &str, ts: Ts) -> Valued {
+    Valued::new(start, end, ts)
+}
+
+fn full_with(merges: &[(&str, &str, Ts)]) -> SpanFrontier {
+    tracked_with(&[kr("", "")], merges)
+}
+
+fn tracked_with(ranges: &[KeyRange], merges: &[(&str, &str, Ts)]) -> SpanFrontier {
+    let mut spans = SpanFrontier::new(ranges, 0);
+    for &(start, end, ts) in merges {
+        spans.merge(&kr(start, end), ts);
+        spans.check();
+    }
+    spans
+}
+
+fn below(spans: &SpanFrontier, threshold: Ts) -> Vec<Valued> {
+    spans.below(threshold).map(|span| span.to_valued()).collect()
+}
+
+const SEQ_55: &[(&str, &str, Ts)] = &[("0001", "0002", 1), ("0002", "0003", 2)];
+const SEQ_56: &[(&str, &str, Ts)] = &[("0001", "0002", 1), ("0002", "0003", 2), ("0001", "0003", 4)];
+const SEQ_57: &[(&str, &str, Ts)] = &[("0001", "0004", 3), ("0004", "0008", 5), ("0001", "0007", 4), ("", "0002", 2)];
+
+// Upstream test vectors 55-67 (spans' value-sorted set and `ValuedSetEquals`).
+
+/// 55.
+#[test]
+fn merge_adjacent_updates() {
+    let spans = full_with(SEQ_55);
+    assert_eq!(spans.snapshot(), [v("", "0001", 0), v("0001", "0002", 1), v("0002", "0003", 2), v("0003", "", 0)]);
+}
+
+/// 56.
+#[test]
+fn merge_covering_update_coalesces() {
+    let spans = full_with(SEQ_56);
+    assert_eq!(spans.snapshot(), [v("", "0001", 0), v("0001", "0003", 4), v("0003", "", 0)]);
+}
+
+/// 57.
+#[test]
+fn merge_never_lowers() {
+    let spans = full_with(SEQ_57);
+    assert_eq!(spans.snapshot(), [v("", "0001", 2), v("0001", "0004", 4), v("0004", "0008", 5), v("0008", "", 0)]);
+}
+
+/// 58.
+#[test]
+fn merge_splits_around_higher_piece() {
+    let spans = full_with(&[("0001", "0004", 3), ("0004", "0008", 5), ("0001", "0009", 4)]);
+    assert_eq!(
+        spans.snapshot(),
+        [v("", "0001", 0), v("0001", "0004", 4), v("0004", "0008", 5), v("0008", "0009", 4), v("0009", "", 0)]
+    );
+}
+
+/// 59, 60.
+#[test]
+fn merge_clips_to_tracked_ranges() {
+    let tracked = [kr("0001", "0004"), kr("0008", "")];
+    let spans = tracked_with(&tracked, &[("0001", "0007", 42), ("0000", "0009", 41), ("0002", "0005", 43)]);
+    assert_eq!(
+        spans.snapshot(),
+        [v("0001", "0002", 42), v("0002", "0004", 43), v("0008", "0009", 41), v("0009", "", 0)]
+    );
+
+    let spans = tracked_with(&tracked, &[("", "", 42)]);
+    assert_eq!(spans.snapshot(), [v("0001", "0004", 42), v("0008", "", 42)]);
+}
+
+/// 61, 62.
+#[test]
+fn merge_keeps_gaps_apart() {
+    let tracked = [kr("0001", "0004"), kr("0005", "0008")];
+    let spans = tracked_with(
+        &tracked,
+        &[("0001", "0002", 42), ("0002", "0008", 43), ("0004", "0007", 45), ("0000", "00015", 48)],
+    );
+    assert_eq!(
+        spans.snapshot(),
+        [
+            v("0001", "00015", 48),
+            v("00015", "0002", 42),
+            v("0002", "0004", 43),
+            v("0005", "0007", 45),
+            v("0007", "0008", 43)
+        ]
+    );
+
+    let spans = tracked_with(
+        &tracked,
+        &[("0004", "0008", 32), ("00041", "0007", 33), ("0004", "00041", 99999), ("0005", "0006", 34)],
+    );
+    assert_eq!(
+        spans.snapshot(),
+        [v("0001", "0004", 0), v("0005", "0006", 34), v("0006", "0007", 33), v("0007", "0008", 32)]
+    );
+}
+
+/// 63-66.
+#[test]
+fn below_lists_lagging_pieces_by_value() {
+    let spans = full_with(SEQ_55);
+    assert_eq!(below(&spans, 10), [v("", "0001", 0), v("0003", "", 0), v("0001", "0002", 1), v("0002", "0003", 2)]);
+
+    let spans = full_with(SEQ_56);
+    assert_eq!(below(&spans, 1), [v("", "0001", 0), v("0003", "", 0)]);
+
+    let mut spans = full_with(SEQ_57);
+    assert_eq!(below(&spans, 5), [v("0008", "", 0), v("", "0001", 2), v("0001", "0004", 4)]);
+
+    spans.merge_all([v("0001", "0004", 5), v("0008", "", 10), v("", "0001", 20)]);
+    assert_eq!(below(&spans, 11), [v("0001", "0008", 5), v("0008", "", 10)]);
+    assert_eq!(spans.below(11).take(1).count(), 1, "the walk stops early");
+}
+
+/// 67.
+#[test]
+fn valued_sets_compare_as_functions() {
+    let split = [v("b", "c", 1), v("a", "b", 1), v("c", "", 2)];
+    assert!(valued_set_equals(&split, &[v("a", "c", 1), v("c", "", 2)]), "adjacent equal pieces join");
+    assert!(valued_set_equals(&split, &[v("c", "", 2), v("a", "c", 1)]), "order does not matter");
+    assert!(!valued_set_equals(&split, &[v("a", "c", 1), v("c", "", 3)]), "values matter");
+    assert!(!valued_set_equals(&[v("a", "b", 1), v("c", "d", 1)], &[v("a", "d", 1)]), "gaps matter");
+    assert!(!valued_set_equals(&[v("a", "", 1)], &[v("a", "b", 1)]), "an empty end is +inf");
+    assert!(valued_set_equals(&[v("a", "a", 7), v("a", "b", 1)], &[v("a", "b", 1)]), "empty pieces are nothing");
+}
+
+#[test]
+fn collapse_joins_overlapping_and_touching() {
+    let ranges = [
+        kr("c", "d"),
+        kr("a", "b"),
+        kr("b", "c"),
+        kr("e", "f"),
+        kr("x", "x"),
+        kr("ee", "g"),
+        kr("h", ""),
+        kr("i", "j"),
+    ];
+    assert_eq!(collapse(&ranges), [kr("a", "d"), kr("e", "g"), kr("h", "")]);
+    assert_eq!(collapse(&[kr("a", "b"), kr("", "")]), [kr("", "")]);
+    assert_eq!(collapse(&[]), []);
+}
+
+#[test]
+fn same_boundary_update_coalesces_both_sides() {
+    let mut spans = full_with(&[("a", "b", 3), ("b", "c", 2), ("c", "d", 3)]);
+    assert_eq!(spans.len(), 5);
+    spans.merge(&kr("b", "c"), 1);
+    assert_eq!(spans.len(), 5, "an older report changes nothing");
+    spans.merge(&kr("b", "c"), 3);
+    spans.check();
+    assert_eq!(spans.snapshot(), [v("", "a", 0), v("a", "d", 3), v("d", "", 0)]);
+}
+
+#[test]
+fn min_prefers_smallest_start_among_ties() {
+    let mut spans = full_with(&[("a", "b", 1), ("c", "d", 1)]);
+    assert_eq!(spans.min().map(|s| s.to_valued()), Some(v("", "a", 0)));
+    spans.merge(&kr("", "a"), 1);
+    spans.merge(&kr("b", "c"), 2);
+    spans.merge(&kr("d", ""), 2);
+    assert_eq!(spans.min().map(|s| s.to_valued()), Some(v("", "b", 1)));
+    assert_eq!(spans.min_ts(), Some(1));
+    spans.merge(&kr("", ""), 9);
+    assert_eq!(spans.snapshot(), [v("", "", 9)]);
+    assert_eq!(spans.len(), 1);
+}
+
+#[test]
+fn nothing_tracked() {
+    let mut spans = SpanFrontier::new(&[kr("b", "b")], 5);
+    spans.merge(&kr("", ""), 7);
+    spans.check();
+    assert!(spans.is_empty() && spans.min().is_none() && spans.min_ts().is_none());
+    assert_eq!(spans.below(Ts::MAX).count(), 0);
+    assert!(spans.tracked_ranges().is_empty());
+}
+
+#[test]
+fn empty_and_inverted_updates_are_ignored() {
+    let mut spans = full_with(&[("b", "b", 5), ("c", "a", 5), ("c", "c", 5)]);
+    spans.merge(&kr("d", "d"), 6);
+    assert_eq!(spans.snapshot(), [v("", "", 0)]);
+}
+
+#[test]
+fn long_keys_are_stored_out_of_line() {
+    let long = "k".repeat(40);
+    let longer = format!("{long}x");
+    let mut spans = SpanFrontier::new(&[KeyRange::new(long.clone(), "")], 1);
+    spans.merge(&KeyRange::new(longer.clone(), ""), 2);
+    spans.check();
+    assert_eq!(spans.snapshot(), [Valued::new(long.clone(), longer.clone(), 1), Valued::new(longer, "", 2)]);
+}
+
+#[test]
+fn display_spans() {
+    let spans = full_with(&[("a\x01", "b", 3)]);
+    assert_eq!(format!("{:?}", spans), "[[, a\\x01)@0, [a\\x01, b)@3, [b, +inf)@0]");
+}
+
+// ---- Property tests against a naive model ----
+
+/// SplitMix64: a tiny seeded generator, enough for reproducible random cases.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// Every key's value is the max of the merges covering it. Keys are grouped into the
+/// elementary intervals between consecutive boundaries of a fixed key pool; all tracked and
+/// merged ranges use pool keys, so each interval is wholly in or out of every range.
+struct Model {
+    intervals: Vec<KeyRange>,
+    values: Vec<Option<Ts>>,
+}
+
+impl Model {
+    fn new(pool: &[Vec<u8>], tracked: &[KeyRange], init: Ts) -> Self {
+        let mut bounds: Vec<Vec<u8>> = pool.iter().cloned().chain([Vec::new()]).collect();
+        bounds.sort();
+        bounds.dedup();
+        let intervals: Vec<KeyRange> = (0..bounds.len())
+            .map(|i| KeyRange::new(bounds[i].clone(), bounds.get(i + 1).cloned().unwrap_or_default()))
+            .collect();
+        let values = intervals.iter().map(|iv| tracked.iter().any(|r| covers(r, iv)).then_some(init)).collect();
+        Model { intervals, values }
+    }
+
+    fn merge(&mut self, range: &KeyRange, ts: Ts) {
+        for (iv, value) in self.intervals.iter().zip(&mut self.values) {
+            if let Some(value) = value.as_mut().filter(|_| covers(range, iv)) {
+                *value = (*value).max(ts);
+            }
+        }
+    }
+
+    /// The canonical pieces: maximal runs of tracked intervals with equal values.
+    fn pieces(&self) -> Vec<Valued> {
+        let mut out: Vec<Valued> = Vec::new();
+        let mut contiguous = false;
+        for (iv, value) in self.intervals.iter().zip(&self.values) {
+            match (*value, out.last_mut()) {
+                (Some(ts), Some(last)) if contiguous && last.ts == ts => last.range.end = iv.end.clone(),
+                (Some(ts), _) => out.push(Valued { range: iv.clone(), ts }),
+                (None, _) => {}
+            }
+            contiguous = value.is_some();
+        }
+        out
+    }
+}
+
+fn covers(range: &KeyRange, interval: &KeyRange) -> bool {
+    range.start <= interval.start
+        && cmp_end(&interval.end, &range.end) != Ordering::Greater
+        && !is_empty_range(&range.start, &range.end)
+}
+
+/// The value of each of the model's intervals according to `spans` (`None`: untracked).
+fn values_at(spans: &SpanFrontier, model: &Model) -> Vec<Option<Ts>> {
+    let pieces = spans.snapshot();
+    model.intervals.iter().map(|iv| pieces.iter().find(|p| p.range.contains(&iv.start)).map(|p| p.ts)).collect()
+}
+
+/// Keys chosen so that boundaries collide: the empty key, "\0" (the key right after it),
+/// prefixes of each other, and keys too long to be stored inline.
+fn key_pool() -> Vec<Vec<u8>> {
+    let long = |tail: &[u8]| [b"a".repeat(24).as_slice(), tail].concat();
+    vec![
+        b"".to_vec(),
+        b"\0".to_vec(),
+        b"a".to_vec(),
+        b"a\0".to_vec(),
+        b"aa".to_vec(),
+        b"ab".to_vec(),
+        b"b".to_vec(),
+        b"ba".to_vec(),
+        b"c".to_vec(),
+        b"\xff".to_vec(),
+        long(b""),
+        long(b"\0"),
+        long(b"b"),
+    ]
+}
+
+/// A few neighbouring intervals of the sorted `keys`, or one time in `wide` any two keys
+/// (possibly inverted); running past the last key gives +inf.
+fn random_range(rng: &mut Rng, keys: &[Vec<u8>], wide: u64) -> KeyRange {
+    let n = keys.len() as u64;
+    let i = rng.below(n);
+    let j = if rng.below(wide) == 0 { rng.below(n) } else { i + 1 + rng.below(3) };
+    KeyRange::new(keys[i as usize].clone(), keys.get(j as usize).cloned().unwrap_or_default())
+}
+
+/// Checks `spans` against `model` and its own invariants; returns its values per interval.
+fn check_against(spans: &SpanFrontier, model: &Model, rng: &mut Rng, max_ts: Ts) -> Vec<Option<Ts>> {
+    spans.check();
+    let expected = model.pieces();
+    assert_eq!(spans.snapshot(), expected);
+    assert!(valued_set_equals(&spans.snapshot(), &expected));
+    assert_eq!(spans.len(), expected.len());
+    let min = expected.iter().min_by(|a, b| (a.ts, &a.range.start).cmp(&(b.ts, &b.range.start)));
+    assert_eq!(spans.min().map(|span| span.to_valued()).as_ref(), min);
+    assert_eq!(spans.min_ts(), min.map(|m| m.ts));
+    let threshold = rng.below(max_ts + 2);
+    let mut lagging: Vec<Valued> = expected.into_iter().filter(|p| p.ts < threshold).collect();
+    lagging.sort_by(|a, b| (a.ts, &a.range.start).cmp(&(b.ts, &b.range.start)));
+    assert_eq!(below(spans, threshold), lagging, "below {threshold}");
+    values_at(spans, model)
+}
+
+/// One random case: tracked ranges and merges drawn from the sorted `keys`, checked after
+/// every merge; the merged ts drift up to `max_ts` like checkpoints, with late (lower)
+/// reports mixed in. Returns the largest number of pieces seen.
+fn run_case(seed: u64, keys: &[Vec<u8>], ops: usize, max_ts: Ts, wide: u64) -> usize {
+    let mut rng = Rng(seed);
+    let tracked: Vec<KeyRange> =
+        (0..rng.below(4)).map(|_| KeyRange::new(rng.pick(keys).clone(), rng.pick(keys).clone())).collect();
+    let init = rng.below(3);
+    let mut spans = SpanFrontier::new(&tracked, init);
+    let mut model = Model::new(keys, &tracked, init);
+    assert_eq!(spans.tracked_ranges(), collapse(&tracked).as_slice());
+    let mut before = check_against(&spans, &model, &mut rng, max_ts);
+    let mut most = spans.len();
+    for step in 0..ops as u64 {
+        // Half of the merges reuse an existing piece's exact bounds, the allocation-free path.
+        let range = match spans.snapshot() {
+            pieces if !pieces.is_empty() && rng.below(2) == 0 => rng.pick(&pieces).range.clone(),
+            _ => random_range(&mut rng, keys, wide),
+        };
+        let ts = (step * max_ts / ops as u64).saturating_sub(rng.below(max_ts / 4 + 2));
+        spans.merge(&range, ts);
+        model.merge(&range, ts);
+        let after = check_against(&spans, &model, &mut rng, max_ts);
+        for (old, new) in before.iter().zip(&after) {
+            assert_eq!(old.is_some(), new.is_some(), "seed {seed}: tracked keys never change");
+            assert!(old <= new, "seed {seed}: values never decrease");
+        }
+        before = after;
+        most = most.max(spans.len());
+    }
+    most
+}
+
+#[test]
+fn random_merges_match_model() {
+    let pool = key_pool();
+    for seed in 0..3000 {
+        let mut rng = Rng(seed ^ 0xA5A5);
+        let mut keys: Vec<Vec<u8>> = (0..3 + rng.below(6)).map(|_| rng.pick(&pool).clone()).collect();
+        keys.sort();
+        run_case(seed, &keys, 40, 6, 3);
+    }
+}
+
+#[test]
+fn random_merges_match_model_at_scale() {
+    // Region-like keys, many pieces: exercises chunk splits and merges, table growth and
+    // backward-shift deletion, and deep heaps.
+    let keys: Vec<Vec<u8>> = (0..400u64)
+        .map(|i| [b"t".as_slice(), &(i / 50).to_be_bytes(), b"_r", &(i % 50).to_be_bytes()].concat())
+        .collect();
+    let most = (0..6).map(|seed| run_case(seed, &keys, 1500, 1000, 100)).max();
+    assert!(most > Some(200), "the cases reach many pieces: {most:?}");
+}
+
+impl SpanFrontier {
+    /// Asserts every internal invariant.
+    fn check(&self) {
+        let mut live = Vec::new();
+        let mut id = self.first;
+        while id != NIL {
+            live.push(id);
+            id = self.recs[id as usize].next;
+        }
+        let mut free = 0;
+        let mut id = self.free;
+        while id != NIL {
+            free += 1;
+            id = self.recs[id as usize].next;
+        }
+        assert_eq!(live.len() + free, self.recs.len(), "every record is live or free");
+        for pair in live.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            assert!(self.key(a) < self.key(b), "records sorted");
+            assert_eq!(self.recs[b as usize].prev_ts, self.recs[a as usize].ts, "copy of the predecessor's ts");
+            assert!(self.is_tracked(a) || self.is_tracked(b), "no two adjacent gaps");
+            let equal = self.recs[a as usize].ts == self.recs[b as usize].ts;
+            assert!(!(self.is_tracked(a) && self.is_tracked(b) && equal), "adjacent equal pieces coalesced");
+        }
+        let covered: Vec<KeyRange> = self.iter().map(|s| KeyRange::new(s.start, s.end)).collect();
+        assert_eq!(collapse(&covered), self.ranges, "pieces cover exactly the tracked ranges");
+        assert_eq!(collapse(&self.ranges), self.ranges);
+        self.index.check(&self.recs, &live);
+        self.order.check(&self.recs, &live);
+        let tracked: Vec<u32> = live.iter().copied().filter(|&id| self.is_tracked(id)).collect();
+        self.heap.check(&self.recs, &tracked);
+    }
+}
