@@ -1,6 +1,7 @@
 //! streamhelper: the log-backup (PITR) checkpoint advancer of TiDB/TiKV, synchronous and
 //! thread-based. See `docs/architecture.md` for the module map and the data flow.
 
+pub mod cluster;
 pub mod codec;
 pub mod error;
 pub mod etcd;
