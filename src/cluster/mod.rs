@@ -8,15 +8,19 @@
 //! Keys are raw everywhere in this API: the PD client encodes them on the way out and decodes
 //! region boundaries on the way back, exactly as TiDB's codec PD client does (wire spec 5.2).
 
+pub mod collector;
 pub mod pd;
 pub mod region_iter;
+pub mod tikv;
 
 use crate::error::{Error, Result};
 use crate::proto::logbackuppb_grpc::LogBackupClient;
 use crate::types::{KeyRange, RegionId, StoreId, Ts};
 
+pub use collector::{collect_checkpoints, CollectResult, CollectorConfig, FailReason, FailedRange};
 pub use pd::{PdClient, PdConfig};
 pub use region_iter::{check_region_consistency, RegionIter, ScanRetry};
+pub use tikv::{TikvClients, TikvConfig};
 
 /// The PD service-safe-point id under which the advancer blocks GC.
 pub const GC_SERVICE_ID: &str = "log-backup-coordinator";
@@ -86,11 +90,13 @@ pub trait LogBackupService: Send + Sync {
 pub(crate) mod testing {
     //! In-memory cluster metadata for unit tests of the pure logic.
 
-    use std::collections::VecDeque;
+    use std::collections::{HashMap, VecDeque};
+    use std::time::Duration;
 
     use parking_lot::Mutex;
 
     use super::*;
+    use crate::security::{grpc_env, Security};
 
     /// Regions built from boundary keys: the first starts at −∞ and the last ends at +∞,
     /// region `i` has id `i + 1` and is led by store `leaders[i % leaders.len()]`.
@@ -129,6 +135,10 @@ pub(crate) mod testing {
             MemMeta { regions, ..Default::default() }
         }
 
+        pub fn with_stores(stores: Vec<StoreInfo>) -> Self {
+            MemMeta { stores: Mutex::new(stores), ..Default::default() }
+        }
+
         pub fn script(&self, answer: Result<Vec<RegionWithLeader>>) {
             self.scripted.lock().push_back(answer);
         }
@@ -158,6 +168,37 @@ pub(crate) mod testing {
 
         fn fetch_current_ts(&self) -> Result<Ts> {
             unimplemented!("not used by these tests")
+        }
+    }
+
+    /// Dials stores at fixed addresses; a store without one fails to dial. Records dials and
+    /// cache clears.
+    #[derive(Default)]
+    pub struct FixedDialer {
+        pub addresses: Mutex<HashMap<StoreId, String>>,
+        pub dials: Mutex<Vec<StoreId>>,
+        pub cleared: Mutex<Vec<StoreId>>,
+    }
+
+    impl FixedDialer {
+        pub fn new(addresses: impl IntoIterator<Item = (StoreId, String)>) -> Self {
+            FixedDialer { addresses: Mutex::new(addresses.into_iter().collect()), ..Default::default() }
+        }
+    }
+
+    impl LogBackupService for FixedDialer {
+        fn client(&self, store: StoreId) -> Result<LogBackupClient> {
+            self.dials.lock().push(store);
+            let address = self.addresses.lock().get(&store).cloned().ok_or_else(|| Error::Store {
+                store_id: store,
+                address: "127.0.0.1:9".into(),
+                reason: "cannot connect: connection failed".into(),
+            })?;
+            Ok(LogBackupClient::new(Security::insecure().channel(grpc_env(), &address, Duration::from_secs(10))?))
+        }
+
+        fn clear_cache(&self, store: StoreId) {
+            self.cleared.lock().push(store);
         }
     }
 }
