@@ -11,6 +11,7 @@
 pub mod collector;
 pub mod pd;
 pub mod region_iter;
+pub mod subscriber;
 pub mod tikv;
 
 use crate::error::{Error, Result};
@@ -20,6 +21,7 @@ use crate::types::{KeyRange, RegionId, StoreId, Ts};
 pub use collector::{collect_checkpoints, CollectResult, CollectorConfig, FailReason, FailedRange};
 pub use pd::{PdClient, PdConfig};
 pub use region_iter::{check_region_consistency, RegionIter, ScanRetry};
+pub use subscriber::{FlushEvent, FlushSubscriber, SubscriberConfig};
 pub use tikv::{TikvClients, TikvConfig};
 
 /// The PD service-safe-point id under which the advancer blocks GC.
@@ -91,12 +93,21 @@ pub(crate) mod testing {
     //! In-memory cluster metadata for unit tests of the pure logic.
 
     use std::collections::{HashMap, VecDeque};
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use parking_lot::Mutex;
 
     use super::*;
     use crate::security::{grpc_env, Security};
+
+    /// Polls `condition` until it holds, failing the test after `timeout`.
+    pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 
     /// Regions built from boundary keys: the first starts at −∞ and the last ends at +∞,
     /// region `i` has id `i + 1` and is led by store `leaders[i % leaders.len()]`.
@@ -183,6 +194,10 @@ pub(crate) mod testing {
     impl FixedDialer {
         pub fn new(addresses: impl IntoIterator<Item = (StoreId, String)>) -> Self {
             FixedDialer { addresses: Mutex::new(addresses.into_iter().collect()), ..Default::default() }
+        }
+
+        pub fn dials_of(&self, store: StoreId) -> usize {
+            self.dials.lock().iter().filter(|&&s| s == store).count()
         }
     }
 
