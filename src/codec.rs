@@ -141,7 +141,7 @@ mod tests {
         assert_eq!(decode_bytes(&with_ts).unwrap(), b"key");
         assert_eq!(decode_bytes(b"abc"), Err(DecodeError::Truncated));
         assert_eq!(decode_bytes(&[0, 0, 0, 0, 0, 0, 0, 0, 0x01]), Err(DecodeError::BadMarker(1)));
-        assert_eq!(decode_bytes(&[b'a', 1, 0, 0, 0, 0, 0, 0, 0xF9]), Err(DecodeError::BadPadding));
+        assert_eq!(decode_bytes(&[b'a', 1, 2, 0, 0, 0, 0, 0, 0xF9]), Err(DecodeError::BadPadding));
         assert_eq!(decode_boundary(b"").unwrap(), b"");
         assert_eq!(encode_end_key(b""), b"");
     }

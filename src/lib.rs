@@ -1,12 +1,16 @@
 //! streamhelper: the log-backup (PITR) checkpoint advancer of TiDB/TiKV, synchronous and
 //! thread-based. See `docs/architecture.md` for the module map and the data flow.
 
+pub mod cli;
 pub mod cluster;
 pub mod codec;
 pub mod error;
 pub mod etcd;
+pub mod meta;
 pub mod proto;
 pub mod security;
+pub mod stop;
+pub mod timefmt;
 pub mod types;
 
 pub use error::{Error, Result, ResultExt};

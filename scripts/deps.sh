@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what building and testing streamhelper needs, only when it is missing:
+# cmake and a C++ compiler (grpcio-sys), protoc (build.rs), OpenSSL headers (TLS),
+# and the real etcd server (tests and the demo). Debian/Ubuntu only.
+set -euo pipefail
+
+missing=()
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}" >&2
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi

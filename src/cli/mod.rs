@@ -1,0 +1,67 @@
+//! The `streamhelper` command line: `task` (BR-style task management), `advancer` (the
+//! daemon in the foreground), `sim` (the simulated cluster) and `demo` (all of it at once).
+
+mod task;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::Result;
+use crate::etcd::{EtcdClient, EtcdConfig};
+use crate::security::{Security, SecurityConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "streamhelper", version, about = "Log-backup (PITR) checkpoint advancer for TiDB/TiKV")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Manage log-backup tasks, like `br log`.
+    Task(task::TaskArgs),
+}
+
+/// Where the cluster is and how to reach it securely.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// PD endpoints (host:port, comma separated). PD serves its etcd on the same ports.
+    #[arg(long, value_delimiter = ',', required_unless_present = "etcd")]
+    pub pd: Vec<String>,
+    /// etcd endpoints of the metadata store, when not the PD ones.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// CA certificate (PEM) for TLS.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for TLS.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM) for TLS.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+}
+
+impl ClusterArgs {
+    pub fn security(&self) -> Result<Security> {
+        Security::load(&SecurityConfig { ca_path: self.ca.clone(), cert_path: self.cert.clone(), key_path: self.key.clone() })
+    }
+
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        if self.etcd.is_empty() { self.pd.clone() } else { self.etcd.clone() }
+    }
+
+    pub fn etcd_client(&self) -> Result<EtcdClient> {
+        let mut config = EtcdConfig::new(self.etcd_endpoints());
+        config.security = self.security()?;
+        EtcdClient::new(config)
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Task(args) => task::run(args),
+    }
+}

@@ -1,0 +1,160 @@
+//! Leader election, etcd's `concurrency.Election` recipe as TiDB uses it for the advancer
+//! owner: each candidate writes `<prefix>/<lease id in hex>` bound to its lease; the key with
+//! the lowest create revision leads; the others wait for the deletion of the key just ahead.
+
+use std::time::Duration;
+
+use super::client::{Cmp, EtcdClient, GetOptions, KeySpan, Txn, TxnOp};
+use super::watch::{EventKind, WatchOptions, Watcher};
+use crate::error::{Error, Result};
+use crate::proto::etcdserverpb::{Compare_CompareResult, RangeRequest_SortOrder, RangeRequest_SortTarget};
+use crate::proto::mvccpb::KeyValue;
+use crate::stop::StopToken;
+
+/// How often a waiting candidate re-checks for a stop or a lost key.
+const POLL: Duration = Duration::from_millis(200);
+
+pub struct Election {
+    client: EtcdClient,
+    /// The directory of candidate keys, with a trailing `/` so `owner` never matches `owner2`.
+    prefix: String,
+}
+
+/// Proof of leadership: our key and its create revision.
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    pub key: Vec<u8>,
+    pub create_revision: i64,
+    pub lease: i64,
+}
+
+impl Leadership {
+    /// A transaction condition that holds only while we still lead; a deposed leader's
+    /// writes guarded by it fail instead of landing.
+    pub fn fence(&self) -> Cmp {
+        Cmp::create_revision(&self.key, Compare_CompareResult::EQUAL, self.create_revision)
+    }
+}
+
+impl Election {
+    pub fn new(client: EtcdClient, prefix: &str) -> Self {
+        let prefix = format!("{}/", prefix.trim_end_matches('/'));
+        Election { client, prefix }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn candidates(&self, options: GetOptions) -> Result<Option<KeyValue>> {
+        Ok(self.client.range(KeySpan::prefix(self.prefix.as_bytes()), &options)?.kvs.pop())
+    }
+
+    /// The current leader's key and value, if any candidate exists.
+    pub fn leader(&self) -> Result<Option<KeyValue>> {
+        self.candidates(GetOptions {
+            limit: 1,
+            sort: Some((RangeRequest_SortTarget::CREATE, RangeRequest_SortOrder::ASCEND)),
+            ..Default::default()
+        })
+    }
+
+    /// Blocks until this candidate leads, `stop` fires (`Error::Stopped`), or its key
+    /// disappears (the lease died: `Error::LeaseLost`).
+    pub fn campaign(&self, lease: i64, value: &[u8], stop: &StopToken) -> Result<Leadership> {
+        let key = format!("{}{:x}", self.prefix, lease).into_bytes();
+        let txn = Txn::new()
+            .when([Cmp::absent(&key)])
+            .and_then([TxnOp::put(key.clone(), value.to_vec(), lease)])
+            .or_else([TxnOp::get(KeySpan::key(key.clone()), &GetOptions::default())]);
+        let result = self.client.txn(txn)?;
+        let create_revision = if result.succeeded {
+            result.revision
+        } else {
+            // Our key already exists (a retried campaign on the same lease): keep its place.
+            let existing = result.ranges.into_iter().next().and_then(|r| r.kvs.into_iter().next());
+            let existing = existing.ok_or_else(|| self.key_lost(lease))?;
+            if existing.get_value() != value {
+                self.client.put(key.clone(), value.to_vec(), lease)?;
+            }
+            existing.get_create_revision()
+        };
+        let leadership = Leadership { key, create_revision, lease };
+        loop {
+            if stop.is_stopped() {
+                return Err(Error::Stopped("owner campaign".into()));
+            }
+            let ahead = self.candidates(GetOptions {
+                limit: 1,
+                max_create_revision: create_revision - 1,
+                sort: Some((RangeRequest_SortTarget::CREATE, RangeRequest_SortOrder::DESCEND)),
+                ..Default::default()
+            })?;
+            let Some(ahead) = ahead else {
+                // Nobody older: we lead, provided our own key survived the wait.
+                return if self.is_leader(&leadership)? { Ok(leadership) } else { Err(self.key_lost(lease)) };
+            };
+            log::info!(
+                "waiting for the owner key {} to go away",
+                String::from_utf8_lossy(ahead.get_key())
+            );
+            self.wait_deleted(&ahead, &leadership, stop)?;
+        }
+    }
+
+    /// Waits until `ahead` is deleted, our own key vanishes, or stop fires.
+    fn wait_deleted(&self, ahead: &KeyValue, ours: &Leadership, stop: &StopToken) -> Result<()> {
+        let watcher: Watcher = self.client.watch(
+            KeySpan::key(ahead.get_key().to_vec()),
+            WatchOptions { start_revision: ahead.get_mod_revision() + 1, prev_kv: false },
+        );
+        loop {
+            if stop.is_stopped() {
+                return Err(Error::Stopped("owner campaign".into()));
+            }
+            match watcher.batches().recv_timeout(POLL) {
+                Ok(Ok(batch)) => {
+                    if batch.events.iter().any(|e| e.kind == EventKind::Delete) {
+                        return Ok(());
+                    }
+                }
+                // A compaction or a closed watch: re-check from scratch.
+                Ok(Err(_)) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if !self.exists(&ours.key, ours.create_revision)? {
+                        return Err(self.key_lost(ours.lease));
+                    }
+                }
+            }
+        }
+    }
+
+    fn exists(&self, key: &[u8], create_revision: i64) -> Result<bool> {
+        Ok(self.client.get(key.to_vec())?.map_or(false, |kv| kv.get_create_revision() == create_revision))
+    }
+
+    fn key_lost(&self, lease: i64) -> Error {
+        Error::LeaseLost { lease_id: lease, reason: format!("its election key under {} disappeared", self.prefix) }
+    }
+
+    /// True while `leadership` is still the oldest live candidate.
+    pub fn is_leader(&self, leadership: &Leadership) -> Result<bool> {
+        Ok(self.leader()?.map_or(false, |kv| {
+            kv.get_key() == leadership.key.as_slice() && kv.get_create_revision() == leadership.create_revision
+        }))
+    }
+
+    /// Gives up leadership (or candidacy) so that the next candidate takes over at once.
+    pub fn resign(&self, leadership: &Leadership) -> Result<()> {
+        let txn = Txn::new().when([leadership.fence()]).and_then([TxnOp::delete(KeySpan::key(leadership.key.clone()))]);
+        self.client.txn(txn).map(drop)
+    }
+
+    /// Watches our key: a delete event means leadership is lost.
+    pub fn watch_leadership(&self, leadership: &Leadership) -> Watcher {
+        self.client.watch(
+            KeySpan::key(leadership.key.clone()),
+            WatchOptions { start_revision: leadership.create_revision + 1, prev_kv: false },
+        )
+    }
+}

@@ -1,0 +1,378 @@
+//! `AdvancerExt`: the advancer's view of the metadata. `begin` lists every task and then
+//! follows changes on a watcher thread, turning them into [`TaskEvent`]s; when the watch
+//! breaks or its revision is compacted it re-lists and emits only what changed, so a
+//! deletion is never lost and unchanged tasks keep their state. The global checkpoint
+//! upload never lowers the stored value, even with two advancers racing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{SendTimeoutError, Sender};
+
+use super::client::{decode_ranges, decode_task_info, name_under, MetaDataClient};
+use super::keys;
+use super::pause::PauseV2;
+use crate::error::{Error, Result, ResultExt};
+use crate::etcd::{prefix_end, Cmp, CompareResult, EventKind, GetOptions, KeySpan, Txn, TxnOp, WatchEvent, WatchOptions};
+use crate::proto::brpb::StreamBackupTaskInfo;
+use crate::stop::{stop_pair, StopHandle, StopToken};
+use crate::types::{KeyRange, Ts};
+
+const PAGE: i64 = 1024;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A change of the task set, as the advancer consumes it.
+#[derive(Debug)]
+pub enum TaskEvent {
+    /// A task appeared or was redefined: start it over from these ranges.
+    Add { info: StreamBackupTaskInfo, ranges: Vec<KeyRange>, paused: bool },
+    Del { name: String },
+    Pause { name: String },
+    Resume { name: String },
+    /// Something could not be read. Informational: the stream goes on, other tasks are
+    /// unaffected, and a named task keeps its last good state.
+    Err { name: Option<String>, error: Error },
+}
+
+impl TaskEvent {
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            TaskEvent::Add { info, .. } => Some(info.get_name()),
+            TaskEvent::Del { name } | TaskEvent::Pause { name } | TaskEvent::Resume { name } => Some(name),
+            TaskEvent::Err { name, .. } => name.as_deref(),
+        }
+    }
+}
+
+impl std::fmt::Display for TaskEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskEvent::Add { info, ranges, paused } => {
+                write!(f, "Add({}, start_ts={}, {} ranges{})", info.get_name(), info.get_start_ts(), ranges.len(), if *paused { ", paused" } else { "" })
+            }
+            TaskEvent::Del { name } => write!(f, "Del({name})"),
+            TaskEvent::Pause { name } => write!(f, "Pause({name})"),
+            TaskEvent::Resume { name } => write!(f, "Resume({name})"),
+            TaskEvent::Err { name, error } => write!(f, "Err({}, err = {error})", name.as_deref().unwrap_or("")),
+        }
+    }
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadOutcome {
+    Written,
+    /// The stored checkpoint is already higher; nothing was written.
+    KeptHigher { stored: Ts },
+    /// The fence condition failed: we are no longer the owner.
+    Fenced,
+}
+
+/// A task as the watcher last saw it.
+#[derive(Clone, PartialEq)]
+struct KnownTask {
+    info_bytes: Vec<u8>,
+    ranges: Vec<KeyRange>,
+}
+
+/// The task set at one revision.
+#[derive(Default)]
+struct Snapshot {
+    tasks: BTreeMap<String, (StreamBackupTaskInfo, KnownTask)>,
+    paused: BTreeSet<String>,
+    errors: Vec<(Option<String>, Error)>,
+    revision: i64,
+}
+
+/// The running task watcher. Dropping it stops and joins the thread.
+pub struct TaskWatcher {
+    stop: Option<StopHandle>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for TaskWatcher {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("task watcher thread panicked");
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AdvancerExt {
+    meta: MetaDataClient,
+}
+
+impl AdvancerExt {
+    pub fn new(meta: MetaDataClient) -> Self {
+        AdvancerExt { meta }
+    }
+
+    pub fn meta(&self) -> &MetaDataClient {
+        &self.meta
+    }
+
+    /// Lists the tasks (an error here means nothing was sent), emits one `Add` per task with
+    /// its pause state, then follows changes on a thread until the watcher is dropped or
+    /// `out` is closed.
+    pub fn begin(&self, out: Sender<TaskEvent>, backoff: Duration) -> Result<TaskWatcher> {
+        let snapshot = self.list()?;
+        let (stop_handle, stop) = stop_pair();
+        let mut follower = Follower { ext: self.clone(), out, stop, backoff, known: BTreeMap::new(), paused: BTreeSet::new() };
+        let revision = snapshot.revision;
+        if !follower.apply_snapshot(snapshot) {
+            return Err(Error::Stopped("task listener".into()));
+        }
+        let thread = std::thread::Builder::new()
+            .name("task-watcher".into())
+            .spawn(move || follower.run(revision))
+            .map_err(|source| Error::Io { what: "spawning the task watcher thread".into(), source })?;
+        Ok(TaskWatcher { stop: Some(stop_handle), thread: Some(thread) })
+    }
+
+    /// Tasks, ranges and pause flags, all read at one revision.
+    fn list(&self) -> Result<Snapshot> {
+        let etcd = self.meta.etcd();
+        let info_prefix = keys::prefix_of_task();
+        let (infos, revision) = etcd.scan_prefix(info_prefix.as_bytes(), PAGE).context("listing tasks")?;
+        let (pauses, _) = etcd.scan_prefix_at(keys::prefix_of_pause().as_bytes(), PAGE, revision).context("listing pause flags")?;
+        let mut snapshot = Snapshot { revision, ..Default::default() };
+        let pause_prefix = keys::prefix_of_pause();
+        snapshot.paused = pauses.iter().filter_map(|kv| name_under(&pause_prefix, kv.get_key())).map(String::from).collect();
+        for kv in infos {
+            let Some(name) = name_under(&info_prefix, kv.get_key()) else { continue };
+            match self.read_task(name, kv.get_value(), kv.get_key(), revision) {
+                Ok(entry) => {
+                    snapshot.tasks.insert(name.to_string(), entry);
+                }
+                Err(e) => snapshot.errors.push((Some(name.to_string()), e)),
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// Decodes a task's info and reads its ranges at `revision` (the ranges are written in
+    /// the same transaction as the info).
+    fn read_task(&self, name: &str, value: &[u8], key: &[u8], revision: i64) -> Result<(StreamBackupTaskInfo, KnownTask)> {
+        let info = decode_task_info(name, key, value)?;
+        let (kvs, _) = self.meta.etcd().scan_prefix_at(keys::ranges_of(name).as_bytes(), PAGE, revision)?;
+        let ranges = decode_ranges(name, &kvs)?;
+        Ok((info, KnownTask { info_bytes: value.to_vec(), ranges }))
+    }
+
+    /// The stored global checkpoint, 0 when there is none.
+    pub fn get_global_checkpoint(&self, task: &str) -> Result<Ts> {
+        let key = keys::global_checkpoint_of(task);
+        match self.meta.etcd().get(key.clone())? {
+            None => Ok(0),
+            Some(kv) => keys::decode_u64(kv.get_value()).ok_or_else(|| Error::BadMeta {
+                task: task.to_string(),
+                key,
+                reason: format!("the global checkpoint isn't 64bits (it is {} bytes)", kv.get_value().len()),
+            }),
+        }
+    }
+
+    /// Writes `ts` unless the stored value is higher, atomically (big-endian bytes compare
+    /// like the numbers). With a fence, writes only while the fence holds.
+    pub fn upload_global_checkpoint(&self, task: &str, ts: Ts, fence: Option<Cmp>) -> Result<UploadOutcome> {
+        let key = keys::global_checkpoint_of(task);
+        let monotonic = Txn::new()
+            .when([Cmp::value(&key, CompareResult::GREATER, keys::encode_u64(ts))])
+            .and_then([TxnOp::get(KeySpan::key(key.clone()), &GetOptions::default())])
+            .or_else([TxnOp::put(key.clone(), keys::encode_u64(ts), 0)]);
+        let etcd = self.meta.etcd();
+        let context = || format!("uploading the global checkpoint of task {task}");
+        let result = match fence {
+            None => etcd.txn(monotonic).with_context(context)?,
+            Some(fence) => {
+                let outer = etcd.txn(Txn::new().when([fence]).and_then([TxnOp::txn(monotonic)])).with_context(context)?;
+                if !outer.succeeded {
+                    return Ok(UploadOutcome::Fenced);
+                }
+                outer.txns.into_iter().next().ok_or_else(|| Error::Etcd {
+                    endpoint: etcd.config().endpoints.join(","),
+                    reason: "a nested transaction returned no result".into(),
+                })?
+            }
+        };
+        if !result.succeeded {
+            return Ok(UploadOutcome::Written);
+        }
+        let stored = result.ranges.first().and_then(|r| r.kvs.first()).map(|kv| kv.get_value().to_vec()).unwrap_or_default();
+        match keys::decode_u64(&stored) {
+            Some(stored) => Ok(UploadOutcome::KeptHigher { stored }),
+            None => Err(Error::BadMeta {
+                task: task.into(),
+                key,
+                reason: format!("the stored global checkpoint isn't 64bits ({} bytes) and blocks uploads; delete the key", stored.len()),
+            }),
+        }
+    }
+
+    pub fn clear_global_checkpoint(&self, task: &str) -> Result<()> {
+        self.meta.etcd().delete(KeySpan::key(keys::global_checkpoint_of(task)))?;
+        Ok(())
+    }
+
+    pub fn pause_task(&self, task: &str, pause: &PauseV2) -> Result<()> {
+        self.meta.pause_task(task, pause)
+    }
+}
+
+/// The watcher thread's state: what it has told the consumer so far.
+struct Follower {
+    ext: AdvancerExt,
+    out: Sender<TaskEvent>,
+    stop: StopToken,
+    backoff: Duration,
+    known: BTreeMap<String, KnownTask>,
+    paused: BTreeSet<String>,
+}
+
+impl Follower {
+    /// Sends an event, waiting for room while not stopped; false when nobody listens.
+    fn emit(&self, event: TaskEvent) -> bool {
+        log::info!("task event: {event}");
+        let mut item = event;
+        loop {
+            match self.out.send_timeout(item, Duration::from_millis(200)) {
+                Ok(()) => return true,
+                Err(SendTimeoutError::Disconnected(_)) => return false,
+                Err(SendTimeoutError::Timeout(back)) => {
+                    if self.stop.is_stopped() {
+                        return false;
+                    }
+                    item = back;
+                }
+            }
+        }
+    }
+
+    /// Emits the difference between what the consumer knows and `snapshot`.
+    fn apply_snapshot(&mut self, snapshot: Snapshot) -> bool {
+        let removed: Vec<String> = self.known.keys().filter(|n| !snapshot.tasks.contains_key(*n)).cloned().collect();
+        for name in removed {
+            self.known.remove(&name);
+            if !self.emit(TaskEvent::Del { name }) {
+                return false;
+            }
+        }
+        for (name, (info, task)) in snapshot.tasks {
+            let paused = snapshot.paused.contains(&name);
+            let event = if self.known.get(&name) != Some(&task) {
+                Some(TaskEvent::Add { info, ranges: task.ranges.clone(), paused })
+            } else if paused != self.paused.contains(&name) {
+                Some(if paused { TaskEvent::Pause { name: name.clone() } } else { TaskEvent::Resume { name: name.clone() } })
+            } else {
+                None
+            };
+            self.known.insert(name, task);
+            if event.map_or(false, |e| !self.emit(e)) {
+                return false;
+            }
+        }
+        self.paused = snapshot.paused;
+        snapshot.errors.into_iter().all(|(name, error)| self.emit(TaskEvent::Err { name, error }))
+    }
+
+    fn run(&mut self, mut revision: i64) {
+        let mut backoff = self.backoff;
+        loop {
+            let error = match self.follow(revision) {
+                None => return,
+                Some(error) => error,
+            };
+            log::warn!("task watch ended ({error}); re-listing every task");
+            loop {
+                if self.stop.sleep(backoff) {
+                    return;
+                }
+                match self.ext.list() {
+                    Ok(snapshot) => {
+                        revision = snapshot.revision;
+                        if !self.apply_snapshot(snapshot) {
+                            return;
+                        }
+                        backoff = self.backoff;
+                        break;
+                    }
+                    Err(e) => {
+                        log::warn!("re-listing tasks failed, retrying in {backoff:?}: {e}");
+                        if !self.emit(TaskEvent::Err { name: None, error: e }) {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Follows the watch from `revision + 1`. `None`: stopped; `Some(e)`: re-list.
+    fn follow(&mut self, revision: i64) -> Option<Error> {
+        let etcd = self.ext.meta.etcd().clone();
+        // One watch over info/ .. pause/ keeps task and pause events in revision order.
+        let span = KeySpan::Range(keys::prefix_of_task().into_bytes(), prefix_end(keys::prefix_of_pause().as_bytes()));
+        let watcher = etcd.watch(span, WatchOptions { start_revision: revision + 1, prev_kv: false });
+        loop {
+            crossbeam_channel::select! {
+                recv(self.stop.receiver()) -> _ => return None,
+                recv(watcher.batches()) -> batch => match batch {
+                    Ok(Ok(batch)) => {
+                        for event in batch.events {
+                            match self.on_watch_event(event) {
+                                Ok(true) => {}
+                                Ok(false) => return None,
+                                Err(e) => return Some(e),
+                            }
+                        }
+                    }
+                    Ok(Err(e)) => return Some(e),
+                    Err(_) => return Some(Error::Stopped("etcd watch".into())),
+                },
+            }
+        }
+    }
+
+    /// Applies one watch event. `Ok(false)`: the consumer is gone; `Err`: re-list.
+    fn on_watch_event(&mut self, event: WatchEvent) -> Result<bool> {
+        let key = event.kv.get_key();
+        if let Some(name) = name_under(&keys::prefix_of_task(), key) {
+            let name = name.to_string();
+            return Ok(match event.kind {
+                EventKind::Delete => self.known.remove(&name).is_none() || self.emit(TaskEvent::Del { name }),
+                EventKind::Put => match self.ext.read_task(&name, event.kv.get_value(), key, event.kv.get_mod_revision()) {
+                    Ok((info, task)) => {
+                        let paused = self.paused.contains(&name);
+                        self.known.insert(name, task.clone());
+                        self.emit(TaskEvent::Add { info, ranges: task.ranges, paused })
+                    }
+                    Err(e @ Error::BadMeta { .. }) => self.emit(TaskEvent::Err { name: Some(name), error: e }),
+                    Err(e) => return Err(e),
+                },
+            });
+        }
+        if let Some(name) = name_under(&keys::prefix_of_pause(), key) {
+            let name = name.to_string();
+            // Any value under the pause key is a pause (TiKV decides by existence).
+            let changed = match event.kind {
+                EventKind::Put => self.paused.insert(name.clone()),
+                EventKind::Delete => self.paused.remove(&name),
+            };
+            if !changed || !self.known.contains_key(&name) {
+                return Ok(true);
+            }
+            return Ok(self.emit(match event.kind {
+                EventKind::Put => TaskEvent::Pause { name },
+                EventKind::Delete => TaskEvent::Resume { name },
+            }));
+        }
+        // last-error/ and owner/ keys share the watched range; they are not task events.
+        Ok(true)
+    }
+}

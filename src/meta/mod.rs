@@ -1,0 +1,13 @@
+//! Log-backup metadata in etcd: the key layout, tasks, pause records, checkpoints and the
+//! task event stream the advancer follows. Byte-compatible with BR, TiDB and TiKV.
+
+mod client;
+mod events;
+pub mod keys;
+pub mod pause;
+mod task;
+
+pub use client::{MetaDataClient, Task};
+pub use events::{AdvancerExt, TaskEvent, TaskWatcher, UploadOutcome};
+pub use pause::{PausePayload, PauseState, PauseV2, Severity};
+pub use task::{check_task_name, describe_storage, parse_checkpoint, parse_storage_url, Checkpoint, CheckpointType, TaskInfo};

@@ -1,0 +1,104 @@
+//! Shared test helpers: waiting with deadlines and a loopback TCP proxy that can cut a
+//! client off from its server (a network partition without touching the server).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `cond` until it holds, failing the test after [`DEADLINE`].
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct TcpProxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    stopped: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<TcpStream>>>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl TcpProxy {
+    /// Forwards a new loopback port to `upstream` (`host:port`).
+    pub fn start(upstream: &str) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let upstream = upstream.to_string();
+        let acceptor = {
+            let (cut, stopped, connections) = (cut.clone(), stopped.clone(), connections.clone());
+            std::thread::spawn(move || {
+                for client in listener.incoming() {
+                    if stopped.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(client) = client else { continue };
+                    if cut.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection is refused in effect
+                    }
+                    let Ok(server) = TcpStream::connect(&upstream) else { continue };
+                    let mut all = connections.lock();
+                    all.push(client.try_clone().unwrap());
+                    all.push(server.try_clone().unwrap());
+                    pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                    pipe(server, client);
+                }
+            })
+        };
+        TcpProxy { port, cut, stopped, connections, acceptor: Some(acceptor) }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every connection and refuses new ones until [`Self::heal`].
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for stream in self.connections.lock().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.cut();
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+}
