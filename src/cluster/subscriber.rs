@@ -17,7 +17,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{bounded, select, Receiver, Sender, TryRecvError};
+use crossbeam_channel::{bounded, select, Receiver, Sender};
 use futures_util::Stream;
 use grpcio::{CallOption, ClientSStreamReceiver, RpcStatusCode};
 use log::{info, warn};
@@ -27,6 +27,7 @@ use super::{ClusterMeta, LogBackupService, StoreInfo};
 use crate::codec::decode_boundary;
 use crate::error::{Error, Result, ResultExt};
 use crate::proto::logbackuppb::{self, SubscribeFlushEventRequest, SubscribeFlushEventResponse};
+use crate::stop::{stop_pair, StopHandle, StopToken};
 use crate::types::{DisplayKey, KeyRange, StoreId, Ts};
 
 #[derive(Clone, Debug)]
@@ -194,14 +195,15 @@ struct Failure {
 }
 
 struct StreamThread {
-    /// Dropped to ask the thread to stop.
-    stop: Option<Sender<()>>,
+    stop: Option<StopHandle>,
     handle: JoinHandle<()>,
 }
 
 impl StreamThread {
     fn signal_stop(&mut self) {
-        self.stop.take();
+        if let Some(stop) = self.stop.take() {
+            stop.stop();
+        }
         // The thread may be parked waiting for the stream.
         self.handle.thread().unpark();
     }
@@ -220,17 +222,17 @@ impl Subscription {
             self.store.id, self.store.address, self.store.boot_at
         );
         self.status = Arc::default();
-        let (stop_tx, stop_rx) = bounded(1);
+        let (stop_handle, stop) = stop_pair();
         let listener = Listener {
             store: self.store.clone(),
             service: service.clone(),
             events: events.clone(),
-            stop: stop_rx,
+            stop,
             status: self.status.clone(),
             idle_timeout: config.idle_timeout,
         };
         match thread::Builder::new().name(format!("sh-sub-{}", self.store.id)).spawn(move || listener.run()) {
-            Ok(handle) => self.stream = Some(StreamThread { stop: Some(stop_tx), handle }),
+            Ok(handle) => self.stream = Some(StreamThread { stop: Some(stop_handle), handle }),
             Err(e) => {
                 self.status.lock().failure = Some(Failure {
                     message: format!("cannot start a thread: {e}"),
@@ -310,7 +312,7 @@ struct Listener {
     store: StoreInfo,
     service: Arc<dyn LogBackupService>,
     events: Sender<FlushEvent>,
-    stop: Receiver<()>,
+    stop: StopToken,
     status: Arc<Mutex<StreamStatus>>,
     idle_timeout: Duration,
 }
@@ -366,7 +368,7 @@ impl Listener {
             for event in message.get_events().iter().filter_map(|e| decode_event(self.store.id, e)) {
                 select! {
                     send(self.events, event) -> sent => if sent.is_err() { return Ok(()) },
-                    recv(self.stop) -> _ => return Ok(()),
+                    recv(self.stop.receiver()) -> _ => return Ok(()),
                 }
             }
         }
@@ -430,14 +432,14 @@ impl Wake for Unparker {
 
 /// The next stream item, unless a stop is asked for (the stopper unparks this thread) or
 /// `deadline` passes first.
-fn next_before<S: Stream + Unpin>(stream: &mut S, stop: &Receiver<()>, deadline: Instant) -> Next<S::Item> {
+fn next_before<S: Stream + Unpin>(stream: &mut S, stop: &StopToken, deadline: Instant) -> Next<S::Item> {
     let waker = Waker::from(Arc::new(Unparker(thread::current())));
     let mut cx = Context::from_waker(&waker);
     loop {
         if let Poll::Ready(item) = Pin::new(&mut *stream).poll_next(&mut cx) {
             return Next::Item(item);
         }
-        if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
+        if stop.is_stopped() {
             return Next::Stopped;
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -502,7 +504,7 @@ mod tests {
 
     #[test]
     fn waiting_for_the_stream_ends_on_an_item_a_stop_or_the_idle_deadline() {
-        let (_keep, never_stopped) = bounded::<()>(1);
+        let never_stopped = StopToken::never();
         let far = Instant::now() + Duration::from_secs(60);
         let mut items = stream::iter([7]);
         assert!(matches!(next_before(&mut items, &never_stopped, far), Next::Item(Some(7))));
@@ -513,10 +515,10 @@ mod tests {
         assert!(matches!(next_before(&mut stream::pending::<u8>(), &never_stopped, soon), Next::Idle));
         assert!(started.elapsed() >= Duration::from_millis(100));
 
-        let (stop_tx, stop_rx) = bounded::<()>(1);
+        let (stop_handle, stop) = stop_pair();
         let waiter =
-            thread::spawn(move || matches!(next_before(&mut stream::pending::<u8>(), &stop_rx, far), Next::Stopped));
-        drop(stop_tx);
+            thread::spawn(move || matches!(next_before(&mut stream::pending::<u8>(), &stop, far), Next::Stopped));
+        stop_handle.stop();
         waiter.thread().unpark();
         assert!(waiter.join().unwrap(), "a stop wakes the parked waiter long before the deadline");
     }
