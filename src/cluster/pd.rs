@@ -111,8 +111,10 @@ impl PdClient {
         let candidates: Vec<String> = {
             let state = self.state.lock();
             let mut urls = self.config.endpoints.clone();
+            // Members advertise URLs with a scheme; an endpoint is tried once however spelled.
+            let same = |a: &str, b: &str| strip_scheme(a).ok() == strip_scheme(b).ok();
             for url in &state.member_urls {
-                if !urls.contains(url) {
+                if !urls.iter().any(|known| same(known, url)) {
                     urls.push(url.clone());
                 }
             }
