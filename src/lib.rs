@@ -9,6 +9,7 @@ pub mod etcd;
 pub mod meta;
 pub mod proto;
 pub mod security;
+pub mod sim;
 pub mod stop;
 pub mod timefmt;
 pub mod types;

@@ -1,0 +1,431 @@
+//! The simulated cluster: a fake PD and one fake TiKV per store, speaking the real gRPC
+//! protocols on 127.0.0.1 ports, with controls to break them in every way the advancer must
+//! survive, and a ground-truth oracle to check it against.
+//!
+//! Data flow: the region table (`model`) is what PD serves and what flushes walk; each
+//! store's last flush (`state::LastFlush`) is what its log-backup service reports; the truth
+//! kept in the table (`oracle`) only ever rises, at flushes, so every reported checkpoint is
+//! at most the truth of its range.
+
+mod gate;
+mod gc;
+mod mailbox;
+mod model;
+mod oracle;
+mod pd;
+pub mod probe;
+mod rng;
+mod server;
+mod state;
+mod tikv;
+mod tso;
+
+pub mod cli;
+pub mod control;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use grpcio::{RpcStatus, RpcStatusCode};
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::proto::logbackuppb_grpc::create_log_backup;
+use crate::proto::pdpb_grpc::create_pd;
+use crate::types::{KeyRange, RegionId, StoreId, Ts};
+
+pub use model::{record_key, table_prefix};
+
+/// Region boundaries travel as TiKV stores them: memcomparable-encoded, except that the
+/// empty key (−∞ as a start, +∞ as an end) stays empty.
+use crate::codec::encode_end_key as encode_boundary;
+
+use gate::ReplyGate;
+use model::{Key, RegionMeta, RegionTable};
+use pd::PdService;
+use server::RunningServer;
+use state::SimState;
+use tikv::LogBackupService;
+use tso::Tso;
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub stores: usize,
+    pub regions: usize,
+    /// Drives region boundaries, replica placement, leaders and `scatter`.
+    pub seed: u64,
+    /// `None`: stores flush only when told (`flush_all`, `flush_store`, `FlushNow`).
+    pub flush_interval: Option<Duration>,
+    pub cluster_id: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig { stores: 3, regions: 16, seed: 0, flush_interval: None, cluster_id: 6_000_000_000_000_000_001 }
+    }
+}
+
+/// A region as PD describes it, with raw keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimRegion {
+    pub id: RegionId,
+    pub range: KeyRange,
+    pub epoch_version: u64,
+    pub conf_ver: u64,
+    pub leader: Option<StoreId>,
+    pub peers: Vec<StoreId>,
+}
+
+impl SimRegion {
+    fn new(start: &Key, meta: &RegionMeta) -> SimRegion {
+        SimRegion {
+            id: meta.id,
+            range: KeyRange::new(start.to_vec(), meta.end.to_vec()),
+            epoch_version: meta.version,
+            conf_ver: meta.conf_ver,
+            leader: meta.leader,
+            peers: meta.peers.as_slice().to_vec(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Servers {
+    pd: Option<RunningServer>,
+    stores: HashMap<StoreId, RunningServer>,
+}
+
+struct Flusher {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+/// A running simulated cluster. Dropping it stops every server and thread it started.
+pub struct SimCluster {
+    state: Arc<SimState>,
+    servers: Mutex<Servers>,
+    /// PD keeps its port across `stop_pd`/`start_pd` when it can.
+    pd_port: Mutex<u16>,
+    flusher: Option<Flusher>,
+}
+
+impl SimCluster {
+    pub fn start(config: SimConfig) -> Result<SimCluster> {
+        if config.stores == 0 {
+            return Err(Error::Config("the sim needs at least one store".into()));
+        }
+        let began = Instant::now();
+        let tso = Tso::default();
+        let start_ts = tso.next();
+        let table = RegionTable::build(config.stores, config.regions, config.seed, start_ts);
+        let state =
+            Arc::new(SimState::new(config.cluster_id, tso, start_ts, table, config.stores, ReplyGate::start()?));
+        let mut cluster = SimCluster {
+            state: state.clone(),
+            servers: Mutex::new(Servers::default()),
+            pd_port: Mutex::new(0),
+            flusher: None,
+        };
+        cluster.start_pd()?;
+        for id in cluster.store_ids() {
+            cluster.serve_store(id)?;
+        }
+        if let Some(interval) = config.flush_interval {
+            cluster.flusher = Some(spawn_flusher(state, interval)?);
+        }
+        log::info!(
+            "sim: {} regions over {} stores ready in {:?}, PD at {}",
+            cluster.region_count(),
+            config.stores,
+            began.elapsed(),
+            cluster.pd_endpoint()
+        );
+        Ok(cluster)
+    }
+
+    pub fn pd_endpoint(&self) -> String {
+        self.state.pd_address.lock().clone()
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.state.cluster_id
+    }
+
+    pub fn store_ids(&self) -> Vec<StoreId> {
+        self.state.stores.iter().map(|s| s.id).collect()
+    }
+
+    /// The address PD advertises for `store` (the last one, if it is stopped).
+    pub fn store_address(&self, store: StoreId) -> String {
+        self.state.store(store).map(|s| s.run.lock().address.clone()).unwrap_or_default()
+    }
+
+    pub fn region_count(&self) -> usize {
+        self.state.regions.read().len()
+    }
+
+    /// Every region, in key order.
+    pub fn regions(&self) -> Vec<SimRegion> {
+        self.state.regions.read().iter().map(|(start, meta)| SimRegion::new(start, meta)).collect()
+    }
+
+    pub fn region(&self, id: RegionId) -> Option<SimRegion> {
+        self.state.regions.read().get(id).map(|(start, meta)| SimRegion::new(start, meta))
+    }
+
+    pub fn region_at(&self, raw_key: &[u8]) -> SimRegion {
+        let table = self.state.regions.read();
+        let (start, meta) = table.region_at(raw_key);
+        SimRegion::new(start, meta)
+    }
+
+    /// A fresh TSO from the sim's clock (the one PD's `Tso` serves).
+    pub fn now_ts(&self) -> Ts {
+        self.state.tso.next()
+    }
+
+    /// The TSO at start: the initial truth of every key.
+    pub fn start_ts(&self) -> Ts {
+        self.state.start_ts
+    }
+
+    /// One flush round on every store that is up and not hung. Waits (up to a second) until
+    /// subscribers took the events.
+    pub fn flush_all(&self) {
+        self.state.flush(&self.store_ids(), true);
+    }
+
+    pub fn flush_store(&self, store: StoreId) {
+        self.state.flush(&[store], true);
+    }
+
+    /// The ts of `store`'s last flush since it (re)started, if any.
+    pub fn last_flush_ts(&self, store: StoreId) -> Option<Ts> {
+        let last = self.state.store(store)?.last_flush.read().clone();
+        (last.ts != 0).then_some(last.ts)
+    }
+
+    pub fn split(&self, raw_key: &[u8]) -> Result<(RegionId, RegionId)> {
+        self.state.regions.write().split(raw_key)
+    }
+
+    pub fn merge(&self, left: RegionId, right: RegionId) -> Result<RegionId> {
+        self.state.regions.write().merge(left, right)
+    }
+
+    pub fn transfer_leader(&self, region: RegionId, to: StoreId) -> Result<()> {
+        self.state.regions.write().transfer_leader(region, to)
+    }
+
+    /// Seeded random leader moves: every region gets a random leader among its replicas on
+    /// stores that are up.
+    pub fn scatter(&self) {
+        let up: Vec<bool> = self.state.stores.iter().map(|s| s.run.lock().up).collect();
+        self.state.regions.write().scatter(|store| up[store as usize - 1]);
+    }
+
+    pub fn remove_leader(&self, region: RegionId) {
+        if let Err(e) = self.state.regions.write().remove_leader(region) {
+            log::warn!("sim: remove_leader: {e}");
+        }
+    }
+
+    pub fn set_never_flush(&self, region: RegionId, never: bool) {
+        if let Err(e) = self.state.regions.write().set_never_flush(region, never) {
+            log::warn!("sim: set_never_flush: {e}");
+        }
+    }
+
+    /// Kills the store's server: its port refuses connections, streams and calls in flight
+    /// fail. PD keeps advertising it (and its leaders) until told otherwise.
+    pub fn stop_store(&self, store: StoreId) {
+        let Some(store_state) = self.state.store(store) else {
+            log::warn!("sim: stop_store: no store {store}");
+            return;
+        };
+        {
+            let mut run = store_state.run.lock();
+            run.up = false;
+            run.incarnation += 1;
+        }
+        store_state.close_subscribers(None);
+        self.state.gate.discard(store);
+        let server = self.servers.lock().stores.remove(&store);
+        if let Some(server) = server {
+            server.stop();
+            log::info!("sim: store {store} stopped");
+        }
+    }
+
+    /// Freezes the store like SIGSTOP: connections are accepted, nothing is answered and it
+    /// does not flush, until `resume_store` (or a stop or restart).
+    pub fn hang_store(&self, store: StoreId) {
+        self.state.gate.set_hung(store, true);
+    }
+
+    /// Unfreezes a hung store: parked calls are answered from its current state.
+    pub fn resume_store(&self, store: StoreId) {
+        self.state.gate.set_hung(store, false);
+    }
+
+    /// Restarts the store on a new port with a new `start_timestamp`; its flushed set is
+    /// empty until its next flush. Returns the new address.
+    pub fn restart_store(&self, store: StoreId) -> Result<String> {
+        let store_state = self.state.store(store).ok_or_else(|| no_store(store))?;
+        self.stop_store(store);
+        {
+            let mut run = store_state.run.lock();
+            run.reboot();
+            run.incarnation += 1;
+        }
+        *store_state.last_flush.write() = Arc::default();
+        self.state.gate.set_hung(store, false);
+        let address = self.serve_store(store)?;
+        log::info!("sim: store {store} restarted at {address}");
+        Ok(address)
+    }
+
+    /// `false`: new `SubscribeFlushEvent` calls get UNIMPLEMENTED (like a TiKV without the
+    /// feature) and open streams end with it. A change counts as a reboot, as in upstream's
+    /// fake cluster, so that clients re-subscribe when support comes back.
+    pub fn set_subscription_supported(&self, store: StoreId, supported: bool) {
+        let Some(store_state) = self.state.store(store) else {
+            log::warn!("sim: set_subscription_supported: no store {store}");
+            return;
+        };
+        let changed = {
+            let mut run = store_state.run.lock();
+            let changed = run.subscription_supported != supported;
+            run.subscription_supported = supported;
+            if changed {
+                run.reboot();
+            }
+            changed
+        };
+        if changed && !supported {
+            store_state.close_subscribers(Some(tikv::subscription_disabled(store)));
+        }
+    }
+
+    /// Ends the store's open subscription streams with UNAVAILABLE (an injected reset).
+    pub fn reset_subscriptions(&self, store: StoreId) {
+        if let Some(store_state) = self.state.store(store) {
+            store_state.close_subscribers(Some(RpcStatus::with_message(
+                RpcStatusCode::UNAVAILABLE,
+                format!("store {store}: injected subscription reset"),
+            )));
+        }
+    }
+
+    /// Every reply of the store waits this long first (zero: none).
+    pub fn set_store_delay(&self, store: StoreId, delay: Duration) {
+        self.state.gate.set_delay(store, delay);
+    }
+
+    pub fn stop_pd(&self) {
+        let server = self.servers.lock().pd.take();
+        if let Some(server) = server {
+            server.stop();
+            log::info!("sim: PD stopped");
+        }
+    }
+
+    /// Starts PD again, on its old port when that is still free.
+    pub fn start_pd(&self) -> Result<()> {
+        let mut servers = self.servers.lock();
+        if servers.pd.is_some() {
+            return Ok(());
+        }
+        let service = || create_pd(PdService { state: self.state.clone() });
+        let mut port = self.pd_port.lock();
+        let server = match RunningServer::start(service(), *port, "PD") {
+            Ok(server) => server,
+            Err(e) if *port != 0 => {
+                log::warn!("sim: PD cannot get its old port back ({e}); using a new one");
+                RunningServer::start(service(), 0, "PD")?
+            }
+            Err(e) => return Err(e),
+        };
+        *port = server.port();
+        *self.state.pd_address.lock() = format!("127.0.0.1:{}", server.port());
+        servers.pd = Some(server);
+        Ok(())
+    }
+
+    /// Live service GC safe points, by service id (PD's own `gc_worker` aside).
+    pub fn gc_safe_points(&self) -> Vec<(String, Ts)> {
+        self.state.gc.lock().services(state::unix_now())
+    }
+
+    /// Moves the cluster GC safe point: services may no longer go below it.
+    pub fn set_gc_safe_point(&self, ts: Ts) {
+        self.state.gc.lock().set_gc_safe_point(ts);
+    }
+
+    /// The oracle: the lowest ts up to which every key of `range` is truly flushed.
+    pub fn true_checkpoint(&self, range: &KeyRange) -> Ts {
+        self.state.regions.read().true_checkpoint(range)
+    }
+
+    fn serve_store(&self, store: StoreId) -> Result<String> {
+        let store_state = self.state.store(store).ok_or_else(|| no_store(store))?;
+        let service = create_log_backup(LogBackupService { state: self.state.clone(), store });
+        let server = RunningServer::start(service, 0, &format!("store {store}"))?;
+        let address = format!("127.0.0.1:{}", server.port());
+        {
+            let mut run = store_state.run.lock();
+            run.address = address.clone();
+            run.up = true;
+        }
+        self.servers.lock().stores.insert(store, server);
+        Ok(address)
+    }
+}
+
+fn no_store(store: StoreId) -> Error {
+    Error::Store { store_id: store, address: String::new(), reason: "no such store in the sim".into() }
+}
+
+fn spawn_flusher(state: Arc<SimState>, interval: Duration) -> Result<Flusher> {
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+    let stores: Vec<StoreId> = state.stores.iter().map(|s| s.id).collect();
+    let thread = std::thread::Builder::new()
+        .name("sim-flusher".into())
+        .spawn(move || loop {
+            match stopped.recv_timeout(interval) {
+                Err(RecvTimeoutError::Timeout) => state.flush(&stores, false),
+                _ => return,
+            }
+        })
+        .map_err(|source| Error::Io { what: "spawning the sim's flusher thread".into(), source })?;
+    Ok(Flusher { stop, thread })
+}
+
+impl Drop for SimCluster {
+    fn drop(&mut self) {
+        if let Some(flusher) = self.flusher.take() {
+            drop(flusher.stop);
+            let _ = flusher.thread.join();
+        }
+        for store in &self.state.stores {
+            store.close_subscribers(None);
+        }
+        // Parked replies hold sinks and the state: drop them before the servers go.
+        self.state.gate.shutdown();
+        let servers = std::mem::take(&mut *self.servers.lock());
+        for server in servers.pd.into_iter().chain(servers.stores.into_values()) {
+            server.stop();
+        }
+    }
+}
+
+/// The resident memory of this process (`VmRSS`), for the sim's size reports.
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

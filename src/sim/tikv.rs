@@ -1,0 +1,188 @@
+//! The fake TiKV: `logbackup.LogBackup` of one store, answering from the store's last flush
+//! exactly as TiKV's backup-stream service does (wire spec §4.1-4.3).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures_util::SinkExt;
+use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink, WriteFlags};
+
+use crate::proto::errorpb;
+use crate::proto::logbackuppb::{
+    FlushEvent, FlushNowRequest, FlushNowResponse, GetLastFlushTSOfRegionRequest, GetLastFlushTSOfRegionResponse,
+    RegionCheckpoint, RegionIdentity, SubscribeFlushEventRequest, SubscribeFlushEventResponse,
+};
+use crate::proto::logbackuppb_grpc::LogBackup;
+use crate::types::StoreId;
+
+use super::encode_boundary;
+use super::mailbox::{mailbox, Inbox};
+use super::server::reply;
+use super::state::{LastFlush, SimState, StoreState};
+
+/// TiKV puts at most this many events in one `SubscribeFlushEventResponse`.
+pub const EVENTS_PER_MESSAGE: usize = 1024;
+/// Messages a subscriber may have queued before further flushes are dropped for it.
+const SUBSCRIBER_QUEUE: usize = 4096;
+
+/// What the sim sends down a subscription stream.
+#[derive(Clone)]
+pub enum Push {
+    Events(SubscribeFlushEventResponse),
+    /// Ends the stream with this status (subscription disabled, injected reset).
+    Fail(RpcStatus),
+}
+
+#[derive(Clone)]
+pub struct LogBackupService {
+    pub state: Arc<SimState>,
+    pub store: StoreId,
+}
+
+/// TiKV's answer for each distinct requested `(id, version)` (wire spec §4.1).
+pub fn checkpoints(last: &LastFlush, request: &GetLastFlushTSOfRegionRequest) -> GetLastFlushTSOfRegionResponse {
+    let mut seen = HashSet::new();
+    let mut response = GetLastFlushTSOfRegionResponse::new();
+    for asked in request.get_regions() {
+        let (id, version) = (asked.get_id(), asked.get_epoch_version());
+        if !seen.insert((id, version)) {
+            continue;
+        }
+        let mut answer = RegionCheckpoint::new();
+        let mut echoed = RegionIdentity::new();
+        echoed.set_id(id);
+        match last.find(id) {
+            None => {
+                let mut err = errorpb::Error::new();
+                err.set_message(format!(
+                    "the region {id} isn't in the region_manager of log backup, maybe not leader or not flushed yet."
+                ));
+                err.mut_not_leader().set_region_id(id);
+                answer.set_err(err);
+                echoed.set_epoch_version(version);
+            }
+            Some(recorded) if recorded.version != version => {
+                let mut err = errorpb::Error::new();
+                err.set_message(format!(
+                    "the region {id} has recorded version {}, but you sent {version}",
+                    recorded.version
+                ));
+                err.mut_epoch_not_match();
+                answer.set_err(err);
+                echoed.set_epoch_version(recorded.version);
+            }
+            Some(recorded) => {
+                echoed.set_epoch_version(recorded.version);
+                answer.set_checkpoint(last.ts);
+            }
+        }
+        answer.set_region(echoed);
+        response.mut_checkpoints().push(answer);
+    }
+    response
+}
+
+/// A flushed set as subscription messages: encoded keys, ≤ 1024 events each.
+pub fn flush_events(last: &LastFlush) -> Vec<SubscribeFlushEventResponse> {
+    last.regions
+        .chunks(EVENTS_PER_MESSAGE)
+        .map(|chunk| {
+            let mut message = SubscribeFlushEventResponse::new();
+            for region in chunk {
+                let mut event = FlushEvent::new();
+                event.set_start_key(encode_boundary(&region.start));
+                event.set_end_key(encode_boundary(&region.end));
+                event.set_checkpoint(last.ts);
+                message.mut_events().push(event);
+            }
+            message
+        })
+        .collect()
+}
+
+/// Feeds one subscription stream from its mailbox until the store or the client goes away.
+async fn forward(mut inbox: Inbox<Push>, mut sink: ServerStreamingSink<SubscribeFlushEventResponse>, store: StoreId) {
+    while let Some(push) = inbox.recv().await {
+        match push {
+            Push::Events(message) => {
+                let sent = sink.send((message, WriteFlags::default())).await;
+                inbox.sent();
+                if let Err(e) = sent {
+                    log::debug!("store {store}: subscriber went away: {e}");
+                    return;
+                }
+            }
+            Push::Fail(status) => {
+                let _ = sink.fail(status).await;
+                return;
+            }
+        }
+    }
+    let status = RpcStatus::with_message(RpcStatusCode::UNAVAILABLE, format!("store {store} is shutting down"));
+    let _ = sink.fail(status).await;
+}
+
+impl LogBackupService {
+    /// Runs `answer` when the store's gate lets its reply out: now, after its delay, or
+    /// when it stops hanging.
+    fn when_answering(&self, answer: impl FnOnce(&SimState, &StoreState) + Send + 'static) {
+        let state = self.state.clone();
+        let store = self.store;
+        self.state.gate.submit(store, move || {
+            if let Some(store_state) = state.store(store) {
+                answer(&state, store_state);
+            }
+        });
+    }
+}
+
+/// What a store without the flush subscription feature answers.
+pub fn subscription_disabled(store: StoreId) -> RpcStatus {
+    RpcStatus::with_message(
+        RpcStatusCode::UNIMPLEMENTED,
+        format!("store {store}: log backup flush subscription is disabled"),
+    )
+}
+
+impl LogBackup for LogBackupService {
+    fn get_last_flush_ts_of_region(
+        &mut self,
+        _ctx: RpcContext,
+        request: GetLastFlushTSOfRegionRequest,
+        sink: UnarySink<GetLastFlushTSOfRegionResponse>,
+    ) {
+        self.when_answering(move |_, store| {
+            let last = store.last_flush.read().clone();
+            reply(sink, Ok(checkpoints(&last, &request)));
+        });
+    }
+
+    fn subscribe_flush_event(
+        &mut self,
+        ctx: RpcContext,
+        request: SubscribeFlushEventRequest,
+        sink: ServerStreamingSink<SubscribeFlushEventResponse>,
+    ) {
+        let (outbox, inbox) = mailbox(SUBSCRIBER_QUEUE);
+        ctx.spawn(forward(inbox, sink, self.store));
+        self.when_answering(move |_, store| {
+            if !store.run.lock().subscription_supported {
+                outbox.push_all(vec![Push::Fail(subscription_disabled(store.id))]);
+                return;
+            }
+            log::debug!("store {}: new flush subscriber {:?}", store.id, request.get_client_id());
+            store.subscribers.lock().push(outbox);
+            store.broadcast();
+        });
+    }
+
+    fn flush_now(&mut self, _ctx: RpcContext, _request: FlushNowRequest, sink: UnarySink<FlushNowResponse>) {
+        self.when_answering(move |state, store| {
+            // Never wait for delivery here: this may run on a completion-queue thread,
+            // which the subscription streams need. The sim has no task list: the
+            // flush covers every key, so there is no per-task result to report.
+            state.flush(&[store.id], false);
+            reply(sink, Ok(FlushNowResponse::new()));
+        });
+    }
+}
