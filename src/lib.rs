@@ -3,6 +3,7 @@
 
 pub mod advancer;
 pub mod cli;
+pub mod cluster;
 pub mod codec;
 pub mod error;
 pub mod etcd;

@@ -1,0 +1,469 @@
+//! Polling region checkpoints (upstream's cluster collector, spec 4.6.1): the regions of the
+//! requested ranges are grouped by leader store and asked for in batches of
+//! GetLastFlushTSOfRegion; the answers become a list of span updates and failed ranges.
+//!
+//! Stores are dialed in parallel on the caller's rayon pool; then every batch of every store
+//! is in flight at once, all sharing one deadline. So a store that hangs costs the collector
+//! its deadline, never the other stores' answers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use futures_executor::block_on;
+use grpcio::CallOption;
+use log::{debug, info, warn};
+use rayon::prelude::*;
+
+use super::region_iter::{RegionIter, ScanRetry, DEFAULT_PAGE_SIZE};
+use super::{ClusterMeta, LogBackupService, RegionWithLeader};
+use crate::error::{Error, Result};
+use crate::proto::errorpb;
+use crate::proto::logbackuppb::{GetLastFlushTSOfRegionRequest, GetLastFlushTSOfRegionResponse, RegionIdentity};
+use crate::proto::logbackuppb_grpc::LogBackupClient;
+use crate::types::{KeyRange, RegionId, StoreId, Ts};
+
+#[derive(Clone, Debug)]
+pub struct CollectorConfig {
+    /// Regions per GetLastFlushTSOfRegion request.
+    pub batch_size: usize,
+    /// How long the stores have to answer, counted from when the requests are sent.
+    pub rpc_timeout: Duration,
+    /// Regions per ScanRegions page.
+    pub page_size: usize,
+    pub scan_retry: ScanRetry,
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        CollectorConfig {
+            batch_size: 1024,
+            rpc_timeout: Duration::from_secs(3),
+            page_size: DEFAULT_PAGE_SIZE,
+            scan_retry: ScanRetry::default(),
+        }
+    }
+}
+
+/// Why a region's range did not advance.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FailReason {
+    /// PD knows no leader for the region, so no store was asked.
+    NoLeader,
+    /// TiKV answers this for a region it does not lead, does not know, or has not flushed
+    /// since it became leader: it cannot tell these apart.
+    NotLeader,
+    /// The region split or merged since PD described it.
+    EpochNotMatch,
+    /// Another region error, with TiKV's message.
+    RegionError(String),
+    /// The store's answer carried no checkpoint for the region.
+    NoCheckpoint,
+    /// The store could not be dialed, failed the call or missed the deadline.
+    StoreFailed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FailedRange {
+    pub range: KeyRange,
+    pub region: Option<RegionId>,
+    pub store: Option<StoreId>,
+    pub reason: FailReason,
+}
+
+#[derive(Debug, Default)]
+pub struct CollectResult {
+    /// Whole region ranges, as PD described them when the request was built, with the
+    /// checkpoint their leader flushed; sorted.
+    pub advanced: Vec<(KeyRange, Ts)>,
+    /// Every region asked about (or leaderless) that did not advance; sorted.
+    pub failed: Vec<FailedRange>,
+    /// One error per store that failed as a whole.
+    pub store_errors: Vec<Error>,
+}
+
+/// Asks the leaders of all regions overlapping `ranges` for their last flushed checkpoint.
+/// Fails only when the regions cannot be listed; everything a store or region gets wrong is
+/// reported in the result. Takes at most the scan, one dial deadline and
+/// `config.rpc_timeout`.
+pub fn collect_checkpoints(
+    meta: &dyn ClusterMeta,
+    service: &dyn LogBackupService,
+    pool: &rayon::ThreadPool,
+    ranges: &[KeyRange],
+    config: &CollectorConfig,
+) -> Result<CollectResult> {
+    let regions = scan_regions(meta, ranges, config)?;
+    let region_count = regions.len();
+    let mut result = CollectResult::default();
+    let plans = plan_requests(regions, config.batch_size, &mut result.failed);
+    let dialed: Vec<(StorePlan, Result<LogBackupClient>)> = pool.install(|| {
+        plans
+            .into_par_iter()
+            .map(|plan| {
+                let client = service.client(plan.store);
+                (plan, client)
+            })
+            .collect()
+    });
+
+    let deadline = Instant::now() + config.rpc_timeout;
+    let in_flight: Vec<_> = dialed.into_iter().map(|(plan, client)| send_batches(plan, client, deadline)).collect();
+    for store in in_flight {
+        store.wait_into(service, &mut result);
+    }
+    result.advanced.sort();
+    result.failed.sort();
+    info!(
+        "collected checkpoints of {region_count} regions in {} ranges: {} advanced, {} failed, {} stores failed",
+        ranges.len(),
+        result.advanced.len(),
+        result.failed.len(),
+        result.store_errors.len()
+    );
+    Ok(result)
+}
+
+/// The regions of all ranges, each once. A region seen twice (two ranges in one region, or a
+/// region that changed between pages) is asked about in its newest epoch.
+fn scan_regions(
+    meta: &dyn ClusterMeta,
+    ranges: &[KeyRange],
+    config: &CollectorConfig,
+) -> Result<Vec<RegionWithLeader>> {
+    let mut by_id: HashMap<RegionId, RegionWithLeader> = HashMap::new();
+    for range in ranges {
+        let mut iter = RegionIter::new(meta, range);
+        iter.page_size = config.page_size;
+        iter.retry = config.scan_retry.clone();
+        for region in iter.collect_all()? {
+            let newer = by_id.get(&region.id).map_or(true, |seen| seen.epoch_version < region.epoch_version);
+            if newer {
+                by_id.insert(region.id, region);
+            }
+        }
+    }
+    let mut regions: Vec<_> = by_id.into_values().collect();
+    regions.sort_by(|a, b| a.range.cmp(&b.range));
+    Ok(regions)
+}
+
+/// The batches to send to one store.
+#[derive(Debug, PartialEq)]
+struct StorePlan {
+    store: StoreId,
+    batches: Vec<Batch>,
+}
+
+/// Groups regions by leader store in batches; leaderless regions fail right away.
+fn plan_requests(regions: Vec<RegionWithLeader>, batch_size: usize, failed: &mut Vec<FailedRange>) -> Vec<StorePlan> {
+    let mut by_store: BTreeMap<StoreId, Vec<RegionWithLeader>> = BTreeMap::new();
+    for region in regions {
+        match region.leader_store {
+            Some(store) => by_store.entry(store).or_default().push(region),
+            None => {
+                warn!("region {} {} has no leader; its range cannot advance this time", region.id, region.range);
+                failed.push(FailedRange {
+                    range: region.range,
+                    region: Some(region.id),
+                    store: None,
+                    reason: FailReason::NoLeader,
+                });
+            }
+        }
+    }
+    by_store
+        .into_iter()
+        .map(|(store, regions)| StorePlan {
+            store,
+            batches: regions.chunks(batch_size.max(1)).map(<[RegionWithLeader]>::to_vec).collect(),
+        })
+        .collect()
+}
+
+type Batch = Vec<RegionWithLeader>;
+type PendingAnswer = Result<grpcio::ClientUnaryReceiver<GetLastFlushTSOfRegionResponse>>;
+
+/// One store's requests: sent and not yet answered, or never sent because dialing failed.
+struct StoreCalls {
+    store: StoreId,
+    sent: Result<InFlight, (Vec<Batch>, Error)>,
+}
+
+struct InFlight {
+    /// Calls in flight fail with "Channel Destroyed" when the last client of their channel
+    /// goes, so this one is kept until they are answered.
+    _client: LogBackupClient,
+    calls: Vec<(Batch, PendingAnswer)>,
+}
+
+fn send_batches(plan: StorePlan, client: Result<LogBackupClient>, deadline: Instant) -> StoreCalls {
+    let store = plan.store;
+    let sent = match client {
+        Err(e) => Err((plan.batches, e)),
+        Ok(client) => {
+            let calls = plan
+                .batches
+                .into_iter()
+                .map(|batch| {
+                    let option = CallOption::default().timeout(deadline.saturating_duration_since(Instant::now()));
+                    let call = client
+                        .get_last_flush_ts_of_region_async_opt(&request_for(&batch), option)
+                        .map_err(|e| rpc_error(store, e));
+                    (batch, call)
+                })
+                .collect();
+            Ok(InFlight { _client: client, calls })
+        }
+    };
+    StoreCalls { store, sent }
+}
+
+impl StoreCalls {
+    /// Waits for every answer of the store and merges it. The first failure becomes the
+    /// store's error and drops its connection, so that the next use dials again.
+    fn wait_into(self, service: &dyn LogBackupService, result: &mut CollectResult) {
+        let store = self.store;
+        let first_error = match self.sent {
+            Err((batches, e)) => {
+                batches.into_iter().for_each(|batch| fail_batch(store, batch, result));
+                Some(e)
+            }
+            Ok(in_flight) => {
+                let mut first_error = None;
+                for (batch, call) in in_flight.calls {
+                    match call.and_then(|receiver| block_on(receiver).map_err(|e| rpc_error(store, e))) {
+                        Ok(answer) => apply_answer(store, batch, &answer, result),
+                        Err(e) => {
+                            fail_batch(store, batch, result);
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                first_error
+            }
+        };
+        if let Some(e) = first_error {
+            warn!("store {store} failed to report checkpoints: {e}");
+            service.clear_cache(store);
+            result.store_errors.push(e);
+        }
+    }
+}
+
+fn request_for(batch: &[RegionWithLeader]) -> GetLastFlushTSOfRegionRequest {
+    let mut req = GetLastFlushTSOfRegionRequest::default();
+    for region in batch {
+        let mut identity = RegionIdentity::default();
+        identity.set_id(region.id);
+        identity.set_epoch_version(region.epoch_version);
+        req.mut_regions().push(identity);
+    }
+    req
+}
+
+fn rpc_error(store: StoreId, source: grpcio::Error) -> Error {
+    Error::Rpc { call: "GetLastFlushTSOfRegion", target: format!("store {store}"), source }
+}
+
+fn fail_batch(store: StoreId, batch: Batch, result: &mut CollectResult) {
+    result.failed.extend(batch.into_iter().map(|region| FailedRange {
+        range: region.range,
+        region: Some(region.id),
+        store: Some(store),
+        reason: FailReason::StoreFailed,
+    }));
+}
+
+/// Merges one store's answer to one batch. Answers are matched by region id (TiKV answers
+/// in any order, once per id) to the range the region had when the request was built.
+fn apply_answer(store: StoreId, batch: Batch, answer: &GetLastFlushTSOfRegionResponse, result: &mut CollectResult) {
+    let mut asked: HashMap<RegionId, RegionWithLeader> = batch.into_iter().map(|r| (r.id, r)).collect();
+    for checkpoint in answer.get_checkpoints() {
+        let id = checkpoint.get_region().get_id();
+        let Some(region) = asked.remove(&id) else {
+            warn!("store {store} answered for region {id}, which it was not asked about (or twice); ignored");
+            continue;
+        };
+        let reason = if checkpoint.has_err() {
+            let reason = fail_reason(checkpoint.get_err());
+            debug!("store {store} region {id}: {reason:?}: {}", checkpoint.get_err().get_message());
+            reason
+        } else if checkpoint.get_checkpoint() == 0 {
+            FailReason::NoCheckpoint
+        } else {
+            result.advanced.push((region.range, checkpoint.get_checkpoint()));
+            continue;
+        };
+        result.failed.push(FailedRange { range: region.range, region: Some(id), store: Some(store), reason });
+    }
+    result.failed.extend(asked.into_values().map(|region| FailedRange {
+        range: region.range,
+        region: Some(region.id),
+        store: Some(store),
+        reason: FailReason::NoCheckpoint,
+    }));
+}
+
+fn fail_reason(err: &errorpb::Error) -> FailReason {
+    if err.has_epoch_not_match() {
+        FailReason::EpochNotMatch
+    } else if err.has_not_leader() {
+        FailReason::NotLeader
+    } else {
+        FailReason::RegionError(err.get_message().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::cluster::testing::{regions_from_boundaries, FixedDialer, MemMeta};
+    use crate::proto::logbackuppb::RegionCheckpoint;
+
+    fn region(id: RegionId, start: &str, end: &str, leader: Option<StoreId>) -> RegionWithLeader {
+        RegionWithLeader {
+            id,
+            range: KeyRange::new(start, end),
+            epoch_version: 5,
+            conf_ver: 1,
+            leader_store: leader,
+            peer_stores: vec![1, 2, 3],
+        }
+    }
+
+    fn failed(region: &RegionWithLeader, store: Option<StoreId>, reason: FailReason) -> FailedRange {
+        FailedRange { range: region.range.clone(), region: Some(region.id), store, reason }
+    }
+
+    fn answer(id: RegionId, checkpoint: Ts, err: Option<errorpb::Error>) -> RegionCheckpoint {
+        let mut cp = RegionCheckpoint::default();
+        cp.mut_region().set_id(id);
+        cp.set_checkpoint(checkpoint);
+        if let Some(err) = err {
+            cp.set_err(err);
+        }
+        cp
+    }
+
+    #[test]
+    fn plan_groups_regions_by_leader_in_batches_and_fails_leaderless_ones() {
+        let regions = vec![
+            region(1, "", "b", Some(1)),
+            region(2, "b", "c", Some(2)),
+            region(3, "c", "d", Some(1)),
+            region(4, "d", "e", None),
+            region(5, "e", "", Some(1)),
+        ];
+        let mut failed_ranges = Vec::new();
+        let plans = plan_requests(regions.clone(), 2, &mut failed_ranges);
+        assert_eq!(
+            plans,
+            vec![
+                StorePlan {
+                    store: 1,
+                    batches: vec![vec![regions[0].clone(), regions[2].clone()], vec![regions[4].clone()]]
+                },
+                StorePlan { store: 2, batches: vec![vec![regions[1].clone()]] },
+            ]
+        );
+        assert_eq!(failed_ranges, vec![failed(&regions[3], None, FailReason::NoLeader)]);
+        let req = request_for(&plans[0].batches[0]);
+        let sent: Vec<(u64, u64)> = req.get_regions().iter().map(|r| (r.get_id(), r.get_epoch_version())).collect();
+        assert_eq!(sent, vec![(1, 5), (3, 5)]);
+    }
+
+    #[test]
+    fn answers_are_matched_by_region_id_to_the_range_that_was_asked_about() {
+        let batch: Vec<_> = ["a", "b", "c", "d", "e", "f"]
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| region(i as RegionId + 1, w[0], w[1], Some(7)))
+            .collect();
+        let mut not_leader = errorpb::Error::default();
+        not_leader.set_message("the region 1 isn't in the region_manager of log backup".into());
+        not_leader.mut_not_leader().set_region_id(1);
+        let mut stale = errorpb::Error::default();
+        stale.set_message("the region 2 has recorded version 6, but you sent 5".into());
+        stale.mut_epoch_not_match();
+        let mut busy = errorpb::Error::default();
+        busy.set_message("busy".into());
+        busy.mut_server_is_busy();
+
+        let mut resp = GetLastFlushTSOfRegionResponse::default();
+        // Out of order, with an id never asked about and a duplicate: both ignored.
+        for cp in [
+            answer(3, 30, None),
+            answer(9, 90, None),
+            answer(1, 0, Some(not_leader)),
+            answer(2, 0, Some(stale)),
+            answer(3, 31, None),
+            answer(4, 0, None),
+            answer(5, 0, Some(busy)),
+        ] {
+            resp.mut_checkpoints().push(cp);
+        }
+        let mut result = CollectResult::default();
+        apply_answer(7, batch.clone(), &resp, &mut result);
+        result.failed.sort();
+        assert_eq!(result.advanced, vec![(KeyRange::new("c", "d"), 30)]);
+        assert_eq!(
+            result.failed,
+            vec![
+                failed(&batch[0], Some(7), FailReason::NotLeader),
+                failed(&batch[1], Some(7), FailReason::EpochNotMatch),
+                failed(&batch[3], Some(7), FailReason::NoCheckpoint),
+                failed(&batch[4], Some(7), FailReason::RegionError("busy".into())),
+            ]
+        );
+        assert!(result.store_errors.is_empty());
+    }
+
+    #[test]
+    fn a_region_inside_two_ranges_is_asked_about_once() {
+        let meta = MemMeta::new(regions_from_boundaries(&[b"b", b"d"], &[1]));
+        let ranges = [KeyRange::new("a", "c"), KeyRange::new("c", "e")];
+        let regions = scan_regions(&meta, &ranges, &CollectorConfig::default()).unwrap();
+        let got: Vec<_> = regions.iter().map(|r| (r.id, r.range.clone())).collect();
+        assert_eq!(got, vec![(1, KeyRange::new("", "b")), (2, KeyRange::new("b", "d")), (3, KeyRange::new("d", ""))]);
+    }
+
+    #[test]
+    fn failing_stores_fail_exactly_their_regions_and_a_hung_one_costs_only_the_deadline() {
+        // Accepts TCP connections but never speaks HTTP/2: calls wait for their deadline.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut regions = regions_from_boundaries(&[b"b", b"c", b"d"], &[1, 2]);
+        regions[3].leader_store = None;
+        let meta = MemMeta::new(regions.clone());
+        // Store 1 cannot be dialed.
+        let dialer = FixedDialer::new([(2, silent.local_addr().unwrap().to_string())]);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let config = CollectorConfig { rpc_timeout: Duration::from_millis(500), ..Default::default() };
+
+        let started = Instant::now();
+        let result = collect_checkpoints(&meta, &dialer, &pool, &[KeyRange::full()], &config).unwrap();
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+            "took {took:?}: {:?}",
+            result.store_errors
+        );
+
+        assert!(result.advanced.is_empty());
+        assert_eq!(
+            result.failed,
+            vec![
+                failed(&regions[0], Some(1), FailReason::StoreFailed),
+                failed(&regions[1], Some(2), FailReason::StoreFailed),
+                failed(&regions[2], Some(1), FailReason::StoreFailed),
+                failed(&regions[3], None, FailReason::NoLeader),
+            ]
+        );
+        let errors: Vec<String> = result.store_errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains("store 1") && errors[0].contains("cannot connect"), "{errors:?}");
+        assert!(errors[1].contains("store 2") && errors[1].contains("DEADLINE_EXCEEDED"), "{errors:?}");
+        assert_eq!(*dialer.cleared.lock(), vec![1, 2]);
+    }
+}

@@ -1,0 +1,577 @@
+//! The PD client: leader discovery and failover over several endpoints, and the calls the
+//! advancer makes (wire spec 5): ScanRegions, GetAllStores, GetStore, Tso and
+//! UpdateServiceGCSafePoint. Every call carries the cluster id and a deadline.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_executor::block_on;
+use futures_util::{SinkExt, StreamExt};
+use grpcio::{CallOption, Environment, RpcStatusCode, WriteFlags};
+use log::{info, warn};
+use parking_lot::Mutex;
+
+use super::{ClusterMeta, RegionWithLeader, StoreInfo, GC_SERVICE_ID};
+use crate::codec::{decode_boundary, encode_bytes, encode_end_key};
+use crate::error::{Error, Result, ResultExt};
+use crate::proto::metapb;
+use crate::proto::pdpb;
+use crate::proto::pdpb_grpc::PdClient as PdGrpc;
+use crate::security::{grpc_env, strip_scheme, Security};
+use crate::types::{compose_ts, DisplayKey, KeyRange, StoreId, Ts};
+
+/// How long the advancer's GC safe point lives if it is not renewed (upstream: 24 h).
+const GC_TTL_SECONDS: i64 = 86_400;
+
+#[derive(Clone, Debug)]
+pub struct PdConfig {
+    /// PD client URLs (`host:port`, optionally with `http://`); any member will do.
+    pub endpoints: Vec<String>,
+    /// Deadline of each call.
+    pub timeout: Duration,
+    pub keepalive: Duration,
+}
+
+impl PdConfig {
+    pub fn new(endpoints: Vec<String>) -> Self {
+        PdConfig { endpoints, timeout: Duration::from_secs(3), keepalive: Duration::from_secs(10) }
+    }
+}
+
+/// A synchronous PD client. It follows the PD leader: a call that fails because the member
+/// it reached is gone or no longer leads makes it ask the members who leads now, and retry
+/// once there.
+pub struct PdClient {
+    config: PdConfig,
+    security: Security,
+    env: Arc<Environment>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Learned from the first GetMembers answer; every later answer must agree.
+    cluster_id: u64,
+    leader: Option<Leader>,
+    /// Client URLs of every member seen, tried after the configured endpoints.
+    member_urls: Vec<String>,
+    /// One lazily connecting channel per URL, reused across discoveries.
+    clients: HashMap<String, PdGrpc>,
+}
+
+#[derive(Clone)]
+struct Leader {
+    url: String,
+    client: PdGrpc,
+}
+
+impl PdClient {
+    /// Validates the endpoints and finds the PD leader.
+    pub fn connect(config: PdConfig, security: Security) -> Result<Self> {
+        if config.endpoints.is_empty() {
+            return Err(Error::Config("no PD endpoint given".into()));
+        }
+        for endpoint in &config.endpoints {
+            strip_scheme(endpoint)?;
+        }
+        let client = PdClient { config, security, env: grpc_env(), state: Mutex::default() };
+        client.discover()?;
+        Ok(client)
+    }
+
+    /// The cluster id every request carries.
+    pub fn cluster_id(&self) -> u64 {
+        self.state.lock().cluster_id
+    }
+
+    /// The URL of the member currently taken as leader, if one is known.
+    pub fn leader_url(&self) -> Option<String> {
+        self.state.lock().leader.as_ref().map(|l| l.url.clone())
+    }
+
+    fn client_for(&self, url: &str) -> Result<PdGrpc> {
+        let mut state = self.state.lock();
+        if let Some(client) = state.clients.get(url) {
+            return Ok(client.clone());
+        }
+        // Creating a channel does no I/O: it connects on the first call.
+        let channel = self.security.channel(self.env.clone(), url, self.config.keepalive)?;
+        let client = PdGrpc::new(channel);
+        state.clients.insert(url.to_string(), client.clone());
+        Ok(client)
+    }
+
+    fn call_option(&self) -> CallOption {
+        CallOption::default().timeout(self.config.timeout)
+    }
+
+    /// Asks the configured endpoints, then every member seen so far, who leads.
+    fn discover(&self) -> Result<(Leader, u64)> {
+        let candidates: Vec<String> = {
+            let state = self.state.lock();
+            let mut urls = self.config.endpoints.clone();
+            // Members advertise URLs with a scheme; an endpoint is tried once however spelled.
+            let same = |a: &str, b: &str| strip_scheme(a).ok() == strip_scheme(b).ok();
+            for url in &state.member_urls {
+                if !urls.iter().any(|known| same(known, url)) {
+                    urls.push(url.clone());
+                }
+            }
+            urls
+        };
+        let mut last = String::from("nothing tried");
+        for url in &candidates {
+            match self.members_from(url).and_then(|members| self.adopt_leader(url, &members)) {
+                Ok(found) => return Ok(found),
+                Err(e) => {
+                    warn!("PD endpoint {url} could not name the leader: {e}");
+                    last = e.to_string();
+                }
+            }
+        }
+        Err(Error::Unreachable { service: "PD", endpoints: candidates.join(","), last })
+    }
+
+    fn members_from(&self, url: &str) -> Result<pdpb::GetMembersResponse> {
+        let cluster_id = self.cluster_id();
+        let mut req = pdpb::GetMembersRequest::default();
+        req.set_header(request_header(cluster_id));
+        let resp = self.client_for(url)?.get_members_opt(&req, self.call_option()).map_err(|source| Error::Rpc {
+            call: "GetMembers",
+            target: url.to_string(),
+            source,
+        })?;
+        check_header(url, cluster_id, resp)
+    }
+
+    fn adopt_leader(&self, asked: &str, members: &pdpb::GetMembersResponse) -> Result<(Leader, u64)> {
+        let leader_url = members
+            .get_leader()
+            .get_client_urls()
+            .first()
+            .ok_or_else(|| Error::Pd { endpoint: asked.to_string(), reason: "no PD leader is elected yet".into() })?;
+        let client = self.client_for(leader_url)?;
+        let cluster_id = members.get_header().get_cluster_id();
+        let mut state = self.state.lock();
+        if state.cluster_id != 0 && state.cluster_id != cluster_id {
+            return Err(Error::Pd {
+                endpoint: asked.to_string(),
+                reason: format!(
+                    "belongs to cluster {cluster_id}, but the other endpoints to cluster {}: check the PD addresses",
+                    state.cluster_id
+                ),
+            });
+        }
+        state.cluster_id = cluster_id;
+        state.member_urls = members.get_members().iter().flat_map(|m| m.get_client_urls().iter().cloned()).collect();
+        if state.leader.as_ref().map(|l| l.url.as_str()) != Some(leader_url.as_str()) {
+            info!("PD leader is {leader_url} (cluster {cluster_id}, asked {asked})");
+        }
+        let leader = Leader { url: leader_url.clone(), client };
+        state.leader = Some(leader.clone());
+        Ok((leader, cluster_id))
+    }
+
+    fn leader(&self) -> Result<(Leader, u64)> {
+        {
+            let state = self.state.lock();
+            if let Some(leader) = &state.leader {
+                return Ok((leader.clone(), state.cluster_id));
+            }
+        }
+        self.discover()
+    }
+
+    fn forget_leader(&self, url: &str) {
+        let mut state = self.state.lock();
+        if state.leader.as_ref().is_some_and(|l| l.url == url) {
+            state.leader = None;
+        }
+    }
+
+    /// Runs one call on the leader; when the leader is gone or no longer leads, finds the
+    /// new leader and runs it once more there.
+    fn call<Req: PdRequest, Resp: PdResponse>(
+        &self,
+        name: &'static str,
+        mut req: Req,
+        rpc: impl Fn(&PdGrpc, &Req, CallOption) -> grpcio::Result<Resp>,
+    ) -> Result<Resp> {
+        let mut failed_on_old_leader = None;
+        for _ in 0..2 {
+            let (leader, cluster_id) = self.leader()?;
+            req.put_header(request_header(cluster_id));
+            let outcome = rpc(&leader.client, &req, self.call_option())
+                .map_err(|source| Error::Rpc { call: name, target: leader.url.clone(), source })
+                .and_then(|resp| check_header(&leader.url, cluster_id, resp));
+            match outcome {
+                Err(e) if calls_for_failover(&e) => {
+                    warn!("PD {name} on {} failed, looking for the leader again: {e}", leader.url);
+                    self.forget_leader(&leader.url);
+                    failed_on_old_leader = Some(e);
+                }
+                other => return other,
+            }
+        }
+        Err(failed_on_old_leader.expect("the loop body ran"))
+    }
+
+    fn update_gc_safe_point(&self, ttl: i64, safe_point: Ts) -> Result<pdpb::UpdateServiceGCSafePointResponse> {
+        let mut req = pdpb::UpdateServiceGCSafePointRequest::default();
+        req.set_service_id(GC_SERVICE_ID.as_bytes().to_vec());
+        req.set_TTL(ttl);
+        req.set_safe_point(safe_point);
+        self.call("UpdateServiceGCSafePoint", req, |c, r, o| c.update_service_gc_safe_point_opt(r, o))
+    }
+}
+
+impl ClusterMeta for PdClient {
+    fn region_scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<RegionWithLeader>> {
+        let mut req = pdpb::ScanRegionsRequest::default();
+        // As TiDB's codec PD client: the start is always encoded (even when empty), the end
+        // only when it is not +∞.
+        req.set_start_key(encode_bytes(start));
+        req.set_end_key(encode_end_key(end));
+        req.set_limit(i32::try_from(limit).unwrap_or(i32::MAX));
+        let resp = self.call("ScanRegions", req, |c, r, o| c.scan_regions_opt(r, o))?;
+        regions_from_scan(&resp).map_err(|reason| Error::RegionScan { range: KeyRange::new(start, end), reason })
+    }
+
+    fn stores(&self) -> Result<Vec<StoreInfo>> {
+        let mut req = pdpb::GetAllStoresRequest::default();
+        req.set_exclude_tombstone_stores(true);
+        let resp = self.call("GetAllStores", req, |c, r, o| c.get_all_stores_opt(r, o))?;
+        Ok(resp.get_stores().iter().filter(|s| leads_regions(s)).map(store_info).collect())
+    }
+
+    fn store(&self, id: StoreId) -> Result<StoreInfo> {
+        let mut req = pdpb::GetStoreRequest::default();
+        req.set_store_id(id);
+        let resp = self.call("GetStore", req, |c, r, o| c.get_store_opt(r, o))?;
+        let store = resp.get_store();
+        if store.get_id() != id || !leads_regions(store) {
+            return Err(Error::Store {
+                store_id: id,
+                address: store.get_address().to_string(),
+                reason: format!("PD has no such store that can lead regions (state {:?})", store.get_state()),
+            });
+        }
+        Ok(store_info(store))
+    }
+
+    fn block_gc_until(&self, safe_point: Ts) -> Result<Ts> {
+        let resp = self
+            .update_gc_safe_point(GC_TTL_SECONDS, safe_point)
+            .with_context(|| format!("failed to block GC until {safe_point}"))?;
+        let min = resp.get_min_safe_point();
+        if min > safe_point {
+            return Err(Error::Pd {
+                endpoint: self.leader_url().unwrap_or_default(),
+                reason: format!(
+                    "cannot block GC until {safe_point}: the minimal service safe point {min} is already past it"
+                ),
+            });
+        }
+        Ok(safe_point)
+    }
+
+    fn unblock_gc(&self) -> Result<()> {
+        // TTL 0 removes the service safe point; PD wants the maximal value with it.
+        self.update_gc_safe_point(0, u64::MAX).context("failed to unblock GC")?;
+        Ok(())
+    }
+
+    fn fetch_current_ts(&self) -> Result<Ts> {
+        let mut req = pdpb::TsoRequest::default();
+        req.set_count(1);
+        let resp = self.call("Tso", req, tso_once)?;
+        let ts = resp.get_timestamp();
+        if ts.get_physical() <= 0 || ts.get_logical() < 0 {
+            return Err(Error::Pd {
+                endpoint: self.leader_url().unwrap_or_default(),
+                reason: format!("TSO answered an invalid timestamp {}/{}", ts.get_physical(), ts.get_logical()),
+            });
+        }
+        Ok(compose_ts(ts.get_physical() as u64, ts.get_logical() as u64))
+    }
+}
+
+/// One request on PD's bidirectional TSO stream, which ends with the call.
+fn tso_once(client: &PdGrpc, req: &pdpb::TsoRequest, opt: CallOption) -> grpcio::Result<pdpb::TsoResponse> {
+    let (mut sink, mut responses) = client.tso_opt(opt)?;
+    block_on(async {
+        sink.send((req.clone(), WriteFlags::default())).await?;
+        let resp = responses.next().await.unwrap_or(Err(grpcio::Error::RemoteStopped))?;
+        // The answer is in hand; PD may end the call before our half-close completes, which
+        // gRPC reports as an error that changes nothing.
+        let _ = sink.close().await;
+        Ok(resp)
+    })
+}
+
+fn request_header(cluster_id: u64) -> pdpb::RequestHeader {
+    let mut header = pdpb::RequestHeader::default();
+    header.set_cluster_id(cluster_id);
+    header.set_caller_component("streamhelper".into());
+    header
+}
+
+/// Turns an application error in PD's response header into an error naming the endpoint.
+fn check_header<Resp: PdResponse>(endpoint: &str, cluster_id: u64, resp: Resp) -> Result<Resp> {
+    let header = resp.response_header();
+    let error = header.get_error();
+    if error.get_field_type() != pdpb::ErrorType::OK {
+        return Err(Error::Pd {
+            endpoint: endpoint.to_string(),
+            reason: format!("{:?}: {}", error.get_field_type(), error.get_message()),
+        });
+    }
+    if cluster_id != 0 && header.get_cluster_id() != 0 && header.get_cluster_id() != cluster_id {
+        return Err(Error::Pd {
+            endpoint: endpoint.to_string(),
+            reason: format!("answered for cluster {}, expected cluster {cluster_id}", header.get_cluster_id()),
+        });
+    }
+    Ok(resp)
+}
+
+/// PD members that are down, cut off or no longer leading fail with these; another member
+/// may answer.
+fn calls_for_failover(e: &Error) -> bool {
+    match e.root() {
+        Error::Rpc { source: grpcio::Error::RpcFailure(status), .. } => {
+            matches!(status.code(), RpcStatusCode::UNAVAILABLE | RpcStatusCode::DEADLINE_EXCEEDED)
+        }
+        Error::Rpc { source: grpcio::Error::RemoteStopped | grpcio::Error::RpcFinished(_), .. } => true,
+        Error::Pd { reason, .. } => reason.contains("not leader"),
+        _ => false,
+    }
+}
+
+/// Regions from a ScanRegions answer: the `regions` list when PD fills it, else the legacy
+/// parallel lists. A boundary that does not decode fails the whole page, as in TiDB.
+fn regions_from_scan(resp: &pdpb::ScanRegionsResponse) -> Result<Vec<RegionWithLeader>, String> {
+    if !resp.get_regions().is_empty() {
+        return resp
+            .get_regions()
+            .iter()
+            .map(|r| region_from_pb(r.get_region(), r.get_leader().get_store_id()))
+            .collect();
+    }
+    let leaders = resp.get_leaders();
+    resp.get_region_metas()
+        .iter()
+        .enumerate()
+        .map(|(i, meta)| region_from_pb(meta, leaders.get(i).map_or(0, |p| p.get_store_id())))
+        .collect()
+}
+
+fn region_from_pb(region: &metapb::Region, leader_store: StoreId) -> Result<RegionWithLeader, String> {
+    let decode = |key: &[u8], which: &str| {
+        decode_boundary(key)
+            .map_err(|e| format!("region {} has an undecodable {which} key {}: {e}", region.get_id(), DisplayKey(key)))
+    };
+    Ok(RegionWithLeader {
+        id: region.get_id(),
+        range: KeyRange::new(decode(region.get_start_key(), "start")?, decode(region.get_end_key(), "end")?),
+        epoch_version: region.get_region_epoch().get_version(),
+        conf_ver: region.get_region_epoch().get_conf_ver(),
+        // PD sends an empty peer for a region whose leader it does not know.
+        leader_store: (leader_store != 0).then_some(leader_store),
+        peer_stores: region.get_peers().iter().map(|p| p.get_store_id()).collect(),
+    })
+}
+
+/// TiFlash stores hold columnar replicas and never lead the regions the advancer polls.
+fn leads_regions(store: &metapb::Store) -> bool {
+    store.get_state() != metapb::StoreState::Tombstone
+        && !store
+            .get_labels()
+            .iter()
+            .any(|l| l.get_key() == "engine" && matches!(l.get_value(), "tiflash" | "tiflash_compute"))
+}
+
+fn store_info(store: &metapb::Store) -> StoreInfo {
+    let address = if store.get_peer_address().is_empty() { store.get_address() } else { store.get_peer_address() };
+    StoreInfo { id: store.get_id(), address: address.to_string(), boot_at: store.get_start_timestamp() }
+}
+
+/// Requests that carry PD's request header.
+trait PdRequest {
+    fn put_header(&mut self, header: pdpb::RequestHeader);
+}
+
+/// Responses that carry PD's response header.
+trait PdResponse {
+    fn response_header(&self) -> &pdpb::ResponseHeader;
+}
+
+macro_rules! pd_messages {
+    ($($req:ident => $resp:ident),* $(,)?) => {
+        $(
+            impl PdRequest for pdpb::$req {
+                fn put_header(&mut self, header: pdpb::RequestHeader) {
+                    self.set_header(header);
+                }
+            }
+            impl PdResponse for pdpb::$resp {
+                fn response_header(&self) -> &pdpb::ResponseHeader {
+                    self.get_header()
+                }
+            }
+        )*
+    };
+}
+
+pd_messages! {
+    GetMembersRequest => GetMembersResponse,
+    GetAllStoresRequest => GetAllStoresResponse,
+    GetStoreRequest => GetStoreResponse,
+    ScanRegionsRequest => ScanRegionsResponse,
+    TsoRequest => TsoResponse,
+    UpdateServiceGCSafePointRequest => UpdateServiceGCSafePointResponse,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pb_region(id: u64, start: &[u8], end: &[u8], stores: &[u64]) -> metapb::Region {
+        let mut region = metapb::Region::default();
+        region.set_id(id);
+        region.set_start_key(start.to_vec());
+        region.set_end_key(end.to_vec());
+        region.mut_region_epoch().set_version(7);
+        region.mut_region_epoch().set_conf_ver(3);
+        for &store_id in stores {
+            let mut peer = metapb::Peer::default();
+            peer.set_store_id(store_id);
+            region.mut_peers().push(peer);
+        }
+        region
+    }
+
+    fn leader(store_id: u64) -> metapb::Peer {
+        let mut peer = metapb::Peer::default();
+        peer.set_store_id(store_id);
+        peer
+    }
+
+    #[test]
+    fn scan_answers_decode_to_raw_keys_in_both_shapes() {
+        let first = pb_region(1, b"", &encode_bytes(b"m"), &[1, 2]);
+        let second = pb_region(2, &encode_bytes(b"m"), b"", &[2, 3]);
+
+        let mut modern = pdpb::ScanRegionsResponse::default();
+        for (region, leader_store) in [(&first, 2), (&second, 0)] {
+            let mut r = pdpb::Region::default();
+            r.set_region(region.clone());
+            r.set_leader(leader(leader_store));
+            modern.mut_regions().push(r);
+        }
+        let mut legacy = pdpb::ScanRegionsResponse::default();
+        legacy.mut_region_metas().push(first.clone());
+        legacy.mut_region_metas().push(second.clone());
+        legacy.mut_leaders().push(leader(2));
+
+        for resp in [modern, legacy] {
+            let regions = regions_from_scan(&resp).unwrap();
+            assert_eq!(
+                regions,
+                vec![
+                    RegionWithLeader {
+                        id: 1,
+                        range: KeyRange::new("", "m"),
+                        epoch_version: 7,
+                        conf_ver: 3,
+                        leader_store: Some(2),
+                        peer_stores: vec![1, 2],
+                    },
+                    RegionWithLeader {
+                        id: 2,
+                        range: KeyRange::new("m", ""),
+                        epoch_version: 7,
+                        conf_ver: 3,
+                        leader_store: None,
+                        peer_stores: vec![2, 3],
+                    },
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn an_undecodable_boundary_fails_the_page_and_names_the_region() {
+        let mut resp = pdpb::ScanRegionsResponse::default();
+        resp.mut_region_metas().push(pb_region(9, b"", b"raw-not-encoded", &[1]));
+        let err = regions_from_scan(&resp).unwrap_err();
+        assert!(err.contains("region 9") && err.contains("end key"), "{err}");
+    }
+
+    #[test]
+    fn stores_skip_tombstones_and_tiflash_and_prefer_the_peer_address() {
+        let mut tikv = metapb::Store::default();
+        tikv.set_id(1);
+        tikv.set_address("127.0.0.1:1".into());
+        tikv.set_peer_address("127.0.0.1:2".into());
+        tikv.set_start_timestamp(42);
+        assert!(leads_regions(&tikv));
+        assert_eq!(store_info(&tikv), StoreInfo { id: 1, address: "127.0.0.1:2".into(), boot_at: 42 });
+        tikv.clear_peer_address();
+        assert_eq!(store_info(&tikv).address, "127.0.0.1:1");
+
+        let mut tombstone = tikv.clone();
+        tombstone.set_state(metapb::StoreState::Tombstone);
+        assert!(!leads_regions(&tombstone));
+        for engine in ["tiflash", "tiflash_compute"] {
+            let mut tiflash = tikv.clone();
+            let mut label = metapb::StoreLabel::default();
+            label.set_key("engine".into());
+            label.set_value(engine.into());
+            tiflash.mut_labels().push(label);
+            assert!(!leads_regions(&tiflash), "{engine}");
+        }
+    }
+
+    #[test]
+    fn header_errors_and_foreign_clusters_are_rejected() {
+        let mut resp = pdpb::GetAllStoresResponse::default();
+        resp.mut_header().set_cluster_id(5);
+        assert!(check_header("pd-a:2379", 5, resp.clone()).is_ok());
+        assert!(check_header("pd-a:2379", 0, resp.clone()).is_ok(), "cluster id not learned yet");
+        let err = check_header("pd-a:2379", 6, resp.clone()).err().unwrap().to_string();
+        assert!(err.contains("pd-a:2379") && err.contains("cluster 5"), "{err}");
+
+        resp.mut_header().mut_error().set_field_type(pdpb::ErrorType::NOT_BOOTSTRAPPED);
+        resp.mut_header().mut_error().set_message("cluster is not bootstrapped".into());
+        let err = check_header("pd-a:2379", 5, resp).err().unwrap();
+        assert!(err.to_string().contains("NOT_BOOTSTRAPPED"), "{err}");
+        assert!(!calls_for_failover(&err));
+    }
+
+    #[test]
+    fn unavailable_members_and_followers_call_for_failover() {
+        let rpc = |code| Error::Rpc {
+            call: "ScanRegions",
+            target: "pd".into(),
+            source: grpcio::Error::RpcFailure(grpcio::RpcStatus::new(code)),
+        };
+        assert!(calls_for_failover(&rpc(RpcStatusCode::UNAVAILABLE)));
+        assert!(calls_for_failover(&rpc(RpcStatusCode::DEADLINE_EXCEEDED).context("scanning")));
+        assert!(!calls_for_failover(&rpc(RpcStatusCode::INVALID_ARGUMENT)));
+        assert!(calls_for_failover(&Error::Pd { endpoint: "pd".into(), reason: "UNKNOWN: not leader".into() }));
+    }
+
+    #[test]
+    fn connecting_to_dead_endpoints_names_them_all() {
+        let dead = ["127.0.0.1:1".to_string(), "http://127.0.0.1:2".to_string()];
+        let mut config = PdConfig::new(dead.to_vec());
+        config.timeout = Duration::from_secs(2);
+        let err = PdClient::connect(config, Security::insecure()).err().unwrap().to_string();
+        assert!(err.contains("127.0.0.1:1") && err.contains("http://127.0.0.1:2"), "{err}");
+
+        let err = PdClient::connect(PdConfig::new(vec!["no-port".into()]), Security::insecure()).err().unwrap();
+        assert!(err.to_string().contains("no-port"), "{err}");
+    }
+}

@@ -1,0 +1,563 @@
+//! The push side of checkpoint collection (upstream's `FlushSubscriber`, spec 5): one
+//! SubscribeFlushEvent stream per store, each read by its own thread, all feeding one bounded
+//! channel of flush events.
+//!
+//! The stream is lossy upstream (TiKV drops batches when its queue is full), so events are
+//! only ever hints: each says what one store flushed for one region, nothing more, and the
+//! advancer keeps polling whatever events leave behind. Failed streams are reported through
+//! [`FlushSubscriber::pending_errors`] and reopened by [`FlushSubscriber::handle_errors`]
+//! with backoff; a store without the service (`UNIMPLEMENTED`) stays reported until it
+//! restarts.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::{self, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender};
+use futures_util::Stream;
+use grpcio::{CallOption, ClientSStreamReceiver, RpcStatusCode};
+use log::{info, warn};
+use parking_lot::Mutex;
+
+use super::{ClusterMeta, LogBackupService, StoreInfo};
+use crate::codec::decode_boundary;
+use crate::error::{Error, Result, ResultExt};
+use crate::proto::logbackuppb::{self, SubscribeFlushEventRequest, SubscribeFlushEventResponse};
+use crate::stop::{stop_pair, StopHandle, StopToken};
+use crate::types::{DisplayKey, KeyRange, StoreId, Ts};
+
+#[derive(Clone, Debug)]
+pub struct SubscriberConfig {
+    /// Bound of the event channel; stream threads wait when it is full.
+    pub channel_capacity: usize,
+    /// A stream with no message for this long is reopened: TiKV sends every flush, at least
+    /// every few minutes, so silence means a stream that is stuck.
+    pub idle_timeout: Duration,
+    /// Wait before reopening a stream that failed again without delivering anything;
+    /// doubles per such failure up to `max_retry_backoff`.
+    pub retry_backoff: Duration,
+    pub max_retry_backoff: Duration,
+}
+
+impl Default for SubscriberConfig {
+    fn default() -> Self {
+        SubscriberConfig {
+            channel_capacity: 1024,
+            idle_timeout: Duration::from_secs(600),
+            retry_backoff: Duration::from_secs(1),
+            max_retry_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One region's flushed checkpoint as one store reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlushEvent {
+    /// The region's range, decoded to raw keys.
+    pub range: KeyRange,
+    pub ts: Ts,
+    pub store: StoreId,
+}
+
+pub struct FlushSubscriber {
+    meta: Arc<dyn ClusterMeta>,
+    service: Arc<dyn LogBackupService>,
+    config: SubscriberConfig,
+    subscriptions: BTreeMap<StoreId, Subscription>,
+    events_tx: Sender<FlushEvent>,
+    events_rx: Receiver<FlushEvent>,
+}
+
+impl FlushSubscriber {
+    /// Subscribes to nothing until [`FlushSubscriber::update_store_topology`].
+    pub fn new(meta: Arc<dyn ClusterMeta>, service: Arc<dyn LogBackupService>, config: SubscriberConfig) -> Self {
+        let (events_tx, events_rx) = bounded(config.channel_capacity);
+        FlushSubscriber { meta, service, config, subscriptions: BTreeMap::new(), events_tx, events_rx }
+    }
+
+    /// The flush events of every store, in arrival order per store.
+    pub fn events(&self) -> &Receiver<FlushEvent> {
+        &self.events_rx
+    }
+
+    /// Subscribes to new stores, re-subscribes to restarted or moved ones, and drops the
+    /// subscriptions of stores that are gone.
+    pub fn update_store_topology(&mut self) -> Result<()> {
+        let stores = self.meta.stores().context("failed to get store list")?;
+        let change = diff_topology(self.subscriptions.values().map(|s| &s.store), &stores);
+        for id in change.removed {
+            if let Some(subscription) = self.subscriptions.remove(&id) {
+                info!("Removing subscription. store={id}");
+                subscription.close();
+            }
+        }
+        for store in change.restarted {
+            // The old connection may point at the old address or process.
+            self.service.clear_cache(store.id);
+            let subscription = self.subscriptions.get_mut(&store.id).expect("restarted stores are known");
+            subscription.store = store;
+            subscription.fruitless = 0;
+            subscription.connect(&self.service, &self.events_tx, &self.config);
+        }
+        for store in change.added {
+            let mut subscription = Subscription::new(store);
+            subscription.connect(&self.service, &self.events_tx, &self.config);
+            self.subscriptions.insert(subscription.store.id, subscription);
+        }
+        Ok(())
+    }
+
+    /// Reopens failed streams whose backoff has passed. Stores without the service stay
+    /// failed until they restart.
+    pub fn handle_errors(&mut self) {
+        let now = Instant::now();
+        for subscription in self.subscriptions.values_mut() {
+            if subscription.retry_due(now, &self.config) {
+                subscription.connect(&self.service, &self.events_tx, &self.config);
+            }
+        }
+    }
+
+    /// The stores whose stream is down, each with an error saying why.
+    pub fn store_errors(&self) -> Vec<(StoreId, Error)> {
+        self.subscriptions
+            .values()
+            .filter_map(|s| {
+                let status = s.status.lock();
+                let failure = status.failure.as_ref()?;
+                let error = Error::Store {
+                    store_id: s.store.id,
+                    address: s.store.address.clone(),
+                    reason: failure.message.clone(),
+                };
+                Some((s.store.id, error))
+            })
+            .collect()
+    }
+
+    /// `None` when every stream is up; else the failures, so that the advancer polls more.
+    pub fn pending_errors(&self) -> Option<Error> {
+        let mut errors = self.store_errors();
+        if errors.len() <= 1 {
+            return errors.pop().map(|(_, e)| e);
+        }
+        let stores: Vec<String> = errors.iter().map(|(id, _)| id.to_string()).collect();
+        let context =
+            format!("subscriptions of {} stores failed (stores {}); the first", errors.len(), stores.join(", "));
+        Some(errors.swap_remove(0).1.context(context))
+    }
+
+    /// Closes every subscription; the next topology update opens them again.
+    pub fn clear(&mut self) {
+        info!("Clearing {} flush subscriptions.", self.subscriptions.len());
+        let mut subscriptions = std::mem::take(&mut self.subscriptions);
+        // Signal every thread before joining any, so they wind down together.
+        for subscription in subscriptions.values_mut() {
+            if let Some(stream) = &mut subscription.stream {
+                stream.signal_stop();
+            }
+        }
+        for subscription in subscriptions.into_values() {
+            subscription.close();
+        }
+    }
+}
+
+impl Drop for FlushSubscriber {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+struct Subscription {
+    store: StoreInfo,
+    stream: Option<StreamThread>,
+    /// Shared with the current stream thread; a fresh one per stream.
+    status: Arc<Mutex<StreamStatus>>,
+    /// Consecutive streams that failed before delivering anything: drives the backoff.
+    fruitless: u32,
+}
+
+#[derive(Default)]
+struct StreamStatus {
+    messages: u64,
+    failure: Option<Failure>,
+}
+
+struct Failure {
+    message: String,
+    retryable: bool,
+    at: Instant,
+}
+
+struct StreamThread {
+    stop: Option<StopHandle>,
+    handle: JoinHandle<()>,
+}
+
+impl StreamThread {
+    fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.stop();
+        }
+        // The thread may be parked waiting for the stream.
+        self.handle.thread().unpark();
+    }
+}
+
+impl Subscription {
+    fn new(store: StoreInfo) -> Self {
+        Subscription { store, stream: None, status: Arc::default(), fruitless: 0 }
+    }
+
+    /// Opens a new stream in a new thread, after closing the current one.
+    fn connect(&mut self, service: &Arc<dyn LogBackupService>, events: &Sender<FlushEvent>, config: &SubscriberConfig) {
+        self.stop_stream();
+        info!(
+            "Adding subscription. store={} address={} boot={}",
+            self.store.id, self.store.address, self.store.boot_at
+        );
+        self.status = Arc::default();
+        let (stop_handle, stop) = stop_pair();
+        let listener = Listener {
+            store: self.store.clone(),
+            service: service.clone(),
+            events: events.clone(),
+            stop,
+            status: self.status.clone(),
+            idle_timeout: config.idle_timeout,
+        };
+        match thread::Builder::new().name(format!("sh-sub-{}", self.store.id)).spawn(move || listener.run()) {
+            Ok(handle) => self.stream = Some(StreamThread { stop: Some(stop_handle), handle }),
+            Err(e) => {
+                self.status.lock().failure = Some(Failure {
+                    message: format!("cannot start a thread: {e}"),
+                    retryable: true,
+                    at: Instant::now(),
+                })
+            }
+        }
+    }
+
+    fn stop_stream(&mut self) {
+        if let Some(mut stream) = self.stream.take() {
+            stream.signal_stop();
+            // Panics are caught and recorded inside the thread.
+            let _ = stream.handle.join();
+        }
+    }
+
+    fn close(mut self) {
+        self.stop_stream();
+    }
+
+    /// Whether the failed stream should be reopened now.
+    fn retry_due(&mut self, now: Instant, config: &SubscriberConfig) -> bool {
+        let status = self.status.lock();
+        let Some(failure) = status.failure.as_ref().filter(|f| f.retryable) else {
+            return false;
+        };
+        let streak = if status.messages > 0 { 0 } else { self.fruitless };
+        let delay = backoff(streak, config);
+        if now < failure.at + delay {
+            return false;
+        }
+        warn!("Meet error, re-subscribing. store={} after={delay:?} error: {}", self.store.id, failure.message);
+        drop(status);
+        self.fruitless = streak + 1;
+        true
+    }
+}
+
+/// No wait after a stream that delivered something; then doubling from `retry_backoff`.
+fn backoff(fruitless_streak: u32, config: &SubscriberConfig) -> Duration {
+    match fruitless_streak {
+        0 => Duration::ZERO,
+        n => config.retry_backoff.saturating_mul(1 << (n - 1).min(16)).min(config.max_retry_backoff),
+    }
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct TopologyChange {
+    added: Vec<StoreInfo>,
+    /// Known stores with a new start time or address.
+    restarted: Vec<StoreInfo>,
+    removed: Vec<StoreId>,
+}
+
+fn diff_topology<'a>(known: impl IntoIterator<Item = &'a StoreInfo>, listed: &[StoreInfo]) -> TopologyChange {
+    let known: HashMap<StoreId, &StoreInfo> = known.into_iter().map(|s| (s.id, s)).collect();
+    let mut change = TopologyChange::default();
+    for store in listed {
+        match known.get(&store.id) {
+            None => change.added.push(store.clone()),
+            Some(old) if old.boot_at != store.boot_at || old.address != store.address => {
+                change.restarted.push(store.clone())
+            }
+            Some(_) => {}
+        }
+    }
+    let listed: HashSet<StoreId> = listed.iter().map(|s| s.id).collect();
+    change.removed = known.keys().filter(|id| !listed.contains(id)).copied().collect();
+    change.removed.sort_unstable();
+    change
+}
+
+/// The state of one stream thread.
+struct Listener {
+    store: StoreInfo,
+    service: Arc<dyn LogBackupService>,
+    events: Sender<FlushEvent>,
+    stop: StopToken,
+    status: Arc<Mutex<StreamStatus>>,
+    idle_timeout: Duration,
+}
+
+impl Listener {
+    fn run(self) {
+        info!("Listen starting. store={}", self.store.id);
+        let failure = match panic::catch_unwind(AssertUnwindSafe(|| self.listen())) {
+            Ok(Ok(())) => {
+                info!("Listen stopped on request. store={}", self.store.id);
+                return;
+            }
+            Ok(Err(e)) => e,
+            Err(panic) => self.store_error(format!("subscription thread panicked: {}", panic_message(&*panic))),
+        };
+        let retryable = failure.rpc_status() != Some(RpcStatusCode::UNIMPLEMENTED);
+        if retryable {
+            warn!("Listen stopped. store={} error: {failure}", self.store.id);
+            // The store may have moved or restarted: dial it afresh next time.
+            self.service.clear_cache(self.store.id);
+        } else {
+            warn!(
+                "store {} has no log-backup flush subscription (log backup disabled or an old TiKV); its regions are polled instead: {failure}",
+                self.store.id
+            );
+        }
+        self.status.lock().failure = Some(Failure { message: failure.to_string(), retryable, at: Instant::now() });
+    }
+
+    /// Returns `Ok` only when asked to stop.
+    fn listen(&self) -> Result<()> {
+        let client = self.service.client(self.store.id).context("failed to get log backup client")?;
+        let mut req = SubscribeFlushEventRequest::default();
+        req.set_client_id(client_id(self.store.id));
+        let mut stream =
+            client.subscribe_flush_event_opt(&req, CallOption::default()).map_err(|source| self.rpc_error(source))?;
+        let outcome = self.receive(&mut stream);
+        // Ends the call on the server too, whatever ended the loop.
+        stream.cancel();
+        outcome
+    }
+
+    fn receive(&self, stream: &mut ClientSStreamReceiver<SubscribeFlushEventResponse>) -> Result<()> {
+        loop {
+            let message = match next_before(stream, &self.stop, Instant::now() + self.idle_timeout) {
+                Next::Stopped => return Ok(()),
+                Next::Idle => return Err(self.store_error(format!("no flush event for {:?}", self.idle_timeout))),
+                Next::Item(None) => return Err(self.store_error("the store ended the subscription stream".into())),
+                Next::Item(Some(Err(e))) => return Err(self.rpc_error(e)),
+                Next::Item(Some(Ok(message))) => message,
+            };
+            self.status.lock().messages += 1;
+            for event in message.get_events().iter().filter_map(|e| decode_event(self.store.id, e)) {
+                select! {
+                    send(self.events, event) -> sent => if sent.is_err() { return Ok(()) },
+                    recv(self.stop.receiver()) -> _ => return Ok(()),
+                }
+            }
+        }
+    }
+
+    fn store_error(&self, reason: String) -> Error {
+        Error::Store { store_id: self.store.id, address: self.store.address.clone(), reason }
+    }
+
+    fn rpc_error(&self, source: grpcio::Error) -> Error {
+        Error::Rpc {
+            call: "SubscribeFlushEvent",
+            target: format!("store {} ({})", self.store.id, self.store.address),
+            source,
+        }
+    }
+}
+
+/// TiKV only logs the client id; it tells our streams apart in its log.
+fn client_id(store: StoreId) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("streamhelper-{}-store{store}-{nanos:x}", std::process::id())
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Decodes an event's memcomparable keys; an event whose keys do not decode is skipped.
+fn decode_event(store: StoreId, event: &logbackuppb::FlushEvent) -> Option<FlushEvent> {
+    let decode = |key: &[u8], which: &str| match decode_boundary(key) {
+        Ok(raw) => Some(raw),
+        Err(e) => {
+            warn!("store {store}: flush event {which} key {} is not encoded ({e}), skipping", DisplayKey(key));
+            None
+        }
+    };
+    let start = decode(event.get_start_key(), "start")?;
+    let end = decode(event.get_end_key(), "end")?;
+    Some(FlushEvent { range: KeyRange { start, end }, ts: event.get_checkpoint(), store })
+}
+
+enum Next<T> {
+    Item(Option<T>),
+    Stopped,
+    Idle,
+}
+
+/// Wakes the stream thread when gRPC has something for it.
+struct Unparker(Thread);
+
+impl Wake for Unparker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// The next stream item, unless a stop is asked for (the stopper unparks this thread) or
+/// `deadline` passes first.
+fn next_before<S: Stream + Unpin>(stream: &mut S, stop: &StopToken, deadline: Instant) -> Next<S::Item> {
+    let waker = Waker::from(Arc::new(Unparker(thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(item) = Pin::new(&mut *stream).poll_next(&mut cx) {
+            return Next::Item(item);
+        }
+        if stop.is_stopped() {
+            return Next::Stopped;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Next::Idle;
+        }
+        // Spurious wake-ups are fine: the loop polls again.
+        thread::park_timeout(left);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::stream;
+
+    use super::*;
+    use crate::cluster::testing::{wait_for, FixedDialer, MemMeta};
+    use crate::codec::encode_bytes;
+
+    fn store(id: StoreId, boot_at: i64) -> StoreInfo {
+        StoreInfo { id, address: format!("127.0.0.1:{}", 20160 + id), boot_at }
+    }
+
+    #[test]
+    fn topology_changes_are_new_restarted_moved_and_removed_stores() {
+        let known = [store(1, 10), store(2, 10), store(3, 10), store(4, 10)];
+        let mut moved = store(3, 10);
+        moved.address = "127.0.0.1:30000".into();
+        let listed = [store(1, 10), store(2, 11), moved.clone(), store(5, 10)];
+        assert_eq!(
+            diff_topology(&known, &listed),
+            TopologyChange { added: vec![store(5, 10)], restarted: vec![store(2, 11), moved], removed: vec![4] }
+        );
+        assert_eq!(diff_topology(&known, &known), TopologyChange::default());
+    }
+
+    #[test]
+    fn events_decode_to_raw_ranges_and_undecodable_ones_are_skipped() {
+        let mut event = logbackuppb::FlushEvent::default();
+        event.set_start_key(encode_bytes(b"t1_r"));
+        event.set_end_key(Vec::new());
+        event.set_checkpoint(99);
+        assert_eq!(decode_event(3, &event), Some(FlushEvent { range: KeyRange::new("t1_r", ""), ts: 99, store: 3 }));
+        event.set_end_key(b"raw".to_vec());
+        assert_eq!(decode_event(3, &event), None);
+        event.set_end_key(Vec::new());
+        event.set_start_key(b"raw-start".to_vec());
+        assert_eq!(decode_event(3, &event), None);
+    }
+
+    #[test]
+    fn backoff_is_immediate_after_a_useful_stream_then_doubles_to_the_cap() {
+        let config = SubscriberConfig {
+            retry_backoff: Duration::from_secs(1),
+            max_retry_backoff: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let delays: Vec<u64> = (0..6).map(|n| backoff(n, &config).as_secs()).collect();
+        assert_eq!(delays, vec![0, 1, 2, 4, 5, 5]);
+        assert_eq!(backoff(u32::MAX, &config), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn waiting_for_the_stream_ends_on_an_item_a_stop_or_the_idle_deadline() {
+        let never_stopped = StopToken::never();
+        let far = Instant::now() + Duration::from_secs(60);
+        let mut items = stream::iter([7]);
+        assert!(matches!(next_before(&mut items, &never_stopped, far), Next::Item(Some(7))));
+        assert!(matches!(next_before(&mut items, &never_stopped, far), Next::Item(None)));
+
+        let started = Instant::now();
+        let soon = started + Duration::from_millis(100);
+        assert!(matches!(next_before(&mut stream::pending::<u8>(), &never_stopped, soon), Next::Idle));
+        assert!(started.elapsed() >= Duration::from_millis(100));
+
+        let (stop_handle, stop) = stop_pair();
+        let waiter =
+            thread::spawn(move || matches!(next_before(&mut stream::pending::<u8>(), &stop, far), Next::Stopped));
+        stop_handle.stop();
+        waiter.thread().unpark();
+        assert!(waiter.join().unwrap(), "a stop wakes the parked waiter long before the deadline");
+    }
+
+    #[test]
+    fn stores_that_cannot_be_dialed_are_reported_retried_with_backoff_and_forgotten_when_removed() {
+        let meta = Arc::new(MemMeta::with_stores(vec![store(1, 10), store(2, 10)]));
+        let dialer = Arc::new(FixedDialer::default());
+        let config = SubscriberConfig { retry_backoff: Duration::from_secs(60), ..Default::default() };
+        let mut subscriber = FlushSubscriber::new(meta.clone(), dialer.clone(), config);
+        let events = subscriber.events().clone();
+        assert!(subscriber.pending_errors().is_none(), "nothing subscribed, nothing failing");
+
+        subscriber.update_store_topology().unwrap();
+        wait_for("both stores to fail", Duration::from_secs(10), || subscriber.store_errors().len() == 2);
+        let err = subscriber.pending_errors().unwrap().to_string();
+        assert!(err.contains("stores 1, 2") && err.contains("failed to get log backup client"), "{err}");
+        assert_eq!((dialer.dials_of(1), dialer.dials_of(2)), (1, 1));
+
+        // The first failure is retried at once; the next one waits out the backoff.
+        subscriber.handle_errors();
+        wait_for("the retries to fail", Duration::from_secs(10), || {
+            dialer.dials_of(1) == 2 && dialer.dials_of(2) == 2 && subscriber.store_errors().len() == 2
+        });
+        subscriber.handle_errors();
+        assert_eq!((dialer.dials_of(1), dialer.dials_of(2)), (2, 2), "still backing off");
+
+        meta.stores.lock().retain(|s| s.id == 1);
+        subscriber.update_store_topology().unwrap();
+        let failing: Vec<StoreId> = subscriber.store_errors().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(failing, vec![1], "a removed store's subscription and error are gone");
+
+        // A restart resets the backoff and redials at once, through a fresh connection.
+        meta.stores.lock()[0].boot_at = 11;
+        subscriber.update_store_topology().unwrap();
+        assert!(dialer.cleared.lock().contains(&1));
+        wait_for("the restarted store to be dialed", Duration::from_secs(10), || dialer.dials_of(1) == 3);
+
+        drop(subscriber);
+        assert!(events.recv().is_err(), "dropping the subscriber ends every stream thread and closes the channel");
+    }
+}

@@ -1,0 +1,152 @@
+//! Connections to TiKV's log-backup service, one per store, dialed with a deadline and
+//! cached until an error shows the store may have gone or moved.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_executor::block_on;
+use grpcio::{Channel, ConnectivityState, Environment};
+use log::info;
+use parking_lot::Mutex;
+
+use super::{ClusterMeta, LogBackupService, StoreInfo};
+use crate::error::{Error, Result};
+use crate::proto::logbackuppb_grpc::LogBackupClient;
+use crate::security::{grpc_env, Security};
+use crate::types::StoreId;
+
+#[derive(Clone, Debug)]
+pub struct TikvConfig {
+    /// How long dialing a store may take; well under the tick interval, so that a store
+    /// that is down costs one tick at most this much.
+    pub dial_timeout: Duration,
+    pub keepalive: Duration,
+}
+
+impl Default for TikvConfig {
+    fn default() -> Self {
+        TikvConfig { dial_timeout: Duration::from_secs(8), keepalive: Duration::from_secs(10) }
+    }
+}
+
+/// The log-backup clients of every store, resolved through PD (or any [`ClusterMeta`]).
+pub struct TikvClients {
+    meta: Arc<dyn ClusterMeta>,
+    security: Security,
+    config: TikvConfig,
+    env: Arc<Environment>,
+    cache: Mutex<HashMap<StoreId, Cached>>,
+}
+
+struct Cached {
+    /// The address the connection was dialed at: a store that comes back elsewhere gets a
+    /// new connection once its cache entry is cleared.
+    address: String,
+    client: LogBackupClient,
+}
+
+impl TikvClients {
+    pub fn new(meta: Arc<dyn ClusterMeta>, security: Security, config: TikvConfig) -> Self {
+        TikvClients { meta, security, config, env: grpc_env(), cache: Mutex::default() }
+    }
+
+    /// The address of the cached connection to `store`, if there is one.
+    pub fn cached_address(&self, store: StoreId) -> Option<String> {
+        self.cache.lock().get(&store).map(|c| c.address.clone())
+    }
+
+    fn dial(&self, store: &StoreInfo) -> Result<LogBackupClient> {
+        let channel = self.security.channel(self.env.clone(), &store.address, self.config.keepalive)?;
+        wait_connected(&channel, self.config.dial_timeout).map_err(|reason| Error::Store {
+            store_id: store.id,
+            address: store.address.clone(),
+            reason: format!("cannot connect: {reason}"),
+        })?;
+        info!("connected to the log-backup service of store {} at {}", store.id, store.address);
+        Ok(LogBackupClient::new(channel))
+    }
+}
+
+impl LogBackupService for TikvClients {
+    fn client(&self, store: StoreId) -> Result<LogBackupClient> {
+        if let Some(cached) = self.cache.lock().get(&store) {
+            return Ok(cached.client.clone());
+        }
+        // Resolve and dial without holding the lock: other stores must not wait on this one.
+        let info = self.meta.store(store)?;
+        let client = self.dial(&info)?;
+        self.cache.lock().insert(store, Cached { address: info.address, client: client.clone() });
+        Ok(client)
+    }
+
+    fn clear_cache(&self, store: StoreId) {
+        if let Some(dropped) = self.cache.lock().remove(&store) {
+            info!("dropped the connection to store {store} at {}", dropped.address);
+        }
+    }
+}
+
+/// Waits until the channel is connected. A refused connection fails at once rather than at
+/// the deadline: gRPC would only keep retrying it in the background.
+fn wait_connected(channel: &Channel, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let mut state = channel.check_connectivity_state(true);
+    loop {
+        match state {
+            ConnectivityState::GRPC_CHANNEL_READY => return Ok(()),
+            ConnectivityState::GRPC_CHANNEL_TRANSIENT_FAILURE => return Err("connection failed".into()),
+            ConnectivityState::GRPC_CHANNEL_SHUTDOWN => return Err("channel shut down".into()),
+            _ => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !block_on(channel.wait_for_state_change(state, left)) {
+            return Err(format!("not connected within {timeout:?}"));
+        }
+        state = channel.check_connectivity_state(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::cluster::testing::MemMeta;
+
+    fn meta_with_store(id: StoreId, address: &str) -> Arc<MemMeta> {
+        Arc::new(MemMeta::with_stores(vec![StoreInfo { id, address: address.into(), boot_at: 1 }]))
+    }
+
+    fn free_port_address() -> String {
+        // Bound then released: nothing listens there afterwards.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_store_that_is_down_fails_fast_and_is_named() {
+        let address = free_port_address();
+        let clients = TikvClients::new(meta_with_store(4, &address), Security::insecure(), TikvConfig::default());
+        let started = Instant::now();
+        let err = clients.client(4).err().unwrap().to_string();
+        assert!(started.elapsed() < Duration::from_secs(4), "refused connections do not wait for the 8 s deadline");
+        assert!(err.contains("store 4") && err.contains(&address), "{err}");
+        assert_eq!(clients.cached_address(4), None, "failures are not cached");
+
+        let err = clients.client(5).err().unwrap().to_string();
+        assert!(err.contains("store 5") && err.contains("not in PD's store list"), "{err}");
+    }
+
+    #[test]
+    fn a_store_that_never_completes_the_handshake_hits_the_dial_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let config = TikvConfig { dial_timeout: Duration::from_millis(300), ..Default::default() };
+        let clients = TikvClients::new(meta_with_store(1, &address), Security::insecure(), config);
+        // A TCP listener that never speaks HTTP/2 never becomes a ready channel.
+        let err = clients.client(1).err().unwrap().to_string();
+        assert!(err.contains("not connected within 300ms"), "{err}");
+        assert_eq!(clients.cached_address(1), None);
+    }
+}

@@ -1,0 +1,524 @@
+//! The cluster side against the simulated cluster (real gRPC on 127.0.0.1): the PD client,
+//! region iteration, the collector and the flush subscriber, healthy and under every fault
+//! the advancer must survive. Each test asserts the exact spans that come out.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use streamhelper::cluster::{
+    collect_checkpoints, ClusterMeta, CollectResult, CollectorConfig, FailReason, FailedRange, FlushEvent,
+    FlushSubscriber, LogBackupService, PdClient, PdConfig, RegionIter, RegionWithLeader, ScanRetry, StoreInfo,
+    SubscriberConfig, TikvClients, TikvConfig, GC_SERVICE_ID,
+};
+use streamhelper::security::Security;
+use streamhelper::sim::{SimCluster, SimConfig, SimRegion};
+use streamhelper::{KeyRange, RegionId, Result, StoreId, Ts};
+use support::wait_until;
+
+fn sim(stores: usize, regions: usize) -> SimCluster {
+    SimCluster::start(SimConfig { stores, regions, seed: 7, ..Default::default() }).unwrap()
+}
+
+fn pd_config(endpoints: Vec<String>) -> PdConfig {
+    PdConfig { timeout: Duration::from_secs(2), ..PdConfig::new(endpoints) }
+}
+
+fn connect(sim: &SimCluster) -> Arc<PdClient> {
+    Arc::new(PdClient::connect(pd_config(vec![sim.pd_endpoint()]), Security::insecure()).unwrap())
+}
+
+fn collector_config() -> CollectorConfig {
+    CollectorConfig {
+        rpc_timeout: Duration::from_secs(1),
+        scan_retry: ScanRetry { attempts: 3, backoff: Duration::from_millis(50) },
+        ..Default::default()
+    }
+}
+
+fn collect_all(meta: &dyn ClusterMeta, service: &dyn LogBackupService) -> CollectResult {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    collect_checkpoints(meta, service, &pool, &[KeyRange::full()], &collector_config()).unwrap()
+}
+
+/// A simulated cluster with the advancer's PD client and TiKV clients connected to it.
+struct Cluster {
+    sim: SimCluster,
+    pd: Arc<PdClient>,
+    clients: Arc<TikvClients>,
+}
+
+impl Cluster {
+    fn start(stores: usize, regions: usize) -> Cluster {
+        let sim = sim(stores, regions);
+        let pd = connect(&sim);
+        let config = TikvConfig { dial_timeout: Duration::from_secs(2), ..Default::default() };
+        let clients = Arc::new(TikvClients::new(pd.clone(), Security::insecure(), config));
+        Cluster { sim, pd, clients }
+    }
+
+    /// Polls every region of the key space.
+    fn collect(&self) -> CollectResult {
+        collect_all(self.pd.as_ref(), self.clients.as_ref())
+    }
+
+    fn subscriber(&self, config: SubscriberConfig) -> FlushSubscriber {
+        let mut subscriber = FlushSubscriber::new(self.pd.clone(), self.clients.clone(), config);
+        subscriber.update_store_topology().unwrap();
+        subscriber
+    }
+
+    fn led_by(&self, stores: &[StoreId]) -> Vec<SimRegion> {
+        self.sim.regions().into_iter().filter(|r| r.leader.is_some_and(|l| stores.contains(&l))).collect()
+    }
+
+    /// What the collector must report for regions whose leader answers from its last flush.
+    fn at_last_flush(&self, regions: &[SimRegion]) -> Vec<(KeyRange, Ts)> {
+        let mut expected: Vec<_> = regions
+            .iter()
+            .map(|r| (r.range.clone(), self.sim.last_flush_ts(r.leader.unwrap()).expect("the leader flushed")))
+            .collect();
+        expected.sort();
+        expected
+    }
+
+    /// The flush events the stores' last flushes stand for: their leader regions at their ts.
+    fn flushed_events(&self, stores: &[StoreId]) -> BTreeMap<KeyRange, (Ts, StoreId)> {
+        self.led_by(stores)
+            .into_iter()
+            .map(|r| {
+                let leader = r.leader.unwrap();
+                (r.range, (self.sim.last_flush_ts(leader).unwrap(), leader))
+            })
+            .collect()
+    }
+
+    /// Every advanced span is backed by the truth: nothing claims more than was flushed.
+    fn assert_never_ahead_of_truth(&self, result: &CollectResult) {
+        for (range, ts) in &result.advanced {
+            let truth = self.sim.true_checkpoint(range);
+            assert!(*ts <= truth, "{range} reported at {ts}, truly flushed only to {truth}");
+        }
+    }
+}
+
+fn failed(regions: &[SimRegion], reason: FailReason) -> Vec<FailedRange> {
+    let mut failed: Vec<_> = regions
+        .iter()
+        .map(|r| FailedRange { range: r.range.clone(), region: Some(r.id), store: r.leader, reason: reason.clone() })
+        .collect();
+    failed.sort();
+    failed
+}
+
+fn as_region(r: &SimRegion) -> RegionWithLeader {
+    RegionWithLeader {
+        id: r.id,
+        range: r.range.clone(),
+        epoch_version: r.epoch_version,
+        conf_ver: r.conf_ver,
+        leader_store: r.leader,
+        peer_stores: r.peers.clone(),
+    }
+}
+
+fn as_regions(regions: &[SimRegion]) -> Vec<RegionWithLeader> {
+    regions.iter().map(as_region).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// PD client and region iteration
+
+#[test]
+fn pd_client_serves_regions_stores_tso_and_gc_safe_point() {
+    let sim = sim(3, 40);
+    let pd = connect(&sim);
+    assert_eq!(pd.cluster_id(), sim.cluster_id());
+
+    // Small pages: the iterator stitches 40 regions from 7 pages, each checked to tile.
+    let mut iter = RegionIter::new(pd.as_ref(), &KeyRange::full());
+    iter.page_size = 6;
+    let mut regions = Vec::new();
+    while !iter.done() {
+        regions.extend(iter.next_page().unwrap());
+    }
+    assert_eq!(regions, as_regions(&sim.regions()));
+
+    // The empty start key is sent encoded, and the region holding a key comes first.
+    assert_eq!(pd.region_scan(b"", b"", 1).unwrap(), as_regions(&sim.regions()[..1]));
+    let probe = sim.regions()[17].range.start.clone();
+    let mut next = probe.clone();
+    next.push(0);
+    assert_eq!(pd.region_scan(&probe, &next, 1).unwrap(), vec![as_region(&sim.region_at(&probe))]);
+
+    let stores = pd.stores().unwrap();
+    let expected: Vec<(StoreId, String)> = sim.store_ids().into_iter().map(|id| (id, sim.store_address(id))).collect();
+    assert_eq!(stores.iter().map(|s| (s.id, s.address.clone())).collect::<Vec<_>>(), expected);
+    assert!(stores.iter().all(|s| s.boot_at > 0));
+    assert_eq!(pd.store(2).unwrap(), stores[1]);
+    let err = pd.store(9).unwrap_err().to_string();
+    assert!(err.contains("invalid store ID 9"), "{err}");
+
+    let before = sim.now_ts();
+    let ts = pd.fetch_current_ts().unwrap();
+    assert!(before < ts && ts < sim.now_ts(), "PD's TSO is the sim's clock");
+}
+
+#[test]
+fn gc_is_blocked_only_above_the_minimal_safe_point_and_unblocked() {
+    let sim = sim(1, 2);
+    let pd = connect(&sim);
+    let target = sim.now_ts();
+    assert_eq!(pd.block_gc_until(target).unwrap(), target);
+    assert_eq!(sim.gc_safe_points(), vec![(GC_SERVICE_ID.to_string(), target)]);
+    pd.unblock_gc().unwrap();
+    assert!(sim.gc_safe_points().is_empty());
+
+    // GC already ran past the target: PD refuses, and the error says by how much.
+    sim.set_gc_safe_point(target + 100);
+    let err = pd.block_gc_until(target + 50).unwrap_err().to_string();
+    assert!(err.contains(&format!("minimal service safe point {} is already past it", target + 100)), "{err}");
+    assert!(sim.gc_safe_points().is_empty(), "a refused update changes nothing");
+    assert_eq!(pd.block_gc_until(target + 200).unwrap(), target + 200);
+    assert_eq!(sim.gc_safe_points(), vec![(GC_SERVICE_ID.to_string(), target + 200)]);
+}
+
+#[test]
+fn pd_client_skips_a_dead_endpoint_and_follows_the_leader_to_another_member() {
+    // Two PDs of one cluster (same id and seed); a split only in `b` tells them apart.
+    let a = sim(2, 8);
+    let b = sim(2, 8);
+    let mut split_at = b.regions()[3].range.start.clone();
+    split_at.push(0);
+    b.split(&split_at).unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+
+    let pd = PdClient::connect(pd_config(vec![dead, a.pd_endpoint(), b.pd_endpoint()]), Security::insecure()).unwrap();
+    assert_eq!(pd.leader_url(), Some(format!("http://{}", a.pd_endpoint())));
+    let scan = |pd: &PdClient| RegionIter::new(pd, &KeyRange::full()).collect_all().unwrap();
+    assert_eq!(scan(&pd), as_regions(&a.regions()));
+
+    // The leader goes away: the next call finds the member that answers and retries there.
+    a.stop_pd();
+    assert_eq!(scan(&pd), as_regions(&b.regions()));
+    assert_eq!(pd.leader_url(), Some(format!("http://{}", b.pd_endpoint())));
+    assert!(pd.fetch_current_ts().is_ok());
+
+    // With every member down, the error names every endpoint tried.
+    b.stop_pd();
+    let err = pd.stores().unwrap_err().to_string();
+    assert!(err.contains(&a.pd_endpoint()) && err.contains(&b.pd_endpoint()), "{err}");
+
+    // A member that comes back (on its old port) is found again.
+    a.start_pd().unwrap();
+    wait_until("PD to answer again", || pd.stores().is_ok());
+    assert_eq!(pd.leader_url(), Some(format!("http://{}", a.pd_endpoint())));
+}
+
+// ---------------------------------------------------------------------------------------
+// Collector
+
+#[test]
+fn every_region_advances_to_its_leaders_last_flush() {
+    let c = Cluster::start(3, 50);
+    c.sim.flush_all();
+    let result = c.collect();
+    assert_eq!(result.advanced, c.at_last_flush(&c.sim.regions()));
+    assert!(result.failed.is_empty(), "{:?}", result.failed);
+    assert!(result.store_errors.is_empty());
+    c.assert_never_ahead_of_truth(&result);
+
+    // Batches smaller than a store's share of regions change nothing.
+    let config = CollectorConfig { batch_size: 4, ..collector_config() };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let batched = collect_checkpoints(c.pd.as_ref(), c.clients.as_ref(), &pool, &[KeyRange::full()], &config).unwrap();
+    assert_eq!(batched.advanced, result.advanced);
+}
+
+#[test]
+fn only_the_requested_ranges_regions_are_asked_about_whole() {
+    let c = Cluster::start(2, 30);
+    c.sim.flush_all();
+    let regions = c.sim.regions();
+    // From inside region 5 to inside region 9, and region 20 on its own.
+    let mut start = regions[5].range.start.clone();
+    start.push(1);
+    let mut end = regions[9].range.start.clone();
+    end.push(1);
+    let ranges = [KeyRange::new(start, end), regions[20].range.clone()];
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let result = collect_checkpoints(c.pd.as_ref(), c.clients.as_ref(), &pool, &ranges, &collector_config()).unwrap();
+    let asked: Vec<SimRegion> = regions[5..=9].iter().chain(&regions[20..=20]).cloned().collect();
+    assert_eq!(result.advanced, c.at_last_flush(&asked), "whole regions, as PD gave them");
+    assert!(result.failed.is_empty());
+}
+
+#[test]
+fn a_store_that_is_down_fails_exactly_its_regions() {
+    let c = Cluster::start(3, 40);
+    c.sim.flush_all();
+    c.sim.stop_store(2);
+
+    let result = c.collect();
+    assert_eq!(result.advanced, c.at_last_flush(&c.led_by(&[1, 3])));
+    assert_eq!(result.failed, failed(&c.led_by(&[2]), FailReason::StoreFailed));
+    let errors: Vec<String> = result.store_errors.iter().map(ToString::to_string).collect();
+    assert!(errors.len() == 1 && errors[0].contains("store 2"), "{errors:?}");
+}
+
+#[test]
+fn a_hung_store_costs_the_deadline_not_the_other_stores_answers() {
+    let c = Cluster::start(3, 40);
+    c.sim.flush_all();
+    // Connected before it hangs: the hang is in answering, not in dialing.
+    assert!(c.collect().failed.is_empty());
+    c.sim.hang_store(3);
+
+    let started = Instant::now();
+    let result = c.collect();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "the 1 s deadline bounds the collector; took {took:?}");
+    assert_eq!(result.advanced, c.at_last_flush(&c.led_by(&[1, 2])));
+    assert_eq!(result.failed, failed(&c.led_by(&[3]), FailReason::StoreFailed));
+    let errors: Vec<String> = result.store_errors.iter().map(ToString::to_string).collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("store 3") && errors[0].contains("DEADLINE_EXCEEDED"),
+        "{errors:?}"
+    );
+
+    c.sim.resume_store(3);
+    assert_eq!(c.collect().advanced, c.at_last_flush(&c.sim.regions()));
+}
+
+#[test]
+fn a_slow_store_within_the_deadline_is_waited_for() {
+    let c = Cluster::start(2, 10);
+    c.sim.flush_all();
+    c.sim.set_store_delay(1, Duration::from_millis(300));
+    assert_eq!(c.collect().advanced, c.at_last_flush(&c.sim.regions()));
+}
+
+#[test]
+fn leaderless_unflushed_and_moved_regions_fail_and_never_advance() {
+    let c = Cluster::start(3, 30);
+    let regions = c.sim.regions();
+    let (leaderless, unflushed, moved) = (regions[2].id, regions[11].id, regions[23].id);
+    c.sim.remove_leader(leaderless);
+    c.sim.set_never_flush(unflushed, true);
+    c.sim.flush_all();
+    // A leader that moved after the flush: the new leader has not flushed the region yet.
+    let new_leader = c.sim.store_ids().into_iter().find(|&s| Some(s) != regions[23].leader).unwrap();
+    c.sim.transfer_leader(moved, new_leader).unwrap();
+
+    let result = c.collect();
+    let now = |id: RegionId| c.sim.region(id).unwrap();
+    let normal: Vec<SimRegion> =
+        c.sim.regions().into_iter().filter(|r| ![leaderless, unflushed, moved].contains(&r.id)).collect();
+    assert_eq!(result.advanced, c.at_last_flush(&normal));
+    let mut expected = failed(&[now(leaderless)], FailReason::NoLeader);
+    expected.extend(failed(&[now(unflushed), now(moved)], FailReason::NotLeader));
+    expected.sort();
+    assert_eq!(result.failed, expected);
+    assert!(result.store_errors.is_empty(), "region errors are not store errors");
+}
+
+/// PD metadata that splits a region right after answering the first scan: the collector
+/// then asks about the region as it was before the split.
+struct SplitAfterScan<'a> {
+    cluster: &'a Cluster,
+    split_at: Vec<u8>,
+    flush_after_split: bool,
+    done: AtomicBool,
+}
+
+impl ClusterMeta for SplitAfterScan<'_> {
+    fn region_scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<RegionWithLeader>> {
+        let regions = self.cluster.pd.region_scan(start, end, limit)?;
+        if !self.done.swap(true, Ordering::SeqCst) {
+            self.cluster.sim.split(&self.split_at).unwrap();
+            if self.flush_after_split {
+                self.cluster.sim.flush_all();
+            }
+        }
+        Ok(regions)
+    }
+    fn stores(&self) -> Result<Vec<StoreInfo>> {
+        self.cluster.pd.stores()
+    }
+    fn block_gc_until(&self, safe_point: Ts) -> Result<Ts> {
+        self.cluster.pd.block_gc_until(safe_point)
+    }
+    fn unblock_gc(&self) -> Result<()> {
+        self.cluster.pd.unblock_gc()
+    }
+    fn fetch_current_ts(&self) -> Result<Ts> {
+        self.cluster.pd.fetch_current_ts()
+    }
+}
+
+#[test]
+fn a_region_split_between_the_scan_and_the_request() {
+    for flush_after_split in [false, true] {
+        let c = Cluster::start(3, 20);
+        c.sim.flush_all();
+        let before = c.sim.regions();
+        let victim = before[7].clone();
+        let mut split_at = victim.range.start.clone();
+        split_at.push(0);
+        let meta = SplitAfterScan { cluster: &c, split_at, flush_after_split, done: AtomicBool::new(false) };
+
+        let result = collect_all(&meta, c.clients.as_ref());
+        if flush_after_split {
+            // The store's map now holds the halves: the old epoch is refused and the old
+            // range does not advance.
+            let others: Vec<SimRegion> = before.iter().filter(|r| r.id != victim.id).cloned().collect();
+            assert_eq!(result.advanced, c.at_last_flush(&others));
+            assert_eq!(result.failed, failed(&[victim], FailReason::EpochNotMatch));
+        } else {
+            // Until its next flush the store reports the region as it flushed it, which
+            // covered the whole old range.
+            assert_eq!(result.advanced, c.at_last_flush(&before));
+            assert!(result.failed.is_empty());
+        }
+        c.assert_never_ahead_of_truth(&result);
+
+        // The next round sees the halves.
+        c.sim.flush_all();
+        assert_eq!(c.sim.regions().len(), before.len() + 1);
+        assert_eq!(c.collect().advanced, c.at_last_flush(&c.sim.regions()));
+    }
+}
+
+#[test]
+fn a_restarted_store_is_dialed_at_its_new_address() {
+    let c = Cluster::start(3, 20);
+    c.sim.flush_all();
+    assert!(c.collect().failed.is_empty());
+    let old = c.clients.cached_address(1).unwrap();
+
+    let new = c.sim.restart_store(1).unwrap();
+    assert_ne!(old, new);
+    c.sim.flush_store(1);
+    // The cached connection points at the old process: that round fails store 1 and drops it.
+    let result = c.collect();
+    assert_eq!(result.failed, failed(&c.led_by(&[1]), FailReason::StoreFailed));
+    assert_eq!(c.clients.cached_address(1), None);
+    assert_eq!(c.collect().advanced, c.at_last_flush(&c.sim.regions()));
+    assert_eq!(c.clients.cached_address(1), Some(new));
+}
+
+// ---------------------------------------------------------------------------------------
+// Flush subscriber
+
+/// Reads events until `expected` has all arrived (a later event for a range replaces an
+/// earlier one), then checks that nothing else came.
+fn assert_events(subscriber: &FlushSubscriber, expected: &BTreeMap<KeyRange, (Ts, StoreId)>) {
+    let mut got: BTreeMap<KeyRange, (Ts, StoreId)> = BTreeMap::new();
+    let deadline = Instant::now() + support::DEADLINE;
+    while expected.iter().any(|(range, value)| got.get(range) != Some(value)) {
+        let FlushEvent { range, ts, store } = subscriber
+            .events()
+            .recv_deadline(deadline)
+            .unwrap_or_else(|_| panic!("timed out; got {} of {} events", got.len(), expected.len()));
+        got.insert(range, (ts, store));
+    }
+    while let Ok(FlushEvent { range, ts, store }) = subscriber.events().try_recv() {
+        got.insert(range, (ts, store));
+    }
+    assert_eq!(&got, expected);
+}
+
+fn failing_stores(subscriber: &FlushSubscriber) -> Vec<StoreId> {
+    subscriber.store_errors().into_iter().map(|(id, _)| id).collect()
+}
+
+#[test]
+fn subscriber_delivers_each_flush_of_each_store() {
+    let c = Cluster::start(3, 60);
+    let subscriber = c.subscriber(SubscriberConfig::default());
+    for _ in 0..3 {
+        c.sim.flush_all();
+        assert_events(&subscriber, &c.flushed_events(&[1, 2, 3]));
+    }
+    c.sim.flush_store(2);
+    assert_events(&subscriber, &c.flushed_events(&[2]));
+    assert!(subscriber.pending_errors().is_none());
+}
+
+#[test]
+fn an_unsupported_store_is_reported_kept_off_and_resubscribed_after_it_restarts() {
+    let c = Cluster::start(3, 40);
+    c.sim.set_subscription_supported(2, false);
+    let mut subscriber = c.subscriber(SubscriberConfig::default());
+    wait_until("store 2 to report UNIMPLEMENTED", || failing_stores(&subscriber) == [2]);
+    let err = subscriber.pending_errors().unwrap().to_string();
+    assert!(err.contains("store 2") && err.contains("UNIMPLEMENTED"), "{err}");
+
+    // Reopening a stream resets its state at once: an error still there was not retried.
+    subscriber.handle_errors();
+    assert_eq!(failing_stores(&subscriber), [2], "UNIMPLEMENTED is not retried");
+    c.sim.flush_all();
+    assert_events(&subscriber, &c.flushed_events(&[1, 3]));
+
+    // Support comes back with a restart (a new start time): the topology update notices.
+    c.sim.set_subscription_supported(2, true);
+    subscriber.update_store_topology().unwrap();
+    c.sim.flush_all();
+    assert_events(&subscriber, &c.flushed_events(&[1, 2, 3]));
+    assert!(subscriber.pending_errors().is_none());
+}
+
+#[test]
+fn a_silent_stream_is_reopened_after_the_idle_timeout() {
+    let c = Cluster::start(2, 10);
+    let idle_timeout = Duration::from_millis(300);
+    let mut subscriber = c.subscriber(SubscriberConfig { idle_timeout, ..Default::default() });
+    // Nothing was ever flushed: the streams are open and silent.
+    wait_until("both streams to time out", || failing_stores(&subscriber) == [1, 2]);
+    let err = subscriber.pending_errors().unwrap().to_string();
+    assert!(err.contains("no flush event for 300ms"), "{err}");
+
+    subscriber.handle_errors();
+    c.sim.flush_all();
+    assert_events(&subscriber, &c.flushed_events(&[1, 2]));
+}
+
+#[test]
+fn restarted_reset_and_stopped_stores_are_resubscribed() {
+    let c = Cluster::start(3, 40);
+    let mut subscriber =
+        c.subscriber(SubscriberConfig { retry_backoff: Duration::from_millis(50), ..Default::default() });
+    c.sim.flush_all();
+    assert_events(&subscriber, &c.flushed_events(&[1, 2, 3]));
+
+    // A restart on a new address: the topology update re-subscribes there.
+    let new_address = c.sim.restart_store(1).unwrap();
+    subscriber.update_store_topology().unwrap();
+    c.sim.flush_store(1);
+    assert_events(&subscriber, &c.flushed_events(&[1]));
+    assert_eq!(c.clients.cached_address(1), Some(new_address));
+
+    // A stream the store resets is reported, then reopened.
+    c.sim.reset_subscriptions(2);
+    wait_until("the reset to be reported", || failing_stores(&subscriber) == [2]);
+    let err = subscriber.pending_errors().unwrap().to_string();
+    assert!(err.contains("store 2") && err.contains("injected subscription reset"), "{err}");
+    subscriber.handle_errors();
+    c.sim.flush_store(2);
+    assert_events(&subscriber, &c.flushed_events(&[2]));
+    assert!(subscriber.pending_errors().is_none());
+
+    // A store that is down stays reported while retries fail, and is back once restarted.
+    c.sim.stop_store(3);
+    wait_until("store 3's stream to fail", || failing_stores(&subscriber) == [3]);
+    subscriber.handle_errors();
+    wait_until("the retry to fail too", || failing_stores(&subscriber) == [3]);
+    c.sim.restart_store(3).unwrap();
+    subscriber.update_store_topology().unwrap();
+    c.sim.flush_all();
+    assert_events(&subscriber, &c.flushed_events(&[1, 2, 3]));
+    assert!(subscriber.pending_errors().is_none());
+}
