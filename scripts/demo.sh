@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 . scripts/env.sh
-cargo run --release -- --help
+cargo run --release -- demo "$@"

@@ -5,6 +5,7 @@ pub mod advancer;
 pub mod cli;
 pub mod cluster;
 pub mod codec;
+pub mod daemon;
 pub mod error;
 pub mod etcd;
 pub mod meta;

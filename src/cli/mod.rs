@@ -1,6 +1,8 @@
 //! The `streamhelper` command line: `task` (BR-style task management), `advancer` (the
 //! daemon in the foreground), `sim` (the simulated cluster) and `demo` (all of it at once).
 
+mod advancer;
+mod demo;
 mod task;
 
 use std::path::PathBuf;
@@ -22,6 +24,12 @@ pub struct Cli {
 pub enum Command {
     /// Manage log-backup tasks, like `br log`.
     Task(task::TaskArgs),
+    /// Run the checkpoint advancer in the foreground (stops on SIGINT/SIGTERM).
+    Advancer(advancer::AdvancerArgs),
+    /// Run a simulated TiKV/PD cluster on 127.0.0.1 (with a real etcd unless --etcd).
+    Sim(crate::sim::cli::SimArgs),
+    /// The whole thing locally: etcd, a simulated cluster, an advancer and injected faults.
+    Demo(demo::DemoArgs),
 }
 
 /// Where the cluster is and how to reach it securely.
@@ -63,5 +71,8 @@ impl ClusterArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Task(args) => task::run(args),
+        Command::Advancer(args) => advancer::run(args),
+        Command::Sim(args) => crate::sim::cli::run_sim_command(args),
+        Command::Demo(args) => demo::run(args),
     }
 }

@@ -1,0 +1,129 @@
+//! The owner thread: keeps a lease alive, campaigns on `/tidb/br-stream/owner`, and tells the
+//! ticker when ownership is gained or lost (lease lost, key deleted, stop). On stop it
+//! resigns and revokes its lease so that a standby takes over at once.
+
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+
+use crate::error::Error;
+use crate::etcd::{Election, EtcdClient, EventKind, Leadership};
+use crate::meta::keys::OWNER_PREFIX;
+use crate::stop::StopToken;
+
+pub enum OwnerEvent {
+    Gained(Leadership),
+    Lost,
+}
+
+/// A random UUID v4 text, the owner id format TiDB uses.
+pub fn new_owner_id() -> String {
+    let mut bytes = [0u8; 16];
+    if let Ok(mut file) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut file, &mut bytes);
+    }
+    if bytes == [0; 16] {
+        // No urandom: fall back to time and pid, still unique enough among candidates.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        bytes[..12].copy_from_slice(&nanos.to_le_bytes()[..12]);
+        bytes[12..].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+pub struct OwnerLoop {
+    pub etcd: EtcdClient,
+    pub id: String,
+    pub ttl: Duration,
+    pub backoff: Duration,
+    pub events: Sender<OwnerEvent>,
+    pub stop: StopToken,
+}
+
+impl OwnerLoop {
+    pub fn run(self) {
+        let election = Election::new(self.etcd.clone(), OWNER_PREFIX);
+        while !self.stop.is_stopped() {
+            if let Err(e) = self.one_term(&election) {
+                if matches!(e, Error::Stopped(_)) {
+                    return;
+                }
+                log::warn!("owner campaign of {} failed, retrying in {:?}: {e}", self.id, self.backoff);
+                if self.stop.sleep(self.backoff) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One lease: campaign, lead until something ends it, then clean up.
+    fn one_term(&self, election: &Election) -> Result<(), Error> {
+        let lease = self.etcd.grant_lease(self.ttl)?;
+        let keeper = self.etcd.keep_alive(lease, self.ttl);
+        let leadership = match election.campaign(lease, self.id.as_bytes(), &self.stop) {
+            Ok(leadership) => leadership,
+            Err(e) => {
+                drop(keeper);
+                let _ = self.etcd.revoke_lease(lease);
+                return Err(e);
+            }
+        };
+        log::info!("daemon became owner: {} holds {}", self.id, String::from_utf8_lossy(&leadership.key));
+        let watch = election.watch_leadership(&leadership);
+        if self.events.send(OwnerEvent::Gained(leadership.clone())).is_err() {
+            return Err(Error::Stopped("owner loop".into()));
+        }
+        let stopped = loop {
+            crossbeam_channel::select! {
+                recv(self.stop.receiver()) -> _ => break true,
+                recv(keeper.lost()) -> lost => {
+                    log::warn!("ownership lost: {}", lost.map(|e| e.to_string()).unwrap_or_else(|_| "lease keeper ended".into()));
+                    break false;
+                }
+                recv(watch.batches()) -> batch => match batch {
+                    Ok(Ok(batch)) if batch.events.iter().any(|e| e.kind == EventKind::Delete) => {
+                        log::warn!("ownership lost: the owner key was deleted");
+                        break false;
+                    }
+                    Ok(Ok(_)) => {}
+                    // The watch ended (compaction): check directly.
+                    _ => {
+                        if !election.is_leader(&leadership).unwrap_or(false) {
+                            log::warn!("ownership lost: no longer the first candidate");
+                            break false;
+                        }
+                    }
+                },
+            }
+        };
+        // Lost first, so the ticker stops uploading before anything else happens.
+        let _ = self.events.send(OwnerEvent::Lost);
+        drop(watch);
+        if stopped {
+            if let Err(e) = election.resign(&leadership) {
+                log::warn!("resigning ownership failed (the lease expiry will release it): {e}");
+            }
+        }
+        drop(keeper);
+        let _ = self.etcd.revoke_lease(lease);
+        if stopped {
+            Err(Error::Stopped("owner loop".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn owner_ids_are_uuid_v4() {
+        let id = super::new_owner_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert_ne!(id, super::new_owner_id());
+    }
+}

@@ -1,0 +1,353 @@
+//! The advancer end to end: a real etcd, the simulated cluster and the daemon. Every test
+//! checks safety against the sim's oracle while it runs: the uploaded checkpoint never
+//! exceeds the true checkpoint of the task's ranges and never goes down.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use streamhelper::advancer::status::http_get;
+use streamhelper::advancer::Config;
+use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
+use streamhelper::etcd::{EtcdClient, EtcdProcess};
+use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, MetaDataClient, PauseState, Severity, TaskInfo};
+use streamhelper::sim::{SimCluster, SimConfig};
+use streamhelper::{KeyRange, Ts};
+use support::DEADLINE;
+
+struct Fixture {
+    etcd: EtcdProcess,
+    sim: SimCluster,
+    meta: MetaDataClient,
+    ext: AdvancerExt,
+}
+
+/// Fast settings so that stories play out in seconds.
+fn fast_config() -> Config {
+    Config {
+        tick_interval: Duration::from_millis(200),
+        try_advance_threshold: Duration::from_millis(300),
+        backoff: Duration::from_millis(200),
+        owner_ttl: Duration::from_secs(2),
+        rpc_timeout: Duration::from_millis(500),
+        dial_timeout: Duration::from_millis(500),
+        upload_heartbeat: Duration::from_secs(1),
+        ..Config::default()
+    }
+}
+
+impl Fixture {
+    fn new(stores: usize, regions: usize) -> Fixture {
+        let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
+        let sim = SimCluster::start(SimConfig { stores, regions, seed: 7, ..SimConfig::default() }).unwrap();
+        let meta = MetaDataClient::new(EtcdClient::connect_plain([etcd.endpoint()]).unwrap());
+        let ext = AdvancerExt::new(meta.clone());
+        Fixture { etcd, sim, meta, ext }
+    }
+
+    fn add_task(&self, name: &str, range: KeyRange) -> Ts {
+        let start = self.sim.now_ts();
+        let task = TaskInfo::new(name)
+            .from_ts(start)
+            .to_storage(parse_storage_url("noop://").unwrap())
+            .with_table_filter(["*.*"])
+            .with_ranges([range])
+            .check()
+            .unwrap();
+        self.meta.put_task(&task).unwrap();
+        start
+    }
+
+    fn daemon_config(&self) -> DaemonConfig {
+        DaemonConfig {
+            etcd_endpoints: vec![self.etcd.endpoint()],
+            advancer: fast_config(),
+            status_addr: Some("127.0.0.1:0".into()),
+            ..DaemonConfig::new(vec![self.sim.pd_endpoint()])
+        }
+    }
+
+    fn daemon(&self) -> DaemonHandle {
+        let handle = Daemon::start(self.daemon_config()).unwrap();
+        support::wait_until("the daemon to become owner", || handle.is_owner());
+        handle
+    }
+
+    fn stored(&self, task: &str) -> Ts {
+        self.ext.get_global_checkpoint(task).unwrap()
+    }
+}
+
+/// Watches one task's uploaded checkpoint against the truth.
+struct Safety<'a> {
+    fixture: &'a Fixture,
+    task: &'a str,
+    range: KeyRange,
+    last: Ts,
+}
+
+impl<'a> Safety<'a> {
+    fn new(fixture: &'a Fixture, task: &'a str, range: KeyRange) -> Self {
+        Safety { fixture, task, range, last: 0 }
+    }
+
+    /// Reads the stored checkpoint first and the truth second: truth only grows, so a
+    /// stored value above a later truth is a real over-claim.
+    fn check(&mut self) -> Ts {
+        let stored = self.fixture.stored(self.task);
+        let truth = self.fixture.sim.true_checkpoint(&self.range);
+        assert!(stored <= truth, "task {}: uploaded {stored} is above the true checkpoint {truth}", self.task);
+        assert!(stored >= self.last, "task {}: checkpoint went back from {} to {stored}", self.task, self.last);
+        self.last = stored;
+        stored
+    }
+
+    /// Flushes and checks until the stored checkpoint passes `above`.
+    fn advance_past(&mut self, above: Ts, what: &str) -> Ts {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            self.fixture.sim.flush_all();
+            let stored = self.check();
+            if stored > above {
+                return stored;
+            }
+            assert!(Instant::now() < deadline, "{what}: checkpoint stuck at {stored}, wanted above {above}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Flushes and checks for a while, returning the highest checkpoint seen.
+    fn hold_for(&mut self, d: Duration) -> Ts {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            self.fixture.sim.flush_all();
+            self.check();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.last
+    }
+}
+
+#[test]
+fn steady_state_advances_uploads_and_holds_gc() {
+    let f = Fixture::new(3, 32);
+    let start = f.add_task("t1", KeyRange::full());
+    let daemon = f.daemon();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let first = safety.advance_past(start, "steady state");
+    safety.advance_past(first, "steady state, again");
+
+    support::wait_until("the GC safepoint to follow the checkpoint", || {
+        let stored = f.stored("t1");
+        f.sim.gc_safe_points().iter().any(|(service, sp)| service == "log-backup-coordinator" && *sp + 1 >= first && *sp < stored)
+    });
+    let addr = daemon.status_addr().unwrap();
+    let (code, status) = http_get(addr, "/status").unwrap();
+    assert_eq!(code, 200);
+    assert!(status.contains("\"role\": \"owner\"") && status.contains("\"name\": \"t1\""), "{status}");
+    let (_, metrics) = http_get(addr, "/metrics").unwrap();
+    assert!(metrics.contains("tidb_log_backup_last_checkpoint{task=\"t1\"}"), "{metrics}");
+    assert!(metrics.contains("tidb_log_backup_advancer_owner 1"), "{metrics}");
+    daemon.stop();
+}
+
+#[test]
+fn splits_merges_and_leader_moves_while_ticking() {
+    let f = Fixture::new(4, 16);
+    let range = KeyRange::new(b"t".to_vec(), b"u".to_vec());
+    let start = f.add_task("t1", range.clone());
+    let _daemon = f.daemon();
+    let mut safety = Safety::new(&f, "t1", range);
+    let mut last = safety.advance_past(start, "before churn");
+    for round in 0..8u8 {
+        let regions = f.sim.regions();
+        let victim = &regions[usize::from(round) % regions.len()];
+        let mut key = victim.range.start.clone();
+        key.extend_from_slice(&[0x7f, round]);
+        f.sim.split(&key).unwrap();
+        f.sim.scatter();
+        if round % 3 == 2 {
+            let regions = f.sim.regions();
+            f.sim.merge(regions[1].id, regions[2].id).unwrap();
+        }
+        last = safety.advance_past(last, &format!("churn round {round}"));
+    }
+}
+
+#[test]
+fn a_down_or_hung_store_delays_only_its_regions() {
+    let f = Fixture::new(3, 24);
+    let start = f.add_task("t1", KeyRange::full());
+    let daemon = f.daemon();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let before = safety.advance_past(start, "before the faults");
+    let hung = f.sim.store_ids()[0];
+    f.sim.hang_store(hung);
+    let ticks_before = daemon.metrics().render();
+    safety.hold_for(Duration::from_secs(2));
+    assert_ne!(daemon.metrics().render(), ticks_before, "ticks go on while a store hangs (tidb#39620)");
+    f.sim.resume_store(hung);
+    let after_hang = safety.advance_past(before, "after the store resumed");
+
+    let down = f.sim.store_ids()[1];
+    f.sim.stop_store(down);
+    safety.hold_for(Duration::from_secs(1));
+    f.sim.restart_store(down).unwrap();
+    safety.advance_past(after_hang, "after the store came back on a new address");
+}
+
+#[test]
+fn a_region_that_never_flushes_holds_the_checkpoint_back() {
+    let f = Fixture::new(3, 12);
+    let start = f.add_task("t1", KeyRange::full());
+    let _daemon = f.daemon();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let before = safety.advance_past(start, "before");
+    let stuck = f.sim.regions()[5].id;
+    f.sim.set_never_flush(stuck, true);
+    let held = safety.hold_for(Duration::from_secs(2));
+    let stuck_truth = f.sim.true_checkpoint(&f.sim.region(stuck).unwrap().range);
+    assert!(held <= stuck_truth, "the checkpoint passed a region that never flushed");
+    f.sim.set_never_flush(stuck, false);
+    safety.advance_past(held.max(before), "after the region flushes again");
+}
+
+#[test]
+fn subscriptions_off_falls_back_to_polling() {
+    let f = Fixture::new(3, 12);
+    let start = f.add_task("t1", KeyRange::full());
+    for store in f.sim.store_ids() {
+        f.sim.set_subscription_supported(store, false);
+    }
+    let _daemon = f.daemon();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let first = safety.advance_past(start, "polling only");
+    safety.advance_past(first, "polling only, again");
+}
+
+#[test]
+fn the_advancer_survives_an_etcd_restart() {
+    let mut f = Fixture::new(3, 12);
+    let start = f.add_task("t1", KeyRange::full());
+    let _daemon = Daemon::start(f.daemon_config()).unwrap();
+    let first = {
+        let mut safety = Safety::new(&f, "t1", KeyRange::full());
+        safety.advance_past(start, "before the restart")
+    };
+    f.etcd.kill();
+    f.sim.flush_all();
+    f.etcd.restart().unwrap();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    safety.last = first;
+    safety.advance_past(first, "after the etcd restart");
+}
+
+#[test]
+fn tasks_can_be_added_paused_resumed_and_deleted_while_running() {
+    let f = Fixture::new(3, 12);
+    let start = f.add_task("t1", KeyRange::full());
+    let _daemon = f.daemon();
+    let mut t1 = Safety::new(&f, "t1", KeyRange::full());
+    t1.advance_past(start, "t1");
+
+    let range2 = KeyRange::new(b"t".to_vec(), b"u".to_vec());
+    let start2 = f.add_task("t2", range2.clone());
+    let mut t2 = Safety::new(&f, "t2", range2.clone());
+    let running = t2.advance_past(start2, "t2 added while running");
+
+    f.meta.pause_task("t2", &streamhelper::meta::PauseV2::now(Severity::Manual)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let paused_at = t2.check();
+    t1.hold_for(Duration::from_secs(1));
+    assert_eq!(t2.check(), paused_at, "a paused task is not uploaded");
+    f.meta.resume_task("t2").unwrap();
+    t2.advance_past(paused_at.max(running), "t2 resumed");
+
+    // Garbage under another task's key touches nobody else.
+    f.meta.etcd().put(keys::task_of("t3"), b"\x01garbage".to_vec(), 0).unwrap();
+    let t1_now = t1.check();
+    t1.advance_past(t1_now, "t1 next to a garbage task");
+
+    f.meta.delete_task("t2").unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(f.meta.etcd().get(keys::global_checkpoint_of("t2")).unwrap().is_none(), "a deleted task is not re-created");
+}
+
+#[test]
+fn a_lagging_task_is_paused_and_runs_again_after_raising_the_limit() {
+    let f = Fixture::new(3, 8);
+    let start = f.add_task("t1", KeyRange::full());
+    let daemon = f.daemon();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    safety.advance_past(start, "before the lag");
+    f.sim.set_never_flush(f.sim.regions()[0].id, true);
+    daemon.update_config(Config { lag_limit: Duration::from_secs(1), ..fast_config() }).unwrap();
+    support::wait_until("the lagging task to be paused", || {
+        f.sim.flush_all();
+        safety.check();
+        f.meta.get_task("t1").unwrap().is_paused().unwrap()
+    });
+    match f.meta.get_task("t1").unwrap().pause_state().unwrap() {
+        Some(PauseState::V2(v2)) => assert_eq!(v2.severity, Severity::Error),
+        other => panic!("expected a PauseV2 pause, got {other:?}"),
+    }
+    daemon.update_config(fast_config()).unwrap();
+    f.sim.set_never_flush(f.sim.regions()[0].id, false);
+    f.meta.resume_task("t1").unwrap();
+    let stored = f.stored("t1");
+    safety.advance_past(stored, "after resume with a higher limit");
+    assert!(!f.meta.get_task("t1").unwrap().is_paused().unwrap());
+}
+
+fn spawn_advancer(f: &Fixture, status_port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_streamhelper"))
+        .args(["advancer", "--pd", &f.sim.pd_endpoint(), "--etcd", &f.etcd.endpoint()])
+        .args(["--tick-interval", "200ms", "--try-advance-threshold", "300ms", "--owner-ttl", "2s"])
+        .args(["--backoff-time", "200ms", "--rpc-timeout", "500ms", "--dial-timeout", "500ms"])
+        .args(["--status-addr", &format!("127.0.0.1:{status_port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn role_of(port: u16) -> Option<String> {
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_, body) = http_get(addr, "/status").ok()?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    status["role"].as_str().map(String::from)
+}
+
+#[test]
+fn a_standby_takes_over_when_the_owner_is_killed() {
+    let f = Fixture::new(3, 12);
+    let start = f.add_task("t1", KeyRange::full());
+    let ports = [streamhelper::etcd::process::free_port().unwrap(), streamhelper::etcd::process::free_port().unwrap()];
+    let mut a = spawn_advancer(&f, ports[0]);
+    support::wait_until("advancer A to own", || role_of(ports[0]).as_deref() == Some("owner"));
+    let mut b = spawn_advancer(&f, ports[1]);
+    support::wait_until("advancer B to stand by", || role_of(ports[1]).as_deref() == Some("standby"));
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let before = safety.advance_past(start, "with A as owner");
+
+    a.kill().unwrap(); // SIGKILL: no resignation, the lease must expire
+    a.wait().unwrap();
+    support::wait_until("advancer B to take over", || role_of(ports[1]).as_deref() == Some("owner"));
+    safety.advance_past(before, "with B as owner");
+
+    // A graceful stop resigns at once.
+    sigterm(&b);
+    let exited = Instant::now();
+    support::wait_until("advancer B to exit", || b.try_wait().unwrap().is_some());
+    assert!(exited.elapsed() < Duration::from_secs(10));
+    assert!(b.wait().unwrap().success(), "SIGTERM exits 0");
+    assert!(f.meta.etcd().scan_prefix(b"/tidb/br-stream/owner/", 10).unwrap().0.is_empty(), "B resigned");
+}
+
+/// SIGTERM via the `kill` command (no libc in the dependency tree).
+fn sigterm(child: &Child) {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
