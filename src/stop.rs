@@ -42,6 +42,15 @@ impl StopToken {
         matches!(self.receiver.recv_timeout(d), Err(RecvTimeoutError::Disconnected))
     }
 
+    /// Sends `item`, waiting for room unless stopped first. False when stopped or when
+    /// nobody listens any more.
+    pub fn send<T>(&self, to: &Sender<T>, item: T) -> bool {
+        crossbeam_channel::select! {
+            send(to, item) -> sent => sent.is_ok(),
+            recv(self.receiver) -> _ => false,
+        }
+    }
+
     /// For `crossbeam_channel::select!`: becomes ready (with an error) when stopped.
     pub fn receiver(&self) -> &Receiver<()> {
         &self.receiver
@@ -61,8 +70,12 @@ mod tests {
             let token = token.clone();
             std::thread::spawn(move || token.sleep(Duration::from_secs(60)))
         };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        assert!(token.send(&tx, 1));
         handle.stop();
         assert!(sleeper.join().unwrap());
         assert!(token.is_stopped());
+        assert!(!token.send(&tx, 2), "a full channel does not block a stopped sender");
+        drop(rx);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use futures_util::stream::AbortHandle;
 use futures_util::{SinkExt, StreamExt};
 use grpcio::{CallOption, WriteFlags};
@@ -236,7 +236,7 @@ impl WatchLoop {
                 continue;
             }
             let batch = self.take_batch(response);
-            if !self.deliver(batch) {
+            if !self.stop.send(&self.out, Ok(batch)) {
                 return Ok(StreamEnd::Finished);
             }
         }
@@ -256,22 +256,5 @@ impl WatchLoop {
             self.next_revision = last.kv.get_mod_revision() + 1;
         }
         WatchBatch { events }
-    }
-
-    /// Sends a batch, waiting for room while not stopped. False when nobody listens.
-    fn deliver(&self, batch: WatchBatch) -> bool {
-        let mut item = Ok(batch);
-        loop {
-            match self.out.send_timeout(item, Duration::from_millis(200)) {
-                Ok(()) => return true,
-                Err(SendTimeoutError::Disconnected(_)) => return false,
-                Err(SendTimeoutError::Timeout(back)) => {
-                    if self.stop.is_stopped() {
-                        return false;
-                    }
-                    item = back;
-                }
-            }
-        }
     }
 }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{SendTimeoutError, Sender};
+use crossbeam_channel::Sender;
 
 use super::client::{decode_ranges, decode_task_info, name_under, MetaDataClient};
 use super::keys;
@@ -238,19 +238,7 @@ impl Follower {
     /// Sends an event, waiting for room while not stopped; false when nobody listens.
     fn emit(&self, event: TaskEvent) -> bool {
         log::info!("task event: {event}");
-        let mut item = event;
-        loop {
-            match self.out.send_timeout(item, Duration::from_millis(200)) {
-                Ok(()) => return true,
-                Err(SendTimeoutError::Disconnected(_)) => return false,
-                Err(SendTimeoutError::Timeout(back)) => {
-                    if self.stop.is_stopped() {
-                        return false;
-                    }
-                    item = back;
-                }
-            }
-        }
+        self.stop.send(&self.out, event)
     }
 
     /// Emits the difference between what the consumer knows and `snapshot`.
