@@ -284,3 +284,55 @@ fn randomized_reports_never_overclaim_or_regress() {
         }
     }
 }
+
+#[test]
+fn a_stored_checkpoint_below_the_start_ts_is_not_lag() {
+    // Upstream AddTaskWithLongRunTask: a task that starts in the past is judged from its
+    // start, not from whatever older value etcd holds.
+    let mut adv = Advancer::new(with_lag_limit());
+    adv.add_task(info("t", at(2.0)), &[KeyRange::full()], false, 0);
+    adv.finish_tick(at(5.0));
+    assert_eq!(adv.on_uploaded("t", UploadOutcome::KeptHigher { stored: at(1.0) }, at(5.0)), None);
+}
+
+#[test]
+fn flushes_after_the_last_task_is_gone_are_ignored() {
+    // Upstream RemoveTaskAndFlush (#50839): stale events of a removed task change nothing.
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    adv.remove_task("t");
+    adv.on_flush(&KeyRange::full(), at(3.0));
+    adv.on_poll_result("t", [(&KeyRange::full(), at(3.0))]);
+    assert!(adv.status().is_empty());
+    adv.add_task(info("t", at(1.0)), &[KeyRange::full()], false, 0);
+    assert_eq!(uploads(&adv.finish_tick(at(1.1))), [("t".to_string(), at(1.0))], "the new task starts from its own start");
+}
+
+#[test]
+fn a_re_added_task_is_judged_afresh() {
+    // Upstream UnregisterAfterPause: pause, delete, re-add → the new task runs and is paused
+    // again only by its own lag.
+    let mut adv = Advancer::new(with_lag_limit());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    adv.set_paused("t", true);
+    adv.remove_task("t");
+    adv.add_task(info("t", at(1.0)), &[KeyRange::full()], false, 0);
+    let (actions, pauses) = tick(&mut adv, at(1.5));
+    assert_eq!(uploads(&actions).len(), 1);
+    assert!(pauses.is_empty());
+    let (_, pauses) = tick(&mut adv, at(3.0));
+    assert_eq!(pauses.len(), 1, "two minutes without progress exceed the 1 min limit");
+}
+
+#[test]
+fn polling_covers_only_lagging_spans_of_running_tasks() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("a", at(0.0)), &[r("a", "c"), r("x", "z")], false, 0);
+    adv.add_task(info("b", at(0.0)), &[r("m", "n")], false, 0);
+    adv.on_flush(&r("a", "c"), at(10.0));
+    adv.on_flush(&r("m", "n"), at(10.0));
+    let plans = adv.plan_polls(at(10.5));
+    assert_eq!(plans, [PollPlan { task: "a".into(), ranges: vec![r("x", "z")] }]);
+    assert_eq!(adv.checkpoint_in_range("a", &r("b", "y")), Some(at(0.0)));
+    assert_eq!(adv.checkpoint_in_range("a", &r("a", "b")), Some(at(10.0)));
+}

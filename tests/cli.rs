@@ -1,0 +1,66 @@
+//! The `streamhelper task` commands as a user runs them, against a real etcd.
+
+use std::process::{Command, Output};
+
+use streamhelper::etcd::EtcdProcess;
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_streamhelper")).args(args).env("RUST_LOG", "error").output().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn task_commands_round_trip() {
+    let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
+    let pd = etcd.endpoint();
+    let base = ["task", "--pd", pd.as_str()];
+    let with = |more: &[&str]| -> Vec<String> { base.iter().chain(more).map(|s| s.to_string()).collect() };
+    let ok_with = |more: &[&str]| ok(&with(more).iter().map(String::as_str).collect::<Vec<_>>());
+    let fails_with = |more: &[&str]| fails(&with(more).iter().map(String::as_str).collect::<Vec<_>>());
+
+    let added = ok_with(&["add", "t1", "--storage", "s3://bucket/logs", "--start-ts", "2024-05-01T12:00:00Z", "--range", "t\\x80", "u"]);
+    assert!(added.contains("task t1 added") && added.contains("2024-05-01T12:00:00Z"), "{added}");
+    ok_with(&["add", "t2", "--storage", "noop://"]);
+    assert!(fails_with(&["add", "t1", "--storage", "noop://"]).contains("exists"));
+    assert!(fails_with(&["add", "bad-name", "--storage", "noop://"]).contains("bad-name"));
+    assert!(fails_with(&["add", "t3", "--storage", "ftp://x"]).contains("ftp://x"));
+    assert!(fails_with(&["add", "t3", "--storage", "noop://", "--start-ts", "yesterday"]).contains("yesterday"));
+
+    let listed: serde_json::Value = serde_json::from_str(&ok_with(&["list", "--json"])).unwrap();
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["t1", "t2"]);
+    assert_eq!(listed[0]["start_ts"].as_u64().unwrap() >> 18, 1_714_564_800_000);
+    assert!(ok_with(&["list"]).lines().next().unwrap().starts_with("NAME"));
+
+    ok_with(&["pause", "t1", "--reason", "maintenance window"]);
+    let status = ok_with(&["status", "t1"]);
+    assert!(status.contains("paused (MANUAL)") && status.contains("maintenance window"), "{status}");
+    assert!(status.contains("[t\\x80, u)") && status.contains("s3://bucket/logs"), "{status}");
+    ok_with(&["resume", "t1"]);
+    let status: serde_json::Value = serde_json::from_str(&ok_with(&["status", "t1", "--json"])).unwrap();
+    assert_eq!(status["paused"], false);
+    ok_with(&["delete", "t1"]);
+    assert!(fails_with(&["status", "t1"]).contains("task t1 not found"));
+    assert!(fails_with(&["pause", "nope"]).contains("task nope not found"));
+}
+
+#[test]
+fn bad_endpoints_and_flags_are_named() {
+    let dead = format!("127.0.0.1:{}", streamhelper::etcd::process::free_port().unwrap());
+    assert!(fails(&["task", "--pd", &dead, "list"]).contains(&dead));
+    assert!(fails(&["task", "--pd", "no-port", "list"]).contains("no-port"));
+    assert!(fails(&["task", "--pd", "127.0.0.1:1", "--ca", "/missing/ca.pem", "list"]).contains("/missing/ca.pem"));
+    assert!(fails(&["advancer", "--pd", "127.0.0.1:1", "--tick-interval", "soon"]).contains("tick-interval"));
+    assert!(fails(&["advancer", "--pd", "127.0.0.1:1", "--config", "/missing.toml"]).contains("/missing.toml"));
+}
