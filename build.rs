@@ -48,7 +48,7 @@ fn main() {
     // inner doc comments are not allowed; src/proto.rs sets the lint allowances instead.
     for entry in fs::read_dir(&out_dir).expect("list OUT_DIR") {
         let path = entry.expect("dir entry").path();
-        if path.extension().map_or(false, |e| e == "rs") {
+        if path.extension().is_some_and(|e| e == "rs") {
             strip_inner_attributes(&path);
         }
     }

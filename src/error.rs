@@ -14,8 +14,9 @@ pub enum Error {
     Rpc {
         call: &'static str,
         target: String,
+        /// Boxed: a gRPC status is large and every `Result` would carry its size.
         #[source]
-        source: grpcio::Error,
+        source: Box<grpcio::Error>,
     },
 
     /// etcd answered, but not with what the request needed.
@@ -117,10 +118,22 @@ impl Error {
         }
     }
 
+    pub fn rpc(call: &'static str, target: impl Into<String>, source: grpcio::Error) -> Error {
+        Error::Rpc { call, target: target.into(), source: Box::new(source) }
+    }
+
+    /// The gRPC failure at the root, if any.
+    pub fn grpc_source(&self) -> Option<&grpcio::Error> {
+        match self.root() {
+            Error::Rpc { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
     /// The gRPC status code, if the root cause is an RPC status.
     pub fn rpc_status(&self) -> Option<grpcio::RpcStatusCode> {
-        match self.root() {
-            Error::Rpc { source: grpcio::Error::RpcFailure(status), .. } => Some(status.code()),
+        match self.grpc_source()? {
+            grpcio::Error::RpcFailure(status) => Some(status.code()),
             _ => None,
         }
     }

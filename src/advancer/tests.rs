@@ -236,7 +236,7 @@ fn randomized_reports_never_overclaim_or_regress() {
     for round in 0..50 {
         let task_range = r("b", "x");
         let mut adv = Advancer::new(config());
-        adv.add_task(info("t", at(0.0)), &[task_range.clone()], false, 0);
+        adv.add_task(info("t", at(0.0)), std::slice::from_ref(&task_range), false, 0);
         // Boundaries of regions over the whole key space; truth per region.
         let mut bounds: Vec<String> = vec![String::new(), "c".into(), "k".into(), "q".into()];
         let mut truth: Vec<Ts> = vec![at(0.0); bounds.len()];

@@ -262,7 +262,7 @@ fn request_for(batch: &[RegionWithLeader]) -> GetLastFlushTSOfRegionRequest {
 }
 
 fn rpc_error(store: StoreId, source: grpcio::Error) -> Error {
-    Error::Rpc { call: "GetLastFlushTSOfRegion", target: format!("store {store}"), source }
+    Error::rpc("GetLastFlushTSOfRegion", format!("store {store}"), source)
 }
 
 fn fail_batch(store: StoreId, batch: Batch, result: &mut CollectResult) {

@@ -137,11 +137,7 @@ impl PdClient {
         let cluster_id = self.cluster_id();
         let mut req = pdpb::GetMembersRequest::default();
         req.set_header(request_header(cluster_id));
-        let resp = self.client_for(url)?.get_members_opt(&req, self.call_option()).map_err(|source| Error::Rpc {
-            call: "GetMembers",
-            target: url.to_string(),
-            source,
-        })?;
+        let resp = self.client_for(url)?.get_members_opt(&req, self.call_option()).map_err(|source| Error::rpc("GetMembers", url, source))?;
         check_header(url, cluster_id, resp)
     }
 
@@ -203,7 +199,7 @@ impl PdClient {
             let (leader, cluster_id) = self.leader()?;
             req.put_header(request_header(cluster_id));
             let outcome = rpc(&leader.client, &req, self.call_option())
-                .map_err(|source| Error::Rpc { call: name, target: leader.url.clone(), source })
+                .map_err(|source| Error::rpc(name, leader.url.clone(), source))
                 .and_then(|resp| check_header(&leader.url, cluster_id, resp));
             match outcome {
                 Err(e) if calls_for_failover(&e) => {
@@ -339,12 +335,12 @@ fn check_header<Resp: PdResponse>(endpoint: &str, cluster_id: u64, resp: Resp) -
 /// PD members that are down, cut off or no longer leading fail with these; another member
 /// may answer.
 fn calls_for_failover(e: &Error) -> bool {
-    match e.root() {
-        Error::Rpc { source: grpcio::Error::RpcFailure(status), .. } => {
+    match (e.grpc_source(), e.root()) {
+        (Some(grpcio::Error::RpcFailure(status)), _) => {
             matches!(status.code(), RpcStatusCode::UNAVAILABLE | RpcStatusCode::DEADLINE_EXCEEDED)
         }
-        Error::Rpc { source: grpcio::Error::RemoteStopped | grpcio::Error::RpcFinished(_), .. } => true,
-        Error::Pd { reason, .. } => reason.contains("not leader"),
+        (Some(grpcio::Error::RemoteStopped | grpcio::Error::RpcFinished(_)), _) => true,
+        (_, Error::Pd { reason, .. }) => reason.contains("not leader"),
         _ => false,
     }
 }
@@ -552,11 +548,7 @@ mod tests {
 
     #[test]
     fn unavailable_members_and_followers_call_for_failover() {
-        let rpc = |code| Error::Rpc {
-            call: "ScanRegions",
-            target: "pd".into(),
-            source: grpcio::Error::RpcFailure(grpcio::RpcStatus::new(code)),
-        };
+        let rpc = |code| Error::rpc("ScanRegions", "pd", grpcio::Error::RpcFailure(grpcio::RpcStatus::new(code)));
         assert!(calls_for_failover(&rpc(RpcStatusCode::UNAVAILABLE)));
         assert!(calls_for_failover(&rpc(RpcStatusCode::DEADLINE_EXCEEDED).context("scanning")));
         assert!(!calls_for_failover(&rpc(RpcStatusCode::INVALID_ARGUMENT)));

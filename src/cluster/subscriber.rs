@@ -379,11 +379,7 @@ impl Listener {
     }
 
     fn rpc_error(&self, source: grpcio::Error) -> Error {
-        Error::Rpc {
-            call: "SubscribeFlushEvent",
-            target: format!("store {} ({})", self.store.id, self.store.address),
-            source,
-        }
+        Error::rpc("SubscribeFlushEvent", format!("store {} ({})", self.store.id, self.store.address), source)
     }
 }
 

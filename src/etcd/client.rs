@@ -130,7 +130,7 @@ pub struct GetOptions {
 pub struct Cmp(Compare);
 
 impl Cmp {
-    fn new(key: &[u8], result: Compare_CompareResult, target: Compare_CompareTarget) -> Compare {
+    fn compare(key: &[u8], result: Compare_CompareResult, target: Compare_CompareTarget) -> Compare {
         let mut c = Compare::new();
         c.set_key(key.to_vec());
         c.set_result(result);
@@ -138,22 +138,22 @@ impl Cmp {
         c
     }
     pub fn value(key: impl AsRef<[u8]>, result: Compare_CompareResult, value: impl Into<Vec<u8>>) -> Self {
-        let mut c = Self::new(key.as_ref(), result, Compare_CompareTarget::VALUE);
+        let mut c = Self::compare(key.as_ref(), result, Compare_CompareTarget::VALUE);
         c.set_value(value.into());
         Cmp(c)
     }
     pub fn version(key: impl AsRef<[u8]>, result: Compare_CompareResult, version: i64) -> Self {
-        let mut c = Self::new(key.as_ref(), result, Compare_CompareTarget::VERSION);
+        let mut c = Self::compare(key.as_ref(), result, Compare_CompareTarget::VERSION);
         c.set_version(version);
         Cmp(c)
     }
     pub fn create_revision(key: impl AsRef<[u8]>, result: Compare_CompareResult, revision: i64) -> Self {
-        let mut c = Self::new(key.as_ref(), result, Compare_CompareTarget::CREATE);
+        let mut c = Self::compare(key.as_ref(), result, Compare_CompareTarget::CREATE);
         c.set_create_revision(revision);
         Cmp(c)
     }
     pub fn mod_revision(key: impl AsRef<[u8]>, result: Compare_CompareResult, revision: i64) -> Self {
-        let mut c = Self::new(key.as_ref(), result, Compare_CompareTarget::MOD);
+        let mut c = Self::compare(key.as_ref(), result, Compare_CompareTarget::MOD);
         c.set_mod_revision(revision);
         Cmp(c)
     }
@@ -378,7 +378,7 @@ impl EtcdClient {
     /// Forgets the member in use if it is still `endpoint`, so the next call moves on.
     pub(crate) fn mark_failed(&self, endpoint: &str) {
         let mut current = self.shared.current.lock();
-        if current.1.as_ref().map_or(false, |c| c.endpoint == endpoint) {
+        if current.1.as_ref().is_some_and(|c| c.endpoint == endpoint) {
             let next = (current.0 + 1) % self.shared.config.endpoints.len();
             *current = (next, None);
         }
@@ -400,9 +400,9 @@ impl EtcdClient {
                 Err(e) if is_member_failure(&e) => {
                     log::warn!("etcd {call} on {} failed, trying the next member: {e}", conn.endpoint);
                     self.mark_failed(&conn.endpoint);
-                    last_err = Some(Error::Rpc { call, target: conn.endpoint.clone(), source: e });
+                    last_err = Some(Error::rpc(call, conn.endpoint.clone(), e));
                 }
-                Err(e) => return Err(Error::Rpc { call, target: conn.endpoint.clone(), source: e }),
+                Err(e) => return Err(Error::rpc(call, conn.endpoint.clone(), e)),
             }
         }
         Err(last_err.expect("at least one endpoint"))

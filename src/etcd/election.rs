@@ -130,7 +130,7 @@ impl Election {
     }
 
     fn exists(&self, key: &[u8], create_revision: i64) -> Result<bool> {
-        Ok(self.client.get(key.to_vec())?.map_or(false, |kv| kv.get_create_revision() == create_revision))
+        Ok(self.client.get(key.to_vec())?.is_some_and(|kv| kv.get_create_revision() == create_revision))
     }
 
     fn key_lost(&self, lease: i64) -> Error {
@@ -139,7 +139,7 @@ impl Election {
 
     /// True while `leadership` is still the oldest live candidate.
     pub fn is_leader(&self, leadership: &Leadership) -> Result<bool> {
-        Ok(self.leader()?.map_or(false, |kv| {
+        Ok(self.leader()?.is_some_and(|kv| {
             kv.get_key() == leadership.key.as_slice() && kv.get_create_revision() == leadership.create_revision
         }))
     }

@@ -65,7 +65,7 @@ impl EtcdClient {
     /// One keep-alive round trip; returns the TTL etcd now grants (≤ 0: the lease is gone).
     fn keep_alive_once(&self, id: i64) -> Result<i64> {
         let conn = self.connection()?;
-        let fail = |e: grpcio::Error| Error::Rpc { call: "etcd LeaseKeepAlive", target: conn.endpoint.clone(), source: e };
+        let fail = |e: grpcio::Error| Error::rpc("etcd LeaseKeepAlive", conn.endpoint.clone(), e);
         // A short stream per round keeps every round bounded by the request deadline.
         let (mut sender, mut receiver) = conn.lease.lease_keep_alive_opt(self.request_option()).map_err(fail)?;
         let mut req = LeaseKeepAliveRequest::new();

@@ -260,7 +260,7 @@ impl Follower {
                 None
             };
             self.known.insert(name, task);
-            if event.map_or(false, |e| !self.emit(e)) {
+            if event.is_some_and(|e| !self.emit(e)) {
                 return false;
             }
         }

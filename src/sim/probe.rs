@@ -36,7 +36,7 @@ pub fn call_option(deadline: Duration) -> CallOption {
 }
 
 fn rpc_error(call: &'static str, target: &str, source: grpcio::Error) -> Error {
-    Error::Rpc { call, target: target.to_string(), source }
+    Error::rpc(call, target, source)
 }
 
 /// Every region overlapping `range`, page by page (`page` regions per `ScanRegions`), each
