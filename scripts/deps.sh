@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what building and testing streamhelper needs, only when it is missing:
 # cmake and a C++ compiler (grpcio-sys), protoc (build.rs), OpenSSL headers (TLS),
-# and the real etcd server (tests and the demo). Debian/Ubuntu only.
+# the real etcd server (tests and the demo) and the openssl command (TLS tests, which
+# make their own certificates). Debian/Ubuntu only.
 set -euo pipefail
 
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)

@@ -10,7 +10,7 @@ mod watch;
 pub use client::{prefix_end, Cmp, EtcdClient, EtcdConfig, GetOptions, KeySpan, RangeResult, Txn, TxnOp, TxnResult};
 pub use election::{Election, Leadership};
 pub use lease::LeaseKeeper;
-pub use process::EtcdProcess;
+pub use process::{EtcdProcess, ServerTls};
 pub use watch::{EventKind, WatchBatch, WatchEvent, WatchOptions, Watcher};
 
 pub use crate::proto::etcdserverpb::{Compare_CompareResult as CompareResult, RangeRequest_SortOrder as SortOrder, RangeRequest_SortTarget as SortTarget};

@@ -15,6 +15,15 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const INSTALL_HINT: &str =
     "install it with `apt-get install etcd-server` (or set STREAMHELPER_ETCD_BIN to an etcd binary)";
 
+/// Server-side TLS for an etcd under test: its certificate and key, and the CA that
+/// client certificates must chain to (client certificates are then required).
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
 /// A running etcd child process. Dropping it kills the process and removes its data dir.
 pub struct EtcdProcess {
     child: Option<Child>,
@@ -22,6 +31,7 @@ pub struct EtcdProcess {
     data_dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    tls: Option<ServerTls>,
 }
 
 /// The etcd binary to run: `$STREAMHELPER_ETCD_BIN`, else `etcd` on PATH.
@@ -59,12 +69,22 @@ fn unique_temp_dir(prefix: &str) -> Result<PathBuf> {
 impl EtcdProcess {
     /// Starts a fresh single-member etcd and waits until it serves requests.
     pub fn start() -> Result<EtcdProcess> {
+        Self::start_with(None)
+    }
+
+    /// Like [`Self::start`], serving clients over TLS only.
+    pub fn start_tls(tls: ServerTls) -> Result<EtcdProcess> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<ServerTls>) -> Result<EtcdProcess> {
         let mut process = EtcdProcess {
             child: None,
             binary: etcd_binary()?,
             data_dir: unique_temp_dir("streamhelper-etcd")?,
             client_port: free_port()?,
             peer_port: free_port()?,
+            tls,
         };
         process.spawn()?;
         Ok(process)
@@ -98,7 +118,8 @@ impl EtcdProcess {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let client_url = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
         let log_path = self.data_dir.join("etcd.log");
         let log = std::fs::OpenOptions::new()
@@ -107,7 +128,15 @@ impl EtcdProcess {
             .open(&log_path)
             .map_err(|source| Error::Io { what: format!("opening {}", log_path.display()), source })?;
         let log_err = log.try_clone().map_err(|source| Error::Io { what: "duplicating log file".into(), source })?;
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", tls.cert.display()))
+                .arg(format!("--key-file={}", tls.key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.client_ca.display()))
+                .arg("--client-cert-auth=true");
+        }
+        let child = command
             .arg("--name=streamhelper")
             .arg(format!("--data-dir={}", self.data_dir.join("data").display()))
             .arg(format!("--listen-client-urls={client_url}"))
@@ -151,9 +180,13 @@ impl EtcdProcess {
         Err(Error::Timeout(format!("waiting for etcd at {} to become healthy", self.endpoint())))
     }
 
-    /// etcd's own `/health` endpoint on the client port.
+    /// etcd's own `/health` endpoint on the client port (with TLS, an accepted connection:
+    /// std has no TLS client).
     fn healthy(&self) -> bool {
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.client_port)) else { return false };
+        if self.tls.is_some() {
+            return true;
+        }
         let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
         let request = format!("GET /health HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n", self.client_port);
         if stream.write_all(request.as_bytes()).is_err() {
