@@ -150,6 +150,7 @@ fn steady_state_advances_uploads_and_holds_gc() {
     assert!(metrics.contains("tidb_log_backup_last_checkpoint{task=\"t1\"}"), "{metrics}");
     assert!(metrics.contains("tidb_log_backup_advancer_owner 1"), "{metrics}");
     daemon.stop();
+    assert!(f.meta.etcd().scan_prefix(b"/tidb/br-stream/owner/", 10).unwrap().0.is_empty(), "stop resigns ownership");
 }
 
 #[test]

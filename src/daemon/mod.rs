@@ -117,11 +117,18 @@ impl Shared {
 
 pub struct Daemon;
 
+/// Threads stopped and joined together.
+struct Stage {
+    stop: StopHandle,
+    threads: Vec<JoinHandle<()>>,
+}
+
 /// A running daemon. Dropping it stops it too.
 pub struct DaemonHandle {
     shared: Arc<Shared>,
-    stop: Option<StopHandle>,
-    threads: Vec<JoinHandle<()>>,
+    /// Stopped in order: the ticker and listener first, so no tick runs while the owner
+    /// thread resigns; then the owner thread.
+    stages: Vec<Stage>,
     status_server: Option<StatusServer>,
 }
 
@@ -159,25 +166,26 @@ impl Daemon {
             tasks: Mutex::new(Vec::new()),
             id: id.clone(),
         });
-        let (stop_handle, stop) = stop_pair();
+        let (work_stop_handle, stop) = stop_pair();
+        let (owner_stop_handle, owner_stop) = stop_pair();
         let (task_tx, task_rx) = crossbeam_channel::bounded(1024);
         let (owner_tx, owner_rx) = crossbeam_channel::bounded(16);
 
-        let mut threads = Vec::new();
+        let mut work = Vec::new();
         let listener = {
             let (ext, stop, backoff) = (ext.clone(), stop.clone(), config.advancer.backoff);
             spawn("task-listener", move || listen_tasks(ext, task_tx, backoff, stop))?
         };
-        threads.push(listener);
+        work.push(listener);
         let owner = owner::OwnerLoop {
             etcd,
             id,
             ttl: config.advancer.owner_ttl,
             backoff: config.advancer.backoff,
             events: owner_tx,
-            stop: stop.clone(),
+            stop: owner_stop,
         };
-        threads.push(spawn("owner", move || owner.run())?);
+        let owner_thread = spawn("owner", move || owner.run())?;
         let ticker = ticker::Ticker {
             shared: shared.clone(),
             meta: pd,
@@ -190,13 +198,17 @@ impl Daemon {
             leadership: None,
             subscriber: None,
         };
-        threads.push(spawn("ticker", move || ticker.run())?);
+        work.push(spawn("ticker", move || ticker.run())?);
         let status_server = match &config.status_addr {
             Some(addr) => Some(StatusServer::start(addr, status_handler(shared.clone()))?),
             None => None,
         };
         log::info!("begin advancer daemon {}", shared.id);
-        Ok(DaemonHandle { shared, stop: Some(stop_handle), threads, status_server })
+        let stages = vec![
+            Stage { stop: work_stop_handle, threads: work },
+            Stage { stop: owner_stop_handle, threads: vec![owner_thread] },
+        ];
+        Ok(DaemonHandle { shared, stages, status_server })
     }
 }
 
@@ -262,14 +274,17 @@ impl DaemonHandle {
     }
 
     fn shutdown(&mut self) {
-        if self.stop.take().is_none() {
+        if self.stages.is_empty() {
             return;
         }
         self.status_server.take();
-        for thread in self.threads.drain(..) {
-            let name = thread.thread().name().unwrap_or("?").to_string();
-            if thread.join().is_err() {
-                log::error!("daemon thread {name} panicked");
+        for stage in self.stages.drain(..) {
+            stage.stop.stop();
+            for thread in stage.threads {
+                let name = thread.thread().name().unwrap_or("?").to_string();
+                if thread.join().is_err() {
+                    log::error!("daemon thread {name} panicked");
+                }
             }
         }
         log::info!("daemon loop exits");

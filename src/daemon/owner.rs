@@ -73,10 +73,9 @@ impl OwnerLoop {
         };
         log::info!("daemon became owner: {} holds {}", self.id, String::from_utf8_lossy(&leadership.key));
         let watch = election.watch_leadership(&leadership);
-        if self.events.send(OwnerEvent::Gained(leadership.clone())).is_err() {
-            return Err(Error::Stopped("owner loop".into()));
-        }
-        let stopped = loop {
+        // Nobody to tell (the ticker is gone): we are shutting down.
+        let told = self.events.send(OwnerEvent::Gained(leadership.clone())).is_ok();
+        let stopped = !told || loop {
             crossbeam_channel::select! {
                 recv(self.stop.receiver()) -> _ => break true,
                 recv(keeper.lost()) -> lost => {
