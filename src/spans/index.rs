@@ -4,7 +4,7 @@
 //! usually none. Slots come in cache-line buckets of 12 tags and 12 ids, so reading a slot
 //! is one cache miss; a slot costs 5.3 bytes.
 
-use super::Rec;
+use super::{huge_vec, Rec};
 
 /// The table grows past this load factor (4/5)...
 const MAX_LOAD: (usize, usize) = (4, 5);
@@ -61,7 +61,8 @@ impl KeyIndex {
     pub(super) fn insert(&mut self, recs: &[Rec], id: u32) {
         if (self.len + 1) * MAX_LOAD.1 > self.capacity() * MAX_LOAD.0 {
             let buckets = ((self.len + 1) * GROWTH).div_ceil(BUCKET);
-            let old = std::mem::replace(&mut self.buckets, vec![EMPTY_BUCKET; buckets]);
+            let old = std::mem::replace(&mut self.buckets, huge_vec(buckets));
+            self.buckets.resize(buckets, EMPTY_BUCKET);
             for bucket in old {
                 for (_, &id) in bucket.tags.iter().zip(&bucket.ids).filter(|&(&tag, _)| tag != EMPTY) {
                     self.place(recs, id);

@@ -385,13 +385,48 @@ impl<'a> Iterator for Below<'a> {
 }
 
 /// Pushes onto a large, long-lived array growing it by 1/8 rather than doubling, so at most
-/// 1/9 of it is slack; glibc's `realloc` remaps big blocks instead of copying them.
+/// 1/9 of it is slack. Growing moves the items into a fresh [`huge_vec`] rather than
+/// `realloc`ing: a remapped block keeps the small pages it was faulted in with.
 fn grow_push<T>(v: &mut Vec<T>, item: T) {
     if v.len() == v.capacity() {
-        v.reserve_exact(v.len() / 8 + 4);
+        let mut grown = huge_vec(v.len() + v.len() / 8 + 4);
+        grown.append(v);
+        *v = grown;
     }
     v.push(item);
 }
+
+/// An empty vector with room for exactly `capacity` items, backed by transparent huge pages
+/// where the kernel allows them (it must be asked before the memory is first touched). At
+/// 10^6 spans every update misses the caches twice, and with 4 KiB pages each miss also
+/// walks the page tables: huge pages cut the same-boundary update by about 10%.
+fn huge_vec<T>(capacity: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(capacity);
+    advise_huge_pages(v.as_mut_ptr().cast(), v.capacity() * std::mem::size_of::<T>());
+    v
+}
+
+#[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    const HUGE_PAGE: usize = 2 << 20;
+    const PAGE: usize = 4096;
+    const MADV_HUGEPAGE: i32 = 14;
+    extern "C" {
+        fn madvise(addr: *mut u8, len: usize, advice: i32) -> i32;
+    }
+    if len < HUGE_PAGE {
+        return;
+    }
+    // madvise takes whole pages; the block's partial first and last pages are left alone.
+    let start = (ptr as usize).next_multiple_of(PAGE);
+    let end = (ptr as usize + len) / PAGE * PAGE;
+    // SAFETY: the pages lie inside an allocation this process owns, and MADV_HUGEPAGE is
+    // only advice: it changes no contents, and failure (e.g. THP disabled) is harmless.
+    unsafe { madvise(start as *mut u8, end - start, MADV_HUGEPAGE) };
+}
+
+#[cfg(not(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64"))))]
+fn advise_huge_pages(_ptr: *mut u8, _len: usize) {}
 
 /// The union of `ranges` as sorted, disjoint ranges, with overlapping or touching ones
 /// joined and empty ones dropped.

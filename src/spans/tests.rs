@@ -209,6 +209,17 @@ fn display_spans() {
     assert_eq!(format!("{:?}", spans), "[[, a\\x01)@0, [a\\x01, b)@3, [b, +inf)@0]");
 }
 
+#[test]
+fn growth_moves_items_into_huge_page_blocks() {
+    // Past 2 MiB, growing copies into a fresh block advised for huge pages.
+    let mut v: Vec<u64> = Vec::new();
+    for i in 0..1_000_000 {
+        grow_push(&mut v, i);
+        assert!(v.capacity() <= v.len() + v.len() / 8 + 4, "at most 1/9 slack");
+    }
+    assert!(v.iter().copied().eq(0..1_000_000), "growth keeps the items in order");
+}
+
 // ---- Property tests against a naive model ----
 
 /// SplitMix64: a tiny seeded generator, enough for reproducible random cases.
