@@ -62,6 +62,20 @@ pub enum FailReason {
     StoreFailed,
 }
 
+impl FailReason {
+    /// The metric label (upstream's spelling where it has one).
+    pub fn label(&self) -> &'static str {
+        match self {
+            FailReason::NoLeader => "no-leader",
+            FailReason::NotLeader => "not-leader",
+            FailReason::EpochNotMatch => "epoch-not-match",
+            FailReason::RegionError(_) => "region-error",
+            FailReason::NoCheckpoint => "no-checkpoint",
+            FailReason::StoreFailed => "store-failed",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FailedRange {
     pub range: KeyRange,

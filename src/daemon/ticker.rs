@@ -188,8 +188,7 @@ impl Ticker {
                     self.metrics().inc_counter(metrics::REGION_REQUEST, &[("result", "success")], result.advanced.len() as u64);
                     self.metrics().inc_counter(metrics::REGION_REQUEST, &[("result", "fail")], result.failed.len() as u64);
                     for failed in &result.failed {
-                        let reason = format!("{:?}", failed.reason).to_lowercase();
-                        self.metrics().inc_counter(metrics::REGION_REQUEST_FAILURE, &[("reason", &reason)], 1);
+                        self.metrics().inc_counter(metrics::REGION_REQUEST_FAILURE, &[("reason", failed.reason.label())], 1);
                     }
                     for error in &result.store_errors {
                         log::warn!("task {}: {error}", plan.task);
