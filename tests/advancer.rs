@@ -352,3 +352,19 @@ fn sigterm(child: &Child) {
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn pd_down_at_start_or_while_running_only_delays_the_checkpoint() {
+    let f = Fixture::new(3, 12);
+    let start = f.add_task("t1", KeyRange::full());
+    f.sim.stop_pd();
+    let _daemon = Daemon::start(f.daemon_config()).expect("PD being away is no reason to exit");
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    safety.hold_for(Duration::from_millis(800));
+    f.sim.start_pd().unwrap();
+    let first = safety.advance_past(start, "after PD came up");
+    f.sim.stop_pd();
+    let held = safety.hold_for(Duration::from_secs(1));
+    f.sim.start_pd().unwrap();
+    safety.advance_past(held.max(first), "after PD came back");
+}

@@ -69,15 +69,21 @@ struct Leader {
 impl PdClient {
     /// Validates the endpoints and finds the PD leader.
     pub fn connect(config: PdConfig, security: Security) -> Result<Self> {
+        let client = Self::new(config, security)?;
+        client.discover()?;
+        Ok(client)
+    }
+
+    /// Validates the endpoints only; the leader is found by the first call. For long-running
+    /// users that must start while PD is briefly away.
+    pub fn new(config: PdConfig, security: Security) -> Result<Self> {
         if config.endpoints.is_empty() {
             return Err(Error::Config("no PD endpoint given".into()));
         }
         for endpoint in &config.endpoints {
             strip_scheme(endpoint)?;
         }
-        let client = PdClient { config, security, env: grpc_env(), state: Mutex::default() };
-        client.discover()?;
-        Ok(client)
+        Ok(PdClient { config, security, env: grpc_env(), state: Mutex::default() })
     }
 
     /// The cluster id every request carries.

@@ -154,7 +154,13 @@ impl Daemon {
         let etcd = EtcdClient::new(etcd_config)?;
         let mut pd_config = PdConfig::new(config.pd_endpoints.clone());
         pd_config.timeout = config.advancer.rpc_timeout;
-        let pd: Arc<dyn ClusterMeta> = Arc::new(PdClient::connect(pd_config, config.security.clone())?);
+        // PD may be briefly away (a rolling restart): every call finds the leader again, so
+        // only bad addresses stop the start-up.
+        let pd = PdClient::new(pd_config, config.security.clone())?;
+        if let Err(e) = pd.fetch_current_ts() {
+            log::warn!("PD is not answering yet, the advancer keeps trying: {e}");
+        }
+        let pd: Arc<dyn ClusterMeta> = Arc::new(pd);
         let tikv_config = TikvConfig { dial_timeout: config.advancer.dial_timeout, ..TikvConfig::default() };
         let service: Arc<dyn LogBackupService> = Arc::new(TikvClients::new(pd.clone(), config.security.clone(), tikv_config));
         let ext = AdvancerExt::new(MetaDataClient::new(etcd.clone()));
