@@ -72,14 +72,14 @@ impl Cluster {
     }
 
     fn led_by(&self, stores: &[StoreId]) -> Vec<SimRegion> {
-        self.sim.regions().into_iter().filter(|r| r.leader.is_some_and(|l| stores.contains(&l))).collect()
+        self.sim.regions().into_iter().filter(|r| r.leader_store.is_some_and(|l| stores.contains(&l))).collect()
     }
 
     /// What the collector must report for regions whose leader answers from its last flush.
     fn at_last_flush(&self, regions: &[SimRegion]) -> Vec<(KeyRange, Ts)> {
         let mut expected: Vec<_> = regions
             .iter()
-            .map(|r| (r.range.clone(), self.sim.last_flush_ts(r.leader.unwrap()).expect("the leader flushed")))
+            .map(|r| (r.range.clone(), self.sim.last_flush_ts(r.leader_store.unwrap()).expect("the leader flushed")))
             .collect();
         expected.sort();
         expected
@@ -90,7 +90,7 @@ impl Cluster {
         self.led_by(stores)
             .into_iter()
             .map(|r| {
-                let leader = r.leader.unwrap();
+                let leader = r.leader_store.unwrap();
                 (r.range, (self.sim.last_flush_ts(leader).unwrap(), leader))
             })
             .collect()
@@ -108,25 +108,10 @@ impl Cluster {
 fn failed(regions: &[SimRegion], reason: FailReason) -> Vec<FailedRange> {
     let mut failed: Vec<_> = regions
         .iter()
-        .map(|r| FailedRange { range: r.range.clone(), region: Some(r.id), store: r.leader, reason: reason.clone() })
+        .map(|r| FailedRange { range: r.range.clone(), region: Some(r.id), store: r.leader_store, reason: reason.clone() })
         .collect();
     failed.sort();
     failed
-}
-
-fn as_region(r: &SimRegion) -> RegionWithLeader {
-    RegionWithLeader {
-        id: r.id,
-        range: r.range.clone(),
-        epoch_version: r.epoch_version,
-        conf_ver: r.conf_ver,
-        leader_store: r.leader,
-        peer_stores: r.peers.clone(),
-    }
-}
-
-fn as_regions(regions: &[SimRegion]) -> Vec<RegionWithLeader> {
-    regions.iter().map(as_region).collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -145,14 +130,14 @@ fn pd_client_serves_regions_stores_tso_and_gc_safe_point() {
     while !iter.done() {
         regions.extend(iter.next_page().unwrap());
     }
-    assert_eq!(regions, as_regions(&sim.regions()));
+    assert_eq!(regions, sim.regions());
 
     // The empty start key is sent encoded, and the region holding a key comes first.
-    assert_eq!(pd.region_scan(b"", b"", 1).unwrap(), as_regions(&sim.regions()[..1]));
+    assert_eq!(pd.region_scan(b"", b"", 1).unwrap(), sim.regions()[..1].to_vec());
     let probe = sim.regions()[17].range.start.clone();
     let mut next = probe.clone();
     next.push(0);
-    assert_eq!(pd.region_scan(&probe, &next, 1).unwrap(), vec![as_region(&sim.region_at(&probe))]);
+    assert_eq!(pd.region_scan(&probe, &next, 1).unwrap(), vec![sim.region_at(&probe)]);
 
     let stores = pd.stores().unwrap();
     let expected: Vec<(StoreId, String)> = sim.store_ids().into_iter().map(|id| (id, sim.store_address(id))).collect();
@@ -199,11 +184,11 @@ fn pd_client_skips_a_dead_endpoint_and_follows_the_leader_to_another_member() {
     let pd = PdClient::connect(pd_config(vec![dead, a.pd_endpoint(), b.pd_endpoint()]), Security::insecure()).unwrap();
     assert_eq!(pd.leader_url(), Some(format!("http://{}", a.pd_endpoint())));
     let scan = |pd: &PdClient| RegionIter::new(pd, &KeyRange::full()).collect_all().unwrap();
-    assert_eq!(scan(&pd), as_regions(&a.regions()));
+    assert_eq!(scan(&pd), a.regions());
 
     // The leader goes away: the next call finds the member that answers and retries there.
     a.stop_pd();
-    assert_eq!(scan(&pd), as_regions(&b.regions()));
+    assert_eq!(scan(&pd), b.regions());
     assert_eq!(pd.leader_url(), Some(format!("http://{}", b.pd_endpoint())));
     assert!(pd.fetch_current_ts().is_ok());
 
@@ -310,7 +295,7 @@ fn leaderless_unflushed_and_moved_regions_fail_and_never_advance() {
     c.sim.set_never_flush(unflushed, true);
     c.sim.flush_all();
     // A leader that moved after the flush: the new leader has not flushed the region yet.
-    let new_leader = c.sim.store_ids().into_iter().find(|&s| Some(s) != regions[23].leader).unwrap();
+    let new_leader = c.sim.store_ids().into_iter().find(|&s| Some(s) != regions[23].leader_store).unwrap();
     c.sim.transfer_leader(moved, new_leader).unwrap();
 
     let result = c.collect();

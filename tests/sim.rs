@@ -129,7 +129,7 @@ fn collect_events(
 }
 
 fn led_by(sim: &SimCluster, store_id: StoreId) -> Vec<SimRegion> {
-    sim.regions().into_iter().filter(|r| r.leader == Some(store_id)).collect()
+    sim.regions().into_iter().filter(|r| r.leader_store == Some(store_id)).collect()
 }
 
 #[test]
@@ -145,8 +145,8 @@ fn scan_regions_pages_encoded_contiguous_regions_with_leaders() {
         assert_eq!(region.get_start_key(), encode_end_key(&want.range.start).as_slice(), "encoded, empty stays empty");
         assert_eq!(decode_boundary(region.get_end_key()).unwrap(), want.range.end);
         assert_eq!(region.get_region_epoch().get_version(), want.epoch_version);
-        assert_eq!(region.get_peers().iter().map(|p| p.get_store_id()).collect::<Vec<_>>(), want.peers);
-        assert_eq!(Some(got.get_leader().get_store_id()), want.leader);
+        assert_eq!(region.get_peers().iter().map(|p| p.get_store_id()).collect::<Vec<_>>(), want.peer_stores);
+        assert_eq!(Some(got.get_leader().get_store_id()), want.leader_store);
     }
     assert!(expected.first().unwrap().range.start.is_empty() && expected.last().unwrap().range.end.is_empty());
     for pair in expected.windows(2) {
@@ -165,7 +165,7 @@ fn scan_regions_pages_encoded_contiguous_regions_with_leaders() {
     let ids: Vec<RegionId> = response.get_regions().iter().map(|r| r.get_region().get_id()).collect();
     assert_eq!(ids, expected[10..20].iter().map(|r| r.id).collect::<Vec<_>>());
     assert_eq!(response.get_region_metas().len(), 10);
-    assert_eq!(response.get_leaders()[0].get_store_id(), from.leader.unwrap());
+    assert_eq!(response.get_leaders()[0].get_store_id(), from.leader_store.unwrap());
 
     // TiDB encodes an empty start key (00x8 F7): the scan starts at the first region.
     request.set_start_key(encode_bytes(b""));
@@ -212,7 +212,7 @@ fn batch_scan_and_point_lookups_agree_with_the_table() {
     by_id.set_region_id(regions[7].id);
     let response = client.get_region_by_id_opt(&by_id, call_option(DEADLINE)).unwrap();
     assert_eq!(decode_boundary(response.get_region().get_start_key()).unwrap(), regions[7].range.start);
-    assert_eq!(response.get_leader().get_store_id(), regions[7].leader.unwrap());
+    assert_eq!(response.get_leader().get_store_id(), regions[7].leader_store.unwrap());
 }
 
 #[test]
@@ -371,10 +371,10 @@ fn leadership_moves_show_after_the_stores_flush() {
     let sim = sim(3, 6, 4);
     sim.flush_all();
     let region = sim.regions()[2].clone();
-    let old = region.leader.unwrap();
+    let old = region.leader_store.unwrap();
     let new = sim.store_ids().into_iter().find(|&s| s != old).unwrap();
     sim.transfer_leader(region.id, new).unwrap();
-    assert_eq!(sim.region(region.id).unwrap().leader, Some(new));
+    assert_eq!(sim.region(region.id).unwrap().leader_store, Some(new));
 
     // Until they flush again the old leader still reports its last map, the new one not.
     assert!(!ask_one(&sim, old, &region).has_err());
@@ -389,7 +389,7 @@ fn leadership_moves_show_after_the_stores_flush() {
     // Without a leader nobody flushes it, so its truth stays behind.
     sim.remove_leader(region.id);
     sim.flush_all();
-    assert_eq!(sim.region(region.id).unwrap().leader, None);
+    assert_eq!(sim.region(region.id).unwrap().leader_store, None);
     assert!(sim.true_checkpoint(&region.range) < sim.last_flush_ts(new).unwrap());
     assert!(ask_one(&sim, new, &region).has_err());
 }
@@ -400,7 +400,7 @@ fn split_and_merge_bump_epochs_seen_as_epoch_not_match_until_the_next_flush() {
     sim.flush_all();
     let key = record_key(100, 5000);
     let before = sim.region_at(&key);
-    let leader = before.leader.unwrap();
+    let leader = before.leader_store.unwrap();
     let (left, right) = sim.split(&key).unwrap();
     assert_eq!(right, before.id);
     let left_region = sim.region(left).unwrap();
@@ -432,7 +432,7 @@ fn never_flush_region_is_never_reported_and_holds_the_truth_back() {
     sim.set_never_flush(stuck.id, true);
     sim.flush_all();
     sim.flush_all();
-    let leader = stuck.leader.unwrap();
+    let leader = stuck.leader_store.unwrap();
     assert_not_flushed(&ask_one(&sim, leader, &stuck), stuck.id, stuck.epoch_version);
     assert_eq!(sim.true_checkpoint(&stuck.range), sim.start_ts());
     assert_eq!(sim.true_checkpoint(&KeyRange::full()), sim.start_ts());
@@ -721,7 +721,7 @@ fn text_controls_act_on_the_sim() {
     assert!(apply("split t100_r777").unwrap().contains("split"));
     assert_eq!(sim.region_at(&key).range.start, key);
     apply(&format!("transfer-leader {region} 2")).unwrap();
-    assert_eq!(sim.region(region).unwrap().leader, Some(2));
+    assert_eq!(sim.region(region).unwrap().leader_store, Some(2));
     apply("flush 2").unwrap();
     assert!(sim.last_flush_ts(2).is_some() && sim.last_flush_ts(1).is_none());
     apply("stop-store 3").unwrap();

@@ -68,27 +68,17 @@ impl Default for SimConfig {
     }
 }
 
-/// A region as PD describes it, with raw keys.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SimRegion {
-    pub id: RegionId,
-    pub range: KeyRange,
-    pub epoch_version: u64,
-    pub conf_ver: u64,
-    pub leader: Option<StoreId>,
-    pub peers: Vec<StoreId>,
-}
+/// A region as PD describes it, with raw keys: the same shape the cluster side decodes.
+pub use crate::cluster::RegionWithLeader as SimRegion;
 
-impl SimRegion {
-    fn new(start: &Key, meta: &RegionMeta) -> SimRegion {
-        SimRegion {
-            id: meta.id,
-            range: KeyRange::new(start.to_vec(), meta.end.to_vec()),
-            epoch_version: meta.version,
-            conf_ver: meta.conf_ver,
-            leader: meta.leader,
-            peers: meta.peers.as_slice().to_vec(),
-        }
+fn sim_region(start: &Key, meta: &RegionMeta) -> SimRegion {
+    SimRegion {
+        id: meta.id,
+        range: KeyRange::new(start.to_vec(), meta.end.to_vec()),
+        epoch_version: meta.version,
+        conf_ver: meta.conf_ver,
+        leader_store: meta.leader,
+        peer_stores: meta.peers.as_slice().to_vec(),
     }
 }
 
@@ -169,17 +159,17 @@ impl SimCluster {
 
     /// Every region, in key order.
     pub fn regions(&self) -> Vec<SimRegion> {
-        self.state.regions.read().iter().map(|(start, meta)| SimRegion::new(start, meta)).collect()
+        self.state.regions.read().iter().map(|(start, meta)| sim_region(start, meta)).collect()
     }
 
     pub fn region(&self, id: RegionId) -> Option<SimRegion> {
-        self.state.regions.read().get(id).map(|(start, meta)| SimRegion::new(start, meta))
+        self.state.regions.read().get(id).map(|(start, meta)| sim_region(start, meta))
     }
 
     pub fn region_at(&self, raw_key: &[u8]) -> SimRegion {
         let table = self.state.regions.read();
         let (start, meta) = table.region_at(raw_key);
-        SimRegion::new(start, meta)
+        sim_region(start, meta)
     }
 
     /// A fresh TSO from the sim's clock (the one PD's `Tso` serves).
