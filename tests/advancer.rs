@@ -368,3 +368,78 @@ fn pd_down_at_start_or_while_running_only_delays_the_checkpoint() {
     f.sim.start_pd().unwrap();
     safety.advance_past(held.max(first), "after PD came back");
 }
+
+/// Seeded random faults while the daemon runs: safety is checked after every step, and once
+/// everything is healed the checkpoint must move again.
+#[test]
+fn random_faults_never_break_safety() {
+    let f = Fixture::new(4, 24);
+    let range = KeyRange::new(b"t".to_vec(), Vec::new());
+    let start = f.add_task("t1", range.clone());
+    let _daemon = f.daemon();
+    let mut safety = Safety::new(&f, "t1", range);
+    safety.advance_past(start, "before the faults");
+    // FAULT_SEED replays or explores other fault sequences.
+    let mut seed = std::env::var("FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x00c0_ffee_u64);
+    let mut rand = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let stores = f.sim.store_ids();
+    let mut log = Vec::new();
+    for step in 0..40 {
+        let regions = f.sim.regions();
+        let region = &regions[rand(regions.len())];
+        let store = stores[rand(stores.len())];
+        let action = match rand(9) {
+            0 => {
+                let mut key = region.range.start.clone();
+                key.extend_from_slice(&[0x60, step as u8]);
+                format!("split: {:?}", f.sim.split(&key).map(drop))
+            }
+            1 if regions.len() > 2 => {
+                let i = rand(regions.len() - 1);
+                format!("merge: {:?}", f.sim.merge(regions[i].id, regions[i + 1].id).map(drop))
+            }
+            2 => {
+                f.sim.scatter();
+                "scatter".into()
+            }
+            3 => format!("transfer {} to {store}: {:?}", region.id, f.sim.transfer_leader(region.id, store)),
+            4 => {
+                f.sim.hang_store(store);
+                format!("hang {store}")
+            }
+            5 => {
+                f.sim.resume_store(store);
+                format!("resume {store}")
+            }
+            6 => format!("restart {store}: {:?}", f.sim.restart_store(store).map(drop)),
+            7 => {
+                let never = rand(2) == 0;
+                f.sim.set_never_flush(region.id, never);
+                format!("never-flush {} = {never}", region.id)
+            }
+            _ => {
+                let supported = rand(2) == 0;
+                f.sim.set_subscription_supported(store, supported);
+                format!("subscription {store} = {supported}")
+            }
+        };
+        log.push(action);
+        f.sim.flush_all();
+        std::thread::sleep(Duration::from_millis(150));
+        safety.check();
+    }
+    for store in &stores {
+        f.sim.resume_store(*store);
+        f.sim.set_subscription_supported(*store, true);
+    }
+    for region in f.sim.regions() {
+        f.sim.set_never_flush(region.id, false);
+    }
+    let before = safety.check();
+    safety.advance_past(before, &format!("after healing; faults were {log:?}"));
+}
