@@ -17,7 +17,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{bounded, select, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use futures_util::Stream;
 use grpcio::{CallOption, ClientSStreamReceiver, RpcStatusCode};
 use log::{info, warn};
@@ -366,9 +366,8 @@ impl Listener {
             };
             self.status.lock().messages += 1;
             for event in message.get_events().iter().filter_map(|e| decode_event(self.store.id, e)) {
-                select! {
-                    send(self.events, event) -> sent => if sent.is_err() { return Ok(()) },
-                    recv(self.stop.receiver()) -> _ => return Ok(()),
+                if !self.stop.send(&self.events, event) {
+                    return Ok(());
                 }
             }
         }
