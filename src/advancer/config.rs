@@ -24,8 +24,6 @@ pub struct Config {
     pub rpc_timeout: Duration,
     /// Upload the unchanged checkpoint at least this often, so readers see a live owner.
     pub upload_heartbeat: Duration,
-    /// TTL of the PD service GC safepoint.
-    pub gc_safepoint_ttl: Duration,
 }
 
 impl Default for Config {
@@ -39,7 +37,6 @@ impl Default for Config {
             dial_timeout: Duration::from_secs(8),
             rpc_timeout: Duration::from_secs(10),
             upload_heartbeat: Duration::from_secs(60),
-            gc_safepoint_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -62,7 +59,6 @@ impl Config {
             "dial-timeout" => &mut self.dial_timeout,
             "rpc-timeout" => &mut self.rpc_timeout,
             "upload-heartbeat" => &mut self.upload_heartbeat,
-            "gc-safepoint-ttl" => &mut self.gc_safepoint_ttl,
             other => return Err(Error::Config(format!("unknown option {other:?}"))),
         };
         *slot = duration;

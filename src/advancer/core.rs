@@ -87,10 +87,6 @@ impl Advancer {
         f(&mut self.config);
     }
 
-    pub fn task_names(&self) -> Vec<String> {
-        self.tasks.keys().cloned().collect()
-    }
-
     /// A task appeared or was redefined: its frontier starts over at its start ts and its
     /// checkpoint at max(stored, start ts). `stored` is what etcd holds (0 if none).
     pub fn add_task(&mut self, info: StreamBackupTaskInfo, ranges: &[KeyRange], paused: bool, stored: Ts) {
