@@ -66,6 +66,33 @@ trait Frontier {
     /// Sums the ts of the pieces below `threshold`, visited in ascending (ts, start) order.
     fn below_sum(&self, threshold: Ts) -> Ts;
     fn snapshot(&self) -> Vec<(Vec<u8>, Vec<u8>, Ts)>;
+    /// Merges a batch, through `merge_batch` when `batched` (the baseline always merges one
+    /// by one).
+    fn merge_many(&mut self, batch: &Batch, batched: bool) {
+        let _ = batched;
+        batch.items().for_each(|(start, end, ts)| self.merge(start, end, ts));
+    }
+}
+
+/// Keys of a batch of same-boundary updates, computed before the batch is timed (the
+/// buffer is reused, so timing allocates nothing).
+struct Batch(Vec<([u8; 19], [u8; 19], bool, Ts)>);
+
+impl Batch {
+    const SIZE: usize = 1024;
+
+    /// `SIZE` random regions of `n`, each reporting its own span at `ts0`, `ts0 + 1`, ...
+    fn fill(&mut self, rng: &mut Rng, n: usize, ts0: Ts) {
+        self.0.clear();
+        for j in 0..Self::SIZE {
+            let region = rng.below(n);
+            self.0.push((region_key(region), region_key(region + 1), region + 1 < n, ts0 + j as Ts));
+        }
+    }
+
+    fn items(&self) -> impl Iterator<Item = (&[u8], &[u8], Ts)> {
+        self.0.iter().map(|(start, end, bounded, ts)| (&start[..], if *bounded { &end[..] } else { &[][..] }, *ts))
+    }
 }
 
 impl Frontier for SpanFrontier {
@@ -83,6 +110,14 @@ impl Frontier for SpanFrontier {
 
     fn snapshot(&self) -> Vec<(Vec<u8>, Vec<u8>, Ts)> {
         self.iter().map(|s| (s.start.to_vec(), s.end.to_vec(), s.ts)).collect()
+    }
+
+    fn merge_many(&mut self, batch: &Batch, batched: bool) {
+        if batched {
+            self.merge_batch(batch.items());
+        } else {
+            batch.items().for_each(|(start, end, ts)| self.merge_keys(start, end, ts));
+        }
     }
 }
 
@@ -301,12 +336,38 @@ fn rows(n: usize, ours: &mut SpanFrontier, naive: &mut Naive, overhead: u64) -> 
     let [naive_same] = same(naive);
     rows.push(Row { op: "update, same boundaries", ours: ours_same, naive: naive_same });
 
+    // Batches of random same-boundary updates, one by one through `merge_keys` and through
+    // `merge_batch`, alternating, each batch its own regions. Only the merges are timed (the
+    // keys are computed before); ns and allocations per update.
+    let batches = |f: &mut dyn Frontier| {
+        let (mut rng, mut batch) = (Rng(4), Batch(Vec::with_capacity(Batch::SIZE)));
+        let mut times: [Vec<u64>; 2] = Default::default();
+        let mut allocations = [0; 2];
+        for i in 0..UPDATES / Batch::SIZE {
+            for (k, batched) in [false, true].into_iter().enumerate() {
+                batch.fill(&mut rng, n, (2 * n + UPDATES + (2 * i + k) * Batch::SIZE) as Ts);
+                let before = ALLOCATIONS.load(Relaxed);
+                let start = Instant::now();
+                f.merge_many(black_box(&batch), batched);
+                times[k].push(start.elapsed().as_nanos() as u64 / Batch::SIZE as u64);
+                allocations[k] += ALLOCATIONS.load(Relaxed) - before;
+            }
+        }
+        let count = (UPDATES / Batch::SIZE * Batch::SIZE) as f64;
+        let [one, batched] = times;
+        [(Samples(one), allocations[0] as f64 / count), (Samples(batched), allocations[1] as f64 / count)]
+    };
+    let [ours_one, ours_batched] = batches(ours);
+    let [naive_one, naive_batched] = batches(naive);
+    rows.push(Row { op: "batch of 1024 same-boundary updates, merge_keys each", ours: ours_one, naive: naive_one });
+    rows.push(Row { op: "batch of 1024 same-boundary updates, merge_batch", ours: ours_batched, naive: naive_batched });
+
     // A region's first half reports (its piece splits), then the second half catches up at
     // the same ts (the halves coalesce again), so the piece count stays put.
     let split_then_join = |f: &mut dyn Frontier| {
         let (mut rng, mut region) = (Rng(2), 0);
         measure(UPDATES / 2, 1, overhead, |i, step| {
-            let ts = (2 * n + UPDATES + i) as Ts;
+            let ts = (2 * n + 3 * UPDATES + i) as Ts;
             let mut mid = [0x80; 20];
             if step == 0 {
                 region = rng.below(n);

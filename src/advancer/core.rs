@@ -142,17 +142,26 @@ impl Advancer {
 
     /// A flushed range from a subscription: raises every task's spans it covers.
     pub fn on_flush(&mut self, range: &KeyRange, ts: Ts) {
+        self.on_flushes([(range, ts)]);
+    }
+
+    /// Flushed ranges from subscriptions, merged as one batch per task (the frontier hides
+    /// memory latency across a batch).
+    pub fn on_flushes<'a, I>(&mut self, flushes: I)
+    where
+        I: IntoIterator<Item = (&'a KeyRange, Ts)>,
+        I::IntoIter: Clone,
+    {
+        let flushes = flushes.into_iter();
         for task in self.tasks.values_mut() {
-            task.frontier.merge(range, ts);
+            task.frontier.merge_batch(flushes.clone().map(|(r, ts)| (r.start.as_slice(), r.end.as_slice(), ts)));
         }
     }
 
     /// Region checkpoints polled for `task`.
     pub fn on_poll_result<'a>(&mut self, task: &str, advanced: impl IntoIterator<Item = (&'a KeyRange, Ts)>) {
         if let Some(state) = self.tasks.get_mut(task) {
-            for (range, ts) in advanced {
-                state.frontier.merge(range, ts);
-            }
+            state.frontier.merge_batch(advanced.into_iter().map(|(r, ts)| (r.start.as_slice(), r.end.as_slice(), ts)));
         }
     }
 

@@ -55,11 +55,8 @@ impl Ticker {
                 },
                 recv(flushes) -> event => {
                     if let Ok(first) = event {
-                        let mut advancer = self.shared.advancer.lock();
-                        advancer.on_flush(&first.range, first.ts);
-                        for more in flushes.try_iter().take(4096) {
-                            advancer.on_flush(&more.range, more.ts);
-                        }
+                        let batch: Vec<_> = std::iter::once(first).chain(flushes.try_iter().take(4095)).collect();
+                        self.shared.advancer.lock().on_flushes(batch.iter().map(|e| (&e.range, e.ts)));
                     }
                 }
                 recv(ticks) -> _ => {

@@ -3,7 +3,7 @@
 //! entry without a search; 3/4 of a 4-ary heap are leaves, so most raises touch nothing but
 //! the record itself. Entries are bare ids (4 bytes): the ts is read from the records.
 
-use super::{grow_push, Rec, NIL};
+use super::{grow_push, prefetch, Rec, NIL};
 
 const ARITY: usize = 4;
 
@@ -48,6 +48,27 @@ impl TsHeap {
     /// Re-sorts `id` after its record's ts went up.
     pub(super) fn raise(&mut self, recs: &mut [Rec], id: u32) {
         self.sift_down(recs, recs[id as usize].heap_pos as usize, id);
+    }
+
+    /// Prefetches what raising record `id` (if it is one) would read first: its children's
+    /// heap entries, or with `records`, their records.
+    pub(super) fn prefetch_children(&self, recs: &[Rec], id: u32, records: bool) {
+        let Some(rec) = recs.get(id as usize) else { return };
+        if rec.heap_pos == NIL {
+            return;
+        }
+        let children = self.children(rec.heap_pos as usize);
+        if records {
+            for &child in &self.ids[children] {
+                if let Some(rec) = recs.get(child as usize) {
+                    prefetch(rec);
+                }
+            }
+        } else if let Some(ids) = self.ids.get(children) {
+            if !ids.is_empty() {
+                prefetch(ids);
+            }
+        }
     }
 
     // The sifts move `moving`, which is at `start`, and write the heap only if it moves: a

@@ -4,7 +4,7 @@
 //! usually none. Slots come in cache-line buckets of 12 tags and 12 ids, so reading a slot
 //! is one cache miss; a slot costs 5.3 bytes.
 
-use super::{huge_vec, Rec};
+use super::{huge_vec, prefetch, Rec};
 
 /// The table grows past this load factor (4/5)...
 const MAX_LOAD: (usize, usize) = (4, 5);
@@ -37,9 +37,9 @@ impl KeyIndex {
     }
 
     /// Looks up several keys at once, probing them in lockstep so that their cache misses
-    /// overlap instead of adding up.
-    pub(super) fn get<const N: usize>(&self, recs: &[Rec], keys: [&[u8]; N]) -> [Option<u32>; N] {
-        let mut probes = keys.map(|key| Some(self.home(key)));
+    /// overlap instead of adding up. `hashes` are the keys' [`hash`]es.
+    pub(super) fn get<const N: usize>(&self, recs: &[Rec], keys: [&[u8]; N], hashes: [u64; N]) -> [Option<u32>; N] {
+        let mut probes = hashes.map(|h| Some(self.home(h)));
         let mut found = [None; N];
         while probes.iter().any(Option::is_some) {
             let slots = probes.map(|probe| probe.map(|(i, _)| self.slot(i)));
@@ -55,6 +55,20 @@ impl KeyIndex {
             }
         }
         found
+    }
+
+    /// Asks the cache for the bucket where the key hashing to `h` is probed first.
+    pub(super) fn prefetch(&self, h: u64) {
+        prefetch(&self.buckets[self.home(h).0 / BUCKET]);
+    }
+
+    /// The first id in the home bucket of the key hashing to `h` whose tag matches, without
+    /// reading any record: the key's record if it is present and its probe ends in that
+    /// bucket, otherwise most likely nothing (a wrong guess is only a wasted prefetch).
+    pub(super) fn guess(&self, h: u64) -> Option<u32> {
+        let (i, tag) = self.home(h);
+        let bucket = &self.buckets[i / BUCKET];
+        (i % BUCKET..BUCKET).find(|&k| bucket.tags[k] == tag).map(|k| bucket.ids[k])
     }
 
     /// Adds `id` under its record's key, which must not be present yet.
@@ -76,7 +90,7 @@ impl KeyIndex {
     /// Removes `id`, whose record still holds its key. Later entries of the probe run shift
     /// back into the hole (no tombstones), so lookups never slow down with churn.
     pub(super) fn remove(&mut self, recs: &[Rec], id: u32) {
-        let (mut hole, _) = self.home(recs[id as usize].key.as_bytes());
+        let (mut hole, _) = self.home(hash(recs[id as usize].key.as_bytes()));
         while !matches!(self.slot(hole), (tag, other) if tag != EMPTY && other == id) {
             hole = self.after(hole);
         }
@@ -89,7 +103,7 @@ impl KeyIndex {
                 break;
             }
             // The entry at `i` may fill the hole unless its home lies cyclically in (hole, i].
-            let (home, _) = self.home(recs[other as usize].key.as_bytes());
+            let (home, _) = self.home(hash(recs[other as usize].key.as_bytes()));
             if (i + cap - home) % cap >= (i + cap - hole) % cap {
                 self.set(hole, tag, other);
                 hole = i;
@@ -100,7 +114,7 @@ impl KeyIndex {
     }
 
     fn place(&mut self, recs: &[Rec], id: u32) {
-        let (mut i, tag) = self.home(recs[id as usize].key.as_bytes());
+        let (mut i, tag) = self.home(hash(recs[id as usize].key.as_bytes()));
         while self.slot(i).0 != EMPTY {
             i = self.after(i);
         }
@@ -122,10 +136,9 @@ impl KeyIndex {
         (bucket.tags[i % BUCKET], bucket.ids[i % BUCKET]) = (tag, id);
     }
 
-    /// The slot where `key`'s probe starts (from the hash's high bits by multiply-shift, so
-    /// any capacity works) and its tag (from the low bits).
-    fn home(&self, key: &[u8]) -> (usize, u8) {
-        let h = hash(key);
+    /// The slot where the probe of the key hashing to `h` starts (from the hash's high bits
+    /// by multiply-shift, so any capacity works) and its tag (from the low bits).
+    fn home(&self, h: u64) -> (usize, u8) {
         let slot = ((u128::from(h) * self.capacity() as u128) >> 64) as usize;
         (slot, (h as u8).max(1))
     }
@@ -143,14 +156,15 @@ impl KeyIndex {
         assert_eq!(self.len, live.len(), "index size");
         assert_eq!(self.buckets.iter().flat_map(|b| b.tags).filter(|&tag| tag != EMPTY).count(), live.len());
         for &id in live {
-            assert_eq!(self.get(recs, [recs[id as usize].key.as_bytes()]), [Some(id)], "index lookup");
+            let key = recs[id as usize].key.as_bytes();
+            assert_eq!(self.get(recs, [key], [hash(key)]), [Some(id)], "index lookup");
         }
     }
 }
 
 /// Word-at-a-time multiply-rotate mixing with a murmur3 finalizer: fast on ~20-byte keys and
-/// well spread in all bits.
-fn hash(key: &[u8]) -> u64 {
+/// well spread in all bits. Independent of the table's size, so it can be computed ahead.
+pub(super) fn hash(key: &[u8]) -> u64 {
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut h = key.len() as u64;
     for chunk in key.chunks(8) {

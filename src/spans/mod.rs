@@ -42,6 +42,28 @@ use order::Order;
 /// The null record id.
 const NIL: u32 = u32::MAX;
 
+/// How many items [`SpanFrontier::merge_batch`] looks ahead. Enough to cover two memory
+/// reads of ~150-250 ns each with exact-piece updates of ~30-60 ns of work once their
+/// memory is cached; the window's items are ~LOOK_AHEAD * 100 bytes of cache.
+const LOOK_AHEAD: usize = 16;
+
+/// An update with its keys' hashes, computed once.
+#[derive(Clone, Copy)]
+struct Pending<'a> {
+    start: &'a [u8],
+    end: &'a [u8],
+    ts: Ts,
+    hashes: [u64; 2],
+    /// The start key's record as guessed from its bucket (NIL: none), for the heap prefetch.
+    guess: u32,
+}
+
+impl<'a> Pending<'a> {
+    fn new(start: &'a [u8], end: &'a [u8], ts: Ts) -> Self {
+        Pending { start, end, ts, hashes: [index::hash(start), index::hash(end)], guess: NIL }
+    }
+}
+
 /// One boundary: the record covers `[key, next record's key)`, the last one up to +∞. It is
 /// a tracked piece when it is in the heap, an untracked gap otherwise.
 struct Rec {
@@ -142,11 +164,65 @@ impl SpanFrontier {
     /// [`merge`](Self::merge) on borrowed keys: updating a piece with exactly its own
     /// boundaries allocates nothing.
     pub fn merge_keys(&mut self, start: &[u8], end: &[u8], ts: Ts) {
+        self.merge_hashed(&Pending::new(start, end, ts));
+    }
+
+    /// [`merge_keys`](Self::merge_keys) on each item in turn, with exactly its result, but
+    /// faster on large frontiers: while one item is merged, the memory the items after it
+    /// will read is already on its way to the cache. At 10^6 pieces an exact-piece update
+    /// waits for two memory reads, one after the other (its keys' index buckets, then their
+    /// records); here the buckets of the item [`LOOK_AHEAD`] places ahead are prefetched, the
+    /// records of the one half as far ahead, found through its (by then cached) buckets, and,
+    /// closer still, the heap entries and records a raise of its piece would sift past.
+    /// Prefetches are only hints: a guess made stale by the merges in between costs time,
+    /// never correctness. Any iterator works; items are buffered a few at a time and nothing
+    /// is allocated. On a frontier that fits in cache this costs ~15 ns per item more than
+    /// `merge_keys` (10^4 pieces); at 10^6 it cuts an exact-piece update ~2.8x.
+    pub fn merge_batch<'a>(&mut self, items: impl IntoIterator<Item = (&'a [u8], &'a [u8], Ts)>) {
+        let mut items = items.into_iter();
+        let mut window = [Pending::new(&[], &[], 0); LOOK_AHEAD];
+        let (mut taken, mut done) = (0, 0);
+        loop {
+            while taken - done < LOOK_AHEAD {
+                let Some((start, end, ts)) = items.next() else { break };
+                let item = Pending::new(start, end, ts);
+                for h in item.hashes {
+                    self.index.prefetch(h);
+                }
+                window[taken % LOOK_AHEAD] = item;
+                taken += 1;
+            }
+            if done == taken {
+                return;
+            }
+            if done + LOOK_AHEAD / 2 < taken {
+                let ahead = &mut window[(done + LOOK_AHEAD / 2) % LOOK_AHEAD];
+                let ids = ahead.hashes.map(|h| self.index.guess(h));
+                ahead.guess = ids[0].unwrap_or(NIL);
+                for id in ids.into_iter().flatten() {
+                    if let Some(rec) = self.recs.get(id as usize) {
+                        prefetch(rec);
+                    }
+                }
+            }
+            if done + LOOK_AHEAD / 4 < taken {
+                self.heap.prefetch_children(&self.recs, window[(done + LOOK_AHEAD / 4) % LOOK_AHEAD].guess, false);
+            }
+            if done + LOOK_AHEAD / 8 < taken {
+                self.heap.prefetch_children(&self.recs, window[(done + LOOK_AHEAD / 8) % LOOK_AHEAD].guess, true);
+            }
+            self.merge_hashed(&window[done % LOOK_AHEAD]);
+            done += 1;
+        }
+    }
+
+    fn merge_hashed(&mut self, item: &Pending<'_>) {
+        let Pending { start, end, ts, hashes, .. } = *item;
         if is_empty_range(start, end) {
             return;
         }
         // The usual case: `[start, end)` is exactly one piece, the successor starting at `end`.
-        let [hit, end_rec] = self.index.get(&self.recs, [start, end]);
+        let [hit, end_rec] = self.index.get(&self.recs, [start, end], hashes);
         let end_rec = if end.is_empty() { Some(NIL) } else { end_rec };
         if let (Some(id), Some(next)) = (hit, end_rec) {
             if self.is_tracked(id) && self.recs[id as usize].next == next {
@@ -427,6 +503,25 @@ fn advise_huge_pages(ptr: *mut u8, len: usize) {
 
 #[cfg(not(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64"))))]
 fn advise_huge_pages(_ptr: *mut u8, _len: usize) {}
+
+/// Asks for the cache line holding the start of `item` and the one holding its end (a
+/// 48-byte record may straddle two), without waiting for them.
+fn prefetch<T: ?Sized>(item: &T) {
+    let ptr: *const T = item;
+    prefetch_line(ptr.cast());
+    prefetch_line(ptr.cast::<u8>().wrapping_add(std::mem::size_of_val(item).saturating_sub(1)));
+}
+
+#[cfg(target_arch = "x86_64")]
+fn prefetch_line(ptr: *const u8) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    // SAFETY: SSE, which `_mm_prefetch` requires, is part of every x86-64 CPU. A prefetch
+    // reads nothing into the program and never faults, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.cast()) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn prefetch_line(_ptr: *const u8) {}
 
 /// The union of `ranges` as sorted, disjoint ranges, with overlapping or touching ones
 /// joined and empty ones dropped.

@@ -401,6 +401,58 @@ fn random_merges_match_model_at_scale() {
     assert!(most > Some(200), "the cases reach many pieces: {most:?}");
 }
 
+/// Random batches through `merge_batch` must leave exactly what the same merges one by one
+/// through `merge_keys` leave: exact pieces (some repeated within the batch, at the same or
+/// another ts), splits, coalesces, ranges over untracked gaps, empty and inverted ranges,
+/// and batches shorter and longer than the look-ahead window.
+fn run_batch_case(seed: u64, keys: &[Vec<u8>], batches: usize, most: u64, max_ts: Ts, wide: u64) {
+    let mut rng = Rng(seed);
+    let tracked: Vec<KeyRange> =
+        (0..rng.below(4)).map(|_| KeyRange::new(rng.pick(keys).clone(), rng.pick(keys).clone())).collect();
+    let init = rng.below(3);
+    let (mut batched, mut one_by_one) = (SpanFrontier::new(&tracked, init), SpanFrontier::new(&tracked, init));
+    let mut model = Model::new(keys, &tracked, init);
+    for step in 0..batches as u64 {
+        let pieces = batched.snapshot();
+        let mut batch: Vec<(KeyRange, Ts)> = Vec::new();
+        for _ in 0..rng.below(most + 1) {
+            let ts = (step * max_ts / batches as u64).saturating_sub(rng.below(max_ts / 4 + 2));
+            let range = match rng.below(4) {
+                0 | 1 if !pieces.is_empty() => rng.pick(&pieces).range.clone(),
+                2 if !batch.is_empty() => rng.pick(&batch).0.clone(),
+                _ => random_range(&mut rng, keys, wide),
+            };
+            batch.push((range, ts));
+        }
+        batched.merge_batch(batch.iter().map(|(r, ts)| (r.start.as_slice(), r.end.as_slice(), *ts)));
+        for (range, ts) in &batch {
+            one_by_one.merge_keys(&range.start, &range.end, *ts);
+            model.merge(range, *ts);
+        }
+        one_by_one.check();
+        check_against(&batched, &model, &mut rng, max_ts);
+        assert_eq!(batched.snapshot(), one_by_one.snapshot(), "seed {seed} step {step}");
+        assert_eq!(batched.min(), one_by_one.min(), "seed {seed} step {step}");
+    }
+}
+
+#[test]
+fn merge_batch_matches_one_by_one() {
+    let pool = key_pool();
+    for seed in 0..1000 {
+        let mut rng = Rng(seed ^ 0x5A5A);
+        let mut keys: Vec<Vec<u8>> = (0..3 + rng.below(6)).map(|_| rng.pick(&pool).clone()).collect();
+        keys.sort();
+        run_batch_case(seed, &keys, 8, 40, 6, 3);
+    }
+    let keys: Vec<Vec<u8>> = (0..400u64)
+        .map(|i| [b"t".as_slice(), &(i / 50).to_be_bytes(), b"_r", &(i % 50).to_be_bytes()].concat())
+        .collect();
+    for seed in 0..4 {
+        run_batch_case(seed, &keys, 40, 300, 1000, 100);
+    }
+}
+
 impl SpanFrontier {
     /// Asserts every internal invariant.
     fn check(&self) {
