@@ -1,11 +1,11 @@
-//! The value index: an indexed 4-ary min-heap of the ids of tracked records, ordered by
+//! The value index: an indexed 8-ary min-heap of the ids of tracked records, ordered by
 //! (ts, start key). Each record stores its heap position, so raising a record's ts finds its
-//! entry without a search; 3/4 of a 4-ary heap are leaves, so most raises touch nothing but
+//! entry without a search; 7/8 of an 8-ary heap are leaves, so most raises touch nothing but
 //! the record itself. Entries are bare ids (4 bytes): the ts is read from the records.
 
 use super::{grow_push, prefetch, Rec, NIL};
 
-const ARITY: usize = 4;
+const ARITY: usize = 8;
 
 #[derive(Default)]
 pub(super) struct TsHeap {
@@ -42,6 +42,13 @@ impl TsHeap {
             // The moved entry may belong above or below its new place.
             let pos = self.sift_up(recs, pos, last);
             self.sift_down(recs, pos, last);
+        }
+    }
+
+    /// Renames every entry after the records moved.
+    pub(super) fn remap(&mut self, map: impl Fn(u32) -> u32) {
+        for id in &mut self.ids {
+            *id = map(*id);
         }
     }
 

@@ -1,165 +1,173 @@
-//! Exact lookup of a record by its start key: an open-addressing hash table (linear probing)
-//! of record ids. Keys stay in the records; a one-byte hash tag per slot lets a probe skip
-//! non-matching slots without reading their records, so a hit reads one record and a miss
-//! usually none. Slots come in cache-line buckets of 12 tags and 12 ids, so reading a slot
-//! is one cache miss; a slot costs 5.3 bytes.
+//! Exact lookup of a record by its start key, with the records themselves as the hash
+//! table: a record's id is its slot, and a key's record lives in the group of `GROUP` slots
+//! its hash picks (or, when that group is full, in one of the next, linear probing by group).
+//! Finding an exact key therefore reads the home group's records directly, a few adjacent
+//! cache lines fetched in parallel, and nothing before them: one memory round trip, where a
+//! separate index (bucket, then record) takes two.
+//!
+//! Free slots are marked by `next == FREE`. Each group has a one-byte count of the live keys
+//! whose probe passed over it (saturating; a saturated count is never decremented), so a
+//! lookup stops at the first group with a zero count, and removals need no tombstones. The
+//! counts are only read when the key is not in its home group.
 
-use super::{huge_vec, prefetch, Rec};
+use super::{prefetch_line, Rec, FREE};
 
-/// The table grows past this load factor (4/5)...
-const MAX_LOAD: (usize, usize) = (4, 5);
-/// ... to twice the number of entries, i.e. load 1/2.
-const GROWTH: usize = 2;
-/// The tag of an empty slot; entries' tags are never 0.
-const EMPTY: u8 = 0;
-const BUCKET: usize = 12;
-
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Bucket {
-    tags: [u8; BUCKET],
-    ids: [u32; BUCKET],
-}
-
-// One bucket, one cache line.
-const _: () = assert!(std::mem::size_of::<Bucket>() == 64);
-
-const EMPTY_BUCKET: Bucket = Bucket { tags: [EMPTY; BUCKET], ids: [0; BUCKET] };
+/// Slots per group: 8 records of 48 bytes are 6 cache lines, all asked for at once.
+pub(super) const GROUP: usize = 4;
+const SATURATED: u8 = u8::MAX;
 
 pub(super) struct KeyIndex {
-    buckets: Vec<Bucket>,
-    len: usize,
+    /// Per group: how many live keys were placed past it by their probe.
+    over: Vec<u8>,
+    /// The slot where group 0 starts: up to 3 slots before it are left unused so that groups
+    /// start on cache lines (4 records, 192 bytes, are then exactly 3 lines).
+    base: usize,
 }
 
 impl KeyIndex {
-    pub(super) fn new() -> Self {
-        KeyIndex { buckets: vec![EMPTY_BUCKET], len: 0 }
+    /// An index of `groups` groups starting at slot `base` of the records.
+    pub(super) fn new(groups: usize, base: usize) -> Self {
+        KeyIndex { over: vec![0; groups], base }
     }
 
-    /// Looks up several keys at once, probing them in lockstep so that their cache misses
-    /// overlap instead of adding up. `hashes` are the keys' [`hash`]es.
+    /// The number of slots to leave unused at the start of records at `ptr` so that groups
+    /// start on cache lines (0 if no number does).
+    pub(super) fn align(ptr: *const Rec) -> usize {
+        let size = std::mem::size_of::<Rec>();
+        (0..GROUP).find(|k| (ptr as usize + k * size) % 64 == 0).unwrap_or(0)
+    }
+
+    /// The slots of group `g`, as a range of ids.
+    fn slots(&self, g: usize) -> std::ops::Range<usize> {
+        self.base + g * GROUP..self.base + (g + 1) * GROUP
+    }
+
+    /// The number of usable slots.
+    pub(super) fn capacity(&self) -> usize {
+        self.groups() * GROUP
+    }
+
+    fn groups(&self) -> usize {
+        self.over.len()
+    }
+
+    /// The group where the probe of the key hashing to `h` starts (multiply-shift on the
+    /// hash's high bits, so any number of groups works).
+    fn home(&self, h: u64) -> usize {
+        ((u128::from(h) * self.groups() as u128) >> 64) as usize
+    }
+
+    fn after(&self, g: usize) -> usize {
+        if g + 1 == self.groups() {
+            0
+        } else {
+            g + 1
+        }
+    }
+
+    /// Looks up several keys at once: the home groups of all of them are requested before
+    /// any is read, so their cache misses overlap instead of adding up.
     pub(super) fn get<const N: usize>(&self, recs: &[Rec], keys: [&[u8]; N], hashes: [u64; N]) -> [Option<u32>; N] {
-        let mut probes = hashes.map(|h| Some(self.home(h)));
+        let homes = hashes.map(|h| self.home(h));
+        for &g in &homes {
+            // A key's record is in its home group or, less often, the next one: both are asked
+            // for at once, so that a displaced key costs no second round trip either.
+            prefetch_group(&recs[self.slots(g)]);
+            prefetch_group(&recs[self.slots(self.after(g))]);
+        }
         let mut found = [None; N];
-        while probes.iter().any(Option::is_some) {
-            let slots = probes.map(|probe| probe.map(|(i, _)| self.slot(i)));
-            for (j, slot) in slots.into_iter().enumerate() {
-                let (Some((i, tag)), Some((slot_tag, id))) = (probes[j], slot) else { continue };
-                if slot_tag == EMPTY {
-                    probes[j] = None;
-                } else if slot_tag == tag && recs[id as usize].key.as_bytes() == keys[j] {
-                    (probes[j], found[j]) = (None, Some(id));
-                } else {
-                    probes[j] = Some((self.after(i), tag));
-                }
-            }
+        for j in 0..N {
+            found[j] = self.probe(recs, keys[j], homes[j]);
         }
         found
     }
 
-    /// Asks the cache for the bucket where the key hashing to `h` is probed first.
-    pub(super) fn prefetch(&self, h: u64) {
-        prefetch(&self.buckets[self.home(h).0 / BUCKET]);
-    }
-
-    /// The first id in the home bucket of the key hashing to `h` whose tag matches, without
-    /// reading any record: the key's record if it is present and its probe ends in that
-    /// bucket, otherwise most likely nothing (a wrong guess is only a wasted prefetch).
-    pub(super) fn guess(&self, h: u64) -> Option<u32> {
-        let (i, tag) = self.home(h);
-        let bucket = &self.buckets[i / BUCKET];
-        (i % BUCKET..BUCKET).find(|&k| bucket.tags[k] == tag).map(|k| bucket.ids[k])
-    }
-
-    /// Adds `id` under its record's key, which must not be present yet.
-    pub(super) fn insert(&mut self, recs: &[Rec], id: u32) {
-        if (self.len + 1) * MAX_LOAD.1 > self.capacity() * MAX_LOAD.0 {
-            let buckets = ((self.len + 1) * GROWTH).div_ceil(BUCKET);
-            let old = std::mem::replace(&mut self.buckets, huge_vec(buckets));
-            self.buckets.resize(buckets, EMPTY_BUCKET);
-            for bucket in old {
-                for (_, &id) in bucket.tags.iter().zip(&bucket.ids).filter(|&(&tag, _)| tag != EMPTY) {
-                    self.place(recs, id);
+    fn probe(&self, recs: &[Rec], key: &[u8], home: usize) -> Option<u32> {
+        let mut g = home;
+        loop {
+            let slots = self.slots(g);
+            for (id, rec) in slots.clone().zip(&recs[slots]) {
+                if rec.next != FREE && rec.key.is(key) {
+                    return Some(id as u32);
                 }
             }
+            if self.over[g] == 0 {
+                return None;
+            }
+            g = self.after(g);
+            if g == home {
+                return None;
+            }
         }
-        self.place(recs, id);
-        self.len += 1;
     }
 
-    /// Removes `id`, whose record still holds its key. Later entries of the probe run shift
-    /// back into the hole (no tombstones), so lookups never slow down with churn.
-    pub(super) fn remove(&mut self, recs: &[Rec], id: u32) {
-        let (mut hole, _) = self.home(hash(recs[id as usize].key.as_bytes()));
-        while !matches!(self.slot(hole), (tag, other) if tag != EMPTY && other == id) {
-            hole = self.after(hole);
-        }
-        let cap = self.capacity();
-        let mut i = hole;
+    /// Asks the cache for the home group of the key hashing to `h`.
+    pub(super) fn prefetch(&self, recs: &[Rec], h: u64) {
+        prefetch_group(&recs[self.slots(self.home(h))]);
+    }
+
+    /// A free slot for a new record whose key hashes to `h`; the caller fills it. There
+    /// must be one.
+    pub(super) fn place(&mut self, recs: &[Rec], h: u64) -> u32 {
+        let home = self.home(h);
+        let mut g = home;
         loop {
-            i = self.after(i);
-            let (tag, other) = self.slot(i);
-            if tag == EMPTY {
-                break;
+            if let Some(k) = recs[self.slots(g)].iter().position(|rec| rec.next == FREE) {
+                return (self.slots(g).start + k) as u32;
             }
-            // The entry at `i` may fill the hole unless its home lies cyclically in (hole, i].
-            let (home, _) = self.home(hash(recs[other as usize].key.as_bytes()));
-            if (i + cap - home) % cap >= (i + cap - hole) % cap {
-                self.set(hole, tag, other);
-                hole = i;
+            if self.over[g] != SATURATED {
+                self.over[g] += 1;
             }
+            g = self.after(g);
+            assert!(g != home, "the table has a free slot");
         }
-        self.set(hole, EMPTY, 0);
-        self.len -= 1;
     }
 
-    fn place(&mut self, recs: &[Rec], id: u32) {
-        let (mut i, tag) = self.home(hash(recs[id as usize].key.as_bytes()));
-        while self.slot(i).0 != EMPTY {
-            i = self.after(i);
-        }
-        self.set(i, tag, id);
-    }
-
-    fn capacity(&self) -> usize {
-        self.buckets.len() * BUCKET
-    }
-
-    /// The tag and id in slot `i`.
-    fn slot(&self, i: usize) -> (u8, u32) {
-        let bucket = &self.buckets[i / BUCKET];
-        (bucket.tags[i % BUCKET], bucket.ids[i % BUCKET])
-    }
-
-    fn set(&mut self, i: usize, tag: u8, id: u32) {
-        let bucket = &mut self.buckets[i / BUCKET];
-        (bucket.tags[i % BUCKET], bucket.ids[i % BUCKET]) = (tag, id);
-    }
-
-    /// The slot where the probe of the key hashing to `h` starts (from the hash's high bits
-    /// by multiply-shift, so any capacity works) and its tag (from the low bits).
-    fn home(&self, h: u64) -> (usize, u8) {
-        let slot = ((u128::from(h) * self.capacity() as u128) >> 64) as usize;
-        (slot, (h as u8).max(1))
-    }
-
-    fn after(&self, i: usize) -> usize {
-        if i + 1 == self.capacity() {
-            0
-        } else {
-            i + 1
+    /// Forgets the probe of the record in slot `id`, whose key hashes to `h`; the caller
+    /// frees the slot.
+    pub(super) fn remove(&mut self, h: u64, id: u32) {
+        let target = (id as usize - self.base) / GROUP;
+        let mut g = self.home(h);
+        while g != target {
+            if self.over[g] != SATURATED {
+                self.over[g] -= 1;
+            }
+            g = self.after(g);
         }
     }
 
     #[cfg(test)]
     pub(super) fn check(&self, recs: &[Rec], live: &[u32]) {
-        assert_eq!(self.len, live.len(), "index size");
-        assert_eq!(self.buckets.iter().flat_map(|b| b.tags).filter(|&tag| tag != EMPTY).count(), live.len());
+        assert_eq!(recs.len(), self.base + self.groups() * GROUP, "slots come in whole groups");
+        assert!(recs[..self.base].iter().all(|rec| rec.next == FREE), "alignment slots unused");
+        let free = recs.iter().filter(|rec| rec.next == FREE).count();
+        assert_eq!(free + live.len(), recs.len(), "every slot is live or free");
+        let mut over = vec![0usize; self.groups()];
         for &id in live {
             let key = recs[id as usize].key.as_bytes();
             assert_eq!(self.get(recs, [key], [hash(key)]), [Some(id)], "index lookup");
+            let mut g = self.home(hash(key));
+            while g != (id as usize - self.base) / GROUP {
+                over[g] += 1;
+                g = self.after(g);
+            }
+        }
+        for (g, &count) in over.iter().enumerate() {
+            let stored = self.over[g];
+            assert!(stored == SATURATED && count >= SATURATED as usize || stored as usize == count, "overflow count");
         }
     }
+}
+
+fn prefetch_group(slots: &[Rec]) {
+    let start = slots.as_ptr().cast::<u8>();
+    let bytes = std::mem::size_of_val(slots);
+    let mut off = 0;
+    while off < bytes {
+        prefetch_line(start.wrapping_add(off));
+        off += 64;
+    }
+    prefetch_line(start.wrapping_add(bytes - 1));
 }
 
 /// Word-at-a-time multiply-rotate mixing with a murmur3 finalizer: fast on ~20-byte keys and

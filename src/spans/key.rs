@@ -26,6 +26,28 @@ impl Key {
         }
     }
 
+    /// `self.as_bytes() == key`, rejecting most other keys of the same length by their last
+    /// 8 bytes (where region keys differ) before comparing the rest.
+    #[inline]
+    pub(super) fn is(&self, key: &[u8]) -> bool {
+        match self {
+            Key::Inline { len, buf } => {
+                let len = *len as usize;
+                if len != key.len() {
+                    return false;
+                }
+                if len < 8 {
+                    return buf[..len] == *key;
+                }
+                // Three overlapping words cover any inline key of 8 or more bytes (≤ 24).
+                let word = |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+                let mid = (len - 8).min(8);
+                word(buf, len - 8) == word(key, len - 8) && word(buf, 0) == word(key, 0) && word(buf, mid) == word(key, mid)
+            }
+            Key::Boxed(bytes) => **bytes == *key,
+        }
+    }
+
     pub(super) fn as_bytes(&self) -> &[u8] {
         match self {
             Key::Inline { len, buf } => &buf[..*len as usize],

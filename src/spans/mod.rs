@@ -7,20 +7,23 @@
 //! older report lowers nothing) and joins adjacent pieces that end up with equal values.
 //!
 //! Layout, chosen so that the common update (a region reporting the exact span it already
-//! has) costs two dependent cache misses and no allocation, and a span costs under 64 bytes
+//! has) costs one round trip to memory and no allocation, and a span costs under 64 bytes
 //! beyond its key:
-//! - one record per boundary in an arena (`Rec`, 48 bytes, key inline up to 22 bytes),
-//!   covering `[key, next record's key)`; the untracked gaps between the task's ranges are
-//!   records too, so a piece's end is always the next record's start and is not stored;
-//! - records link forward in key order and are found by exact key through a hash table
-//!   ([`index`]), by arbitrary key (and their predecessor) through chunked key order
-//!   ([`order`]);
-//! - tracked records sit in an indexed 4-ary min-heap on (ts, start) ([`heap`]): the minimum
+//! - one record per boundary (`Rec`, 48 bytes, key inline up to 22 bytes), covering
+//!   `[key, next record's key)`; the untracked gaps between the task's ranges are records
+//!   too, so a piece's end is always the next record's start and is not stored;
+//! - the records array is itself the exact-key hash table ([`index`]): a record sits in the
+//!   group of slots its key hashes to (or a later one), so a key's record is read without
+//!   first reading a bucket; growing the table moves every record (all ids are rewritten);
+//! - records link forward in key order, and are found by arbitrary key (and their
+//!   predecessor) through chunked key order ([`order`]);
+//! - tracked records sit in an indexed 8-ary min-heap on (ts, start) ([`heap`]): the minimum
 //!   is its root and lagging pieces are a best-first walk from it.
 //!
-//! The exact-piece update looks up both of its keys in the index, which fetches the piece's
-//! record and its successor's in parallel; each record keeps a copy of its predecessor's ts,
-//! so deciding whether the piece now joins a neighbour reads no third record.
+//! The exact-piece update asks for the hash groups of both of its keys at once, so the
+//! piece's record and its successor's arrive in parallel; each record keeps a copy of its
+//! predecessor's ts, so deciding whether the piece now joins a neighbour reads no third
+//! record.
 
 mod heap;
 mod index;
@@ -41,6 +44,12 @@ use order::Order;
 
 /// The null record id.
 const NIL: u32 = u32::MAX;
+/// `next` of a free slot of the record table.
+const FREE: u32 = u32::MAX - 1;
+/// The record table grows when more than this share (in percent) of its slots is live...
+const MAX_LOAD: usize = 87;
+/// ... to this share: 48-byte records at load 0.74-0.87 take 55-65 bytes per record.
+const GROWN_LOAD: usize = 74;
 
 /// How many items [`SpanFrontier::merge_batch`] looks ahead. Enough to cover two memory
 /// reads of ~150-250 ns each with exact-piece updates of ~30-60 ns of work once their
@@ -54,7 +63,7 @@ struct Pending<'a> {
     end: &'a [u8],
     ts: Ts,
     hashes: [u64; 2],
-    /// The start key's record as guessed from its bucket (NIL: none), for the heap prefetch.
+    /// The start key's record, looked up in its (prefetched) hash group (NIL: none), for the heap prefetch.
     guess: u32,
 }
 
@@ -73,6 +82,12 @@ struct Rec {
     prev_ts: Ts,
     next: u32,
     heap_pos: u32,
+}
+
+impl Rec {
+    fn free() -> Rec {
+        Rec { key: Key::default(), ts: 0, prev_ts: 0, next: FREE, heap_pos: NIL }
+    }
 }
 
 // The bulk of the memory budget (64 bytes per span beyond the key).
@@ -120,9 +135,10 @@ impl fmt::Debug for SpanRef<'_> {
 
 /// The pieces of a task's key ranges with the ts each is flushed up to.
 pub struct SpanFrontier {
+    /// The records, at the slots the index gives their keys (see [`index`]).
     recs: Vec<Rec>,
-    /// Head of the list of free records, threaded through `next`.
-    free: u32,
+    /// Live records (pieces and gaps).
+    live: usize,
     /// The record with the smallest key. Coalescing removes the right one of two records, so
     /// this one never goes away.
     first: u32,
@@ -136,15 +152,16 @@ impl SpanFrontier {
     /// Tracks the union of `ranges` (see [`collapse`]), every key at `init`.
     pub fn new(ranges: &[KeyRange], init: Ts) -> Self {
         let mut spans = SpanFrontier {
-            recs: Vec::new(),
-            free: NIL,
+            recs: (0..index::GROUP).map(|_| Rec::free()).collect(),
+            live: 0,
             first: NIL,
-            index: KeyIndex::new(),
+            index: KeyIndex::new(1, 0),
             order: Order::new(),
             heap: TsHeap::default(),
             ranges: Vec::new(),
         };
         let ranges = collapse(ranges);
+        spans.reserve(2 * ranges.len());
         let mut last = NIL;
         for range in &ranges {
             last = spans.insert_after(last, &range.start, Some(init));
@@ -170,10 +187,9 @@ impl SpanFrontier {
     /// [`merge_keys`](Self::merge_keys) on each item in turn, with exactly its result, but
     /// faster on large frontiers: while one item is merged, the memory the items after it
     /// will read is already on its way to the cache. At 10^6 pieces an exact-piece update
-    /// waits for two memory reads, one after the other (its keys' index buckets, then their
-    /// records); here the buckets of the item [`LOOK_AHEAD`] places ahead are prefetched, the
-    /// records of the one half as far ahead, found through its (by then cached) buckets, and,
-    /// closer still, the heap entries and records a raise of its piece would sift past.
+    /// waits for a memory read (its keys' hash groups of records); here the groups of the item
+    /// [`LOOK_AHEAD`] places ahead are prefetched, and, closer, the heap entries and records a
+    /// raise of its piece would sift past (found through its by then cached group).
     /// Prefetches are only hints: a guess made stale by the merges in between costs time,
     /// never correctness. Any iterator works; items are buffered a few at a time and nothing
     /// is allocated. On a frontier that fits in cache this costs ~15 ns per item more than
@@ -187,7 +203,7 @@ impl SpanFrontier {
                 let Some((start, end, ts)) = items.next() else { break };
                 let item = Pending::new(start, end, ts);
                 for h in item.hashes {
-                    self.index.prefetch(h);
+                    self.index.prefetch(&self.recs, h);
                 }
                 window[taken % LOOK_AHEAD] = item;
                 taken += 1;
@@ -197,13 +213,8 @@ impl SpanFrontier {
             }
             if done + LOOK_AHEAD / 2 < taken {
                 let ahead = &mut window[(done + LOOK_AHEAD / 2) % LOOK_AHEAD];
-                let ids = ahead.hashes.map(|h| self.index.guess(h));
-                ahead.guess = ids[0].unwrap_or(NIL);
-                for id in ids.into_iter().flatten() {
-                    if let Some(rec) = self.recs.get(id as usize) {
-                        prefetch(rec);
-                    }
-                }
+                // Its groups are cached by now: the exact lookup of its start is cheap.
+                ahead.guess = self.index.get(&self.recs, [ahead.start], [ahead.hashes[0]])[0].unwrap_or(NIL);
             }
             if done + LOOK_AHEAD / 4 < taken {
                 self.heap.prefetch_children(&self.recs, window[(done + LOOK_AHEAD / 4) % LOOK_AHEAD].guess, false);
@@ -230,6 +241,8 @@ impl SpanFrontier {
                 return;
             }
         }
+        // Room for the (at most two) records a split adds, so that no id moves below.
+        let hit = if self.reserve(2) { self.index.get(&self.recs, [start], [hashes[0]])[0] } else { hit };
         // Otherwise walk the records from the one containing `start` up to `end`, skipping gaps
         // (that is the clipping) and pieces already at `ts` or above, and cutting the ones that
         // stick out of the range before raising them.
@@ -280,7 +293,7 @@ impl SpanFrontier {
     }
 
     /// The pieces with ts below `threshold`, in ascending (ts, start) order. Lazy: taking the
-    /// first k costs O(k log k) and reads nothing at or above the threshold beyond the ≤ 4k+1
+    /// first k costs O(k log k) and reads nothing at or above the threshold beyond the ≤ 8k+1
     /// heap entries next to the ones returned, whatever the number of pieces.
     pub fn below(&self, threshold: Ts) -> Below<'_> {
         let mut below = Below { spans: self, threshold, pending: BinaryHeap::new() };
@@ -359,16 +372,10 @@ impl SpanFrontier {
             pred => (self.recs[pred as usize].next, self.recs[pred as usize].ts),
         };
         let rec = Rec { key: Key::new(key), ts: ts.unwrap_or_default(), prev_ts, next, heap_pos: NIL };
-        let id = if self.free == NIL {
-            assert!(self.recs.len() < NIL as usize, "span count overflows u32");
-            grow_push(&mut self.recs, rec);
-            (self.recs.len() - 1) as u32
-        } else {
-            let id = self.free;
-            self.free = self.recs[id as usize].next;
-            self.recs[id as usize] = rec;
-            id
-        };
+        assert!(self.live < self.index.capacity(), "room reserved for the record");
+        let id = self.index.place(&self.recs, index::hash(key));
+        self.recs[id as usize] = rec;
+        self.live += 1;
         match pred {
             NIL => self.first = id,
             pred => self.recs[pred as usize].next = id,
@@ -376,7 +383,6 @@ impl SpanFrontier {
         if next != NIL {
             self.recs[next as usize].prev_ts = self.recs[id as usize].ts;
         }
-        self.index.insert(&self.recs, id);
         self.order.insert(&self.recs, pred, id);
         if ts.is_some() {
             self.heap.push(&mut self.recs, id);
@@ -388,15 +394,47 @@ impl SpanFrontier {
     /// removed: they are fixed by the tracked ranges.)
     fn remove(&mut self, id: u32, prev: u32) {
         self.heap.remove(&mut self.recs, id);
-        self.index.remove(&self.recs, id);
+        self.index.remove(index::hash(self.key(id)), id);
         self.order.remove(&self.recs, id);
         let next = self.recs[id as usize].next;
         self.recs[prev as usize].next = next;
         if next != NIL {
             self.recs[next as usize].prev_ts = self.recs[prev as usize].ts;
         }
-        self.recs[id as usize] = Rec { key: Key::default(), ts: 0, prev_ts: 0, next: self.free, heap_pos: NIL };
-        self.free = id;
+        self.recs[id as usize] = Rec::free();
+        self.live -= 1;
+    }
+
+    /// Makes room for `extra` more records, growing the table if they would take it past
+    /// [`MAX_LOAD`]. Growing moves every record to a new slot (so every id changes: links,
+    /// key order and heap are rewritten) and returns true.
+    fn reserve(&mut self, extra: usize) -> bool {
+        let need = self.live + extra;
+        if need * 100 <= self.index.capacity() * MAX_LOAD {
+            return false;
+        }
+        let groups = (need * 100 / GROWN_LOAD).div_ceil(index::GROUP).max(1);
+        let slots = groups * index::GROUP + index::GROUP - 1;
+        assert!(slots < FREE as usize, "span count overflows u32");
+        let mut old = std::mem::replace(&mut self.recs, huge_vec(slots));
+        let base = KeyIndex::align(self.recs.as_ptr());
+        self.recs.resize_with(base + groups * index::GROUP, Rec::free);
+        self.index = KeyIndex::new(groups, base);
+        let mut moved = vec![NIL; old.len()];
+        for (i, rec) in old.iter_mut().enumerate().filter(|(_, rec)| rec.next != FREE) {
+            let id = self.index.place(&self.recs, index::hash(rec.key.as_bytes()));
+            self.recs[id as usize] = std::mem::replace(rec, Rec::free());
+            moved[i] = id;
+        }
+        drop(old);
+        let map = |id: u32| if id == NIL { NIL } else { moved[id as usize] };
+        for rec in self.recs.iter_mut().filter(|rec| rec.next != FREE) {
+            rec.next = map(rec.next);
+        }
+        self.first = map(self.first);
+        self.heap.remap(map);
+        self.order.remap(map);
+        true
     }
 
     /// Joins equal-valued neighbours after the values of records `first..=last` changed;

@@ -82,6 +82,13 @@ impl Order {
         }
     }
 
+    /// Renames every id after the records moved.
+    pub(super) fn remap(&mut self, map: impl Fn(u32) -> u32) {
+        for id in self.chunks.iter_mut().flatten() {
+            *id = map(*id);
+        }
+    }
+
     /// Removes `id`, whose record still holds its key.
     pub(super) fn remove(&mut self, recs: &[Rec], id: u32) {
         let key = recs[id as usize].key.as_bytes();

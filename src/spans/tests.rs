@@ -462,13 +462,10 @@ impl SpanFrontier {
             live.push(id);
             id = self.recs[id as usize].next;
         }
-        let mut free = 0;
-        let mut id = self.free;
-        while id != NIL {
-            free += 1;
-            id = self.recs[id as usize].next;
-        }
+        assert_eq!(live.len(), self.live, "live record count");
+        let free = self.recs.iter().filter(|rec| rec.next == FREE).count();
         assert_eq!(live.len() + free, self.recs.len(), "every record is live or free");
+        assert!(self.live * 100 <= self.index.capacity() * MAX_LOAD, "load bound");
         for pair in live.windows(2) {
             let (a, b) = (pair[0], pair[1]);
             assert!(self.key(a) < self.key(b), "records sorted");
