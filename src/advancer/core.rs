@@ -172,7 +172,8 @@ impl Advancer {
         let below = ts_sub(now, threshold);
         self.active()
             .filter_map(|(name, task)| {
-                let lagging: Vec<KeyRange> = task.frontier.below(below).map(|s| KeyRange::new(s.start, s.end)).collect();
+                let lagging: Vec<KeyRange> =
+                    task.frontier.below_unordered(below).map(|s| KeyRange::new(s.start, s.end)).collect();
                 let ranges = collapse(&lagging);
                 (!ranges.is_empty()).then(|| PollPlan { task: name.clone(), ranges })
             })

@@ -303,6 +303,27 @@ impl SpanFrontier {
         below
     }
 
+    /// The pieces with ts below `threshold` in no particular order, in O(m) for m results:
+    /// a walk of the heap that looks at each result's ≤ 8 children and nothing else. For
+    /// callers that re-sort by key anyway, like the poll planner.
+    pub fn below_unordered(&self, threshold: Ts) -> impl Iterator<Item = SpanRef<'_>> + '_ {
+        let mut stack: Vec<usize> = Vec::new();
+        if self.heap.len() > 0 {
+            stack.push(0);
+        }
+        std::iter::from_fn(move || {
+            while let Some(pos) = stack.pop() {
+                let span = self.span(self.heap.id(pos));
+                // A heap's subtree holds nothing smaller than its root: stop there.
+                if span.ts < threshold {
+                    stack.extend(self.heap.children(pos));
+                    return Some(span);
+                }
+            }
+            None
+        })
+    }
+
     /// The pieces in key order.
     pub fn iter(&self) -> impl Iterator<Item = SpanRef<'_>> + '_ {
         let first = Some(self.first).filter(|&id| id != NIL);

@@ -183,6 +183,7 @@ fn nothing_tracked() {
     spans.check();
     assert!(spans.is_empty() && spans.min().is_none() && spans.min_ts().is_none());
     assert_eq!(spans.below(Ts::MAX).count(), 0);
+    assert_eq!(spans.below_unordered(Ts::MAX).count(), 0);
     assert!(spans.tracked_ranges().is_empty());
 }
 
@@ -343,6 +344,9 @@ fn check_against(spans: &SpanFrontier, model: &Model, rng: &mut Rng, max_ts: Ts)
     let mut lagging: Vec<Valued> = expected.into_iter().filter(|p| p.ts < threshold).collect();
     lagging.sort_by(|a, b| (a.ts, &a.range.start).cmp(&(b.ts, &b.range.start)));
     assert_eq!(below(spans, threshold), lagging, "below {threshold}");
+    let mut unordered: Vec<Valued> = spans.below_unordered(threshold).map(|span| span.to_valued()).collect();
+    unordered.sort_by(|a, b| (a.ts, &a.range.start).cmp(&(b.ts, &b.range.start)));
+    assert_eq!(unordered, lagging, "below_unordered {threshold}");
     values_at(spans, model)
 }
 
