@@ -81,6 +81,15 @@ fn answer(stream: TcpStream, handler: &Handler) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
+    // Read the headers too: closing a socket with unread input sends a reset, which can
+    // destroy the response before the client reads it.
+    let mut header = String::new();
+    for _ in 0..100 {
+        header.clear();
+        if reader.read_line(&mut header)? == 0 || header.trim_end().is_empty() {
+            break;
+        }
+    }
     let path = request_line.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
     let (status, content_type, body) = match handler(&path) {
         Some((content_type, body)) => ("200 OK", content_type, body),
