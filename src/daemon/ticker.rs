@@ -218,10 +218,8 @@ impl Ticker {
                             }
                             self.metrics().set_gauge(metrics::LAST_CHECKPOINT, &[("task", &task)], ts as f64);
                             let pause = self.shared.advancer.lock().on_uploaded(&task, outcome, now);
-                            if let Some(Action::Pause { task, pause }) = pause {
-                                if let Err(e) = self.ext.pause_task(&task, &pause) {
-                                    log::warn!("failed to pause task {task}: {e}");
-                                }
+                            if let Some(pause) = pause {
+                                self.apply(vec![pause], now);
                             }
                         }
                         Err(e) => log::warn!("failed to upload global checkpoint of task {task}: {e}"),
