@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 
 use protobuf::Message;
 
-const PROTOS: &[&str] = &[
-    "encryptionpb", "metapb", "errorpb", "brpb", "logbackuppb", "pdpb", "mvccpb", "etcdserverpb",
-];
+const PROTOS: &[&str] = &["encryptionpb", "metapb", "errorpb", "brpb", "logbackuppb", "pdpb", "mvccpb", "etcdserverpb"];
 
 fn main() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -25,21 +23,14 @@ fn main() {
             input: &input_refs,
             include_imports: true,
         })
-        .unwrap_or_else(|e| {
-            panic!("protoc failed ({e}); install it with `apt-get install protobuf-compiler`")
-        });
+        .unwrap_or_else(|e| panic!("protoc failed ({e}); install it with `apt-get install protobuf-compiler`"));
     let descriptor_bytes = fs::read(&descriptor_path).expect("read descriptor set");
-    let descriptors = protobuf::descriptor::FileDescriptorSet::parse_from_bytes(&descriptor_bytes)
-        .expect("parse descriptor set");
+    let descriptors =
+        protobuf::descriptor::FileDescriptorSet::parse_from_bytes(&descriptor_bytes).expect("parse descriptor set");
     let files: Vec<String> = PROTOS.iter().map(|p| format!("{p}.proto")).collect();
 
-    protobuf_codegen::gen_and_write(
-        descriptors.get_file(),
-        &files,
-        &out_dir,
-        &protobuf_codegen::Customize::default(),
-    )
-    .expect("generate protobuf messages");
+    protobuf_codegen::gen_and_write(descriptors.get_file(), &files, &out_dir, &protobuf_codegen::Customize::default())
+        .expect("generate protobuf messages");
     for service in grpcio_compiler::codegen::gen(descriptors.get_file(), &files) {
         fs::write(out_dir.join(&service.name), service.content).expect("write grpc stubs");
     }

@@ -34,10 +34,14 @@ fn main() {
     let flushed = sim.true_checkpoint(&KeyRange::full());
 
     let pd: Arc<dyn ClusterMeta> = Arc::new(
-        PdClient::connect(PdConfig { timeout: Duration::from_secs(30), ..PdConfig::new(vec![sim.pd_endpoint()]) }, Security::insecure())
-            .expect("pd"),
+        PdClient::connect(
+            PdConfig { timeout: Duration::from_secs(30), ..PdConfig::new(vec![sim.pd_endpoint()]) },
+            Security::insecure(),
+        )
+        .expect("pd"),
     );
-    let service: Arc<dyn LogBackupService> = Arc::new(TikvClients::new(pd.clone(), Security::insecure(), TikvConfig::default()));
+    let service: Arc<dyn LogBackupService> =
+        Arc::new(TikvClients::new(pd.clone(), Security::insecure(), TikvConfig::default()));
     let pool = rayon::ThreadPoolBuilder::new().num_threads(8).build().expect("pool");
     let mut info = StreamBackupTaskInfo::new();
     info.set_name("bench".into());
@@ -52,7 +56,8 @@ fn main() {
     println!("|---|---:|---:|---:|");
     for round in 0..2 {
         let started = Instant::now();
-        let result = collect_checkpoints(pd.as_ref(), service.as_ref(), &pool, &[KeyRange::full()], &collector).expect("collect");
+        let result = collect_checkpoints(pd.as_ref(), service.as_ref(), &pool, &[KeyRange::full()], &collector)
+            .expect("collect");
         let polled = started.elapsed();
         assert_eq!(result.advanced.len(), regions, "every region answers: {:?}", result.failed.first());
         row(&format!("full poll {round} (scan + fan-out)"), regions, polled);

@@ -15,7 +15,8 @@ use streamhelper::sim::{SimCluster, SimConfig};
 fn main() -> streamhelper::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let etcd = EtcdProcess::start()?;
-    let sim = SimCluster::start(SimConfig { flush_interval: Some(Duration::from_millis(500)), ..SimConfig::default() })?;
+    let sim =
+        SimCluster::start(SimConfig { flush_interval: Some(Duration::from_millis(500)), ..SimConfig::default() })?;
     let meta = MetaDataClient::new(EtcdClient::connect_plain([etcd.endpoint()])?);
     let task = TaskInfo::new("embedded")
         .from_ts(sim.now_ts())
@@ -37,7 +38,10 @@ fn main() -> streamhelper::Result<()> {
         std::thread::sleep(Duration::from_millis(500));
         let status = handle.status();
         for task in &status.tasks {
-            println!("{} ({}): task {} checkpoint {} lag {}s", status.id, status.role, task.name, task.checkpoint, task.lag_seconds);
+            println!(
+                "{} ({}): task {} checkpoint {} lag {}s",
+                status.id, status.role, task.name, task.checkpoint, task.lag_seconds
+            );
         }
     }
     handle.update_config(Config { lag_limit: Duration::from_secs(72 * 3600), ..handle.config() })?;

@@ -39,7 +39,13 @@ pub fn format_rfc3339(t: SystemTime) -> String {
 pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     let bad = |why: &str| format!("{text:?} is not an RFC 3339 time ({why}); example: 2024-05-01T12:00:00+08:00");
     let b = text.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return Err(bad("expected YYYY-MM-DDTHH:MM:SS"));
     }
     let num = |range: std::ops::Range<usize>| -> Result<i64, String> {

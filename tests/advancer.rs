@@ -140,7 +140,10 @@ fn steady_state_advances_uploads_and_holds_gc() {
 
     support::wait_until("the GC safepoint to follow the checkpoint", || {
         let stored = f.stored("t1");
-        f.sim.gc_safe_points().iter().any(|(service, sp)| service == "log-backup-coordinator" && *sp + 1 >= first && *sp < stored)
+        f.sim
+            .gc_safe_points()
+            .iter()
+            .any(|(service, sp)| service == "log-backup-coordinator" && *sp + 1 >= first && *sp < stored)
     });
     let addr = daemon.status_addr().unwrap();
     let (code, status) = http_get(addr, "/status").unwrap();

@@ -29,7 +29,17 @@ fn task_commands_round_trip() {
     let ok_with = |more: &[&str]| ok(&with(more).iter().map(String::as_str).collect::<Vec<_>>());
     let fails_with = |more: &[&str]| fails(&with(more).iter().map(String::as_str).collect::<Vec<_>>());
 
-    let added = ok_with(&["add", "t1", "--storage", "s3://bucket/logs", "--start-ts", "2024-05-01T12:00:00Z", "--range", "t\\x80", "u"]);
+    let added = ok_with(&[
+        "add",
+        "t1",
+        "--storage",
+        "s3://bucket/logs",
+        "--start-ts",
+        "2024-05-01T12:00:00Z",
+        "--range",
+        "t\\x80",
+        "u",
+    ]);
     assert!(added.contains("task t1 added") && added.contains("2024-05-01T12:00:00Z"), "{added}");
     ok_with(&["add", "t2", "--storage", "noop://"]);
     assert!(fails_with(&["add", "t1", "--storage", "noop://"]).contains("exists"));

@@ -108,7 +108,12 @@ impl Cluster {
 fn failed(regions: &[SimRegion], reason: FailReason) -> Vec<FailedRange> {
     let mut failed: Vec<_> = regions
         .iter()
-        .map(|r| FailedRange { range: r.range.clone(), region: Some(r.id), store: r.leader_store, reason: reason.clone() })
+        .map(|r| FailedRange {
+            range: r.range.clone(),
+            region: Some(r.id),
+            store: r.leader_store,
+            reason: reason.clone(),
+        })
         .collect();
     failed.sort();
     failed

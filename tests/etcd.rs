@@ -65,7 +65,8 @@ fn crud_and_prefix_semantics() {
     let counted = client.range(KeySpan::prefix("/x/"), &GetOptions { count_only: true, ..Default::default() }).unwrap();
     assert!(counted.kvs.is_empty());
     assert_eq!(counted.count, 4);
-    let keys_only = client.range(KeySpan::key("/x/t1/a"), &GetOptions { keys_only: true, ..Default::default() }).unwrap();
+    let keys_only =
+        client.range(KeySpan::key("/x/t1/a"), &GetOptions { keys_only: true, ..Default::default() }).unwrap();
     assert!(keys_only.kvs[0].get_value().is_empty());
 
     client.put("/x/t1/a", "changed", 0).unwrap();
@@ -87,13 +88,22 @@ fn txn_compares_choose_the_branch() {
     let get_k = || TxnOp::get(KeySpan::key("k"), &GetOptions::default());
 
     let hit = client
-        .txn(Txn::new().when([Cmp::value("k", CompareResult::EQUAL, "v1")]).and_then([TxnOp::put("k", "v2", 0), get_k()]))
+        .txn(
+            Txn::new()
+                .when([Cmp::value("k", CompareResult::EQUAL, "v1")])
+                .and_then([TxnOp::put("k", "v2", 0), get_k()]),
+        )
         .unwrap();
     assert!(hit.succeeded);
     assert_eq!(hit.ranges[0].kvs[0].get_value(), b"v2");
 
     let miss = client
-        .txn(Txn::new().when([Cmp::value("k", CompareResult::EQUAL, "v1")]).and_then([TxnOp::put("k", "bad", 0)]).or_else([get_k()]))
+        .txn(
+            Txn::new()
+                .when([Cmp::value("k", CompareResult::EQUAL, "v1")])
+                .and_then([TxnOp::put("k", "bad", 0)])
+                .or_else([get_k()]),
+        )
         .unwrap();
     assert!(!miss.succeeded);
     assert_eq!(miss.ranges[0].kvs[0].get_value(), b"v2");
@@ -105,8 +115,18 @@ fn txn_compares_choose_the_branch() {
     assert!(!client.txn(Txn::new().when([Cmp::absent("k")])).unwrap().succeeded);
     // Big-endian 8-byte values compare like the numbers they encode: the checkpoint upload relies on it.
     client.put("ts", 300u64.to_be_bytes().to_vec(), 0).unwrap();
-    assert!(client.txn(Txn::new().when([Cmp::value("ts", CompareResult::LESS, 1000u64.to_be_bytes().to_vec())])).unwrap().succeeded);
-    assert!(!client.txn(Txn::new().when([Cmp::value("ts", CompareResult::LESS, 200u64.to_be_bytes().to_vec())])).unwrap().succeeded);
+    assert!(
+        client
+            .txn(Txn::new().when([Cmp::value("ts", CompareResult::LESS, 1000u64.to_be_bytes().to_vec())]))
+            .unwrap()
+            .succeeded
+    );
+    assert!(
+        !client
+            .txn(Txn::new().when([Cmp::value("ts", CompareResult::LESS, 200u64.to_be_bytes().to_vec())]))
+            .unwrap()
+            .succeeded
+    );
 }
 
 #[test]

@@ -49,7 +49,8 @@ fn raw(client: &MetaDataClient, key: impl Into<Vec<u8>>) -> Option<Vec<u8>> {
 #[test]
 fn keys_and_values_are_byte_for_byte_brs() {
     let (_etcd, client) = start();
-    let t1 = TaskInfo::new("t1").from_ts(42).to_storage(parse_storage_url("noop://").unwrap()).with_table_filter(["*.*"]);
+    let t1 =
+        TaskInfo::new("t1").from_ts(42).to_storage(parse_storage_url("noop://").unwrap()).with_table_filter(["*.*"]);
     client.put_task(&t1.with_range("a", "c").with_range(b"t\x00\xff/x".to_vec(), Vec::new()).pausing(true)).unwrap();
 
     assert_eq!(raw(&client, "/tidb/br-stream/info/t1").unwrap(), BR_TASK_BYTES);
@@ -148,7 +149,10 @@ fn global_checkpoint_upload_never_lowers_and_respects_the_fence() {
     assert_eq!(ext.upload_global_checkpoint("t", (1 << 40) + 1, Some(broken)).unwrap(), UploadOutcome::Fenced);
     assert_eq!(ext.get_global_checkpoint("t").unwrap(), 1 << 40);
     assert_eq!(ext.upload_global_checkpoint("t", (1 << 40) + 1, Some(holds.clone())).unwrap(), UploadOutcome::Written);
-    assert_eq!(ext.upload_global_checkpoint("t", 7, Some(holds)).unwrap(), UploadOutcome::KeptHigher { stored: (1 << 40) + 1 });
+    assert_eq!(
+        ext.upload_global_checkpoint("t", 7, Some(holds)).unwrap(),
+        UploadOutcome::KeptHigher { stored: (1 << 40) + 1 }
+    );
 
     client.etcd().put(keys::global_checkpoint_of("bad"), "garbage!!", 0).unwrap();
     let err = ext.get_global_checkpoint("bad").unwrap_err().to_string();
@@ -164,7 +168,13 @@ fn next_events(events: &Receiver<TaskEvent>, n: usize) -> Vec<String> {
             let event = events.recv_timeout(DEADLINE).unwrap_or_else(|_| panic!("event {i} of {n} did not arrive"));
             match event {
                 TaskEvent::Add { info, ranges, paused } => {
-                    format!("Add({},{},{}{})", info.get_name(), info.get_start_ts(), ranges.len(), if paused { ",paused" } else { "" })
+                    format!(
+                        "Add({},{},{}{})",
+                        info.get_name(),
+                        info.get_start_ts(),
+                        ranges.len(),
+                        if paused { ",paused" } else { "" }
+                    )
                 }
                 TaskEvent::Err { name, error } => format!("Err({})={error}", name.unwrap_or_default()),
                 other => other.to_string(),
@@ -205,7 +215,10 @@ fn task_events_follow_every_change_in_order() {
     client.etcd().put(b"/tidb/br-stream/ranges/t6/z".to_vec(), b"a".to_vec(), 0).unwrap();
     client.etcd().put(keys::task_of("t6"), task("t6", 6).info.write_to_bytes().unwrap(), 0).unwrap();
     let got = next_events(&events, 1);
-    assert!(got[0].contains("Err(t6)") && got[0].contains("ranges/t6/z") && got[0].contains("ends before it starts"), "{got:?}");
+    assert!(
+        got[0].contains("Err(t6)") && got[0].contains("ranges/t6/z") && got[0].contains("ends before it starts"),
+        "{got:?}"
+    );
     assert_quiet(&events);
 }
 
@@ -252,7 +265,11 @@ fn a_compacted_watch_relists_and_reports_only_what_changed() {
 
     let mut got = next_events(&events, 4);
     got.sort();
-    assert_eq!(got, ["Add(new,5,2)", "Add(redefined,40,2)", "Del(gone)", "Pause(flip)"], "nothing for the unchanged task");
+    assert_eq!(
+        got,
+        ["Add(new,5,2)", "Add(redefined,40,2)", "Del(gone)", "Pause(flip)"],
+        "nothing for the unchanged task"
+    );
     assert_quiet(&events);
     // Still following after the re-list.
     direct.resume_task("flip").unwrap();

@@ -9,19 +9,63 @@ use streamhelper::etcd::{EtcdClient, EtcdConfig, EtcdProcess, ServerTls};
 use streamhelper::security::{Security, SecurityConfig};
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("the openssl command (apt-get install openssl)");
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("the openssl command (apt-get install openssl)");
     assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, signed by the CA.
 fn make_pki(dir: &Path) {
-    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=streamhelper-test-ca"]);
-    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=streamhelper-test-ca",
+        ],
+    );
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+        .unwrap();
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
     for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
         let (key, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
-        openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}")]);
-        openssl(dir, &["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", &pem, "-days", "2", "-extfile", ext]);
+        openssl(
+            dir,
+            &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &format!("/CN={name}")],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+            ],
+        );
     }
 }
 
@@ -37,7 +81,12 @@ fn tls_with_client_certificates_works_and_plain_text_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     make_pki(dir.path());
     let path = |f: &str| dir.path().join(f);
-    let etcd = EtcdProcess::start_tls(ServerTls { cert: path("server.pem"), key: path("server.key"), client_ca: path("ca.pem") }).unwrap();
+    let etcd = EtcdProcess::start_tls(ServerTls {
+        cert: path("server.pem"),
+        key: path("server.key"),
+        client_ca: path("ca.pem"),
+    })
+    .unwrap();
 
     let full = Security::load(&SecurityConfig {
         ca_path: Some(path("ca.pem")),

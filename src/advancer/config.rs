@@ -109,7 +109,10 @@ mod tests {
         let mut config = Config::default();
         assert_eq!(config.degraded_threshold(), Duration::from_secs(108));
         config
-            .apply_file_text("# advancer\n[log-backup]\ntick_interval = \"3s\"\ncheck-point-lag-limit = '1h'\n", "test.toml")
+            .apply_file_text(
+                "# advancer\n[log-backup]\ntick_interval = \"3s\"\ncheck-point-lag-limit = '1h'\n",
+                "test.toml",
+            )
             .unwrap();
         assert_eq!(config.tick_interval, Duration::from_secs(3));
         assert_eq!(config.lag_limit, Duration::from_secs(3600));

@@ -131,7 +131,10 @@ impl Advancer {
 
     pub fn set_subscriptions_healthy(&mut self, healthy: bool) {
         if !healthy && self.subscriptions_healthy {
-            log::warn!("a flush subscription is broken: polling spans older than {:?}", self.config.degraded_threshold());
+            log::warn!(
+                "a flush subscription is broken: polling spans older than {:?}",
+                self.config.degraded_threshold()
+            );
         }
         self.subscriptions_healthy = healthy;
     }
@@ -168,7 +171,11 @@ impl Advancer {
     /// Which spans to poll: those of running tasks older than the threshold (tighter while
     /// a subscription is broken), as collapsed ranges.
     pub fn plan_polls(&self, now: Ts) -> Vec<PollPlan> {
-        let threshold = if self.subscriptions_healthy { self.config.try_advance_threshold } else { self.config.degraded_threshold() };
+        let threshold = if self.subscriptions_healthy {
+            self.config.try_advance_threshold
+        } else {
+            self.config.degraded_threshold()
+        };
         let below = ts_sub(now, threshold);
         self.active()
             .filter_map(|(name, task)| {
@@ -237,7 +244,11 @@ impl Advancer {
         if lag <= limit {
             return None;
         }
-        log::warn!("checkpoint lag is too large: task {task} lags {} (limit {})", format_duration(lag), format_duration(limit));
+        log::warn!(
+            "checkpoint lag is too large: task {task} lags {} (limit {})",
+            format_duration(lag),
+            format_duration(limit)
+        );
         state.paused = true;
         let message = format!(
             "The checkpoint is at {}, now it is {}, the lag is too huge ({}) hence pause the task to avoid impaction to the cluster",

@@ -78,7 +78,8 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         fn series(out: &mut String, name: &str, labels: &Labels, extra: Option<(&str, String)>, value: String) {
-            let mut parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", v.replace('"', "\\\""))).collect();
+            let mut parts: Vec<String> =
+                labels.iter().map(|(k, v)| format!("{k}=\"{}\"", v.replace('"', "\\\""))).collect();
             if let Some((k, v)) = extra {
                 parts.push(format!("{k}=\"{v}\""));
             }
@@ -127,7 +128,12 @@ mod tests {
         m.inc_counter(REGION_REQUEST, &[("result", "success")], 3);
         m.observe(TICK_DURATION, &[("step", "tick")], Duration::from_millis(50));
         let text = m.render();
-        assert!(text.contains("# TYPE tidb_log_backup_last_checkpoint gauge\ntidb_log_backup_last_checkpoint{task=\"t1\"} 42"), "{text}");
+        assert!(
+            text.contains(
+                "# TYPE tidb_log_backup_last_checkpoint gauge\ntidb_log_backup_last_checkpoint{task=\"t1\"} 42"
+            ),
+            "{text}"
+        );
         assert!(text.contains("tidb_log_backup_region_request{result=\"success\"} 3"));
         assert!(text.contains("tidb_log_backup_advancer_tick_duration_sec_bucket{step=\"tick\",le=\"0.03\"} 0"));
         assert!(text.contains("tidb_log_backup_advancer_tick_duration_sec_bucket{step=\"tick\",le=\"0.09\"} 1"));

@@ -24,7 +24,8 @@ impl StatusServer {
     pub fn start(addr: &str, handler: Handler) -> Result<StatusServer> {
         let listener = TcpListener::bind(addr)
             .map_err(|source| Error::Io { what: format!("binding the status address {addr}"), source })?;
-        let bound = listener.local_addr().map_err(|source| Error::Io { what: "reading the status address".into(), source })?;
+        let bound =
+            listener.local_addr().map_err(|source| Error::Io { what: "reading the status address".into(), source })?;
         listener
             .set_nonblocking(true)
             .map_err(|source| Error::Io { what: "configuring the status listener".into(), source })?;
@@ -96,7 +97,11 @@ fn answer(stream: TcpStream, handler: &Handler) -> std::io::Result<()> {
         None => ("404 Not Found", "text/plain", format!("no such page {path}; try /metrics or /status\n")),
     };
     let mut stream = stream;
-    write!(stream, "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    write!(
+        stream,
+        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
     stream.flush()
 }
 
@@ -119,10 +124,15 @@ mod tests {
 
     #[test]
     fn serves_pages_and_404() {
-        let handler: Handler = Arc::new(|path| (path == "/status").then(|| ("application/json", "{\"ok\":true}".to_string())));
+        let handler: Handler =
+            Arc::new(|path| (path == "/status").then(|| ("application/json", "{\"ok\":true}".to_string())));
         let server = StatusServer::start("127.0.0.1:0", handler).unwrap();
         assert_eq!(http_get(server.addr(), "/status").unwrap(), (200, "{\"ok\":true}".to_string()));
         assert_eq!(http_get(server.addr(), "/nope").unwrap().0, 404);
-        assert!(StatusServer::start("256.0.0.1:1", Arc::new(|_| None)).err().unwrap().to_string().contains("256.0.0.1:1"));
+        assert!(StatusServer::start("256.0.0.1:1", Arc::new(|_| None))
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("256.0.0.1:1"));
     }
 }

@@ -52,7 +52,10 @@ fn gc(actions: &[Action]) -> Option<&Action> {
 /// Runs `finish_tick` and acknowledges every upload as written.
 fn tick(adv: &mut Advancer, now: Ts) -> (Vec<Action>, Vec<Action>) {
     let actions = adv.finish_tick(now);
-    let pauses = uploads(&actions).into_iter().filter_map(|(task, _)| adv.on_uploaded(&task, UploadOutcome::Written, now)).collect();
+    let pauses = uploads(&actions)
+        .into_iter()
+        .filter_map(|(task, _)| adv.on_uploaded(&task, UploadOutcome::Written, now))
+        .collect();
     (actions, pauses)
 }
 
@@ -182,7 +185,11 @@ fn one_gc_safepoint_covers_every_task_and_is_released_with_the_last() {
     adv.add_task(info("b", at(3.0)), &[r("b", "c")], true, 0);
     assert_eq!(gc(&adv.finish_tick(at(3.1))), Some(&Action::BlockGc { safe_point: at(2.0) - 1 }));
     adv.on_flush(&r("a", "b"), at(5.0));
-    assert_eq!(gc(&adv.finish_tick(at(5.1))), Some(&Action::BlockGc { safe_point: at(3.0) - 1 }), "the paused task still holds GC");
+    assert_eq!(
+        gc(&adv.finish_tick(at(5.1))),
+        Some(&Action::BlockGc { safe_point: at(3.0) - 1 }),
+        "the paused task still holds GC"
+    );
     adv.remove_task("a");
     adv.remove_task("b");
     assert_eq!(gc(&adv.finish_tick(at(5.2))), Some(&Action::UnblockGc));
@@ -305,7 +312,11 @@ fn flushes_after_the_last_task_is_gone_are_ignored() {
     adv.on_poll_result("t", [(&KeyRange::full(), at(3.0))]);
     assert!(adv.status().is_empty());
     adv.add_task(info("t", at(1.0)), &[KeyRange::full()], false, 0);
-    assert_eq!(uploads(&adv.finish_tick(at(1.1))), [("t".to_string(), at(1.0))], "the new task starts from its own start");
+    assert_eq!(
+        uploads(&adv.finish_tick(at(1.1))),
+        [("t".to_string(), at(1.0))],
+        "the new task starts from its own start"
+    );
 }
 
 #[test]

@@ -51,23 +51,63 @@ fn schedule() -> Vec<Step> {
         *sim.store_ids().last().expect("at least one store")
     }
     vec![
-        Step { at: Duration::from_secs(6), what: "split three regions", apply: |sim| {
-            for region in sim.regions().iter().take(3) {
-                let mut key = region.range.start.clone();
-                key.extend_from_slice(b"\x80split");
-                sim.split(&key)?;
-            }
-            Ok(())
-        } },
-        Step { at: Duration::from_secs(10), what: "scatter leaders", apply: |sim| { sim.scatter(); Ok(()) } },
-        Step { at: Duration::from_secs(14), what: "hang the first store", apply: |sim| { sim.hang_store(first_store(sim)); Ok(()) } },
-        Step { at: Duration::from_secs(20), what: "resume the first store", apply: |sim| { sim.resume_store(first_store(sim)); Ok(()) } },
-        Step { at: Duration::from_secs(24), what: "restart the last store on a new address", apply: |sim| sim.restart_store(last_store(sim)).map(drop) },
-        Step { at: Duration::from_secs(28), what: "turn subscriptions off on the first store", apply: |sim| { sim.set_subscription_supported(first_store(sim), false); Ok(()) } },
-        Step { at: Duration::from_secs(32), what: "merge two regions", apply: |sim| {
-            let regions = sim.regions();
-            sim.merge(regions[4].id, regions[5].id).map(drop)
-        } },
+        Step {
+            at: Duration::from_secs(6),
+            what: "split three regions",
+            apply: |sim| {
+                for region in sim.regions().iter().take(3) {
+                    let mut key = region.range.start.clone();
+                    key.extend_from_slice(b"\x80split");
+                    sim.split(&key)?;
+                }
+                Ok(())
+            },
+        },
+        Step {
+            at: Duration::from_secs(10),
+            what: "scatter leaders",
+            apply: |sim| {
+                sim.scatter();
+                Ok(())
+            },
+        },
+        Step {
+            at: Duration::from_secs(14),
+            what: "hang the first store",
+            apply: |sim| {
+                sim.hang_store(first_store(sim));
+                Ok(())
+            },
+        },
+        Step {
+            at: Duration::from_secs(20),
+            what: "resume the first store",
+            apply: |sim| {
+                sim.resume_store(first_store(sim));
+                Ok(())
+            },
+        },
+        Step {
+            at: Duration::from_secs(24),
+            what: "restart the last store on a new address",
+            apply: |sim| sim.restart_store(last_store(sim)).map(drop),
+        },
+        Step {
+            at: Duration::from_secs(28),
+            what: "turn subscriptions off on the first store",
+            apply: |sim| {
+                sim.set_subscription_supported(first_store(sim), false);
+                Ok(())
+            },
+        },
+        Step {
+            at: Duration::from_secs(32),
+            what: "merge two regions",
+            apply: |sim| {
+                let regions = sim.regions();
+                sim.merge(regions[4].id, regions[5].id).map(drop)
+            },
+        },
     ]
 }
 

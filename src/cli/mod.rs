@@ -54,11 +54,19 @@ pub struct ClusterArgs {
 
 impl ClusterArgs {
     pub fn security(&self) -> Result<Security> {
-        Security::load(&SecurityConfig { ca_path: self.ca.clone(), cert_path: self.cert.clone(), key_path: self.key.clone() })
+        Security::load(&SecurityConfig {
+            ca_path: self.ca.clone(),
+            cert_path: self.cert.clone(),
+            key_path: self.key.clone(),
+        })
     }
 
     pub fn etcd_endpoints(&self) -> Vec<String> {
-        if self.etcd.is_empty() { self.pd.clone() } else { self.etcd.clone() }
+        if self.etcd.is_empty() {
+            self.pd.clone()
+        } else {
+            self.etcd.clone()
+        }
     }
 
     pub fn etcd_client(&self) -> Result<EtcdClient> {

@@ -7,7 +7,9 @@ use serde::Serialize;
 
 use super::ClusterArgs;
 use crate::error::{Error, Result};
-use crate::meta::{check_task_name, describe_storage, parse_storage_url, MetaDataClient, PauseState, PauseV2, Severity, Task, TaskInfo};
+use crate::meta::{
+    check_task_name, describe_storage, parse_storage_url, MetaDataClient, PauseState, PauseV2, Severity, Task, TaskInfo,
+};
 use crate::timefmt::{format_duration, format_rfc3339, parse_rfc3339};
 use crate::types::{local_now_ts, system_time_of, ts_distance, ts_from_system_time, KeyRange, Ts};
 
@@ -81,7 +83,9 @@ fn parse_key(text: &str) -> Result<Vec<u8>> {
     while i < bytes.len() {
         if bytes[i] == b'\\' && bytes.get(i + 1) == Some(&b'x') {
             let hex = text.get(i + 2..i + 4).and_then(|h| u8::from_str_radix(h, 16).ok());
-            out.push(hex.ok_or_else(|| Error::Config(format!("key {text:?}: \\x must be followed by two hex digits")))?);
+            out.push(
+                hex.ok_or_else(|| Error::Config(format!("key {text:?}: \\x must be followed by two hex digits")))?,
+            );
             i += 4;
         } else {
             out.push(bytes[i]);
@@ -152,7 +156,10 @@ pub fn run(args: TaskArgs) -> Result<()> {
     match args.action {
         TaskAction::Add { name, storage, start_ts, end_ts, ranges, filters, paused } => {
             check_task_name(&name)?;
-            let start = match start_ts { Some(t) => parse_ts(&t)?, None => ts_from_system_time(SystemTime::now()) };
+            let start = match start_ts {
+                Some(t) => parse_ts(&t)?,
+                None => ts_from_system_time(SystemTime::now()),
+            };
             let end = end_ts.map(|t| parse_ts(&t)).transpose()?.unwrap_or(0);
             let mut key_ranges = Vec::new();
             for pair in ranges.chunks(2) {
@@ -170,7 +177,10 @@ pub fn run(args: TaskArgs) -> Result<()> {
                 .pausing(paused)
                 .check()?;
             if client.get_task(&name).is_ok() {
-                return Err(Error::InvalidTask { task: name, reason: "a task with this name exists; delete it first".into() });
+                return Err(Error::InvalidTask {
+                    task: name,
+                    reason: "a task with this name exists; delete it first".into(),
+                });
             }
             client.put_task(&info)?;
             println!("task {name} added, starting at {start} ({})", format_rfc3339(system_time_of(start)));
@@ -183,7 +193,16 @@ pub fn run(args: TaskArgs) -> Result<()> {
             } else {
                 let cells: Vec<Vec<String>> = rows
                     .iter()
-                    .map(|r| vec![r.name.clone(), r.checkpoint.to_string(), r.checkpoint_time.clone(), r.lag.clone(), if r.paused { "paused" } else { "running" }.into(), r.storage.clone()])
+                    .map(|r| {
+                        vec![
+                            r.name.clone(),
+                            r.checkpoint.to_string(),
+                            r.checkpoint_time.clone(),
+                            r.lag.clone(),
+                            if r.paused { "paused" } else { "running" }.into(),
+                            r.storage.clone(),
+                        ]
+                    })
                     .collect();
                 print_table(&["NAME", "CHECKPOINT", "CHECKPOINT TIME", "LAG", "STATE", "STORAGE"], &cells);
             }

@@ -143,7 +143,10 @@ impl PdClient {
         let cluster_id = self.cluster_id();
         let mut req = pdpb::GetMembersRequest::default();
         req.set_header(request_header(cluster_id));
-        let resp = self.client_for(url)?.get_members_opt(&req, self.call_option()).map_err(|source| Error::rpc("GetMembers", url, source))?;
+        let resp = self
+            .client_for(url)?
+            .get_members_opt(&req, self.call_option())
+            .map_err(|source| Error::rpc("GetMembers", url, source))?;
         check_header(url, cluster_id, resp)
     }
 

@@ -147,7 +147,8 @@ impl Daemon {
         if config.pd_endpoints.is_empty() {
             return Err(Error::Config("at least one PD endpoint is required (--pd)".into()));
         }
-        let etcd_endpoints = if config.etcd_endpoints.is_empty() { config.pd_endpoints.clone() } else { config.etcd_endpoints.clone() };
+        let etcd_endpoints =
+            if config.etcd_endpoints.is_empty() { config.pd_endpoints.clone() } else { config.etcd_endpoints.clone() };
         let mut etcd_config = EtcdConfig::new(etcd_endpoints);
         etcd_config.security = config.security.clone();
         etcd_config.request_timeout = config.advancer.rpc_timeout;
@@ -162,7 +163,8 @@ impl Daemon {
         }
         let pd: Arc<dyn ClusterMeta> = Arc::new(pd);
         let tikv_config = TikvConfig { dial_timeout: config.advancer.dial_timeout, ..TikvConfig::default() };
-        let service: Arc<dyn LogBackupService> = Arc::new(TikvClients::new(pd.clone(), config.security.clone(), tikv_config));
+        let service: Arc<dyn LogBackupService> =
+            Arc::new(TikvClients::new(pd.clone(), config.security.clone(), tikv_config));
         let ext = AdvancerExt::new(MetaDataClient::new(etcd.clone()));
         let id = config.owner_id.clone().unwrap_or_else(new_owner_id);
         let shared = Arc::new(Shared {
@@ -219,7 +221,12 @@ impl Daemon {
 }
 
 /// Lists and follows tasks, retrying the first listing with backoff until it works.
-fn listen_tasks(ext: AdvancerExt, events: crossbeam_channel::Sender<crate::meta::TaskEvent>, backoff: std::time::Duration, stop: StopToken) {
+fn listen_tasks(
+    ext: AdvancerExt,
+    events: crossbeam_channel::Sender<crate::meta::TaskEvent>,
+    backoff: std::time::Duration,
+    stop: StopToken,
+) {
     loop {
         match ext.begin(events.clone(), backoff) {
             Ok(watcher) => {

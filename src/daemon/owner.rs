@@ -75,29 +75,30 @@ impl OwnerLoop {
         let watch = election.watch_leadership(&leadership);
         // Nobody to tell (the ticker is gone): we are shutting down.
         let told = self.events.send(OwnerEvent::Gained(leadership.clone())).is_ok();
-        let stopped = !told || loop {
-            crossbeam_channel::select! {
-                recv(self.stop.receiver()) -> _ => break true,
-                recv(keeper.lost()) -> lost => {
-                    log::warn!("ownership lost: {}", lost.map(|e| e.to_string()).unwrap_or_else(|_| "lease keeper ended".into()));
-                    break false;
-                }
-                recv(watch.batches()) -> batch => match batch {
-                    Ok(Ok(batch)) if batch.events.iter().any(|e| e.kind == EventKind::Delete) => {
-                        log::warn!("ownership lost: the owner key was deleted");
+        let stopped = !told
+            || loop {
+                crossbeam_channel::select! {
+                    recv(self.stop.receiver()) -> _ => break true,
+                    recv(keeper.lost()) -> lost => {
+                        log::warn!("ownership lost: {}", lost.map(|e| e.to_string()).unwrap_or_else(|_| "lease keeper ended".into()));
                         break false;
                     }
-                    Ok(Ok(_)) => {}
-                    // The watch ended (compaction): check directly.
-                    _ => {
-                        if !election.is_leader(&leadership).unwrap_or(false) {
-                            log::warn!("ownership lost: no longer the first candidate");
+                    recv(watch.batches()) -> batch => match batch {
+                        Ok(Ok(batch)) if batch.events.iter().any(|e| e.kind == EventKind::Delete) => {
+                            log::warn!("ownership lost: the owner key was deleted");
                             break false;
                         }
-                    }
-                },
-            }
-        };
+                        Ok(Ok(_)) => {}
+                        // The watch ended (compaction): check directly.
+                        _ => {
+                            if !election.is_leader(&leadership).unwrap_or(false) {
+                                log::warn!("ownership lost: no longer the first candidate");
+                                break false;
+                            }
+                        }
+                    },
+                }
+            };
         // Lost first, so the ticker stops uploading before anything else happens.
         let _ = self.events.send(OwnerEvent::Lost);
         drop(watch);

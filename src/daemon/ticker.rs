@@ -13,7 +13,9 @@ use super::owner::OwnerEvent;
 use super::{RegionHint, Shared, TaskView};
 use crate::advancer::metrics::{self, Metrics};
 use crate::advancer::Action;
-use crate::cluster::{collect_checkpoints, ClusterMeta, CollectorConfig, FlushSubscriber, LogBackupService, SubscriberConfig};
+use crate::cluster::{
+    collect_checkpoints, ClusterMeta, CollectorConfig, FlushSubscriber, LogBackupService, SubscriberConfig,
+};
 use crate::etcd::Leadership;
 use crate::meta::{AdvancerExt, TaskEvent, UploadOutcome};
 use crate::stop::StopToken;
@@ -109,7 +111,8 @@ impl Ticker {
                 self.leadership = Some(leadership);
                 self.shared.owner.store(true, Ordering::SeqCst);
                 self.metrics().set_gauge(metrics::OWNER, &[], 1.0);
-                let mut subscriber = FlushSubscriber::new(self.meta.clone(), self.service.clone(), SubscriberConfig::default());
+                let mut subscriber =
+                    FlushSubscriber::new(self.meta.clone(), self.service.clone(), SubscriberConfig::default());
                 if let Err(e) = subscriber.update_store_topology() {
                     log::warn!("Error when updating store topology: {e}");
                 }
@@ -172,7 +175,8 @@ impl Ticker {
             let advancer = self.shared.advancer.lock();
             (advancer.plan_polls(now), advancer.config().clone())
         };
-        let collector = CollectorConfig { rpc_timeout: config.rpc_timeout.min(config.tick_interval), ..CollectorConfig::default() };
+        let collector =
+            CollectorConfig { rpc_timeout: config.rpc_timeout.min(config.tick_interval), ..CollectorConfig::default() };
         for plan in plans {
             if started.elapsed() >= config.tick_interval {
                 log::warn!("tick interval used up; polling of task {} waits for the next tick", plan.task);
@@ -181,11 +185,27 @@ impl Ticker {
             let poll_started = Instant::now();
             match collect_checkpoints(self.meta.as_ref(), self.service.as_ref(), &self.pool, &plan.ranges, &collector) {
                 Ok(result) => {
-                    self.metrics().inc_counter(metrics::REGIONS_POLLED, &[], (result.advanced.len() + result.failed.len()) as u64);
-                    self.metrics().inc_counter(metrics::REGION_REQUEST, &[("result", "success")], result.advanced.len() as u64);
-                    self.metrics().inc_counter(metrics::REGION_REQUEST, &[("result", "fail")], result.failed.len() as u64);
+                    self.metrics().inc_counter(
+                        metrics::REGIONS_POLLED,
+                        &[],
+                        (result.advanced.len() + result.failed.len()) as u64,
+                    );
+                    self.metrics().inc_counter(
+                        metrics::REGION_REQUEST,
+                        &[("result", "success")],
+                        result.advanced.len() as u64,
+                    );
+                    self.metrics().inc_counter(
+                        metrics::REGION_REQUEST,
+                        &[("result", "fail")],
+                        result.failed.len() as u64,
+                    );
                     for failed in &result.failed {
-                        self.metrics().inc_counter(metrics::REGION_REQUEST_FAILURE, &[("reason", failed.reason.label())], 1);
+                        self.metrics().inc_counter(
+                            metrics::REGION_REQUEST_FAILURE,
+                            &[("reason", failed.reason.label())],
+                            1,
+                        );
                     }
                     for error in &result.store_errors {
                         log::warn!("task {}: {error}", plan.task);
@@ -193,7 +213,10 @@ impl Ticker {
                     for failed in result.failed.iter().filter_map(|f| f.store) {
                         self.metrics().inc_counter(metrics::STORE_RPC_ERRORS, &[("store", &failed.to_string())], 1);
                     }
-                    self.shared.advancer.lock().on_poll_result(&plan.task, result.advanced.iter().map(|(r, ts)| (r, *ts)));
+                    self.shared
+                        .advancer
+                        .lock()
+                        .on_poll_result(&plan.task, result.advanced.iter().map(|(r, ts)| (r, *ts)));
                 }
                 Err(e) => log::warn!("polling task {} failed: {e}", plan.task),
             }
@@ -279,7 +302,11 @@ impl Ticker {
         let mut end = key.to_vec();
         end.push(0);
         let region = self.meta.region_scan(key, &end, 1).ok()?.into_iter().next()?;
-        Some(super::RegionView { id: region.id, leader_store: region.leader_store, epoch_version: region.epoch_version })
+        Some(super::RegionView {
+            id: region.id,
+            leader_store: region.leader_store,
+            epoch_version: region.epoch_version,
+        })
     }
 }
 

@@ -9,9 +9,9 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::{
-    Compare, Compare_CompareResult, Compare_CompareTarget, CompactionRequest, DeleteRangeRequest, PutRequest,
-    RangeRequest, RangeRequest_SortOrder, RangeRequest_SortTarget, RequestOp, ResponseOp_oneof_response,
-    TxnRequest, TxnResponse,
+    CompactionRequest, Compare, Compare_CompareResult, Compare_CompareTarget, DeleteRangeRequest, PutRequest,
+    RangeRequest, RangeRequest_SortOrder, RangeRequest_SortTarget, RequestOp, ResponseOp_oneof_response, TxnRequest,
+    TxnResponse,
 };
 use crate::proto::etcdserverpb_grpc::{KvClient, LeaseClient, WatchClient};
 use crate::proto::mvccpb::KeyValue;
@@ -236,11 +236,8 @@ fn txn_request(txn: Txn) -> TxnRequest {
 }
 
 fn txn_result(mut resp: TxnResponse) -> TxnResult {
-    let mut result = TxnResult {
-        succeeded: resp.get_succeeded(),
-        revision: resp.get_header().get_revision(),
-        ..Default::default()
-    };
+    let mut result =
+        TxnResult { succeeded: resp.get_succeeded(), revision: resp.get_header().get_revision(), ..Default::default() };
     for mut op in resp.take_responses().into_iter() {
         match op.response.take() {
             Some(ResponseOp_oneof_response::response_range(r)) => result.ranges.push(range_result(r)),

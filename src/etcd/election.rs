@@ -94,10 +94,7 @@ impl Election {
                 // Nobody older: we lead, provided our own key survived the wait.
                 return if self.is_leader(&leadership)? { Ok(leadership) } else { Err(self.key_lost(lease)) };
             };
-            log::info!(
-                "waiting for the owner key {} to go away",
-                String::from_utf8_lossy(ahead.get_key())
-            );
+            log::info!("waiting for the owner key {} to go away", String::from_utf8_lossy(ahead.get_key()));
             self.wait_deleted(&ahead, &leadership, stop)?;
         }
     }

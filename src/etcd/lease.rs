@@ -110,12 +110,18 @@ impl EtcdClient {
             let sent_at = Instant::now();
             match self.keep_alive_once(id) {
                 Ok(granted) if granted <= 0 => {
-                    return Err(Error::LeaseLost { lease_id: id, reason: "etcd says it expired or was revoked".into() });
+                    return Err(Error::LeaseLost {
+                        lease_id: id,
+                        reason: "etcd says it expired or was revoked".into(),
+                    });
                 }
                 Ok(granted) => expires_at = sent_at + Duration::from_secs(granted as u64),
                 Err(e) => {
                     if Instant::now() >= expires_at {
-                        return Err(Error::LeaseLost { lease_id: id, reason: format!("not renewed before its TTL ran out: {e}") });
+                        return Err(Error::LeaseLost {
+                            lease_id: id,
+                            reason: format!("not renewed before its TTL ran out: {e}"),
+                        });
                     }
                     log::warn!("renewing etcd lease {id:x} failed, retrying: {e}");
                 }

@@ -13,5 +13,7 @@ pub use lease::LeaseKeeper;
 pub use process::{EtcdProcess, ServerTls};
 pub use watch::{EventKind, WatchBatch, WatchEvent, WatchOptions, Watcher};
 
-pub use crate::proto::etcdserverpb::{Compare_CompareResult as CompareResult, RangeRequest_SortOrder as SortOrder, RangeRequest_SortTarget as SortTarget};
+pub use crate::proto::etcdserverpb::{
+    Compare_CompareResult as CompareResult, RangeRequest_SortOrder as SortOrder, RangeRequest_SortTarget as SortTarget,
+};
 pub use crate::proto::mvccpb::KeyValue;

@@ -76,13 +76,18 @@ impl MetaDataClient {
     /// Writes info, ranges and the optional pause flag in one transaction.
     pub fn put_task(&self, task: &TaskInfo) -> Result<()> {
         let name = task.name();
-        let info = task.info.write_to_bytes().map_err(|e| Error::InvalidTask { task: name.into(), reason: format!("failed to marshal: {e}") })?;
+        let info = task
+            .info
+            .write_to_bytes()
+            .map_err(|e| Error::InvalidTask { task: name.into(), reason: format!("failed to marshal: {e}") })?;
         let mut ops = vec![TxnOp::put(keys::task_of(name), info, 0)];
         ops.extend(task.ranges.iter().map(|r| TxnOp::put(keys::range_key_of(name, &r.start), r.end.clone(), 0)));
         if task.pausing {
             ops.push(TxnOp::put(keys::pause_of(name), Vec::new(), 0));
         }
-        self.etcd.txn(Txn::new().and_then(ops)).with_context(|| format!("failed to commit the change for task {name}"))?;
+        self.etcd
+            .txn(Txn::new().and_then(ops))
+            .with_context(|| format!("failed to commit the change for task {name}"))?;
         Ok(())
     }
 
@@ -104,12 +109,16 @@ impl MetaDataClient {
 
     /// Pauses with a PauseV2 record (reason, severity, host, pid, time).
     pub fn pause_task(&self, name: &str, pause: &PauseV2) -> Result<()> {
-        self.etcd.put(keys::pause_of(name), pause.to_json(), 0).with_context(|| format!("failed to pause task {name}"))?;
+        self.etcd
+            .put(keys::pause_of(name), pause.to_json(), 0)
+            .with_context(|| format!("failed to pause task {name}"))?;
         Ok(())
     }
 
     pub fn resume_task(&self, name: &str) -> Result<()> {
-        self.etcd.delete(KeySpan::key(keys::pause_of(name))).with_context(|| format!("failed to resume task {name}"))?;
+        self.etcd
+            .delete(KeySpan::key(keys::pause_of(name)))
+            .with_context(|| format!("failed to resume task {name}"))?;
         Ok(())
     }
 
@@ -174,7 +183,8 @@ impl MetaDataClient {
 
     pub fn get_task_count(&self) -> Result<usize> {
         let options = GetOptions { count_only: true, ..Default::default() };
-        let result = self.etcd.range(KeySpan::prefix(keys::prefix_of_task()), &options).context("failed to count tasks")?;
+        let result =
+            self.etcd.range(KeySpan::prefix(keys::prefix_of_task()), &options).context("failed to count tasks")?;
         Ok(result.count as usize)
     }
 }
@@ -236,7 +246,11 @@ impl Task {
         let mut ts = self.info.get_start_ts();
         for kv in kvs {
             let value = keys::decode_u64(kv.get_value()).ok_or_else(|| {
-                bad_meta(self.name(), kv.get_key(), format!("the value isn't 64bits (it is {} bytes)", kv.get_value().len()))
+                bad_meta(
+                    self.name(),
+                    kv.get_key(),
+                    format!("the value isn't 64bits (it is {} bytes)", kv.get_value().len()),
+                )
             })?;
             ts = ts.max(value);
         }
@@ -272,11 +286,12 @@ impl Task {
         let mut errors = BTreeMap::new();
         for kv in kvs {
             let suffix = String::from_utf8_lossy(&kv.get_key()[prefix.len()..]).into_owned();
-            let store: StoreId = suffix
-                .parse()
-                .map_err(|_| bad_meta(self.name(), kv.get_key(), format!("failed to parse the store ID string {suffix:?}")))?;
-            let error = StreamBackupError::parse_from_bytes(kv.get_value())
-                .map_err(|e| bad_meta(self.name(), kv.get_key(), format!("failed to parse wire encoding for store {store}: {e}")))?;
+            let store: StoreId = suffix.parse().map_err(|_| {
+                bad_meta(self.name(), kv.get_key(), format!("failed to parse the store ID string {suffix:?}"))
+            })?;
+            let error = StreamBackupError::parse_from_bytes(kv.get_value()).map_err(|e| {
+                bad_meta(self.name(), kv.get_key(), format!("failed to parse wire encoding for store {store}: {e}"))
+            })?;
             errors.insert(store, error);
         }
         Ok(errors)

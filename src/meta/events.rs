@@ -14,7 +14,9 @@ use super::client::{decode_ranges, decode_task_info, name_under, MetaDataClient}
 use super::keys;
 use super::pause::PauseV2;
 use crate::error::{Error, Result, ResultExt};
-use crate::etcd::{prefix_end, Cmp, CompareResult, EventKind, GetOptions, KeySpan, Txn, TxnOp, WatchEvent, WatchOptions};
+use crate::etcd::{
+    prefix_end, Cmp, CompareResult, EventKind, GetOptions, KeySpan, Txn, TxnOp, WatchEvent, WatchOptions,
+};
 use crate::proto::brpb::StreamBackupTaskInfo;
 use crate::stop::{stop_pair, StopHandle, StopToken};
 use crate::types::{KeyRange, Ts};
@@ -26,13 +28,26 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub enum TaskEvent {
     /// A task appeared or was redefined: start it over from these ranges.
-    Add { info: StreamBackupTaskInfo, ranges: Vec<KeyRange>, paused: bool },
-    Del { name: String },
-    Pause { name: String },
-    Resume { name: String },
+    Add {
+        info: StreamBackupTaskInfo,
+        ranges: Vec<KeyRange>,
+        paused: bool,
+    },
+    Del {
+        name: String,
+    },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
     /// Something could not be read. Informational: the stream goes on, other tasks are
     /// unaffected, and a named task keeps its last good state.
-    Err { name: Option<String>, error: Error },
+    Err {
+        name: Option<String>,
+        error: Error,
+    },
 }
 
 impl TaskEvent {
@@ -49,7 +64,14 @@ impl std::fmt::Display for TaskEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             TaskEvent::Add { info, ranges, paused } => {
-                write!(f, "Add({}, start_ts={}, {} ranges{})", info.get_name(), info.get_start_ts(), ranges.len(), if *paused { ", paused" } else { "" })
+                write!(
+                    f,
+                    "Add({}, start_ts={}, {} ranges{})",
+                    info.get_name(),
+                    info.get_start_ts(),
+                    ranges.len(),
+                    if *paused { ", paused" } else { "" }
+                )
             }
             TaskEvent::Del { name } => write!(f, "Del({name})"),
             TaskEvent::Pause { name } => write!(f, "Pause({name})"),
@@ -64,7 +86,9 @@ impl std::fmt::Display for TaskEvent {
 pub enum UploadOutcome {
     Written,
     /// The stored checkpoint is already higher; nothing was written.
-    KeptHigher { stored: Ts },
+    KeptHigher {
+        stored: Ts,
+    },
     /// The fence condition failed: we are no longer the owner.
     Fenced,
 }
@@ -122,7 +146,8 @@ impl AdvancerExt {
     pub fn begin(&self, out: Sender<TaskEvent>, backoff: Duration) -> Result<TaskWatcher> {
         let snapshot = self.list()?;
         let (stop_handle, stop) = stop_pair();
-        let mut follower = Follower { ext: self.clone(), out, stop, backoff, known: BTreeMap::new(), paused: BTreeSet::new() };
+        let mut follower =
+            Follower { ext: self.clone(), out, stop, backoff, known: BTreeMap::new(), paused: BTreeSet::new() };
         let revision = snapshot.revision;
         if !follower.apply_snapshot(snapshot) {
             return Err(Error::Stopped("task listener".into()));
@@ -139,10 +164,12 @@ impl AdvancerExt {
         let etcd = self.meta.etcd();
         let info_prefix = keys::prefix_of_task();
         let (infos, revision) = etcd.scan_prefix(info_prefix.as_bytes(), PAGE).context("listing tasks")?;
-        let (pauses, _) = etcd.scan_prefix_at(keys::prefix_of_pause().as_bytes(), PAGE, revision).context("listing pause flags")?;
+        let (pauses, _) =
+            etcd.scan_prefix_at(keys::prefix_of_pause().as_bytes(), PAGE, revision).context("listing pause flags")?;
         let mut snapshot = Snapshot { revision, ..Default::default() };
         let pause_prefix = keys::prefix_of_pause();
-        snapshot.paused = pauses.iter().filter_map(|kv| name_under(&pause_prefix, kv.get_key())).map(String::from).collect();
+        snapshot.paused =
+            pauses.iter().filter_map(|kv| name_under(&pause_prefix, kv.get_key())).map(String::from).collect();
         for kv in infos {
             let Some(name) = name_under(&info_prefix, kv.get_key()) else { continue };
             match self.read_task(name, kv.get_value(), kv.get_key(), revision) {
@@ -157,7 +184,13 @@ impl AdvancerExt {
 
     /// Decodes a task's info and reads its ranges at `revision` (the ranges are written in
     /// the same transaction as the info).
-    fn read_task(&self, name: &str, value: &[u8], key: &[u8], revision: i64) -> Result<(StreamBackupTaskInfo, KnownTask)> {
+    fn read_task(
+        &self,
+        name: &str,
+        value: &[u8],
+        key: &[u8],
+        revision: i64,
+    ) -> Result<(StreamBackupTaskInfo, KnownTask)> {
         let info = decode_task_info(name, key, value)?;
         let (kvs, _) = self.meta.etcd().scan_prefix_at(keys::ranges_of(name).as_bytes(), PAGE, revision)?;
         let ranges = decode_ranges(name, &kvs)?;
@@ -190,7 +223,8 @@ impl AdvancerExt {
         let result = match fence {
             None => etcd.txn(monotonic).with_context(context)?,
             Some(fence) => {
-                let outer = etcd.txn(Txn::new().when([fence]).and_then([TxnOp::txn(monotonic)])).with_context(context)?;
+                let outer =
+                    etcd.txn(Txn::new().when([fence]).and_then([TxnOp::txn(monotonic)])).with_context(context)?;
                 if !outer.succeeded {
                     return Ok(UploadOutcome::Fenced);
                 }
@@ -203,13 +237,17 @@ impl AdvancerExt {
         if !result.succeeded {
             return Ok(UploadOutcome::Written);
         }
-        let stored = result.ranges.first().and_then(|r| r.kvs.first()).map(|kv| kv.get_value().to_vec()).unwrap_or_default();
+        let stored =
+            result.ranges.first().and_then(|r| r.kvs.first()).map(|kv| kv.get_value().to_vec()).unwrap_or_default();
         match keys::decode_u64(&stored) {
             Some(stored) => Ok(UploadOutcome::KeptHigher { stored }),
             None => Err(Error::BadMeta {
                 task: task.into(),
                 key,
-                reason: format!("the stored global checkpoint isn't 64bits ({} bytes) and blocks uploads; delete the key", stored.len()),
+                reason: format!(
+                    "the stored global checkpoint isn't 64bits ({} bytes) and blocks uploads; delete the key",
+                    stored.len()
+                ),
             }),
         }
     }
@@ -255,7 +293,11 @@ impl Follower {
             let event = if self.known.get(&name) != Some(&task) {
                 Some(TaskEvent::Add { info, ranges: task.ranges.clone(), paused })
             } else if paused != self.paused.contains(&name) {
-                Some(if paused { TaskEvent::Pause { name: name.clone() } } else { TaskEvent::Resume { name: name.clone() } })
+                Some(if paused {
+                    TaskEvent::Pause { name: name.clone() }
+                } else {
+                    TaskEvent::Resume { name: name.clone() }
+                })
             } else {
                 None
             };
@@ -334,15 +376,17 @@ impl Follower {
             let name = name.to_string();
             return Ok(match event.kind {
                 EventKind::Delete => self.known.remove(&name).is_none() || self.emit(TaskEvent::Del { name }),
-                EventKind::Put => match self.ext.read_task(&name, event.kv.get_value(), key, event.kv.get_mod_revision()) {
-                    Ok((info, task)) => {
-                        let paused = self.paused.contains(&name);
-                        self.known.insert(name, task.clone());
-                        self.emit(TaskEvent::Add { info, ranges: task.ranges, paused })
+                EventKind::Put => {
+                    match self.ext.read_task(&name, event.kv.get_value(), key, event.kv.get_mod_revision()) {
+                        Ok((info, task)) => {
+                            let paused = self.paused.contains(&name);
+                            self.known.insert(name, task.clone());
+                            self.emit(TaskEvent::Add { info, ranges: task.ranges, paused })
+                        }
+                        Err(e @ Error::BadMeta { .. }) => self.emit(TaskEvent::Err { name: Some(name), error: e }),
+                        Err(e) => return Err(e),
                     }
-                    Err(e @ Error::BadMeta { .. }) => self.emit(TaskEvent::Err { name: Some(name), error: e }),
-                    Err(e) => return Err(e),
-                },
+                }
             });
         }
         if let Some(name) = name_under(&keys::prefix_of_pause(), key) {

@@ -10,4 +10,6 @@ mod task;
 pub use client::{MetaDataClient, Task};
 pub use events::{AdvancerExt, TaskEvent, TaskWatcher, UploadOutcome};
 pub use pause::{PausePayload, PauseState, PauseV2, Severity};
-pub use task::{check_task_name, describe_storage, parse_checkpoint, parse_storage_url, Checkpoint, CheckpointType, TaskInfo};
+pub use task::{
+    check_task_name, describe_storage, parse_checkpoint, parse_storage_url, Checkpoint, CheckpointType, TaskInfo,
+};

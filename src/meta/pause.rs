@@ -176,7 +176,10 @@ mod base64_opt {
         let mut acc = 0u32;
         let mut bits = 0;
         for c in text.bytes() {
-            let v = ALPHABET.iter().position(|&a| a == c).ok_or_else(|| format!("invalid base64 character {:?}", c as char))?;
+            let v = ALPHABET
+                .iter()
+                .position(|&a| a == c)
+                .ok_or_else(|| format!("invalid base64 character {:?}", c as char))?;
             acc = acc << 6 | v as u32;
             bits += 6;
             if bits >= 8 {

@@ -1,7 +1,7 @@
 //! Task definitions (`TaskInfo`) and the checkpoint records found under a task.
 
 use crate::error::{Error, Result};
-use crate::proto::brpb::{StorageBackend, StreamBackupTaskInfo, AzureBlobStorage, GCS, HDFS, Local, Noop, S3};
+use crate::proto::brpb::{AzureBlobStorage, Local, Noop, StorageBackend, StreamBackupTaskInfo, GCS, HDFS, S3};
 use crate::types::{KeyRange, Ts};
 
 use super::keys;
@@ -95,7 +95,9 @@ pub fn check_task_name(name: &str) -> Result<()> {
 /// Parses a storage URL the way `br log start --storage` accepts them.
 pub fn parse_storage_url(url: &str) -> Result<StorageBackend> {
     let bad = |reason: &str| Error::Config(format!("storage URL {url:?}: {reason}"));
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("expected scheme://..., e.g. local:///backup or s3://bucket/prefix"))?;
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad("expected scheme://..., e.g. local:///backup or s3://bucket/prefix"))?;
     let (bucket, prefix) = rest.split_once('/').map_or((rest, ""), |(b, p)| (b, p.trim_matches('/')));
     let mut backend = StorageBackend::new();
     match scheme {
@@ -187,13 +189,21 @@ impl Checkpoint {
 /// Parses a checkpoint key and value of `task` (upstream's `ParseCheckpoint`).
 pub fn parse_checkpoint(task: &str, key: &[u8], value: &[u8]) -> Result<Checkpoint> {
     let prefix = keys::checkpoints_of(task);
-    let bad = |reason: String| Error::BadMeta { task: task.to_string(), key: String::from_utf8_lossy(key).into_owned(), reason };
-    let rest = key.strip_prefix(prefix.as_bytes()).ok_or_else(|| bad(format!("the prefix is wrong (expected {prefix})")))?;
+    let bad = |reason: String| Error::BadMeta {
+        task: task.to_string(),
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason,
+    };
+    let rest =
+        key.strip_prefix(prefix.as_bytes()).ok_or_else(|| bad(format!("the prefix is wrong (expected {prefix})")))?;
     let ts = keys::decode_u64(value)
         .ok_or_else(|| bad(format!("the checkpoint value isn't 64bits (it is {} bytes)", value.len())))?;
     let segments: Vec<&[u8]> = rest.split(|&b| b == b'/').collect();
     let decimal = |segment: &[u8]| -> Result<u64> {
-        std::str::from_utf8(segment).ok().and_then(|s| s.parse().ok()).ok_or_else(|| bad(format!("{:?} is not a decimal id", String::from_utf8_lossy(segment))))
+        std::str::from_utf8(segment)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad(format!("{:?} is not a decimal id", String::from_utf8_lossy(segment))))
     };
     let mut checkpoint = Checkpoint { id: 0, version: 0, ts, is_global: false };
     match segments[0] {
@@ -229,7 +239,12 @@ mod tests {
         assert!(ok.clone().check().is_ok());
         let no_storage = TaskInfo::new("t").with_table_filter(["*.*"]).check().unwrap_err().to_string();
         assert!(no_storage.contains("storage backend is null") && no_storage.contains("task t"));
-        assert!(TaskInfo::new("t").to_storage(StorageBackend::new()).check().unwrap_err().to_string().contains("table filter"));
+        assert!(TaskInfo::new("t")
+            .to_storage(StorageBackend::new())
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("table filter"));
         assert!(ok.clone().info.get_name() == "t_1");
         let mut bad_name = ok.clone();
         bad_name.info.set_name("t-1".into());

@@ -42,7 +42,9 @@ impl Key {
                 // Three overlapping words cover any inline key of 8 or more bytes (≤ 24).
                 let word = |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"));
                 let mid = (len - 8).min(8);
-                word(buf, len - 8) == word(key, len - 8) && word(buf, 0) == word(key, 0) && word(buf, mid) == word(key, mid)
+                word(buf, len - 8) == word(key, len - 8)
+                    && word(buf, 0) == word(key, 0)
+                    && word(buf, mid) == word(key, mid)
             }
             Key::Boxed(bytes) => **bytes == *key,
         }
