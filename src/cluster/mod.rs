@@ -46,6 +46,8 @@ pub struct RegionWithLeader {
     pub conf_ver: u64,
     /// `None` when PD knows no leader (for example right after a split or a leader loss).
     pub leader_store: Option<StoreId>,
+    /// The leader's peer id (0 when unknown): TiKV checks it on transactional requests.
+    pub leader_peer_id: u64,
     pub peer_stores: Vec<StoreId>,
 }
 
@@ -123,6 +125,7 @@ pub(crate) mod testing {
                 epoch_version: 1,
                 conf_ver: 1,
                 leader_store: Some(leaders[i % leaders.len()]),
+                leader_peer_id: 0,
                 peer_stores: leaders.to_vec(),
             })
             .collect()
