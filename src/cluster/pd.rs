@@ -250,6 +250,18 @@ impl ClusterMeta for PdClient {
         Ok(resp.get_stores().iter().filter(|s| leads_regions(s)).map(store_info).collect())
     }
 
+    fn store_status_addresses(&self) -> Result<Vec<(StoreId, String)>> {
+        let mut req = pdpb::GetAllStoresRequest::default();
+        req.set_exclude_tombstone_stores(true);
+        let resp = self.call("GetAllStores", req, |c, r, o| c.get_all_stores_opt(r, o))?;
+        Ok(resp
+            .get_stores()
+            .iter()
+            .filter(|s| leads_regions(s) && !s.get_status_address().is_empty())
+            .map(|s| (s.get_id(), s.get_status_address().to_string()))
+            .collect())
+    }
+
     fn store(&self, id: StoreId) -> Result<StoreInfo> {
         let mut req = pdpb::GetStoreRequest::default();
         req.set_store_id(id);

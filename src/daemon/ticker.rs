@@ -17,6 +17,7 @@ use crate::cluster::{
     collect_checkpoints, ClusterMeta, CollectorConfig, FlushSubscriber, LogBackupService, SubscriberConfig,
 };
 use crate::etcd::Leadership;
+use crate::locks::LockResolver;
 use crate::meta::{AdvancerExt, TaskEvent, UploadOutcome};
 use crate::stop::StopToken;
 use crate::timefmt::format_rfc3339;
@@ -33,6 +34,8 @@ pub struct Ticker {
     pub stop: StopToken,
     pub leadership: Option<Leadership>,
     pub subscriber: Option<FlushSubscriber>,
+    /// Resolves locks on stuck tasks' lagging ranges on its own thread.
+    pub locks: LockResolver,
 }
 
 impl Ticker {
@@ -151,6 +154,8 @@ impl Ticker {
         self.poll_lagging(now, started);
         let actions = self.shared.advancer.lock().finish_tick(now);
         self.apply(actions, now);
+        // Starts a round for tasks stuck past the resolve interval; never waits for one.
+        self.locks.after_tick(now, &mut self.shared.advancer.lock(), &self.shared.metrics);
         self.publish(Some(now));
         self.metrics().observe(metrics::TICK_DURATION, &[("step", "tick")], started.elapsed());
     }
