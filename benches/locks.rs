@@ -7,49 +7,23 @@
 //!
 //! `cargo bench --bench locks`
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use streamhelper::advancer::{Advancer, Config};
-use streamhelper::cluster::{
-    collect_checkpoints, ClusterMeta, CollectorConfig, KvClients, PdClient, PdConfig, RegionWithLeader, StoreInfo,
-    TikvClients, TikvConfig,
-};
+use streamhelper::cluster::{collect_checkpoints, ClusterMeta, CollectorConfig, KvClients};
 use streamhelper::locks::{run_round, target_bound, RoundEnv, RoundRequest};
 use streamhelper::proto::brpb::StreamBackupTaskInfo;
-use streamhelper::security::Security;
 use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
 use streamhelper::stop::StopToken;
-use streamhelper::{KeyRange, Result, Ts};
+use streamhelper::KeyRange;
+use support::InterceptedPd;
 
 fn env_size(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// PD as the round sees it, counting its region scans.
-struct CountingPd {
-    pd: Arc<PdClient>,
-    scans: AtomicUsize,
-}
-
-impl ClusterMeta for CountingPd {
-    fn region_scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<RegionWithLeader>> {
-        self.scans.fetch_add(1, Ordering::Relaxed);
-        self.pd.region_scan(start, end, limit)
-    }
-    fn stores(&self) -> Result<Vec<StoreInfo>> {
-        self.pd.stores()
-    }
-    fn block_gc_until(&self, safe_point: Ts) -> Result<Ts> {
-        self.pd.block_gc_until(safe_point)
-    }
-    fn unblock_gc(&self) -> Result<()> {
-        self.pd.unblock_gc()
-    }
-    fn fetch_current_ts(&self) -> Result<Ts> {
-        self.pd.fetch_current_ts()
-    }
 }
 
 fn main() {
@@ -58,14 +32,7 @@ fn main() {
     let percent = env_size("LOCKS_BENCH_LAGGING_PERCENT", 1).max(1);
     let interval = Duration::from_millis(500);
     let sim = SimCluster::start(SimConfig { stores, regions, seed: 3, ..SimConfig::default() }).expect("sim");
-    let pd = Arc::new(
-        PdClient::connect(
-            PdConfig { timeout: Duration::from_secs(30), ..PdConfig::new(vec![sim.pd_endpoint()]) },
-            Security::insecure(),
-        )
-        .expect("pd"),
-    );
-    let clients = Arc::new(TikvClients::new(pd.clone(), Security::insecure(), TikvConfig::default()));
+    let (pd, clients) = support::connect_clients(&sim);
 
     // One crashed transaction per lagging region, every (100 / percent)-th region.
     let all = sim.regions();
@@ -100,7 +67,14 @@ fn main() {
 
     let stop = StopToken::never();
     let deadline = Instant::now() + Duration::from_secs(120);
-    let counting = CountingPd { pd: pd.clone(), scans: AtomicUsize::new(0) };
+    let scans = AtomicUsize::new(0);
+    let counting = InterceptedPd {
+        pd: pd.clone(),
+        intercept: |_: &[u8], _: &[u8], _| {
+            scans.fetch_add(1, Ordering::Relaxed);
+            None
+        },
+    };
     let env = RoundEnv::new(
         &counting as &dyn ClusterMeta,
         clients.as_ref() as &dyn KvClients,
@@ -127,7 +101,7 @@ fn main() {
     println!("| transactions rolled back | {rolled_back} |");
     println!("| TiKV RPCs (ScanLock + CheckTxnStatus + ResolveLock) | {} |", report.rpcs);
     println!("| RPCs per lagging region | {:.2} |", report.rpcs as f64 / txns.len() as f64);
-    println!("| PD region scans (locating) | {} |", counting.scans.load(Ordering::Relaxed));
+    println!("| PD region scans (locating) | {} |", scans.load(Ordering::Relaxed));
     println!("| round time | {:.1} ms |", report.elapsed.as_secs_f64() * 1e3);
     println!("| errors | {} |", report.errors.len());
     assert!(report.errors.is_empty(), "{:?}", report.errors.first());

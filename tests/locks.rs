@@ -10,15 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use streamhelper::cluster::{
-    ClusterMeta, KvClients, PdClient, PdConfig, RegionWithLeader, StoreInfo, TikvClients, TikvConfig,
-};
+use streamhelper::cluster::{ClusterMeta, KvClients, PdClient, TikvClients};
 use streamhelper::locks::thresholds::fetch_flush_interval;
 use streamhelper::locks::{run_round, RoundEnv, RoundReport, RoundRequest};
-use streamhelper::security::Security;
 use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
 use streamhelper::stop::StopToken;
-use streamhelper::{KeyRange, Result, StoreId, Ts};
+use streamhelper::{KeyRange, StoreId, Ts};
+use support::InterceptedPd;
 
 struct Cluster {
     sim: SimCluster,
@@ -29,10 +27,7 @@ struct Cluster {
 impl Cluster {
     fn start(stores: usize, regions: usize) -> Cluster {
         let sim = SimCluster::start(SimConfig { stores, regions, seed: 11, ..Default::default() }).unwrap();
-        let config = PdConfig { timeout: Duration::from_secs(2), ..PdConfig::new(vec![sim.pd_endpoint()]) };
-        let pd = Arc::new(PdClient::connect(config, Security::insecure()).unwrap());
-        let tikv = TikvConfig { dial_timeout: Duration::from_secs(2), ..Default::default() };
-        let clients = Arc::new(TikvClients::new(pd.clone(), Security::insecure(), tikv));
+        let (pd, clients) = support::connect_clients(&sim);
         Cluster { sim, pd, clients }
     }
 
@@ -168,34 +163,6 @@ fn a_transaction_that_commits_while_being_checked_ends_committed() {
     }
 }
 
-/// A `ClusterMeta` that answers the first region scans from a stale snapshot, as a PD
-/// client's cache would right after a split or a leader move.
-struct Stale {
-    pd: Arc<PdClient>,
-    stale: Mutex<VecDeque<Vec<RegionWithLeader>>>,
-}
-
-impl ClusterMeta for Stale {
-    fn region_scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<RegionWithLeader>> {
-        match self.stale.lock().pop_front() {
-            Some(regions) => Ok(regions),
-            None => self.pd.region_scan(start, end, limit),
-        }
-    }
-    fn stores(&self) -> Result<Vec<StoreInfo>> {
-        self.pd.stores()
-    }
-    fn block_gc_until(&self, safe_point: Ts) -> Result<Ts> {
-        self.pd.block_gc_until(safe_point)
-    }
-    fn unblock_gc(&self) -> Result<()> {
-        self.pd.unblock_gc()
-    }
-    fn fetch_current_ts(&self) -> Result<Ts> {
-        self.pd.fetch_current_ts()
-    }
-}
-
 #[test]
 fn a_lock_in_a_region_that_split_or_moved_during_the_round_is_resolved() {
     let c = Cluster::start(3, 8);
@@ -209,7 +176,9 @@ fn a_lock_in_a_region_that_split_or_moved_during_the_round_is_resolved() {
     let region = c.sim.region_at(&right_key);
     let other = c.sim.store_ids().into_iter().find(|s| Some(*s) != region.leader_store).unwrap();
     c.sim.transfer_leader(region.id, other).unwrap();
-    let stale = Stale { pd: c.pd.clone(), stale: Mutex::new(VecDeque::from([before.clone(), before])) };
+    // The first scans answer from before the split and the move, as a PD client's cache would.
+    let stale = Mutex::new(VecDeque::from([before.clone(), before]));
+    let stale = InterceptedPd { pd: c.pd.clone(), intercept: move |_: &[u8], _: &[u8], _| stale.lock().pop_front() };
     let targets = vec![(KeyRange::new(left_key.clone(), c.region_range(&right_key).end), txn + 1)];
     let report = c.round_with(&stale, targets, Duration::from_secs(10));
     c.assert_no_violation();
