@@ -238,13 +238,17 @@ fn a_hung_store_costs_the_round_its_deadline_and_is_named() {
 #[test]
 fn flush_intervals_are_read_from_every_store_and_the_largest_wins() {
     let c = Cluster::start(3, 4);
-    assert_eq!(fetch_flush_interval(c.pd.as_ref()).unwrap(), Duration::from_secs(180), "TiKV's default");
+    assert_eq!(fetch_flush_interval(c.pd.as_ref()).unwrap(), (Duration::from_secs(180), vec![]), "TiKV's default");
     c.sim.set_store_flush_interval(1, Duration::from_secs(20));
     c.sim.set_store_flush_interval(2, Duration::from_secs(30));
     c.sim.set_store_flush_interval(3, Duration::from_millis(1500));
-    assert_eq!(fetch_flush_interval(c.pd.as_ref()).unwrap(), Duration::from_secs(30));
+    let (largest, notes) = fetch_flush_interval(c.pd.as_ref()).unwrap();
+    assert_eq!(largest, Duration::from_secs(30));
+    assert!(notes[0].contains("disagree"), "{notes:?}");
     c.sim.stop_store(2);
-    assert_eq!(fetch_flush_interval(c.pd.as_ref()).unwrap(), Duration::from_secs(20), "a dead store is skipped");
+    let (largest, notes) = fetch_flush_interval(c.pd.as_ref()).unwrap();
+    assert_eq!(largest, Duration::from_secs(20), "a dead store is skipped");
+    assert!(notes[0].contains("cannot read the config of store 2"), "{notes:?}");
     c.sim.stop_store(1);
     c.sim.stop_store(3);
     let err = fetch_flush_interval(c.pd.as_ref()).unwrap_err().to_string();

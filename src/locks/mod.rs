@@ -182,7 +182,7 @@ struct Worker {
 
 impl Worker {
     fn run(self, requests: Receiver<RoundRequest>, reports: Sender<RoundReport>, stop: StopToken) {
-        let mut last_error = None;
+        let mut last_notes = Vec::new();
         let mut refresh = after(Duration::ZERO);
         loop {
             crossbeam_channel::select! {
@@ -202,27 +202,28 @@ impl Worker {
                     }
                 }
                 recv(refresh) -> _ => {
-                    self.refresh_thresholds(&mut last_error);
+                    self.refresh_thresholds(&mut last_notes);
                     refresh = after(self.settings.config_refresh);
                 }
             }
         }
     }
 
-    /// A failed read keeps the last good value; the same failure is logged once.
-    fn refresh_thresholds(&self, last_error: &mut Option<String>) {
-        match thresholds::fetch_flush_interval(self.meta.as_ref()) {
-            Ok(interval) => {
-                *last_error = None;
+    /// A failed read keeps the last good value. Warnings are logged when they change, not at
+    /// every refresh.
+    fn refresh_thresholds(&self, last_notes: &mut Vec<String>) {
+        let notes = match thresholds::fetch_flush_interval(self.meta.as_ref()) {
+            Ok((interval, notes)) => {
                 *self.flush_interval.lock() = Some(interval);
+                notes
             }
-            Err(e) => {
-                let text = e.to_string();
-                if last_error.as_ref() != Some(&text) {
-                    log::warn!("cannot read TiKV's flush interval, keeping the current thresholds: {text}");
-                    *last_error = Some(text);
-                }
+            Err(e) => vec![format!("cannot read TiKV's flush interval, keeping the current thresholds: {e}")],
+        };
+        if notes != *last_notes {
+            for note in &notes {
+                log::warn!("{note}");
             }
+            *last_notes = notes;
         }
     }
 }

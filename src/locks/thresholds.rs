@@ -28,36 +28,41 @@ pub fn flush_interval_from_config(json: &str) -> std::result::Result<Duration, S
 }
 
 /// The interval to use from every store's: the largest (a store flushing that rarely holds
-/// its regions back that long), with a warning when they differ.
-pub fn combine(intervals: &[(StoreId, Duration)]) -> Result<Duration> {
+/// its regions back that long), and a note when they differ.
+pub fn combine(intervals: &[(StoreId, Duration)]) -> Result<(Duration, Option<String>)> {
     let largest = intervals
         .iter()
         .map(|(_, d)| *d)
         .max()
         .ok_or_else(|| Error::Config("no TiKV config found for log-backup.max-flush-interval".into()))?;
-    if intervals.iter().any(|(_, d)| *d != largest) {
+    let disagreement = intervals.iter().any(|(_, d)| *d != largest).then(|| {
         let listed: Vec<String> =
             intervals.iter().map(|(s, d)| format!("store {s}: {}", format_duration(*d))).collect();
-        log::warn!(
+        format!(
             "TiKV stores disagree on log-backup.max-flush-interval ({}); using the largest, {}",
             listed.join(", "),
             format_duration(largest)
-        );
-    }
-    Ok(largest)
+        )
+    });
+    Ok((largest, disagreement))
 }
 
-/// Reads every store's flush interval. Stores that do not answer are logged and skipped;
-/// the error when none answered keeps the caller on its last good values.
-pub fn fetch_flush_interval(meta: &dyn ClusterMeta) -> Result<Duration> {
+/// Reads every store's flush interval. Stores that do not answer are skipped; the error
+/// when none answered keeps the caller on its last good values. Also returns what is worth
+/// a warning (stores that did not answer, stores that disagree), for the caller to log
+/// when it changes.
+pub fn fetch_flush_interval(meta: &dyn ClusterMeta) -> Result<(Duration, Vec<String>)> {
     let mut intervals = Vec::new();
+    let mut notes = Vec::new();
     for (store, address) in meta.store_status_addresses()? {
         match fetch_one(&address) {
             Ok(interval) => intervals.push((store, interval)),
-            Err(e) => log::warn!("cannot read the config of store {store} at http://{address}/config: {e}"),
+            Err(e) => notes.push(format!("cannot read the config of store {store} at http://{address}/config: {e}")),
         }
     }
-    combine(&intervals)
+    let (largest, disagreement) = combine(&intervals).map_err(|e| e.context(notes.join("; ")))?;
+    notes.extend(disagreement);
+    Ok((largest, notes))
 }
 
 fn fetch_one(address: &str) -> std::result::Result<Duration, String> {
@@ -107,7 +112,10 @@ mod tests {
     #[test]
     fn the_largest_interval_wins_and_none_is_an_error() {
         let secs = Duration::from_secs;
-        assert_eq!(combine(&[(1, secs(60)), (2, secs(180)), (3, secs(60))]).unwrap(), secs(180));
+        let (largest, note) = combine(&[(1, secs(60)), (2, secs(180)), (3, secs(60))]).unwrap();
+        assert_eq!(largest, secs(180));
+        assert!(note.unwrap().contains("store 1: 1m"));
+        assert_eq!(combine(&[(1, secs(60)), (2, secs(60))]).unwrap(), (secs(60), None));
         assert!(combine(&[]).unwrap_err().to_string().contains("no TiKV config found"));
     }
 
