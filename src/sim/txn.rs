@@ -312,6 +312,9 @@ impl TxnTable {
 
     fn commit_by_resolver(&mut self, start_ts: Ts, commit_ts: Ts) {
         let Some(txn) = self.txns.get_mut(&start_ts) else { return };
+        if txn.alive && txn.outcome == Outcome::Pending {
+            self.violations.push(format!("alive transaction {start_ts} committed by a resolver at {commit_ts}"));
+        }
         let expected = match txn.outcome {
             Outcome::Committed(ts) => Some(ts),
             Outcome::Pending if txn.async_commit && txn.complete => Some(txn.async_commit_ts(start_ts)),
@@ -389,6 +392,11 @@ mod tests {
         assert_eq!(table.check_txn_status(b"a", ts(1000), ts(9000), false, false), TxnStatus::Committed(ts(1100)));
         assert_eq!(table.resolve(b"", b"", ts(1000), 0, &[]), 1);
         assert!(table.violations()[0].contains("committed transaction"), "{:?}", table.violations());
+
+        let mut table = TxnTable::default();
+        table.begin(&TxnSpec { async_commit: true, ..spec(&["x"]) }, ts(900)).unwrap();
+        table.resolve(b"", b"", ts(900), ts(900) + 1, &[]);
+        assert!(table.violations()[0].contains("alive transaction"), "{:?}", table.violations());
 
         let mut table = TxnTable::default();
         table.begin(&TxnSpec { async_commit: true, ..spec(&["p", "s1", "s2"]) }, ts(1000)).unwrap();
