@@ -31,6 +31,7 @@ use crate::etcd::{EtcdClient, EtcdConfig};
 use crate::meta::{AdvancerExt, MetaDataClient};
 use crate::security::Security;
 use crate::stop::{stop_pair, StopHandle, StopToken};
+use crate::storage::CheckpointCopier;
 use crate::types::{RegionId, StoreId, Ts};
 
 pub use owner::new_owner_id;
@@ -194,6 +195,10 @@ impl Daemon {
             stop: owner_stop,
         };
         let owner_thread = spawn("owner", move || owner.run())?;
+        let storage = {
+            let shared = shared.clone();
+            CheckpointCopier::start(move |task, outcome| outcome.record(&shared.metrics, task))?
+        };
         let ticker = ticker::Ticker {
             shared: shared.clone(),
             meta: pd,
@@ -205,6 +210,7 @@ impl Daemon {
             stop,
             leadership: None,
             subscriber: None,
+            storage,
         };
         work.push(spawn("ticker", move || ticker.run())?);
         let status_server = match &config.status_addr {

@@ -19,6 +19,7 @@ use crate::cluster::{
 use crate::etcd::Leadership;
 use crate::meta::{AdvancerExt, TaskEvent, UploadOutcome};
 use crate::stop::StopToken;
+use crate::storage::CheckpointCopier;
 use crate::timefmt::format_rfc3339;
 use crate::types::{local_now_ts, system_time_of, ts_distance, Ts};
 
@@ -33,6 +34,8 @@ pub struct Ticker {
     pub stop: StopToken,
     pub leadership: Option<Leadership>,
     pub subscriber: Option<FlushSubscriber>,
+    /// Copies each uploaded checkpoint into the task's external storage.
+    pub storage: CheckpointCopier,
 }
 
 impl Ticker {
@@ -86,10 +89,14 @@ impl Ticker {
         match event {
             TaskEvent::Add { info, ranges, paused } => {
                 let stored = self.stored_checkpoint(info.get_name());
+                self.storage.register(info.get_name(), info.get_storage());
                 self.shared.advancer.lock().add_task(info, &ranges, paused, stored);
             }
             TaskEvent::Del { name } => {
                 self.shared.advancer.lock().remove_task(&name);
+                // Forgotten first, so that no late write brings the storage gauge back.
+                self.storage.forget(&name);
+                self.metrics().remove_gauge(metrics::EXTERNAL_STORAGE_CHECKPOINT, &[("task", &name)]);
                 self.metrics().remove_gauge(metrics::LAST_CHECKPOINT, &[("task", &name)]);
                 self.metrics().remove_gauge(metrics::CHECKPOINT_LAG, &[("task", &name)]);
             }
@@ -131,6 +138,7 @@ impl Ticker {
         }
         self.leadership = None;
         self.subscriber = None;
+        self.storage.clear();
         self.metrics().set_gauge(metrics::OWNER, &[], 0.0);
     }
 
@@ -151,6 +159,9 @@ impl Ticker {
         self.poll_lagging(now, started);
         let actions = self.shared.advancer.lock().finish_tick(now);
         self.apply(actions, now);
+        // After the GC step, as upstream; the writes run on the copier's thread.
+        let write_timeout = self.shared.advancer.lock().config().tick_interval;
+        self.storage.submit(write_timeout);
         self.publish(Some(now));
         self.metrics().observe(metrics::TICK_DURATION, &[("step", "tick")], started.elapsed());
     }
@@ -240,6 +251,8 @@ impl Ticker {
                                 log::warn!("skipping upload global checkpoint of task {task}: stored {stored} > {ts}");
                             }
                             self.metrics().set_gauge(metrics::LAST_CHECKPOINT, &[("task", &task)], ts as f64);
+                            let held = if let UploadOutcome::KeptHigher { stored } = outcome { stored } else { ts };
+                            self.storage.stage(&task, held);
                             let pause = self.shared.advancer.lock().on_uploaded(&task, outcome, now);
                             if let Some(pause) = pause {
                                 self.apply(vec![pause], now);

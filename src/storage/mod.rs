@@ -5,7 +5,10 @@
 //! - [`open`] decodes the task's `StorageBackend` (the protobuf BR writes) into a writer:
 //!   `local` (a path) or `s3` (SigV4 over a small synchronous HTTP client); other kinds are
 //!   [`Error::StorageUnsupported`].
+//! - [`CheckpointCopier`] is the advancer's side: a worker thread fed the latest uploaded
+//!   checkpoint per task, so a slow or dead storage never holds up a tick.
 
+mod copier;
 mod local;
 mod s3;
 pub mod sigv4;
@@ -16,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::proto::brpb::{StorageBackend, StorageBackend_oneof_backend as Backend};
 use crate::types::Ts;
 
+pub use copier::{CheckpointCopier, CopyOutcome};
 pub use local::LocalStorage;
 pub use s3::{S3Storage, S3Target};
 
