@@ -356,6 +356,13 @@ mod tests {
         .unwrap()
     }
 
+    /// A copier that knows task `t1`, stored in `local:///a`.
+    fn copier_of_t1(log: &Arc<Mutex<Log>>) -> CheckpointCopier {
+        let copier = copier(log);
+        copier.register("t1", &local("/a"));
+        copier
+    }
+
     fn local(path: &str) -> StorageBackend {
         parse_storage_url(&format!("local://{path}")).unwrap()
     }
@@ -369,11 +376,14 @@ mod tests {
         log.lock().writes.iter().map(|(_, ts)| *ts).collect()
     }
 
+    fn outcomes(log: &Arc<Mutex<Log>>) -> Vec<CopyOutcome> {
+        log.lock().outcomes.iter().map(|(_, o)| *o).collect()
+    }
+
     #[test]
     fn writes_each_higher_value_once_and_skips_repeats() {
         let log = Arc::new(Mutex::new(Log::default()));
-        let mut copier = copier(&log);
-        copier.register("t1", &local("/a"));
+        let mut copier = copier_of_t1(&log);
         offer(&mut copier, "t1", 5);
         wait_for("5 written", WAIT, || written(&log) == [5]);
         offer(&mut copier, "t1", 5); // a heartbeat upload of the same value
@@ -384,30 +394,26 @@ mod tests {
         wait_for("9 written", WAIT, || written(&log).contains(&9));
         assert_eq!(written(&log), [5, 7, 9], "repeats are not written");
         assert_eq!(log.lock().opens, ["local:///a"], "the storage is opened once");
-        let outcomes: Vec<_> = log.lock().outcomes.iter().map(|(_, o)| *o).collect();
-        assert_eq!(outcomes, [CopyOutcome::Written(5), CopyOutcome::Written(7), CopyOutcome::Written(9)]);
+        assert_eq!(outcomes(&log), [CopyOutcome::Written(5), CopyOutcome::Written(7), CopyOutcome::Written(9)]);
     }
 
     #[test]
     fn a_failed_write_is_counted_and_retried_at_the_next_upload() {
         let log = Arc::new(Mutex::new(Log { fail: true, ..Log::default() }));
-        let mut copier = copier(&log);
-        copier.register("t1", &local("/a"));
+        let mut copier = copier_of_t1(&log);
         offer(&mut copier, "t1", 5);
         wait_for("a failure", WAIT, || log.lock().outcomes.len() == 1);
         log.lock().fail = false;
         offer(&mut copier, "t1", 5); // the heartbeat brings the same value back
         wait_for("5 written", WAIT, || written(&log) == [5]);
-        let outcomes: Vec<_> = log.lock().outcomes.iter().map(|(_, o)| *o).collect();
-        assert_eq!(outcomes, [CopyOutcome::Failed, CopyOutcome::Written(5)]);
+        assert_eq!(outcomes(&log), [CopyOutcome::Failed, CopyOutcome::Written(5)]);
         assert_eq!(log.lock().opens.len(), 1, "a failure keeps the storage open");
     }
 
     #[test]
     fn ownership_loss_drops_staged_values_and_handles() {
         let log = Arc::new(Mutex::new(Log::default()));
-        let mut copier = copier(&log);
-        copier.register("t1", &local("/a"));
+        let mut copier = copier_of_t1(&log);
         offer(&mut copier, "t1", 5);
         wait_for("5 written", WAIT, || written(&log) == [5]);
         copier.stage("t1", 6); // uploaded, then the fence says another owner took over
