@@ -211,6 +211,8 @@ impl Daemon {
             leadership: None,
             subscriber: None,
             storage,
+            last_tso: None,
+            future_stores: Default::default(),
         };
         work.push(spawn("ticker", move || ticker.run())?);
         let status_server = match &config.status_addr {
