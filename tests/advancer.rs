@@ -627,3 +627,26 @@ fn the_s3_copy_catches_up_after_the_storage_was_down_hung_or_refusing() {
         .unwrap();
     assert!(copied as f64 <= gauge && gauge <= f.stored("t1") as f64, "{gauge} outside [{copied}, etcd]");
 }
+
+/// A checkpoint from the future that etcd holds (garbage, or written by a broken advancer)
+/// is kept there but never copied into the storage, where restore would trust it.
+#[test]
+fn a_checkpoint_from_the_future_in_etcd_never_reaches_the_storage() {
+    let f = Fixture::new(3, 12);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let urls: Vec<String> = dirs.iter().map(|d| format!("local://{}", d.path().display())).collect();
+    f.add_task_stored_in("t1", KeyRange::full(), &urls[0]);
+    let start = f.add_task_stored_in("t2", KeyRange::full(), &urls[1]);
+    let an_hour_ahead = ts_add(f.sim.now_ts(), Duration::from_secs(3600));
+    f.ext.upload_global_checkpoint("t1", an_hour_ahead, None).unwrap();
+    let _daemon = f.daemon();
+    let (copy1, copy2) = (StorageCopy::of(&urls[0]), StorageCopy::of(&urls[1]));
+    let mut t2 = Safety::new(&f, "t2", KeyRange::full());
+    let mut copied = start;
+    for round in 0..3 {
+        copied = t2.copy_passes(copied, &format!("t2's copy, round {round}"), &copy2);
+        let truth = f.sim.true_checkpoint(&KeyRange::full());
+        let t1_copy = copy1.read();
+        assert!(t1_copy <= truth, "t1's storage holds {t1_copy}, above the true checkpoint {truth}");
+    }
+}

@@ -320,8 +320,12 @@ impl Ticker {
                                 log::warn!("skipping upload global checkpoint of task {task}: stored {stored} > {ts}");
                             }
                             self.metrics().set_gauge(metrics::LAST_CHECKPOINT, &[("task", &task)], ts as f64);
-                            let held = if let UploadOutcome::KeptHigher { stored } = outcome { stored } else { ts };
-                            self.storage.stage(&task, held);
+                            // The storage gets what etcd holds, unless that is from the future.
+                            match outcome {
+                                UploadOutcome::KeptHigher { stored } if stored > latest_believable(now) => {}
+                                UploadOutcome::KeptHigher { stored } => self.storage.stage(&task, stored),
+                                _ => self.storage.stage(&task, ts),
+                            }
                             let pause = self.shared.advancer.lock().on_uploaded(&task, outcome, now);
                             if let Some(pause) = pause {
                                 self.apply(vec![pause], now);
