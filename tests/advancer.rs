@@ -539,6 +539,13 @@ fn random_faults_never_break_safety() {
     safety.advance_past(before, &format!("after healing; faults were {log:?}"));
 }
 
+/// Temporary directories and their `local://` URLs.
+fn local_storages(n: usize) -> (Vec<tempfile::TempDir>, Vec<String>) {
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let urls = dirs.iter().map(|d| format!("local://{}", d.path().display())).collect();
+    (dirs, urls)
+}
+
 /// Reads a task's checkpoint copy straight from its storage (0 while there is none).
 struct StorageCopy(Box<dyn storage::ExternalStorage>);
 
@@ -557,8 +564,7 @@ impl StorageCopy {
 #[test]
 fn the_checkpoint_is_copied_to_local_storage_until_the_task_is_deleted() {
     let f = Fixture::new(3, 16);
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let urls: Vec<String> = dirs.iter().map(|d| format!("local://{}", d.path().display())).collect();
+    let (dirs, urls) = local_storages(2);
     let start = f.add_task_stored_in("t1", KeyRange::full(), &urls[0]);
     f.add_task_stored_in("t2", KeyRange::full(), &urls[1]);
     let daemon = f.daemon();
@@ -633,8 +639,7 @@ fn the_s3_copy_catches_up_after_the_storage_was_down_hung_or_refusing() {
 #[test]
 fn a_checkpoint_from_the_future_in_etcd_never_reaches_the_storage() {
     let f = Fixture::new(3, 12);
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let urls: Vec<String> = dirs.iter().map(|d| format!("local://{}", d.path().display())).collect();
+    let (_dirs, urls) = local_storages(2);
     f.add_task_stored_in("t1", KeyRange::full(), &urls[0]);
     let start = f.add_task_stored_in("t2", KeyRange::full(), &urls[1]);
     let an_hour_ahead = ts_add(f.sim.now_ts(), Duration::from_secs(3600));

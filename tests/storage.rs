@@ -15,6 +15,10 @@ use support::s3::MotoServer;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn storage(server: &MotoServer, prefix: &str, access_key: &str, secret_key: &str) -> S3Storage {
+    storage_with_token(server, prefix, access_key, secret_key, "")
+}
+
+fn storage_with_token(server: &MotoServer, prefix: &str, access_key: &str, secret_key: &str, token: &str) -> S3Storage {
     let mut s3 = S3::new();
     s3.set_endpoint(server.endpoint());
     s3.set_bucket("logs".into());
@@ -22,6 +26,7 @@ fn storage(server: &MotoServer, prefix: &str, access_key: &str, secret_key: &str
     s3.set_force_path_style(true);
     s3.set_access_key(access_key.into());
     s3.set_secret_access_key(secret_key.into());
+    s3.set_session_token(token.into());
     S3Storage::new(S3Target::from_backend(&s3, |_| None).unwrap())
 }
 
@@ -30,6 +35,7 @@ fn s3_writes_and_reads_are_signed_as_aws_checks_them() {
     let server = MotoServer::start();
     server.create_bucket("logs");
     let user = server.s3_user("advancer");
+    let temporary = server.assumed_role("advancer", &user);
     server.enforce_iam(true);
 
     let good = storage(&server, "/cluster-1/pitr/", &user.access_key, &user.secret_key);
@@ -53,6 +59,15 @@ fn s3_writes_and_reads_are_signed_as_aws_checks_them() {
         Some(449_462_874_931_200_001),
         "refused writes left no trace"
     );
+
+    // Temporary credentials: the session token is sent and signed.
+    let token = temporary.session_token.as_deref().unwrap();
+    let with_token = storage_with_token(&server, "sts", &temporary.access_key, &temporary.secret_key, token);
+    write_global_checkpoint(&with_token, 7, TIMEOUT).unwrap();
+    assert_eq!(read_global_checkpoint(&with_token, TIMEOUT).unwrap(), Some(7));
+    let stale = storage_with_token(&server, "sts", &temporary.access_key, &temporary.secret_key, "stale-token");
+    let err = write_global_checkpoint(&stale, 8, TIMEOUT).unwrap_err().to_string();
+    assert!(err.contains("InvalidToken") && !err.contains("stale-token"), "{err}");
 }
 
 #[test]

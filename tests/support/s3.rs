@@ -12,6 +12,9 @@ use streamhelper::storage::sigv4::{self, Credentials};
 /// Start-up of the Python server (imports included) on a busy 2-core machine.
 const START_DEADLINE: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const S3_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"*"}]}"#;
+/// Signs set-up calls made while IAM checks are off (any key does then).
+const SETUP: Credentials = Credentials { access_key: String::new(), secret_key: String::new(), session_token: None };
 
 pub struct MotoServer {
     child: Child,
@@ -78,30 +81,60 @@ impl MotoServer {
 
     /// An IAM user allowed everything on S3, and its access key (made while checks are off).
     pub fn s3_user(&self, name: &str) -> Credentials {
-        let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"*"}]}"#;
-        self.iam(&[("Action", "CreateUser"), ("UserName", name)]);
-        self.iam(&[("Action", "PutUserPolicy"), ("UserName", name), ("PolicyName", "s3"), ("PolicyDocument", policy)]);
-        let created = self.iam(&[("Action", "CreateAccessKey"), ("UserName", name)]);
-        let element = |tag: &str| {
-            let start = created.find(&format!("<{tag}>")).unwrap() + tag.len() + 2;
-            created[start..start + created[start..].find('<').unwrap()].to_string()
-        };
-        Credentials { access_key: element("AccessKeyId"), secret_key: element("SecretAccessKey"), session_token: None }
+        let iam = |params: &[(&str, &str)]| self.query("iam", "2010-05-08", &SETUP, params);
+        iam(&[("Action", "CreateUser"), ("UserName", name)]);
+        iam(&[("Action", "PutUserPolicy"), ("UserName", name), ("PolicyName", "s3"), ("PolicyDocument", S3_POLICY)]);
+        let created = iam(&[("Action", "CreateAccessKey"), ("UserName", name)]);
+        Credentials {
+            access_key: xml_text(&created, "AccessKeyId"),
+            secret_key: xml_text(&created, "SecretAccessKey"),
+            session_token: None,
+        }
     }
 
-    /// One IAM Query API call; moto routes it by the signature's service.
-    fn iam(&self, params: &[(&str, &str)]) -> String {
+    /// Temporary credentials with a session token: `user` assumes a role allowed
+    /// everything on S3 (made while checks are off).
+    pub fn assumed_role(&self, user_name: &str, user: &Credentials) -> Credentials {
+        let trust = format!(
+            r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::123456789012:user/{user_name}"}},"Action":"sts:AssumeRole"}}]}}"#
+        );
+        let iam = |params: &[(&str, &str)]| self.query("iam", "2010-05-08", &SETUP, params);
+        iam(&[("Action", "CreateRole"), ("RoleName", "writer"), ("AssumeRolePolicyDocument", &trust)]);
+        iam(&[
+            ("Action", "PutRolePolicy"),
+            ("RoleName", "writer"),
+            ("PolicyName", "s3"),
+            ("PolicyDocument", S3_POLICY),
+        ]);
+        let assumed = self.query(
+            "sts",
+            "2011-06-15",
+            user,
+            &[
+                ("Action", "AssumeRole"),
+                ("RoleArn", "arn:aws:iam::123456789012:role/writer"),
+                ("RoleSessionName", "advancer"),
+            ],
+        );
+        Credentials {
+            access_key: xml_text(&assumed, "AccessKeyId"),
+            secret_key: xml_text(&assumed, "SecretAccessKey"),
+            session_token: Some(xml_text(&assumed, "SessionToken")),
+        }
+    }
+
+    /// One Query API call (IAM, STS); moto routes it by the signature's service.
+    fn query(&self, service: &str, version: &str, credentials: &Credentials, params: &[(&str, &str)]) -> String {
         let body: String = params
             .iter()
-            .chain(&[("Version", "2010-05-08")])
+            .chain(&[("Version", version)])
             .map(|(k, v)| format!("{k}={}", form_encode(v)))
             .collect::<Vec<_>>()
             .join("&");
-        let setup = Credentials { access_key: "AKIASETUP".into(), secret_key: "setup".into(), session_token: None };
         let headers = sigv4::sign(
-            &setup,
+            credentials,
             "us-east-1",
-            "iam",
+            service,
             SystemTime::now(),
             sigv4::Request {
                 method: "POST",
@@ -120,6 +153,12 @@ impl MotoServer {
         }
         request.send_string(&body).unwrap_or_else(|e| panic!("IAM {params:?}: {e}")).into_string().unwrap()
     }
+}
+
+fn xml_text(document: &str, tag: &str) -> String {
+    let start =
+        document.find(&format!("<{tag}>")).unwrap_or_else(|| panic!("no <{tag}> in {document}")) + tag.len() + 2;
+    document[start..start + document[start..].find('<').unwrap()].to_string()
 }
 
 fn form_encode(text: &str) -> String {
