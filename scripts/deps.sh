@@ -2,7 +2,7 @@
 # Installs what building and testing streamhelper needs, only when it is missing:
 # cmake and a C++ compiler (grpcio-sys), protoc (build.rs), OpenSSL headers (TLS),
 # the real etcd server (tests and the demo) and the openssl command (TLS tests, which
-# make their own certificates). Debian/Ubuntu only.
+# make their own certificates), and rustfmt and clippy for the gates. Debian/Ubuntu only.
 set -euo pipefail
 
 missing=()
@@ -22,3 +22,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 && command -v rustup >/dev/null 2>&1; then
+        echo "installing the $component component" >&2
+        rustup component add "$component"
+    fi
+done
