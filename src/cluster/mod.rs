@@ -139,6 +139,10 @@ pub(crate) mod testing {
         pub stores: Mutex<Vec<StoreInfo>>,
         pub scripted: Mutex<VecDeque<Result<Vec<RegionWithLeader>>>>,
         pub scans: Mutex<Vec<Scan>>,
+        /// GC safepoint calls in order: `Some(ts)` blocks GC until `ts`, `None` unblocks.
+        pub gc: Mutex<Vec<Option<Ts>>>,
+        /// What the TSO answers; unset, it fails.
+        pub now: Mutex<Option<Ts>>,
     }
 
     impl MemMeta {
@@ -169,16 +173,18 @@ pub(crate) mod testing {
             Ok(self.stores.lock().clone())
         }
 
-        fn block_gc_until(&self, _: Ts) -> Result<Ts> {
-            unimplemented!("not used by these tests")
+        fn block_gc_until(&self, safe_point: Ts) -> Result<Ts> {
+            self.gc.lock().push(Some(safe_point));
+            Ok(safe_point)
         }
 
         fn unblock_gc(&self) -> Result<()> {
-            unimplemented!("not used by these tests")
+            self.gc.lock().push(None);
+            Ok(())
         }
 
         fn fetch_current_ts(&self) -> Result<Ts> {
-            unimplemented!("not used by these tests")
+            self.now.lock().ok_or_else(|| Error::Timeout("the test's TSO".into()))
         }
     }
 

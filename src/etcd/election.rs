@@ -21,7 +21,7 @@ pub struct Election {
 }
 
 /// Proof of leadership: our key and its create revision.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leadership {
     pub key: Vec<u8>,
     pub create_revision: i64,

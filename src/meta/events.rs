@@ -13,9 +13,10 @@ use crossbeam_channel::Sender;
 use super::client::{decode_ranges, decode_task_info, name_under, MetaDataClient};
 use super::keys;
 use super::pause::PauseV2;
+use super::store::{Fence, MetaStore};
 use crate::error::{Error, Result, ResultExt};
 use crate::etcd::{
-    prefix_end, Cmp, CompareResult, EventKind, GetOptions, KeySpan, Txn, TxnOp, WatchEvent, WatchOptions,
+    prefix_end, Cmp, CompareResult, EventKind, GetOptions, KeySpan, Leadership, Txn, TxnOp, WatchEvent, WatchOptions,
 };
 use crate::proto::brpb::StreamBackupTaskInfo;
 use crate::stop::{stop_pair, StopHandle, StopToken};
@@ -115,6 +116,14 @@ pub struct TaskWatcher {
     thread: Option<JoinHandle<()>>,
 }
 
+impl TaskWatcher {
+    /// A watcher with no thread, for stores whose task events are fed by hand.
+    #[cfg(test)]
+    pub(crate) fn idle() -> Self {
+        TaskWatcher { stop: None, thread: None }
+    }
+}
+
 impl Drop for TaskWatcher {
     fn drop(&mut self) {
         self.stop.take();
@@ -140,21 +149,16 @@ impl AdvancerExt {
         &self.meta
     }
 
-    /// Lists the tasks (an error here means nothing was sent), emits one `Add` per task with
-    /// its pause state, then follows changes on a thread until the watcher is dropped or
-    /// `out` is closed.
+    /// Lists the tasks and emits one `Add` per task with its pause state, then follows
+    /// changes, all on a thread, until the watcher is dropped or `out` is closed. A listing
+    /// that fails becomes a `TaskEvent::Err` and is retried with backoff.
     pub fn begin(&self, out: Sender<TaskEvent>, backoff: Duration) -> Result<TaskWatcher> {
-        let snapshot = self.list()?;
         let (stop_handle, stop) = stop_pair();
         let mut follower =
             Follower { ext: self.clone(), out, stop, backoff, known: BTreeMap::new(), paused: BTreeSet::new() };
-        let revision = snapshot.revision;
-        if !follower.apply_snapshot(snapshot) {
-            return Err(Error::Stopped("task listener".into()));
-        }
         let thread = std::thread::Builder::new()
             .name("task-watcher".into())
-            .spawn(move || follower.run(revision))
+            .spawn(move || follower.run())
             .map_err(|source| Error::Io { what: "spawning the task watcher thread".into(), source })?;
         Ok(TaskWatcher { stop: Some(stop_handle), thread: Some(thread) })
     }
@@ -262,6 +266,24 @@ impl AdvancerExt {
     }
 }
 
+impl MetaStore for AdvancerExt {
+    fn begin(&self, out: Sender<TaskEvent>, backoff: Duration) -> Result<TaskWatcher> {
+        AdvancerExt::begin(self, out, backoff)
+    }
+
+    fn global_checkpoint(&self, task: &str) -> Result<Ts> {
+        self.get_global_checkpoint(task)
+    }
+
+    fn upload_global_checkpoint(&self, task: &str, ts: Ts, fence: &Fence) -> Result<UploadOutcome> {
+        AdvancerExt::upload_global_checkpoint(self, task, ts, fence.owner.as_ref().map(Leadership::fence))
+    }
+
+    fn pause_task(&self, task: &str, pause: &PauseV2) -> Result<()> {
+        AdvancerExt::pause_task(self, task, pause)
+    }
+}
+
 /// The watcher thread's state: what it has told the consumer so far.
 struct Follower {
     ext: AdvancerExt,
@@ -310,34 +332,33 @@ impl Follower {
         snapshot.errors.into_iter().all(|(name, error)| self.emit(TaskEvent::Err { name, error }))
     }
 
-    fn run(&mut self, mut revision: i64) {
+    fn run(&mut self) {
+        loop {
+            let Some(revision) = self.list_until_done() else { return };
+            let Some(error) = self.follow(revision) else { return };
+            log::warn!("task watch ended ({error}); re-listing every task");
+            if self.stop.sleep(self.backoff) {
+                return;
+            }
+        }
+    }
+
+    /// Lists until a listing works and emits its differences; the revision it was read at,
+    /// or `None` when stopped.
+    fn list_until_done(&mut self) -> Option<i64> {
         let mut backoff = self.backoff;
         loop {
-            let error = match self.follow(revision) {
-                None => return,
-                Some(error) => error,
-            };
-            log::warn!("task watch ended ({error}); re-listing every task");
-            loop {
-                if self.stop.sleep(backoff) {
-                    return;
+            match self.ext.list() {
+                Ok(snapshot) => {
+                    let revision = snapshot.revision;
+                    return self.apply_snapshot(snapshot).then_some(revision);
                 }
-                match self.ext.list() {
-                    Ok(snapshot) => {
-                        revision = snapshot.revision;
-                        if !self.apply_snapshot(snapshot) {
-                            return;
-                        }
-                        backoff = self.backoff;
-                        break;
+                Err(e) => {
+                    log::warn!("listing tasks failed, retrying in {backoff:?}: {e}");
+                    if !self.emit(TaskEvent::Err { name: None, error: e }) || self.stop.sleep(backoff) {
+                        return None;
                     }
-                    Err(e) => {
-                        log::warn!("re-listing tasks failed, retrying in {backoff:?}: {e}");
-                        if !self.emit(TaskEvent::Err { name: None, error: e }) {
-                            return;
-                        }
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }

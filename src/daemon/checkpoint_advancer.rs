@@ -1,0 +1,365 @@
+//! `CheckpointAdvancer`: the core plus the I/O of a tick, driven by its caller (upstream's
+//! `CheckpointAdvancer` in `br/pkg/streamhelper/advancer.go`). A host program calls
+//! [`CheckpointAdvancer::on_start`], [`CheckpointAdvancer::on_become_owner`] and
+//! [`CheckpointAdvancer::on_tick`] on a thread of its own; the daemon's ticker is one such
+//! caller. Everything it touches goes through the three traits of [`Env`], so each effect of
+//! a tick is unit-tested with in-memory fakes (`daemon/tests.rs`).
+//!
+//! A tick while owner: TSO → subscriptions → poll lagging spans → the core decides →
+//! upload (fenced by the owner term) / pause / GC safepoint.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{never, Receiver, Sender};
+
+use crate::advancer::metrics::{self, Metrics};
+use crate::advancer::{Action, Advancer, Config, TaskStatus};
+use crate::cluster::{
+    collect_checkpoints, ClusterMeta, CollectResult, CollectorConfig, FlushEvent, FlushSubscriber, LogBackupService,
+    SubscriberConfig,
+};
+use crate::error::{Error, Result};
+use crate::etcd::Leadership;
+use crate::meta::{Fence, MetaStore, TaskEvent, TaskWatcher, UploadOutcome};
+use crate::types::{local_now_ts, ts_sub, KeyRange, Ts};
+
+/// Flush events merged into the frontier as one batch at most.
+const FLUSH_BATCH: usize = 4096;
+
+/// What the advancer talks to (upstream's `Env`): region and store metadata, the stores'
+/// log-backup service and the metadata store.
+#[derive(Clone)]
+pub struct Env {
+    pub cluster: Arc<dyn ClusterMeta>,
+    pub service: Arc<dyn LogBackupService>,
+    pub meta: Arc<dyn MetaStore>,
+}
+
+pub struct CheckpointAdvancer {
+    env: Env,
+    core: Advancer,
+    pool: rayon::ThreadPool,
+    metrics: Arc<Metrics>,
+    task_tx: Sender<TaskEvent>,
+    task_rx: Receiver<TaskEvent>,
+    listener: Option<TaskWatcher>,
+    /// The owner term uploads are fenced by; `None` while standing by.
+    owner: Option<Leadership>,
+    subscriber: Option<FlushSubscriber>,
+}
+
+impl CheckpointAdvancer {
+    /// An advancer with the default configuration, standing by with no task.
+    pub fn new(env: Env) -> Result<Self> {
+        let (task_tx, task_rx) = crossbeam_channel::bounded(1024);
+        Ok(CheckpointAdvancer {
+            env,
+            core: Advancer::new(Config::default()),
+            pool: fan_out_pool()?,
+            metrics: Arc::default(),
+            task_tx,
+            task_rx,
+            listener: None,
+            owner: None,
+            subscriber: None,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        self.core.config()
+    }
+
+    /// Replaces the configuration; it takes effect at the next tick.
+    pub fn update_config(&mut self, config: Config) -> Result<()> {
+        config.validate()?;
+        self.core.update_config(config);
+        Ok(())
+    }
+
+    pub fn update_config_with(&mut self, f: impl FnOnce(&mut Config)) -> Result<()> {
+        let mut config = self.config().clone();
+        f(&mut config);
+        self.update_config(config)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn is_owner(&self) -> bool {
+        self.owner.is_some()
+    }
+
+    /// Starts the task listener (upstream's `OnStart` and `StartTaskListener`): task events
+    /// arrive on [`CheckpointAdvancer::task_events`] and are applied by
+    /// [`CheckpointAdvancer::on_task_event`], or at the start of the next tick.
+    pub fn on_start(&mut self) -> Result<()> {
+        self.listener = Some(self.env.meta.begin(self.task_tx.clone(), self.config().backoff)?);
+        Ok(())
+    }
+
+    /// For `select!`: the task events not applied yet.
+    pub fn task_events(&self) -> &Receiver<TaskEvent> {
+        &self.task_rx
+    }
+
+    /// For `select!`: the flush events of the subscriptions (none while standing by).
+    pub fn flush_events(&self) -> Receiver<FlushEvent> {
+        self.subscriber.as_ref().map(|s| s.events().clone()).unwrap_or_else(never)
+    }
+
+    fn stored_checkpoint(&self, task: &str) -> Ts {
+        self.env.meta.global_checkpoint(task).unwrap_or_else(|e| {
+            log::warn!("failed to get the global checkpoint of task {task}, using its start ts: {e}");
+            0
+        })
+    }
+
+    pub fn on_task_event(&mut self, event: TaskEvent) {
+        log::info!("meet task event {event}");
+        match event {
+            TaskEvent::Add { info, ranges, paused } => {
+                let stored = self.stored_checkpoint(info.get_name());
+                self.core.add_task(info, &ranges, paused, stored);
+            }
+            TaskEvent::Del { name } => {
+                self.core.remove_task(&name);
+                self.metrics.remove_gauge(metrics::LAST_CHECKPOINT, &[("task", &name)]);
+                self.metrics.remove_gauge(metrics::CHECKPOINT_LAG, &[("task", &name)]);
+            }
+            TaskEvent::Pause { name } => self.core.set_paused(&name, true),
+            TaskEvent::Resume { name } => {
+                let stored = self.stored_checkpoint(&name);
+                self.core.resume_task(&name, stored);
+            }
+            TaskEvent::Err { name, error } => {
+                log::warn!("task listener: {}{error}", name.map(|n| format!("task {n}: ")).unwrap_or_default());
+            }
+        }
+    }
+
+    /// Flushed ranges from the subscriptions, merged as one batch.
+    pub fn on_flush_events(&mut self, batch: &[FlushEvent]) {
+        self.core.on_flushes(batch.iter().map(|e| (&e.range, e.ts)));
+    }
+
+    /// Ownership gained: uploads are fenced by `leadership` from now on, and the flush
+    /// subscriptions open.
+    pub fn on_become_owner(&mut self, leadership: Leadership) {
+        self.owner = Some(leadership);
+        self.metrics.set_gauge(metrics::OWNER, &[], 1.0);
+        let mut subscriber =
+            FlushSubscriber::new(self.env.cluster.clone(), self.env.service.clone(), SubscriberConfig::default());
+        if let Err(e) = subscriber.update_store_topology() {
+            log::warn!("Error when updating store topology: {e}");
+        }
+        self.subscriber = Some(subscriber);
+        log::info!("became owner: ticking every {:?}", self.config().tick_interval);
+    }
+
+    /// Ownership lost (or given up): uploads stop at once and the subscriber's threads are
+    /// joined.
+    pub fn on_lose_owner(&mut self) {
+        if self.owner.take().is_some() {
+            log::info!("no longer owner: uploads stop");
+        }
+        self.subscriber = None;
+        self.metrics.set_gauge(metrics::OWNER, &[], 0.0);
+    }
+
+    pub fn status(&self) -> Vec<TaskStatus> {
+        self.core.status()
+    }
+
+    /// Applies pending task and flush events, then, while owner, runs one tick and returns
+    /// the `now` it used. It returns only after the tick's writes are done.
+    pub fn on_tick(&mut self) -> Option<Ts> {
+        self.apply_pending_events();
+        self.owner.as_ref()?;
+        let started = Instant::now();
+        let now = self.now();
+        self.refresh_subscriptions();
+        let plans = self.core.plan_polls(now);
+        self.poll_lagging(&plans, started);
+        let actions = self.core.finish_tick(now);
+        self.apply(actions, now);
+        self.metrics.observe(metrics::TICK_DURATION, &[("step", "tick")], started.elapsed());
+        Some(now)
+    }
+
+    /// Polls every running task's spans older than `threshold` and returns each task's
+    /// frontier minimum: the checkpoint the next tick would move to (upstream's
+    /// `CalculateGlobalCheckpointLight`). Uploads nothing.
+    pub fn calculate_global_checkpoint_light(&mut self, threshold: Duration) -> Vec<(String, Ts)> {
+        self.apply_pending_events();
+        let now = self.now();
+        let plans = self.core.plan_polls_below(ts_sub(now, threshold));
+        self.poll_lagging(&plans, Instant::now());
+        self.core.status().into_iter().filter(|s| !s.paused).filter_map(|s| Some((s.name, s.slowest?.1))).collect()
+    }
+
+    /// The last flushed ts of every region in `range`, as TiKV reports it now (upstream's
+    /// `GetCheckpointInRange`).
+    pub fn get_checkpoint_in_range(&self, range: &KeyRange) -> Result<CollectResult> {
+        collect_checkpoints(
+            self.env.cluster.as_ref(),
+            self.env.service.as_ref(),
+            &self.pool,
+            std::slice::from_ref(range),
+            &self.collector_config(),
+        )
+    }
+
+    fn apply_pending_events(&mut self) {
+        while let Ok(event) = self.task_rx.try_recv() {
+            self.on_task_event(event);
+        }
+        let flushes = self.flush_events();
+        loop {
+            let batch: Vec<_> = flushes.try_iter().take(FLUSH_BATCH).collect();
+            if batch.is_empty() {
+                break;
+            }
+            self.on_flush_events(&batch);
+        }
+    }
+
+    fn now(&self) -> Ts {
+        self.env.cluster.fetch_current_ts().unwrap_or_else(|e| {
+            log::warn!("PD TSO unavailable, using the local clock: {e}");
+            local_now_ts()
+        })
+    }
+
+    fn refresh_subscriptions(&mut self) {
+        let Some(subscriber) = self.subscriber.as_mut() else { return };
+        if let Err(e) = subscriber.update_store_topology() {
+            log::warn!("Error when updating store topology: {e}");
+        }
+        subscriber.handle_errors();
+        let pending = subscriber.pending_errors();
+        if let Some(e) = &pending {
+            log::warn!("Subscriber meet error, would polling the checkpoint: {e}");
+        }
+        self.core.set_subscriptions_healthy(pending.is_none());
+    }
+
+    fn collector_config(&self) -> CollectorConfig {
+        let config = self.config();
+        CollectorConfig { rpc_timeout: config.rpc_timeout.min(config.tick_interval), ..CollectorConfig::default() }
+    }
+
+    /// Polls the planned spans within the tick interval: one hung store costs one RPC
+    /// deadline, not the tick.
+    fn poll_lagging(&mut self, plans: &[crate::advancer::PollPlan], started: Instant) {
+        let collector = self.collector_config();
+        let budget = self.config().tick_interval;
+        for plan in plans {
+            if started.elapsed() >= budget {
+                log::warn!("tick interval used up; polling of task {} waits for the next tick", plan.task);
+                break;
+            }
+            let poll_started = Instant::now();
+            let collected = collect_checkpoints(
+                self.env.cluster.as_ref(),
+                self.env.service.as_ref(),
+                &self.pool,
+                &plan.ranges,
+                &collector,
+            );
+            match collected {
+                Ok(result) => {
+                    self.count_poll(&result);
+                    for error in &result.store_errors {
+                        log::warn!("task {}: {error}", plan.task);
+                    }
+                    self.core.on_poll_result(&plan.task, result.advanced.iter().map(|(r, ts)| (r, *ts)));
+                }
+                Err(e) => log::warn!("polling task {} failed: {e}", plan.task),
+            }
+            self.metrics.observe(metrics::TICK_DURATION, &[("step", "try-advance")], poll_started.elapsed());
+        }
+    }
+
+    fn count_poll(&self, result: &CollectResult) {
+        let m = &self.metrics;
+        m.inc_counter(metrics::REGIONS_POLLED, &[], (result.advanced.len() + result.failed.len()) as u64);
+        m.inc_counter(metrics::REGION_REQUEST, &[("result", "success")], result.advanced.len() as u64);
+        m.inc_counter(metrics::REGION_REQUEST, &[("result", "fail")], result.failed.len() as u64);
+        for failed in &result.failed {
+            m.inc_counter(metrics::REGION_REQUEST_FAILURE, &[("reason", failed.reason.label())], 1);
+        }
+        for failed in result.failed.iter().filter_map(|f| f.store) {
+            m.inc_counter(metrics::STORE_RPC_ERRORS, &[("store", &failed.to_string())], 1);
+        }
+    }
+
+    /// Carries out the core's actions in order. A fenced upload means another advancer owns
+    /// the tasks: the rest of the list (the GC safepoint included) is dropped.
+    fn apply(&mut self, actions: Vec<Action>, now: Ts) {
+        for action in actions {
+            match action {
+                Action::Upload { task, ts } => {
+                    if !self.upload(&task, ts, now) {
+                        return;
+                    }
+                }
+                Action::BlockGc { safe_point } => match self.env.cluster.block_gc_until(safe_point) {
+                    Ok(_) => log::debug!("updated log backup GC safe point to {safe_point}"),
+                    Err(e) => log::warn!("failed to update service GC safe point to {safe_point}: {e}"),
+                },
+                Action::UnblockGc => {
+                    if let Err(e) = self.env.cluster.unblock_gc() {
+                        log::warn!("failed to remove service GC safepoint: {e}");
+                    }
+                }
+                Action::Pause { task, pause } => {
+                    if let Err(e) = self.env.meta.pause_task(&task, &pause) {
+                        log::warn!("failed to pause task {task}: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Uploads one checkpoint and hands the outcome to the core (which may pause the task
+    /// for lag). False when we are no longer the owner.
+    fn upload(&mut self, task: &str, ts: Ts, now: Ts) -> bool {
+        let Some(owner) = self.owner.clone() else { return false };
+        let outcome = match self.env.meta.upload_global_checkpoint(task, ts, &Fence::owner(owner)) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                log::warn!("failed to upload global checkpoint of task {task}: {e}");
+                return true;
+            }
+        };
+        let stored = match outcome {
+            UploadOutcome::Fenced => {
+                log::warn!("upload of task {task} fenced off: another advancer owns the tasks now");
+                self.on_lose_owner();
+                return false;
+            }
+            UploadOutcome::Written => ts,
+            UploadOutcome::KeptHigher { stored } => {
+                log::warn!("skipping upload global checkpoint of task {task}: stored {stored} > {ts}");
+                stored
+            }
+        };
+        self.metrics.set_gauge(metrics::LAST_CHECKPOINT, &[("task", task)], stored as f64);
+        if let Some(pause) = self.core.on_uploaded(task, outcome, now) {
+            self.apply(vec![pause], now);
+        }
+        true
+    }
+}
+
+/// Keeps the rayon pool for the per-store fan-out small: two threads per core at most.
+fn fan_out_pool() -> Result<rayon::ThreadPool> {
+    let threads = std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4).clamp(4, 32);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("advancer-fanout-{i}"))
+        .build()
+        .map_err(|e| Error::Io { what: "building the fan-out pool".into(), source: std::io::Error::other(e) })
+}
