@@ -8,16 +8,17 @@
 //! A tick while owner: TSO → subscriptions → poll lagging spans → the core decides →
 //! upload (fenced by the owner term) / pause / GC safepoint.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{never, Receiver, Sender};
 
-use crate::advancer::metrics::{self, Metrics};
+use super::metrics::Metrics;
 use crate::advancer::{Action, Advancer, Config, TaskStatus};
 use crate::cluster::{
-    collect_checkpoints, ClusterMeta, CollectResult, CollectorConfig, FlushEvent, FlushSubscriber, LogBackupService,
-    SubscriberConfig,
+    collect_checkpoints, ClusterMeta, CollectResult, CollectorConfig, FailReason, FlushEvent, FlushSubscriber,
+    LogBackupService, SubscriberConfig,
 };
 use crate::error::{Error, Result};
 use crate::etcd::Leadership;
@@ -125,8 +126,8 @@ impl CheckpointAdvancer {
             }
             TaskEvent::Del { name } => {
                 self.core.remove_task(&name);
-                self.metrics.remove_gauge(metrics::LAST_CHECKPOINT, &[("task", &name)]);
-                self.metrics.remove_gauge(metrics::CHECKPOINT_LAG, &[("task", &name)]);
+                self.metrics.last_checkpoint.remove([&name]);
+                self.metrics.checkpoint_lag.remove([&name]);
             }
             TaskEvent::Pause { name } => self.core.set_paused(&name, true),
             TaskEvent::Resume { name } => {
@@ -148,7 +149,7 @@ impl CheckpointAdvancer {
     /// subscriptions open.
     pub fn on_become_owner(&mut self, leadership: Leadership) {
         self.owner = Some(leadership);
-        self.metrics.set_gauge(metrics::OWNER, &[], 1.0);
+        self.metrics.owner.set([], 1.0);
         let mut subscriber =
             FlushSubscriber::new(self.env.cluster.clone(), self.env.service.clone(), SubscriberConfig::default());
         if let Err(e) = subscriber.update_store_topology() {
@@ -165,7 +166,7 @@ impl CheckpointAdvancer {
             log::info!("no longer owner: uploads stop");
         }
         self.subscriber = None;
-        self.metrics.set_gauge(metrics::OWNER, &[], 0.0);
+        self.metrics.owner.set([], 0.0);
     }
 
     pub fn status(&self) -> Vec<TaskStatus> {
@@ -177,6 +178,8 @@ impl CheckpointAdvancer {
     pub fn on_tick(&mut self) -> Option<Ts> {
         self.apply_pending_events();
         self.owner.as_ref()?;
+        let metrics = self.metrics.clone();
+        let _timer = metrics.tick_duration.start_timer(["tick"]);
         let started = Instant::now();
         let now = self.now();
         self.refresh_subscriptions();
@@ -184,7 +187,6 @@ impl CheckpointAdvancer {
         self.poll_lagging(&plans, started);
         let actions = self.core.finish_tick(now);
         self.apply(actions, now);
-        self.metrics.observe(metrics::TICK_DURATION, &[("step", "tick")], started.elapsed());
         Some(now)
     }
 
@@ -260,7 +262,8 @@ impl CheckpointAdvancer {
                 log::warn!("tick interval used up; polling of task {} waits for the next tick", plan.task);
                 break;
             }
-            let poll_started = Instant::now();
+            let metrics = self.metrics.clone();
+            let _timer = metrics.tick_duration.start_timer(["try-advance"]);
             let collected = collect_checkpoints(
                 self.env.cluster.as_ref(),
                 self.env.service.as_ref(),
@@ -278,20 +281,27 @@ impl CheckpointAdvancer {
                 }
                 Err(e) => log::warn!("polling task {} failed: {e}", plan.task),
             }
-            self.metrics.observe(metrics::TICK_DURATION, &[("step", "try-advance")], poll_started.elapsed());
         }
     }
 
     fn count_poll(&self, result: &CollectResult) {
         let m = &self.metrics;
-        m.inc_counter(metrics::REGIONS_POLLED, &[], (result.advanced.len() + result.failed.len()) as u64);
-        m.inc_counter(metrics::REGION_REQUEST, &[("result", "success")], result.advanced.len() as u64);
-        m.inc_counter(metrics::REGION_REQUEST, &[("result", "fail")], result.failed.len() as u64);
+        m.regions_polled.inc_by([], (result.advanced.len() + result.failed.len()) as u64);
+        m.region_request.inc_by(["success"], result.advanced.len() as u64);
+        m.region_request.inc_by(["fail"], result.failed.len() as u64);
+        let mut reasons: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut failed_stores = BTreeSet::new();
         for failed in &result.failed {
-            m.inc_counter(metrics::REGION_REQUEST_FAILURE, &[("reason", failed.reason.label())], 1);
+            *reasons.entry(failed.reason.label()).or_default() += 1;
+            if failed.reason == FailReason::StoreFailed {
+                failed_stores.extend(failed.store);
+            }
         }
-        for failed in result.failed.iter().filter_map(|f| f.store) {
-            m.inc_counter(metrics::STORE_RPC_ERRORS, &[("store", &failed.to_string())], 1);
+        for (reason, regions) in reasons {
+            m.region_request_failure.inc_by([reason], regions);
+        }
+        for store in failed_stores {
+            m.store_failures.inc_by([&store.to_string()], 1);
         }
     }
 
@@ -346,7 +356,7 @@ impl CheckpointAdvancer {
                 stored
             }
         };
-        self.metrics.set_gauge(metrics::LAST_CHECKPOINT, &[("task", task)], stored as f64);
+        self.metrics.last_checkpoint.set([task], stored as f64);
         if let Some(pause) = self.core.on_uploaded(task, outcome, now) {
             self.apply(vec![pause], now);
         }

@@ -15,7 +15,9 @@
 //! program that wants its own thread drives a [`CheckpointAdvancer`] directly.
 
 mod checkpoint_advancer;
+pub mod metrics;
 mod owner;
+pub mod status;
 #[cfg(test)]
 mod tests;
 mod ticker;
@@ -28,8 +30,8 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::advancer::metrics::Metrics;
-use crate::advancer::status::{Handler, StatusServer};
+use self::metrics::Metrics;
+use self::status::{Handler, StatusServer};
 use crate::advancer::Config;
 use crate::cluster::{ClusterMeta, LogBackupService, PdClient, PdConfig, TikvClients, TikvConfig};
 use crate::error::{Error, Result};

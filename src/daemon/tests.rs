@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::checkpoint_advancer::{CheckpointAdvancer, Env};
-use crate::advancer::metrics::LAST_CHECKPOINT;
 use crate::advancer::Config;
-use crate::cluster::testing::{FixedDialer, MemMeta};
+use crate::cluster::testing::{regions_from_boundaries, FixedDialer, MemMeta};
 use crate::cluster::{FlushEvent, StoreInfo};
 use crate::etcd::Leadership;
 use crate::meta::testing::MemStore;
@@ -46,7 +45,11 @@ impl Fixture {
     }
 
     fn with_config(config: Config) -> Fixture {
-        let cluster = Arc::new(MemMeta::default());
+        Fixture::with_cluster(config, MemMeta::default())
+    }
+
+    fn with_cluster(config: Config, cluster: MemMeta) -> Fixture {
+        let cluster = Arc::new(cluster);
         let service = Arc::new(FixedDialer::default());
         let store = Arc::new(MemStore::default());
         let env = Env { cluster: cluster.clone(), service: service.clone(), meta: store.clone() };
@@ -81,9 +84,8 @@ impl Fixture {
         self.store.uploads.lock().clone()
     }
 
-    fn checkpoint_gauge(&self, task: &str) -> Option<String> {
-        let prefix = format!("{LAST_CHECKPOINT}{{task=\"{task}\"}} ");
-        self.advancer.metrics().render().lines().find_map(|l| l.strip_prefix(&prefix).map(String::from))
+    fn checkpoint_gauge(&self, task: &str) -> Option<f64> {
+        self.advancer.metrics().last_checkpoint.get([task])
     }
 }
 
@@ -102,7 +104,7 @@ fn an_owner_uploads_under_its_term_and_holds_gc_below_the_checkpoint() {
     f.tick_at(at(3));
     assert_eq!(f.store.stored("t1"), Some(at(2)));
     assert_eq!(*f.cluster.gc.lock(), vec![Some(at(0) - 1), Some(at(2) - 1)]);
-    assert_eq!(f.checkpoint_gauge("t1"), Some((at(2) as f64).to_string()));
+    assert_eq!(f.checkpoint_gauge("t1"), Some(at(2) as f64));
 }
 
 #[test]
@@ -131,7 +133,7 @@ fn a_higher_stored_checkpoint_is_kept_adopted_and_shown() {
     f.tick_at(at(6));
     assert_eq!(f.store.stored("t1"), Some(at(5)), "never lowered");
     assert_eq!(f.advancer.status()[0].checkpoint, at(5), "the stored value is a true checkpoint too");
-    assert_eq!(f.checkpoint_gauge("t1"), Some((at(5) as f64).to_string()), "the gauge shows what etcd holds");
+    assert_eq!(f.checkpoint_gauge("t1"), Some(at(5) as f64), "the gauge shows what etcd holds");
 }
 
 #[test]
@@ -202,4 +204,23 @@ fn losing_ownership_joins_the_subscription_threads() {
     f.advancer.on_lose_owner();
     assert_eq!(Arc::strong_count(&f.service), idle, "every stream thread has ended");
     assert!(!f.advancer.is_owner());
+}
+
+#[test]
+fn a_poll_counts_failed_regions_once_per_reason_and_a_failed_store_once() {
+    let mut regions = regions_from_boundaries(&[b"b", b"c", b"d"], &[1]);
+    regions[3].leader_store = None;
+    let config =
+        Config { try_advance_threshold: Duration::from_secs(60), lag_limit: Duration::ZERO, ..Config::default() };
+    // Store 1 cannot be dialed: its three regions fail with it.
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions));
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(10));
+    let m = f.advancer.metrics();
+    assert_eq!(m.region_request_failure.get(["store-failed"]), 3);
+    assert_eq!(m.region_request_failure.get(["no-leader"]), 1);
+    assert_eq!(m.region_request.get(["fail"]), 4);
+    assert_eq!(m.store_failures.get(["1"]), 1, "one failed store, not one per region");
+    assert_eq!(f.store.stored("t1"), Some(at(0)), "nothing advanced past what was never answered");
 }

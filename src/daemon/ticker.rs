@@ -5,14 +5,12 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use crossbeam_channel::{tick, Receiver, Sender};
 
 use super::checkpoint_advancer::CheckpointAdvancer;
 use super::owner::OwnerEvent;
 use super::{PublishedTask, Shared, SlowestSpan, TaskView};
-use crate::advancer::metrics;
 use crate::advancer::Config;
 use crate::cluster::FlushEvent;
 use crate::error::Result;
@@ -102,8 +100,8 @@ impl Ticker {
     }
 
     fn handle(&mut self, message: Message) {
-        let started = Instant::now();
-        let label = message.label();
+        let metrics = self.shared.metrics.clone();
+        let _timer = metrics.message_duration.start_timer([message.label()]);
         match message {
             Message::Task(event) => {
                 self.advancer.on_task_event(event);
@@ -129,7 +127,6 @@ impl Ticker {
                 let _ = reply.send(self.advancer.config().clone());
             }
         }
-        self.shared.metrics.observe(metrics::MESSAGE_DURATION, &[("message", label)], started.elapsed());
     }
 
     /// Refreshes the role, the snapshot `/status` and the handle read, and the lag gauges.
@@ -143,7 +140,7 @@ impl Ticker {
             .into_iter()
             .map(|s| {
                 let lag = ts_distance(now, s.uploaded.unwrap_or(s.checkpoint));
-                self.shared.metrics.set_gauge(metrics::CHECKPOINT_LAG, &[("task", &s.name)], lag.as_secs_f64());
+                self.shared.metrics.checkpoint_lag.set([&s.name], lag.as_secs_f64());
                 let slowest = s.slowest.map(|(range, ts)| SlowestSpan { range, ts });
                 let view = TaskView {
                     name: s.name,

@@ -1,6 +1,7 @@
 //! The status endpoint: a tiny HTTP/1.0 server on its own thread serving `/metrics`
-//! (Prometheus text) and `/status` (JSON). Requests are answered from snapshots the ticker
-//! publishes, so a scrape never waits for a tick.
+//! (Prometheus text) and `/status` (JSON). Requests are answered from what the ticker
+//! publishes (plus, for `/status`, a region lookup per task), so a scrape never waits for a
+//! tick.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
