@@ -6,4 +6,4 @@ pub mod core;
 mod tests;
 
 pub use config::Config;
-pub use core::{Action, Advancer, PollPlan, TaskStatus};
+pub use core::{latest_believable, Action, Advancer, PollPlan, TaskStatus, FUTURE_TOLERANCE};

@@ -8,14 +8,14 @@
 //! A tick while owner: TSO → subscriptions → poll lagging spans → the core decides →
 //! upload (fenced by the owner term) / pause / GC safepoint.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{never, Receiver, Sender};
 
 use super::metrics::Metrics;
-use crate::advancer::{Action, Advancer, Config, TaskStatus};
+use crate::advancer::{latest_believable, Action, Advancer, Config, TaskStatus};
 use crate::cluster::{
     collect_checkpoints, ClusterMeta, CollectResult, CollectorConfig, FailReason, FlushEvent, FlushSubscriber,
     LogBackupService, SubscriberConfig,
@@ -23,10 +23,15 @@ use crate::cluster::{
 use crate::error::{Error, Result};
 use crate::etcd::Leadership;
 use crate::meta::{Fence, MetaStore, TaskEvent, TaskWatcher, UploadOutcome};
-use crate::types::{local_now_ts, ts_sub, KeyRange, Ts};
+use crate::timefmt::format_duration;
+use crate::types::{local_now_ts, ts_add, ts_distance, ts_sub, KeyRange, StoreId, Ts};
 
 /// Flush events merged into the frontier as one batch at most.
 const FLUSH_BATCH: usize = 4096;
+
+/// How much further than the elapsed time PD's clock may move between two readings before
+/// it counts as a jump.
+const CLOCK_JUMP_MARGIN: Duration = Duration::from_secs(30);
 
 /// What the advancer talks to (upstream's `Env`): region and store metadata, the stores'
 /// log-backup service and the metadata store.
@@ -48,6 +53,10 @@ pub struct CheckpointAdvancer {
     /// The owner term uploads are fenced by; `None` while standing by.
     owner: Option<Leadership>,
     subscriber: Option<FlushSubscriber>,
+    /// PD's last TSO and when it came, to bound flush events between ticks.
+    last_tso: Option<(Ts, Instant)>,
+    /// Stores already reported for flushing from the future (logged once each).
+    future_stores: HashSet<StoreId>,
 }
 
 impl CheckpointAdvancer {
@@ -64,6 +73,8 @@ impl CheckpointAdvancer {
             listener: None,
             owner: None,
             subscriber: None,
+            last_tso: None,
+            future_stores: HashSet::new(),
         })
     }
 
@@ -140,9 +151,38 @@ impl CheckpointAdvancer {
         }
     }
 
-    /// Flushed ranges from the subscriptions, merged as one batch.
+    /// Flushed ranges from the subscriptions, merged as one batch. Events above the current
+    /// time are dropped, counted and logged once per store.
     pub fn on_flush_events(&mut self, batch: &[FlushEvent]) {
-        self.core.on_flushes(batch.iter().map(|e| (&e.range, e.ts)));
+        let now = self.estimated_now();
+        let refused = self.core.on_flushes(batch.iter().map(|e| (&e.range, e.ts)), now);
+        if refused == 0 {
+            return;
+        }
+        self.metrics.future_checkpoints.inc_by(["flush"], refused as u64);
+        let latest = latest_believable(now);
+        let mut by_store: BTreeMap<StoreId, (usize, Ts)> = BTreeMap::new();
+        for event in batch.iter().filter(|e| e.ts > latest) {
+            let entry = by_store.entry(event.store).or_default();
+            entry.0 += 1;
+            entry.1 = entry.1.max(event.ts);
+        }
+        for (store, (count, max)) in by_store {
+            if self.future_stores.insert(store) {
+                log::warn!(
+                    "store {store} sent {count} flush events above the current time {now} (up to {max}); they are \
+                     ignored, and so are later ones (counted in streamhelper_future_checkpoints_total)"
+                );
+            }
+        }
+    }
+
+    /// PD's time as last seen plus the time since; the local clock before PD answered.
+    fn estimated_now(&self) -> Ts {
+        match self.last_tso {
+            Some((tso, at)) => ts_add(tso, at.elapsed()),
+            None => local_now_ts(),
+        }
     }
 
     /// Ownership gained: uploads are fenced by `leadership` from now on, and the flush
@@ -184,7 +224,7 @@ impl CheckpointAdvancer {
         let now = self.now();
         self.refresh_subscriptions();
         let plans = self.core.plan_polls(now);
-        self.poll_lagging(&plans, started);
+        self.poll_lagging(&plans, now, started);
         let actions = self.core.finish_tick(now);
         self.apply(actions, now);
         Some(now)
@@ -197,19 +237,21 @@ impl CheckpointAdvancer {
         self.apply_pending_events();
         let now = self.now();
         let plans = self.core.plan_polls_below(ts_sub(now, threshold));
-        self.poll_lagging(&plans, Instant::now());
+        self.poll_lagging(&plans, now, Instant::now());
         self.core.status().into_iter().filter(|s| !s.paused).filter_map(|s| Some((s.name, s.slowest?.1))).collect()
     }
 
     /// The last flushed ts of every region in `range`, as TiKV reports it now (upstream's
     /// `GetCheckpointInRange`).
-    pub fn get_checkpoint_in_range(&self, range: &KeyRange) -> Result<CollectResult> {
+    pub fn get_checkpoint_in_range(&mut self, range: &KeyRange) -> Result<CollectResult> {
+        let now = self.now();
+        let collector = self.collector_config(now);
         collect_checkpoints(
             self.env.cluster.as_ref(),
             self.env.service.as_ref(),
             &self.pool,
             std::slice::from_ref(range),
-            &self.collector_config(),
+            &collector,
         )
     }
 
@@ -227,11 +269,30 @@ impl CheckpointAdvancer {
         }
     }
 
-    fn now(&self) -> Ts {
-        self.env.cluster.fetch_current_ts().unwrap_or_else(|e| {
-            log::warn!("PD TSO unavailable, using the local clock: {e}");
-            local_now_ts()
-        })
+    /// PD's TSO, or the local clock when PD does not answer. A fallback reading, or a TSO
+    /// further ahead than the time that passed since the last one (at the first, than the
+    /// local clock), holds lag verdicts back: it would make a healthy task look lagging.
+    fn now(&mut self) -> Ts {
+        let expected = self.estimated_now();
+        let now = match self.env.cluster.fetch_current_ts() {
+            Ok(tso) => {
+                self.last_tso = Some((tso, Instant::now()));
+                if ts_distance(tso, expected) <= CLOCK_JUMP_MARGIN {
+                    return tso;
+                }
+                log::warn!(
+                    "PD's clock jumped {} ahead of the time that passed: no lag-limit pause until checkpoints catch up",
+                    format_duration(ts_distance(tso, expected))
+                );
+                tso
+            }
+            Err(e) => {
+                log::warn!("PD TSO unavailable, using the local clock (no lag-limit pause this tick): {e}");
+                local_now_ts()
+            }
+        };
+        self.core.hold_lag_verdicts(now);
+        now
     }
 
     fn refresh_subscriptions(&mut self) {
@@ -247,15 +308,20 @@ impl CheckpointAdvancer {
         self.core.set_subscriptions_healthy(pending.is_none());
     }
 
-    fn collector_config(&self) -> CollectorConfig {
+    /// Answers above `latest_believable(now)` fail their region instead of advancing it.
+    fn collector_config(&self, now: Ts) -> CollectorConfig {
         let config = self.config();
-        CollectorConfig { rpc_timeout: config.rpc_timeout.min(config.tick_interval), ..CollectorConfig::default() }
+        CollectorConfig {
+            rpc_timeout: config.rpc_timeout.min(config.tick_interval),
+            max_ts: latest_believable(now),
+            ..CollectorConfig::default()
+        }
     }
 
     /// Polls the planned spans within the tick interval: one hung store costs one RPC
     /// deadline, not the tick.
-    fn poll_lagging(&mut self, plans: &[crate::advancer::PollPlan], started: Instant) {
-        let collector = self.collector_config();
+    fn poll_lagging(&mut self, plans: &[crate::advancer::PollPlan], now: Ts, started: Instant) {
+        let collector = self.collector_config(now);
         let budget = self.config().tick_interval;
         for plan in plans {
             if started.elapsed() >= budget {
@@ -296,6 +362,9 @@ impl CheckpointAdvancer {
             if failed.reason == FailReason::StoreFailed {
                 failed_stores.extend(failed.store);
             }
+        }
+        if let Some(&future) = reasons.get(FailReason::FromFuture(0).label()) {
+            m.future_checkpoints.inc_by(["poll"], future);
         }
         for (reason, regions) in reasons {
             m.region_request_failure.inc_by([reason], regions);

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub checkpoint_lag: GaugeVec<1>,
     pub store_failures: CounterVec<1>,
     pub regions_polled: CounterVec<0>,
+    /// Checkpoints refused for being above the current time, by where they came from.
+    pub future_checkpoints: CounterVec<1>,
     pub message_duration: HistogramVec<1>,
 }
 
@@ -68,6 +70,11 @@ impl Default for Metrics {
                 "Regions polled, leaderless ones included.",
                 [],
             ),
+            future_checkpoints: CounterVec::new(
+                "streamhelper_future_checkpoints_total",
+                "Region checkpoints above the current time, refused, by source (poll, flush).",
+                ["source"],
+            ),
             message_duration: HistogramVec::new(
                 "streamhelper_advancer_message_duration_seconds",
                 "Time the ticker spent on one message, by kind, in seconds.",
@@ -90,6 +97,7 @@ impl Metrics {
         self.checkpoint_lag.0.render(&mut out);
         self.store_failures.0.render(&mut out);
         self.regions_polled.0.render(&mut out);
+        self.future_checkpoints.0.render(&mut out);
         self.message_duration.0.render(&mut out);
         out
     }
@@ -295,7 +303,7 @@ mod tests {
         let doc = include_str!("../../docs/architecture.md");
         let text = Metrics::default().render();
         let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
-        assert_eq!(names.len(), 9);
+        assert_eq!(names.len(), 10);
         for name in names {
             assert!(doc.contains(&format!("| `{name}` |")), "docs/architecture.md does not list {name}");
         }

@@ -76,6 +76,7 @@ impl Fixture {
         assert_eq!(self.advancer.on_tick(), Some(now), "an owner ticks");
     }
 
+    /// A flush event over every key; `ts` must not be above the last tick's `now`.
     fn flushed(&mut self, ts: Ts) {
         self.advancer.on_flush_events(&[FlushEvent { range: KeyRange::full(), ts, store: 1 }]);
     }
@@ -100,11 +101,11 @@ fn an_owner_uploads_under_its_term_and_holds_gc_below_the_checkpoint() {
     f.own();
     f.tick_at(at(1));
     assert_eq!(f.store.stored("t1"), Some(at(0)), "the start ts is uploaded first");
-    f.flushed(at(2));
+    f.flushed(at(1));
     f.tick_at(at(3));
-    assert_eq!(f.store.stored("t1"), Some(at(2)));
-    assert_eq!(*f.cluster.gc.lock(), vec![Some(at(0) - 1), Some(at(2) - 1)]);
-    assert_eq!(f.checkpoint_gauge("t1"), Some(at(2) as f64));
+    assert_eq!(f.store.stored("t1"), Some(at(1)));
+    assert_eq!(*f.cluster.gc.lock(), vec![Some(at(0) - 1), Some(at(1) - 1)]);
+    assert_eq!(f.checkpoint_gauge("t1"), Some(at(1) as f64));
 }
 
 #[test]
@@ -182,11 +183,11 @@ fn a_deleted_task_is_never_written_again_and_its_gauge_goes() {
     f.tick_at(at(1));
     assert!(f.checkpoint_gauge("t1").is_some());
     f.advancer.on_task_event(TaskEvent::Del { name: "t1".into() });
-    f.flushed(at(2));
+    f.flushed(at(1));
     f.tick_at(at(3));
     let t1: Vec<Ts> = f.uploads().into_iter().filter(|(t, _)| t == "t1").map(|(_, ts)| ts).collect();
     assert_eq!(t1, vec![at(0)], "no upload for a task that is gone");
-    assert_eq!(f.store.stored("t2"), Some(at(2)), "the other task goes on");
+    assert_eq!(f.store.stored("t2"), Some(at(1)), "the other task goes on");
     assert_eq!(f.checkpoint_gauge("t1"), None);
 }
 
@@ -223,4 +224,16 @@ fn a_poll_counts_failed_regions_once_per_reason_and_a_failed_store_once() {
     assert_eq!(m.region_request.get(["fail"]), 4);
     assert_eq!(m.store_failures.get(["1"]), 1, "one failed store, not one per region");
     assert_eq!(f.store.stored("t1"), Some(at(0)), "nothing advanced past what was never answered");
+}
+
+#[test]
+fn a_flush_from_the_future_is_dropped_and_counted() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(1));
+    f.flushed(at(30));
+    f.tick_at(at(2));
+    assert_eq!(f.advancer.metrics().future_checkpoints.get(["flush"]), 1);
+    assert_eq!(f.store.stored("t1"), Some(at(0)), "a claim above now never becomes the checkpoint");
 }
