@@ -13,9 +13,9 @@ pub mod proto;
 pub mod security;
 pub mod sim;
 pub mod spans;
-pub mod stop;
 pub mod timefmt;
 pub mod types;
+pub mod worker;
 
 pub use error::{Error, Result, ResultExt};
 pub use types::{KeyRange, RegionId, StoreId, Ts};

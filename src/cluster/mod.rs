@@ -143,6 +143,8 @@ pub(crate) mod testing {
         pub gc: Mutex<Vec<Option<Ts>>>,
         /// What the TSO answers; unset, it fails.
         pub now: Mutex<Option<Ts>>,
+        /// Makes the TSO call panic, to test what a panicking caller does.
+        pub tso_panics: bool,
     }
 
     impl MemMeta {
@@ -184,6 +186,7 @@ pub(crate) mod testing {
         }
 
         fn fetch_current_ts(&self) -> Result<Ts> {
+            assert!(!self.tso_panics, "the test's TSO panics");
             self.now.lock().ok_or_else(|| Error::Timeout("the test's TSO".into()))
         }
     }

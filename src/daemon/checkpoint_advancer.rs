@@ -438,7 +438,7 @@ fn fan_out_pool() -> Result<rayon::ThreadPool> {
     let threads = std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4).clamp(4, 32);
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
-        .thread_name(|i| format!("advancer-fanout-{i}"))
+        .thread_name(|i| format!("sh-fanout-{i}"))
         .build()
         .map_err(|e| Error::Io { what: "building the fan-out pool".into(), source: std::io::Error::other(e) })
 }

@@ -24,7 +24,6 @@ mod ticker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -38,8 +37,8 @@ use crate::error::{Error, Result};
 use crate::etcd::{EtcdClient, EtcdConfig};
 use crate::meta::{AdvancerExt, MetaDataClient};
 use crate::security::Security;
-use crate::stop::{stop_pair, StopHandle};
 use crate::types::{KeyRange, RegionId, StoreId, Ts};
+use crate::worker::{catch_panic, StopHandle, Worker};
 
 pub use checkpoint_advancer::{CheckpointAdvancer, Env};
 pub use owner::new_owner_id;
@@ -161,27 +160,27 @@ pub struct Daemon;
 /// How long the handle waits for the ticker to take and answer a request.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Threads stopped and joined together.
-struct Stage {
-    stop: StopHandle,
-    threads: Vec<JoinHandle<()>>,
-}
-
 /// A running daemon. Dropping it stops it too.
 pub struct DaemonHandle {
     shared: Arc<Shared>,
     requests: crossbeam_channel::Sender<ticker::Request>,
-    /// Stopped in order: the ticker first, so no tick runs while the owner
-    /// thread resigns; then the owner thread.
-    stages: Vec<Stage>,
+    /// Stopped first, so no tick runs while the owner resigns.
+    ticker: Option<Worker>,
+    /// Stops when the ticker ends, however it ends: its stop handle is the ticker's.
+    owner: Option<Worker>,
     status_server: Option<StatusServer>,
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .map_err(|source| Error::Io { what: format!("spawning the {name} thread"), source })
+/// Runs the ticker. However it ends (stopped, or a panic), ownership is given up: `resign`
+/// is the owner loop's stop signal, so a standby takes over instead of this daemon staying an
+/// owner that never ticks.
+fn run_ticker(ticker: ticker::Ticker, resign: Option<StopHandle>) {
+    let shared = ticker.shared.clone();
+    if let Err(panic) = catch_panic(move || ticker.run()) {
+        log::error!("the ticker panicked: {panic}; resigning ownership so that a standby takes over");
+    }
+    shared.owner.store(false, Ordering::SeqCst);
+    drop(resign);
 }
 
 impl Daemon {
@@ -223,32 +222,26 @@ impl Daemon {
             tasks: Mutex::new(Vec::new()),
             cluster: pd,
         });
-        let (work_stop_handle, stop) = stop_pair();
-        let (owner_stop_handle, owner_stop) = stop_pair();
         let (owner_tx, owner_rx) = crossbeam_channel::bounded(16);
         let (request_tx, request_rx) = crossbeam_channel::bounded(16);
 
-        let owner = owner::OwnerLoop {
-            etcd,
-            id,
-            ttl: config.advancer.owner_ttl,
-            backoff: config.advancer.backoff,
-            events: owner_tx,
-            stop: owner_stop,
-        };
-        let owner_thread = spawn("owner", move || owner.run())?;
-        let ticker = ticker::Ticker { advancer, shared: shared.clone(), owner: owner_rx, requests: request_rx, stop };
-        let ticker_thread = spawn("ticker", move || ticker.run())?;
+        let (ttl, backoff) = (config.advancer.owner_ttl, config.advancer.backoff);
+        let mut owner = Worker::spawn("sh-owner", move |stop| {
+            owner::OwnerLoop { etcd, id, ttl, backoff, events: owner_tx, stop }.run()
+        })?;
+        let resign = owner.take_stop();
+        let ticker_shared = shared.clone();
+        let ticker = Worker::spawn("sh-ticker", move |stop| {
+            let ticker =
+                ticker::Ticker { advancer, shared: ticker_shared, owner: owner_rx, requests: request_rx, stop };
+            run_ticker(ticker, resign)
+        })?;
         let status_server = match &config.status_addr {
             Some(addr) => Some(StatusServer::start(addr, status_handler(shared.clone()))?),
             None => None,
         };
         log::info!("begin advancer daemon {}", shared.id);
-        let stages = vec![
-            Stage { stop: work_stop_handle, threads: vec![ticker_thread] },
-            Stage { stop: owner_stop_handle, threads: vec![owner_thread] },
-        ];
-        Ok(DaemonHandle { shared, requests: request_tx, stages, status_server })
+        Ok(DaemonHandle { shared, requests: request_tx, ticker: Some(ticker), owner: Some(owner), status_server })
     }
 }
 
@@ -307,18 +300,12 @@ impl DaemonHandle {
     }
 
     fn shutdown(&mut self) {
-        if self.stages.is_empty() {
-            return;
-        }
+        let Some(ticker) = self.ticker.take() else { return };
         self.status_server.take();
-        for stage in self.stages.drain(..) {
-            stage.stop.stop();
-            for thread in stage.threads {
-                let name = thread.thread().name().unwrap_or("?").to_string();
-                if thread.join().is_err() {
-                    log::error!("daemon thread {name} panicked");
-                }
-            }
+        ticker.join();
+        // The ticker's end told the owner loop to resign; wait for it.
+        if let Some(owner) = self.owner.take() {
+            owner.join();
         }
         log::info!("daemon loop exits");
     }

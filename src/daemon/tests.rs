@@ -6,7 +6,14 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+
 use super::checkpoint_advancer::{CheckpointAdvancer, Env};
+use super::owner::OwnerEvent;
+use super::ticker::Ticker;
+use super::{run_ticker, Shared};
 use crate::advancer::Config;
 use crate::cluster::testing::{regions_from_boundaries, FixedDialer, MemMeta};
 use crate::cluster::{FlushEvent, StoreInfo};
@@ -15,6 +22,7 @@ use crate::meta::testing::MemStore;
 use crate::meta::TaskEvent;
 use crate::proto::brpb::StreamBackupTaskInfo;
 use crate::types::{compose_ts, KeyRange, Ts};
+use crate::worker::{stop_pair, Worker};
 
 const MINUTE: u64 = 60_000;
 
@@ -236,4 +244,30 @@ fn a_flush_from_the_future_is_dropped_and_counted() {
     f.tick_at(at(2));
     assert_eq!(f.advancer.metrics().future_checkpoints.get(["flush"]), 1);
     assert_eq!(f.store.stored("t1"), Some(at(0)), "a claim above now never becomes the checkpoint");
+}
+
+#[test]
+fn a_panicking_ticker_stands_down_and_makes_the_owner_resign() {
+    let cluster = MemMeta { tso_panics: true, ..MemMeta::default() };
+    let config = Config { tick_interval: Duration::from_millis(10), ..Config::default() };
+    let Fixture { cluster, advancer, .. } = Fixture::with_cluster(config, cluster);
+    let shared = Arc::new(Shared {
+        id: "test".into(),
+        owner: AtomicBool::new(false),
+        metrics: advancer.metrics().clone(),
+        tasks: Mutex::default(),
+        cluster,
+    });
+    let (owner_tx, owner) = crossbeam_channel::bounded(1);
+    let (_requests_tx, requests) = crossbeam_channel::bounded(1);
+    let (resign, resigned) = stop_pair();
+    owner_tx.send(OwnerEvent::Gained(term(1))).unwrap();
+    let ticker_shared = shared.clone();
+    let _ticker = Worker::spawn("sh-test-ticker", move |stop| {
+        run_ticker(Ticker { advancer, shared: ticker_shared, owner, requests, stop }, Some(resign))
+    })
+    .unwrap();
+    // Nothing asks the ticker to stop: only its panic at the first tick can end it.
+    assert!(resigned.sleep(Duration::from_secs(10)), "the owner loop is told to resign");
+    assert!(!shared.owner.load(Ordering::SeqCst), "the daemon no longer claims ownership");
 }

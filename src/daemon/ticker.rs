@@ -15,9 +15,9 @@ use crate::advancer::Config;
 use crate::cluster::FlushEvent;
 use crate::error::Result;
 use crate::meta::TaskEvent;
-use crate::stop::StopToken;
 use crate::timefmt::format_rfc3339;
 use crate::types::{local_now_ts, system_time_of, ts_distance, Ts};
+use crate::worker::StopToken;
 
 /// What the handle asks of the running advancer; each carries where the answer goes.
 pub enum Request {

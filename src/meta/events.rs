@@ -5,7 +5,6 @@
 //! upload never lowers the stored value, even with two advancers racing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
@@ -19,8 +18,8 @@ use crate::etcd::{
     prefix_end, Cmp, CompareResult, EventKind, GetOptions, KeySpan, Leadership, Txn, TxnOp, WatchEvent, WatchOptions,
 };
 use crate::proto::brpb::StreamBackupTaskInfo;
-use crate::stop::{stop_pair, StopHandle, StopToken};
 use crate::types::{KeyRange, Ts};
+use crate::worker::{StopToken, Worker};
 
 const PAGE: i64 = 1024;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -112,26 +111,14 @@ struct Snapshot {
 
 /// The running task watcher. Dropping it stops and joins the thread.
 pub struct TaskWatcher {
-    stop: Option<StopHandle>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Option<Worker>,
 }
 
 impl TaskWatcher {
     /// A watcher with no thread, for stores whose task events are fed by hand.
     #[cfg(test)]
     pub(crate) fn idle() -> Self {
-        TaskWatcher { stop: None, thread: None }
-    }
-}
-
-impl Drop for TaskWatcher {
-    fn drop(&mut self) {
-        self.stop.take();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                log::error!("task watcher thread panicked");
-            }
-        }
+        TaskWatcher { _worker: None }
     }
 }
 
@@ -153,14 +140,12 @@ impl AdvancerExt {
     /// changes, all on a thread, until the watcher is dropped or `out` is closed. A listing
     /// that fails becomes a `TaskEvent::Err` and is retried with backoff.
     pub fn begin(&self, out: Sender<TaskEvent>, backoff: Duration) -> Result<TaskWatcher> {
-        let (stop_handle, stop) = stop_pair();
-        let mut follower =
-            Follower { ext: self.clone(), out, stop, backoff, known: BTreeMap::new(), paused: BTreeSet::new() };
-        let thread = std::thread::Builder::new()
-            .name("task-watcher".into())
-            .spawn(move || follower.run())
-            .map_err(|source| Error::Io { what: "spawning the task watcher thread".into(), source })?;
-        Ok(TaskWatcher { stop: Some(stop_handle), thread: Some(thread) })
+        let ext = self.clone();
+        let worker = Worker::spawn("sh-task-watcher", move |stop| {
+            let mut follower = Follower { ext, out, stop, backoff, known: BTreeMap::new(), paused: BTreeSet::new() };
+            follower.run();
+        })?;
+        Ok(TaskWatcher { _worker: Some(worker) })
     }
 
     /// Tasks, ranges and pause flags, all read at one revision.
@@ -373,7 +358,10 @@ impl Follower {
         let etcd = self.ext.meta.etcd().clone();
         // One watch over info/ .. pause/ keeps task and pause events in revision order.
         let span = KeySpan::Range(keys::prefix_of_task().into_bytes(), prefix_end(keys::prefix_of_pause().as_bytes()));
-        let watcher = etcd.watch(span, WatchOptions { start_revision: revision + 1, prev_kv: false });
+        let watcher = match etcd.watch(span, WatchOptions { start_revision: revision + 1, prev_kv: false }) {
+            Ok(watcher) => watcher,
+            Err(e) => return Some(e),
+        };
         loop {
             crossbeam_channel::select! {
                 recv(self.stop.receiver()) -> _ => return None,
