@@ -17,5 +17,8 @@ pub mod timefmt;
 pub mod types;
 pub mod worker;
 
+#[cfg(test)]
+mod outside_input_tests;
+
 pub use error::{Error, Result, ResultExt};
 pub use types::{KeyRange, RegionId, StoreId, Ts};

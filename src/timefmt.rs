@@ -56,7 +56,9 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
         return Err(bad("field out of range"));
     }
-    let mut rest = &text[19..];
+    // Byte offsets below are only taken through `get`: text comes from etcd and users, and a
+    // multi-byte character must be an error, not a panic.
+    let mut rest = text.get(19..).ok_or_else(|| bad("expected YYYY-MM-DDTHH:MM:SS"))?;
     let mut nanos = 0u32;
     if let Some(frac) = rest.strip_prefix('.') {
         let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
@@ -69,11 +71,15 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     }
     let offset_secs = match rest {
         "Z" | "z" => 0,
-        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) && &rest[3..4] == ":" => {
+        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) && rest.get(3..4) == Some(":") => {
             let sign = if rest.starts_with('-') { -1 } else { 1 };
-            let hours: i64 = rest[1..3].parse().map_err(|_| bad("bad offset"))?;
-            let minutes: i64 = rest[4..6].parse().map_err(|_| bad("bad offset"))?;
-            sign * (hours * 3600 + minutes * 60)
+            let digits = |range: std::ops::Range<usize>| -> Result<i64, String> {
+                rest.get(range)
+                    .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|d| d.parse().ok())
+                    .ok_or_else(|| bad("bad offset"))
+            };
+            sign * (digits(1..3)? * 3600 + digits(4..6)? * 60)
         }
         _ => return Err(bad("expected Z or ±HH:MM at the end")),
     };
