@@ -6,7 +6,8 @@
 //! implementations and run against PD/TiKV or the simulated cluster alike.
 //!
 //! Keys are raw everywhere in this API: the PD client encodes them on the way out and decodes
-//! region boundaries on the way back, exactly as TiDB's codec PD client does (wire spec 5.2).
+//! region boundaries on the way back, exactly as TiDB's codec PD client does
+//! (client-go `internal/locate/pd_codec.go`).
 
 pub mod collector;
 pub mod pd;

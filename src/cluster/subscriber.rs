@@ -1,4 +1,5 @@
-//! The push side of checkpoint collection (upstream's `FlushSubscriber`, spec 5): one
+//! The push side of checkpoint collection (upstream's `FlushSubscriber`, tidb
+//! `br/pkg/streamhelper/flush_subscriber.go`): one
 //! SubscribeFlushEvent stream per store, each read by its own thread, all feeding one bounded
 //! channel of flush events.
 //!

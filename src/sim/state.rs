@@ -21,7 +21,7 @@ use super::tso::Tso;
 const DELIVERY_WAIT: Duration = Duration::from_secs(1);
 
 /// A store's last completed flush: TiKV answers checkpoints from this map, which each flush
-/// replaces wholesale (wire spec §4.1).
+/// replaces wholesale (tikv `components/backup-stream/src/checkpoint_manager.rs`).
 #[derive(Debug, Default)]
 pub struct LastFlush {
     pub ts: Ts,
