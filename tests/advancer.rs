@@ -12,10 +12,12 @@ use streamhelper::daemon::status::http_get;
 use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
 use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, MetaDataClient, PauseState, Severity, TaskInfo};
-use streamhelper::sim::{SimCluster, SimConfig};
+use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
+use streamhelper::storage::{self, read_global_checkpoint, GLOBAL_CHECKPOINT_FILE};
 use streamhelper::types::ts_add;
 use streamhelper::{KeyRange, Ts};
-use support::DEADLINE;
+use support::s3::MotoServer;
+use support::{TcpProxy, DEADLINE};
 
 struct Fixture {
     etcd: EtcdProcess,
@@ -24,7 +26,8 @@ struct Fixture {
     ext: AdvancerExt,
 }
 
-/// Fast settings so that stories play out in seconds.
+/// Fast settings so that stories play out in seconds. The thresholds are explicit, so the
+/// sim's TiKV config (180 s flushes) does not replace them.
 fn fast_config() -> Config {
     Config {
         tick_interval: Duration::from_millis(200),
@@ -34,6 +37,8 @@ fn fast_config() -> Config {
         rpc_timeout: Duration::from_millis(500),
         dial_timeout: Duration::from_millis(500),
         upload_heartbeat: Duration::from_secs(1),
+        resolve_lock_interval: Duration::from_secs(1),
+        explicit: ["try-advance-threshold", "resolve-lock-interval"].map(String::from).into(),
         ..Config::default()
     }
 }
@@ -48,10 +53,14 @@ impl Fixture {
     }
 
     fn add_task(&self, name: &str, range: KeyRange) -> Ts {
+        self.add_task_stored_in(name, range, "noop://")
+    }
+
+    fn add_task_stored_in(&self, name: &str, range: KeyRange, storage: &str) -> Ts {
         let start = self.sim.now_ts();
         let task = TaskInfo::new(name)
             .from_ts(start)
-            .to_storage(parse_storage_url("noop://").unwrap())
+            .to_storage(parse_storage_url(storage).unwrap())
             .with_table_filter(["*.*"])
             .with_ranges([range])
             .check()
@@ -116,6 +125,33 @@ impl<'a> Safety<'a> {
             assert!(Instant::now() < deadline, "{what}: checkpoint stuck at {stored}, wanted above {above}");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Flushes and checks until `condition` holds.
+    fn until(&mut self, what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !condition() {
+            self.fixture.sim.flush_all();
+            self.check();
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Flushes until the storage copy passes `above`. The copy (read first) is never above
+    /// what etcd holds (read second) and never goes back.
+    fn copy_passes(&mut self, above: Ts, what: &str, copy: &StorageCopy) -> Ts {
+        let mut seen = 0;
+        let mut last = 0;
+        self.until(what, || {
+            seen = copy.read();
+            let stored = self.fixture.stored(self.task);
+            assert!(seen <= stored, "{what}: the storage copy {seen} is above etcd's {stored}");
+            assert!(seen >= last, "{what}: the storage copy went back from {last} to {seen}");
+            last = seen;
+            seen > above
+        });
+        seen
     }
 
     /// Flushes and checks for a while, returning the highest checkpoint seen.
@@ -454,7 +490,7 @@ fn random_faults_never_break_safety() {
         let regions = f.sim.regions();
         let region = &regions[rand(regions.len())];
         let store = stores[rand(stores.len())];
-        let action = match rand(9) {
+        let action = match rand(10) {
             0 => {
                 let mut key = region.range.start.clone();
                 key.extend_from_slice(&[0x60, step as u8]);
@@ -483,10 +519,21 @@ fn random_faults_never_break_safety() {
                 f.sim.set_never_flush(region.id, never);
                 format!("never-flush {} = {never}", region.id)
             }
-            _ => {
+            8 => {
                 let supported = rand(2) == 0;
                 f.sim.set_subscription_supported(store, supported);
                 format!("subscription {store} = {supported}")
+            }
+            _ => {
+                let other = &regions[rand(regions.len())];
+                let keys = [&region.range.start, &other.range.start]
+                    .map(|start| [start.as_slice(), &[0x61, step as u8]].concat())
+                    .to_vec();
+                let txn = f.sim.begin_txn(&TxnSpec { ttl: Duration::from_millis(200), ..TxnSpec::new(keys) });
+                if let Ok(txn) = txn {
+                    f.sim.crash_txn(txn);
+                }
+                format!("crashed transaction: {txn:?}")
             }
         };
         log.push(action);
@@ -503,4 +550,232 @@ fn random_faults_never_break_safety() {
     }
     let before = safety.check();
     safety.advance_past(before, &format!("after healing; faults were {log:?}"));
+    assert_eq!(f.sim.txn_violations(), Vec::<String>::new());
+}
+
+/// A key inside the `i`-th region, past its start.
+fn key_in(sim: &SimCluster, i: usize) -> Vec<u8> {
+    [sim.regions()[i].range.start.as_slice(), b"_lock"].concat()
+}
+
+fn metric(daemon: &DaemonHandle, series: &str) -> u64 {
+    let (_, body) = http_get(daemon.status_addr().unwrap(), "/metrics").unwrap();
+    body.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn a_crashed_transaction_stalls_the_checkpoint_until_the_advancer_resolves_it() {
+    let f = Fixture::new(3, 16);
+    let start = f.add_task("t1", KeyRange::full());
+    let daemon = f.daemon();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    safety.advance_past(start, "before the crash");
+    let keys = vec![key_in(&f.sim, 5), key_in(&f.sim, 9)];
+    let txn = f.sim.begin_txn(&TxnSpec { ttl: Duration::from_millis(100), ..TxnSpec::new(keys) }).unwrap();
+    f.sim.crash_txn(txn);
+    // Stalled: while the locks stay, nothing passes them.
+    let stalled = Instant::now();
+    while !f.sim.locks().is_empty() {
+        f.sim.flush_all();
+        assert!(safety.check() <= txn, "the checkpoint passed a lock that is still there");
+        assert!(stalled.elapsed() < DEADLINE, "the locks were never resolved");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    safety.advance_past(txn, "after the crashed transaction was rolled back");
+    let interval = fast_config().resolve_lock_interval;
+    let tick = fast_config().tick_interval;
+    assert!(stalled.elapsed() < interval + tick * 10, "unstuck only after {:?}", stalled.elapsed());
+    assert_eq!(f.sim.txn_outcome(txn), Some(Outcome::RolledBack));
+    assert_eq!(f.sim.txn_violations(), Vec::<String>::new());
+    assert_eq!(metric(&daemon, "streamhelper_resolve_lock_locks_total{outcome=\"rolled-back\"}"), 2);
+}
+
+#[test]
+fn an_alive_transaction_is_never_resolved_and_holds_back_only_its_region() {
+    let f = Fixture::new(3, 16);
+    let locked = f.sim.regions()[5].range.clone();
+    let elsewhere = KeyRange::new(f.sim.regions()[9].range.start.clone(), Vec::new());
+    let start = f.add_task("t1", locked.clone());
+    f.add_task("t2", elsewhere.clone());
+    let daemon = f.daemon();
+    let mut held = Safety::new(&f, "t1", locked);
+    let mut free = Safety::new(&f, "t2", elsewhere);
+    held.advance_past(start, "t1 before the transaction");
+    let txn = f.sim.begin_txn(&TxnSpec::new(vec![key_in(&f.sim, 5)])).unwrap();
+    let mut last = free.advance_past(txn, "t2 past the lock's ts");
+    // Several resolve intervals: every round finds the transaction alive.
+    support::wait_until("a resolve round to see the alive transaction", || {
+        f.sim.flush_all();
+        last = free.check();
+        assert!(held.check() <= txn, "t1 passed an alive transaction's lock");
+        metric(&daemon, "streamhelper_resolve_lock_locks_total{outcome=\"alive\"}") >= 2
+    });
+    free.advance_past(last, "t2 keeps advancing");
+    assert_eq!(f.sim.txn_outcome(txn), Some(Outcome::Pending));
+    let committed = f.sim.commit_txn(txn, false).unwrap();
+    held.advance_past(committed, "t1 after the commit");
+    assert_eq!(f.sim.txn_violations(), Vec::<String>::new());
+}
+
+#[test]
+fn thresholds_follow_tikvs_flush_interval_unless_set_explicitly() {
+    let f = Fixture::new(3, 4);
+    for (store, ms) in [(1, 900), (2, 1200), (3, 1200)] {
+        f.sim.set_store_flush_interval(store, Duration::from_millis(ms));
+    }
+    let mut config = f.daemon_config();
+    config.advancer.explicit.remove("try-advance-threshold");
+    config.advancer.explicit.remove("resolve-lock-interval");
+    let daemon = Daemon::start(config).unwrap();
+    support::wait_until("the TiKV flush interval to be applied", || {
+        let config = daemon.config().unwrap();
+        config.resolve_lock_interval == Duration::from_millis(1200)
+            && config.try_advance_threshold == Duration::from_millis(1600)
+    });
+    assert_eq!(daemon.config().unwrap().degraded_threshold(), Duration::from_millis(720));
+}
+
+#[test]
+fn a_hung_store_during_a_round_does_not_stall_ticks() {
+    let f = Fixture::new(3, 16);
+    let locked_region = f.sim.regions()[5].clone();
+    let hung = locked_region.leader_store.unwrap();
+    let healthy = f.sim.regions().into_iter().find(|r| r.leader_store != Some(hung)).unwrap();
+    let start = f.add_task("t1", locked_region.range.clone());
+    f.add_task("t2", healthy.range.clone());
+    let _daemon = f.daemon();
+    let mut held = Safety::new(&f, "t1", locked_region.range.clone());
+    let mut free = Safety::new(&f, "t2", healthy.range.clone());
+    held.advance_past(start, "t1 before the crash");
+    let txn = f.sim.begin_txn(&TxnSpec { ttl: Duration::from_millis(100), ..TxnSpec::new(vec![key_in(&f.sim, 5)]) });
+    let txn = txn.unwrap();
+    f.sim.crash_txn(txn);
+    f.sim.hang_store(hung);
+    // Rounds wait on the hung store; ticks go on for the other task.
+    let mut last = free.advance_past(txn, "t2 while a round waits on the hung store");
+    for _ in 0..3 {
+        last = free.advance_past(last, "t2 keeps advancing");
+    }
+    assert!(held.check() <= txn);
+    f.sim.resume_store(hung);
+    held.advance_past(txn, "t1 once the store answers again");
+    assert_eq!(f.sim.txn_outcome(txn), Some(Outcome::RolledBack));
+    assert_eq!(f.sim.txn_violations(), Vec::<String>::new());
+}
+
+/// Temporary directories and their `local://` URLs.
+fn local_storages(n: usize) -> (Vec<tempfile::TempDir>, Vec<String>) {
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let urls = dirs.iter().map(|d| format!("local://{}", d.path().display())).collect();
+    (dirs, urls)
+}
+
+/// Reads a task's checkpoint copy straight from its storage (0 while there is none).
+struct StorageCopy(Box<dyn storage::ExternalStorage>);
+
+impl StorageCopy {
+    fn of(url: &str) -> StorageCopy {
+        StorageCopy(storage::open(&parse_storage_url(url).unwrap()).unwrap())
+    }
+
+    fn read(&self) -> Ts {
+        read_global_checkpoint(self.0.as_ref(), Duration::from_secs(5)).unwrap().unwrap_or(0)
+    }
+}
+
+/// Issue 13: the checkpoint etcd holds is copied into each task's storage; a deleted task's
+/// storage is not written again.
+#[test]
+fn the_checkpoint_is_copied_to_local_storage_until_the_task_is_deleted() {
+    let f = Fixture::new(3, 16);
+    let (dirs, urls) = local_storages(2);
+    let start = f.add_task_stored_in("t1", KeyRange::full(), &urls[0]);
+    f.add_task_stored_in("t2", KeyRange::full(), &urls[1]);
+    let daemon = f.daemon();
+    let (copy1, copy2) = (StorageCopy::of(&urls[0]), StorageCopy::of(&urls[1]));
+    let mut t1 = Safety::new(&f, "t1", KeyRange::full());
+    let first = t1.copy_passes(start, "t1's copy", &copy1);
+    t1.copy_passes(first, "t1's copy, again", &copy1);
+    let mut t2 = Safety::new(&f, "t2", KeyRange::full());
+    let copied = t2.copy_passes(start, "t2's copy", &copy2);
+    let metrics = daemon.metrics().render();
+    assert!(metrics.contains("tidb_log_backup_external_storage_checkpoint{task=\"t1\"}"), "{metrics}");
+
+    f.meta.delete_task("t1").unwrap();
+    let t1_gauge = "tidb_log_backup_external_storage_checkpoint{task=\"t1\"}";
+    t2.until("the deletion to reach the advancer", || !daemon.metrics().render().contains(t1_gauge));
+    // The copier works one write at a time: once t2 is written again, no write for t1 is
+    // in flight any more.
+    let copied = t2.copy_passes(copied, "t2's copy after the deletion", &copy2);
+    let file = dirs[0].path().join(GLOBAL_CHECKPOINT_FILE);
+    std::fs::remove_file(&file).unwrap();
+    let copied = t2.copy_passes(copied, "t2's copy, later", &copy2);
+    t2.copy_passes(copied, "t2's copy, later again", &copy2);
+    assert!(!file.exists(), "the deleted task's storage was written");
+    assert_eq!(daemon.metrics().storage_write_failures.get(["t2"]), 0);
+}
+
+/// Issue 13: while the task's S3 is down, hung or refusing the credentials, etcd's
+/// checkpoint keeps advancing and failures are counted; once it heals, the copy catches up.
+#[test]
+fn the_s3_copy_catches_up_after_the_storage_was_down_hung_or_refusing() {
+    let f = Fixture::new(3, 16);
+    let server = MotoServer::start();
+    server.create_bucket("logs");
+    let proxy = TcpProxy::start(&server.authority());
+    let credentials = "access-key=AKIATASK&secret-access-key=task-secret";
+    let via_proxy = format!("s3://logs/pitr?endpoint=http://{}&{credentials}", proxy.endpoint());
+    let start = f.add_task_stored_in("t1", KeyRange::full(), &via_proxy);
+    let daemon = f.daemon();
+    let copy = StorageCopy::of(&format!("s3://logs/pitr?endpoint={}&{credentials}", server.endpoint()));
+    let failures = || daemon.metrics().storage_write_failures.get(["t1"]);
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let mut copied = safety.copy_passes(start, "the first copy", &copy);
+
+    for fault in ["down", "hung", "refusing credentials"] {
+        match fault {
+            "down" => proxy.cut(),
+            "hung" => proxy.stall(),
+            _ => server.enforce_iam(true),
+        }
+        let before = failures();
+        safety.until(&format!("failed writes while S3 is {fault}"), || failures() >= before + 2);
+        let stored = safety.check();
+        let advanced = safety.advance_past(stored, &format!("etcd's checkpoint while S3 is {fault}"));
+        assert!(advanced > copied);
+        proxy.heal();
+        server.enforce_iam(false);
+        copied = safety.copy_passes(advanced - 1, &format!("the copy after S3 was {fault}"), &copy);
+    }
+    // The gauge shows a written value: at least the copy read last, at most etcd's.
+    let metrics = daemon.metrics().render();
+    let gauge: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tidb_log_backup_external_storage_checkpoint{task=\"t1\"} "))
+        .unwrap_or_else(|| panic!("no storage gauge: {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(copied as f64 <= gauge && gauge <= f.stored("t1") as f64, "{gauge} outside [{copied}, etcd]");
+}
+
+/// A checkpoint from the future that etcd holds (garbage, or written by a broken advancer)
+/// is kept there but never copied into the storage, where restore would trust it.
+#[test]
+fn a_checkpoint_from_the_future_in_etcd_never_reaches_the_storage() {
+    let f = Fixture::new(3, 12);
+    let (_dirs, urls) = local_storages(2);
+    f.add_task_stored_in("t1", KeyRange::full(), &urls[0]);
+    let start = f.add_task_stored_in("t2", KeyRange::full(), &urls[1]);
+    let an_hour_ahead = ts_add(f.sim.now_ts(), Duration::from_secs(3600));
+    f.ext.upload_global_checkpoint("t1", an_hour_ahead, None).unwrap();
+    let _daemon = f.daemon();
+    let (copy1, copy2) = (StorageCopy::of(&urls[0]), StorageCopy::of(&urls[1]));
+    let mut t2 = Safety::new(&f, "t2", KeyRange::full());
+    let mut copied = start;
+    for round in 0..3 {
+        copied = t2.copy_passes(copied, &format!("t2's copy, round {round}"), &copy2);
+        let truth = f.sim.true_checkpoint(&KeyRange::full());
+        let t1_copy = copy1.read();
+        assert!(t1_copy <= truth, "t1's storage holds {t1_copy}, above the true checkpoint {truth}");
+    }
 }

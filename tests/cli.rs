@@ -24,22 +24,18 @@ fn fails(args: &[&str]) -> String {
 fn task_commands_round_trip() {
     let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
     let pd = etcd.endpoint();
+    // `task status` reads the storage: it must be one on this machine (here, a dead port).
+    let dead_s3 = format!(
+        "s3://bucket/logs?endpoint=http://127.0.0.1:{}&force-path-style=true",
+        streamhelper::etcd::process::free_port().unwrap()
+    );
     let base = ["task", "--pd", pd.as_str()];
     let with = |more: &[&str]| -> Vec<String> { base.iter().chain(more).map(|s| s.to_string()).collect() };
     let ok_with = |more: &[&str]| ok(&with(more).iter().map(String::as_str).collect::<Vec<_>>());
     let fails_with = |more: &[&str]| fails(&with(more).iter().map(String::as_str).collect::<Vec<_>>());
 
-    let added = ok_with(&[
-        "add",
-        "t1",
-        "--storage",
-        "s3://bucket/logs",
-        "--start-ts",
-        "2024-05-01T12:00:00Z",
-        "--range",
-        "t\\x80",
-        "u",
-    ]);
+    let added =
+        ok_with(&["add", "t1", "--storage", &dead_s3, "--start-ts", "2024-05-01T12:00:00Z", "--range", "t\\x80", "u"]);
     assert!(added.contains("task t1 added") && added.contains("2024-05-01T12:00:00Z"), "{added}");
     ok_with(&["add", "t2", "--storage", "noop://"]);
     assert!(fails_with(&["add", "t1", "--storage", "noop://"]).contains("exists"));
@@ -57,10 +53,30 @@ fn task_commands_round_trip() {
     let status = ok_with(&["status", "t1"]);
     assert!(status.contains("paused (MANUAL)") && status.contains("maintenance window"), "{status}");
     assert!(status.contains("[t\\x80, u)") && status.contains("s3://bucket/logs"), "{status}");
+    let in_storage = status.lines().find(|l| l.starts_with("in storage:")).unwrap_or_default();
+    assert!(in_storage.contains("external storage s3://bucket/logs at http://127.0.0.1:"), "{status}");
     ok_with(&["resume", "t1"]);
     let status: serde_json::Value = serde_json::from_str(&ok_with(&["status", "t1", "--json"])).unwrap();
     assert_eq!(status["paused"], false);
+    assert!(status["storage_checkpoint"].is_null() && status["storage_checkpoint_note"].is_string(), "{status}");
     ok_with(&["delete", "t1"]);
+
+    // A storage holding a copy: shown next to etcd's checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let local = format!("local://{}", dir.path().display());
+    ok_with(&["add", "t3", "--storage", &local]);
+    let status: serde_json::Value = serde_json::from_str(&ok_with(&["status", "t3", "--json"])).unwrap();
+    assert_eq!(status["storage_checkpoint_note"], "not written yet");
+    let storage = streamhelper::storage::LocalStorage::new(dir.path().to_str().unwrap()).unwrap();
+    streamhelper::storage::write_global_checkpoint(
+        &storage,
+        449_462_874_931_200_001,
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
+    let status = ok_with(&["status", "t3"]);
+    assert!(status.contains("in storage:   449462874931200001 (2024-05-01T12:00:00Z)"), "{status}");
+    assert!(fails_with(&["add", "t4", "--storage", "s3://b/p?colour=red"]).contains("unknown S3 option"));
     assert!(fails_with(&["status", "t1"]).contains("task t1 not found"));
     assert!(fails_with(&["pause", "nope"]).contains("task nope not found"));
 }

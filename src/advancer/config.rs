@@ -1,6 +1,7 @@
 //! Advancer configuration: defaults are upstream's, values come from flags or a TOML-like
 //! file and can be changed on a running advancer.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -24,6 +25,11 @@ pub struct Config {
     pub rpc_timeout: Duration,
     /// Upload the unchanged checkpoint at least this often, so readers see a live owner.
     pub upload_heartbeat: Duration,
+    /// A task whose checkpoint has not moved for this long gets its lagging ranges' locks
+    /// resolved. Taken from TiKV's flush interval unless set explicitly.
+    pub resolve_lock_interval: Duration,
+    /// Options set by a flag or the config file: values learned from TiKV never override them.
+    pub explicit: BTreeSet<String>,
 }
 
 impl Default for Config {
@@ -37,6 +43,8 @@ impl Default for Config {
             dial_timeout: Duration::from_secs(8),
             rpc_timeout: Duration::from_secs(10),
             upload_heartbeat: Duration::from_secs(60),
+            resolve_lock_interval: Duration::from_secs(3 * 60),
+            explicit: BTreeSet::new(),
         }
     }
 }
@@ -59,9 +67,11 @@ impl Config {
             "dial-timeout" => &mut self.dial_timeout,
             "rpc-timeout" => &mut self.rpc_timeout,
             "upload-heartbeat" => &mut self.upload_heartbeat,
+            "resolve-lock-interval" => &mut self.resolve_lock_interval,
             other => return Err(Error::Config(format!("unknown option {other:?}"))),
         };
         *slot = duration;
+        self.explicit.insert(name.to_string());
         self.validate()
     }
 
@@ -89,6 +99,7 @@ impl Config {
             ("owner-ttl", self.owner_ttl),
             ("dial-timeout", self.dial_timeout),
             ("rpc-timeout", self.rpc_timeout),
+            ("resolve-lock-interval", self.resolve_lock_interval),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
             return Err(Error::Config(format!("{name} must be positive")));

@@ -1,6 +1,6 @@
 //! `streamhelper task ...`: add, list, status, pause, resume, delete, clean-error.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::meta::{
     check_task_name, describe_storage, parse_storage_url, MetaDataClient, PauseState, PauseV2, Severity, Task, TaskInfo,
 };
+use crate::storage;
 use crate::timefmt::{format_duration, format_rfc3339, parse_rfc3339};
 use crate::types::{local_now_ts, system_time_of, ts_distance, ts_from_system_time, KeyRange, Ts};
 
@@ -108,10 +109,17 @@ struct TaskRow {
     storage: String,
 }
 
+/// Deadline of reading the checkpoint copy from the task's storage.
+const STORAGE_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Serialize)]
 struct TaskDetail {
     #[serde(flatten)]
     row: TaskRow,
+    /// The copy in the task's external storage (`v1/global_checkpoint/central_global.ts`).
+    storage_checkpoint: Option<Ts>,
+    /// Why `storage_checkpoint` is missing, when it is.
+    storage_checkpoint_note: Option<String>,
     table_filter: Vec<String>,
     ranges: Vec<String>,
     last_errors: Vec<String>,
@@ -212,8 +220,17 @@ pub fn run(args: TaskArgs) -> Result<()> {
         }
         TaskAction::Status { name } => {
             let task = client.get_task(&name)?;
+            let storage_checkpoint = storage::open(task.info.get_storage())
+                .and_then(|s| storage::read_global_checkpoint(s.as_ref(), STORAGE_READ_TIMEOUT));
+            let (storage_checkpoint, storage_checkpoint_note) = match storage_checkpoint {
+                Ok(Some(ts)) => (Some(ts), None),
+                Ok(None) => (None, Some("not written yet".to_string())),
+                Err(e) => (None, Some(e.to_string())),
+            };
             let detail = TaskDetail {
                 row: row_of(&task)?,
+                storage_checkpoint,
+                storage_checkpoint_note,
                 table_filter: task.info.get_table_filter().to_vec(),
                 ranges: task.ranges()?.iter().map(ToString::to_string).collect(),
                 last_errors: task
@@ -229,6 +246,10 @@ pub fn run(args: TaskArgs) -> Result<()> {
                 println!("name:         {}", r.name);
                 println!("state:        {}", r.pause.as_deref().unwrap_or("running"));
                 println!("checkpoint:   {} ({}), lag {}", r.checkpoint, r.checkpoint_time, r.lag);
+                match (detail.storage_checkpoint, &detail.storage_checkpoint_note) {
+                    (Some(ts), _) => println!("in storage:   {ts} ({})", format_rfc3339(system_time_of(ts))),
+                    (None, note) => println!("in storage:   {}", note.as_deref().unwrap_or("-")),
+                }
                 println!("start ts:     {}", r.start_ts);
                 println!("end ts:       {}", if r.end_ts == 0 { "none".to_string() } else { r.end_ts.to_string() });
                 println!("storage:      {}", r.storage);

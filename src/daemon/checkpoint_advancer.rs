@@ -18,11 +18,13 @@ use super::metrics::Metrics;
 use crate::advancer::{latest_believable, Action, Advancer, Config, TaskStatus};
 use crate::cluster::{
     collect_checkpoints, ClusterMeta, CollectResult, CollectorConfig, FailReason, FlushEvent, FlushSubscriber,
-    LogBackupService, SubscriberConfig,
+    KvClients, LogBackupService, SubscriberConfig,
 };
 use crate::error::{Error, Result};
 use crate::etcd::Leadership;
+use crate::locks::{LockResolver, ResolverSettings};
 use crate::meta::{Fence, MetaStore, TaskEvent, TaskWatcher, UploadOutcome};
+use crate::storage::CheckpointCopier;
 use crate::timefmt::format_duration;
 use crate::types::{local_now_ts, ts_add, ts_distance, ts_sub, KeyRange, StoreId, Ts};
 
@@ -34,11 +36,13 @@ const FLUSH_BATCH: usize = 4096;
 const CLOCK_JUMP_MARGIN: Duration = Duration::from_secs(30);
 
 /// What the advancer talks to (upstream's `Env`): region and store metadata, the stores'
-/// log-backup service and the metadata store.
+/// log-backup service, their transactional service (lock resolution, upstream's
+/// `GCLockResolver`) and the metadata store.
 #[derive(Clone)]
 pub struct Env {
     pub cluster: Arc<dyn ClusterMeta>,
     pub service: Arc<dyn LogBackupService>,
+    pub kv: Arc<dyn KvClients>,
     pub meta: Arc<dyn MetaStore>,
 }
 
@@ -57,17 +61,36 @@ pub struct CheckpointAdvancer {
     last_tso: Option<(Ts, Instant)>,
     /// Stores already reported for flushing from the future (logged once each).
     future_stores: HashSet<StoreId>,
+    /// Copies each uploaded checkpoint into the task's external storage.
+    storage: CheckpointCopier,
+    /// Resolves locks on stuck tasks' lagging ranges on its own thread.
+    locks: LockResolver,
 }
 
 impl CheckpointAdvancer {
     /// An advancer with the default configuration, standing by with no task.
     pub fn new(env: Env) -> Result<Self> {
+        Self::with_config(env, Config::default())
+    }
+
+    /// An advancer standing by with no task; its worker threads start here.
+    pub fn with_config(env: Env, config: Config) -> Result<Self> {
+        config.validate()?;
         let (task_tx, task_rx) = crossbeam_channel::bounded(1024);
+        let metrics = Arc::new(Metrics::default());
+        let storage = {
+            let metrics = metrics.clone();
+            CheckpointCopier::start(move |task, outcome| outcome.record(&metrics, task))?
+        };
+        let resolver_settings = ResolverSettings { rpc_timeout: config.rpc_timeout, ..ResolverSettings::default() };
+        let locks = LockResolver::start(env.cluster.clone(), env.kv.clone(), resolver_settings)?;
         Ok(CheckpointAdvancer {
             env,
-            core: Advancer::new(Config::default()),
+            core: Advancer::new(config),
             pool: fan_out_pool()?,
-            metrics: Arc::default(),
+            metrics,
+            storage,
+            locks,
             task_tx,
             task_rx,
             listener: None,
@@ -133,10 +156,14 @@ impl CheckpointAdvancer {
         match event {
             TaskEvent::Add { info, ranges, paused } => {
                 let stored = self.stored_checkpoint(info.get_name());
+                self.storage.register(info.get_name(), info.get_storage());
                 self.core.add_task(info, &ranges, paused, stored);
             }
             TaskEvent::Del { name } => {
                 self.core.remove_task(&name);
+                // Forgotten first, so that no late write brings the storage gauge back.
+                self.storage.forget(&name);
+                self.metrics.external_storage_checkpoint.remove([&name]);
                 self.metrics.last_checkpoint.remove([&name]);
                 self.metrics.checkpoint_lag.remove([&name]);
             }
@@ -206,6 +233,7 @@ impl CheckpointAdvancer {
             log::info!("no longer owner: uploads stop");
         }
         self.subscriber = None;
+        self.storage.clear();
         self.metrics.owner.set([], 0.0);
     }
 
@@ -227,6 +255,10 @@ impl CheckpointAdvancer {
         self.poll_lagging(&plans, now, started);
         let actions = self.core.finish_tick(now);
         self.apply(actions, now);
+        // Starts a round for tasks stuck past the resolve interval; never waits for one.
+        self.locks.after_tick(now, &mut self.core, &self.metrics);
+        // After the GC step, as upstream; the writes run on the copier's thread.
+        self.storage.submit(self.core.config().tick_interval);
         Some(now)
     }
 
@@ -426,6 +458,11 @@ impl CheckpointAdvancer {
             }
         };
         self.metrics.last_checkpoint.set([task], stored as f64);
+        // The storage gets what etcd holds, unless that is from the future.
+        match outcome {
+            UploadOutcome::KeptHigher { stored } if stored > latest_believable(now) => {}
+            _ => self.storage.stage(task, stored),
+        }
         if let Some(pause) = self.core.on_uploaded(task, outcome, now) {
             self.apply(vec![pause], now);
         }

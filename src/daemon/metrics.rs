@@ -27,6 +27,13 @@ pub struct Metrics {
     pub regions_polled: CounterVec<0>,
     /// Checkpoints refused for being above the current time, by where they came from.
     pub future_checkpoints: CounterVec<1>,
+    /// The checkpoint last written to the task's external storage.
+    pub external_storage_checkpoint: GaugeVec<1>,
+    pub storage_write_failures: CounterVec<1>,
+    pub resolve_lock_rounds: CounterVec<1>,
+    pub resolve_lock_locks_found: CounterVec<0>,
+    pub resolve_lock_locks: CounterVec<1>,
+    pub resolve_lock_regions_scanned: CounterVec<0>,
     pub message_duration: HistogramVec<1>,
 }
 
@@ -41,7 +48,7 @@ impl Default for Metrics {
             owner: GaugeVec::new("tidb_log_backup_advancer_owner", "1 while this advancer is the owner.", []),
             tick_duration: HistogramVec::new(
                 "tidb_log_backup_advancer_tick_duration_sec",
-                "Duration of a tick and of each task's polling within it, in seconds.",
+                "Duration of a tick, of each task's polling within it and of lock-resolution rounds, in seconds.",
                 ["step"],
                 TICK_BUCKETS,
             ),
@@ -75,6 +82,36 @@ impl Default for Metrics {
                 "Region checkpoints above the current time, refused, by source (poll, flush).",
                 ["source"],
             ),
+            external_storage_checkpoint: GaugeVec::new(
+                "tidb_log_backup_external_storage_checkpoint",
+                "The global checkpoint last written to the task's external storage (TSO).",
+                ["task"],
+            ),
+            storage_write_failures: CounterVec::new(
+                "streamhelper_external_storage_write_failures_total",
+                "Failed writes of the checkpoint copy to the task's external storage.",
+                ["task"],
+            ),
+            resolve_lock_rounds: CounterVec::new(
+                "streamhelper_resolve_lock_rounds_total",
+                "Lock-resolution rounds on stuck tasks' lagging ranges, by result.",
+                ["result"],
+            ),
+            resolve_lock_locks_found: CounterVec::new(
+                "streamhelper_resolve_lock_locks_found_total",
+                "Locks found on lagging ranges.",
+                [],
+            ),
+            resolve_lock_locks: CounterVec::new(
+                "streamhelper_resolve_lock_locks_total",
+                "Locks settled, by how their transaction ended.",
+                ["outcome"],
+            ),
+            resolve_lock_regions_scanned: CounterVec::new(
+                "streamhelper_resolve_lock_regions_scanned_total",
+                "Regions scanned for locks.",
+                [],
+            ),
             message_duration: HistogramVec::new(
                 "streamhelper_advancer_message_duration_seconds",
                 "Time the ticker spent on one message, by kind, in seconds.",
@@ -98,6 +135,12 @@ impl Metrics {
         self.store_failures.0.render(&mut out);
         self.regions_polled.0.render(&mut out);
         self.future_checkpoints.0.render(&mut out);
+        self.external_storage_checkpoint.0.render(&mut out);
+        self.storage_write_failures.0.render(&mut out);
+        self.resolve_lock_rounds.0.render(&mut out);
+        self.resolve_lock_locks_found.0.render(&mut out);
+        self.resolve_lock_locks.0.render(&mut out);
+        self.resolve_lock_regions_scanned.0.render(&mut out);
         self.message_duration.0.render(&mut out);
         out
     }
@@ -303,7 +346,7 @@ mod tests {
         let doc = include_str!("../../docs/architecture.md");
         let text = Metrics::default().render();
         let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
-        assert_eq!(names.len(), 10);
+        assert_eq!(names.len(), 16);
         for name in names {
             assert!(doc.contains(&format!("| `{name}` |")), "docs/architecture.md does not list {name}");
         }

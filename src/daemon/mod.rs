@@ -32,7 +32,7 @@ use serde::Serialize;
 use self::metrics::Metrics;
 use self::status::{Handler, StatusServer};
 use crate::advancer::Config;
-use crate::cluster::{ClusterMeta, LogBackupService, PdClient, PdConfig, TikvClients, TikvConfig};
+use crate::cluster::{ClusterMeta, PdClient, PdConfig, TikvClients, TikvConfig};
 use crate::error::{Error, Result};
 use crate::etcd::{EtcdClient, EtcdConfig};
 use crate::meta::{AdvancerExt, MetaDataClient};
@@ -207,12 +207,14 @@ impl Daemon {
         }
         let pd: Arc<dyn ClusterMeta> = Arc::new(pd);
         let tikv_config = TikvConfig { dial_timeout: config.advancer.dial_timeout, ..TikvConfig::default() };
-        let service: Arc<dyn LogBackupService> =
-            Arc::new(TikvClients::new(pd.clone(), config.security.clone(), tikv_config));
-        let env =
-            Env { cluster: pd.clone(), service, meta: Arc::new(AdvancerExt::new(MetaDataClient::new(etcd.clone()))) };
-        let mut advancer = CheckpointAdvancer::new(env)?;
-        advancer.update_config(config.advancer.clone())?;
+        let clients = Arc::new(TikvClients::new(pd.clone(), config.security.clone(), tikv_config));
+        let env = Env {
+            cluster: pd.clone(),
+            service: clients.clone(),
+            kv: clients,
+            meta: Arc::new(AdvancerExt::new(MetaDataClient::new(etcd.clone()))),
+        };
+        let mut advancer = CheckpointAdvancer::with_config(env, config.advancer.clone())?;
         advancer.on_start()?;
         let id = config.owner_id.clone().unwrap_or_else(new_owner_id);
         let shared = Arc::new(Shared {

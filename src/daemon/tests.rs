@@ -16,12 +16,13 @@ use super::ticker::Ticker;
 use super::{run_ticker, Shared};
 use crate::advancer::Config;
 use crate::cluster::testing::{regions_from_boundaries, FixedDialer, MemMeta};
-use crate::cluster::{FlushEvent, StoreInfo};
+use crate::cluster::{FlushEvent, KvClients, StoreInfo};
 use crate::etcd::Leadership;
 use crate::meta::testing::MemStore;
 use crate::meta::TaskEvent;
 use crate::proto::brpb::StreamBackupTaskInfo;
-use crate::types::{compose_ts, KeyRange, Ts};
+use crate::proto::tikvpb_grpc::TikvClient;
+use crate::types::{compose_ts, KeyRange, StoreId, Ts};
 use crate::worker::{stop_pair, Worker};
 
 const MINUTE: u64 = 60_000;
@@ -33,6 +34,17 @@ fn at(minutes: u64) -> Ts {
 
 fn term(revision: i64) -> Leadership {
     Leadership { key: b"/tidb/br-stream/owner/1".to_vec(), create_revision: revision, lease: 1 }
+}
+
+/// Stores whose transactional service cannot be reached: no lock round gets anywhere.
+struct NoKv;
+
+impl KvClients for NoKv {
+    fn kv_client(&self, store: StoreId) -> crate::Result<TikvClient> {
+        Err(crate::Error::Store { store_id: store, address: String::new(), reason: "no kv service in tests".into() })
+    }
+
+    fn forget(&self, _: StoreId) {}
 }
 
 struct Fixture {
@@ -60,9 +72,8 @@ impl Fixture {
         let cluster = Arc::new(cluster);
         let service = Arc::new(FixedDialer::default());
         let store = Arc::new(MemStore::default());
-        let env = Env { cluster: cluster.clone(), service: service.clone(), meta: store.clone() };
-        let mut advancer = CheckpointAdvancer::new(env).unwrap();
-        advancer.update_config(config).unwrap();
+        let env = Env { cluster: cluster.clone(), service: service.clone(), kv: Arc::new(NoKv), meta: store.clone() };
+        let advancer = CheckpointAdvancer::with_config(env, config).unwrap();
         Fixture { cluster, service, store, advancer }
     }
 

@@ -1,6 +1,10 @@
-//! Shared test helpers: waiting with deadlines and a loopback TCP proxy that can cut a
-//! client off from its server (a network partition without touching the server).
+//! Shared test helpers: waiting with deadlines, a loopback TCP proxy that can cut a client
+//! off from its server (a network partition without touching the server) or stall it, an
+//! S3-compatible server, and the advancer's clients connected to the simulated cluster (also
+//! used by benches/locks.rs).
 #![allow(dead_code)]
+
+pub mod s3;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -10,6 +14,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use streamhelper::cluster::{ClusterMeta, PdClient, PdConfig, RegionWithLeader, StoreInfo, TikvClients, TikvConfig};
+use streamhelper::security::Security;
+use streamhelper::sim::SimCluster;
+use streamhelper::{Result, Ts};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -25,6 +33,7 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 pub struct TcpProxy {
     port: u16,
     cut: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
     stopped: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<TcpStream>>>,
     acceptor: Option<JoinHandle<()>>,
@@ -36,11 +45,13 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicBool::new(false));
         let stopped = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(Vec::new()));
         let upstream = upstream.to_string();
         let acceptor = {
-            let (cut, stopped, connections) = (cut.clone(), stopped.clone(), connections.clone());
+            let (cut, stalled, stopped, connections) =
+                (cut.clone(), stalled.clone(), stopped.clone(), connections.clone());
             std::thread::spawn(move || {
                 for client in listener.incoming() {
                     if stopped.load(Ordering::SeqCst) {
@@ -49,6 +60,10 @@ impl TcpProxy {
                     let Ok(client) = client else { continue };
                     if cut.load(Ordering::SeqCst) {
                         continue; // dropped: the connection is refused in effect
+                    }
+                    if stalled.load(Ordering::SeqCst) {
+                        connections.lock().push(client); // held open, never answered
+                        continue;
                     }
                     let Ok(server) = TcpStream::connect(&upstream) else { continue };
                     let mut all = connections.lock();
@@ -59,7 +74,7 @@ impl TcpProxy {
                 }
             })
         };
-        TcpProxy { port, cut, stopped, connections, acceptor: Some(acceptor) }
+        TcpProxy { port, cut, stalled, stopped, connections, acceptor: Some(acceptor) }
     }
 
     pub fn endpoint(&self) -> String {
@@ -74,8 +89,18 @@ impl TcpProxy {
         }
     }
 
+    /// New connections are accepted but never forwarded nor answered: a server that hangs.
+    /// Connections already forwarded are dropped, so that clients reconnect into the stall.
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+        for stream in self.connections.lock().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
     pub fn heal(&self) {
         self.cut.store(false, Ordering::SeqCst);
+        self.stalled.store(false, Ordering::SeqCst);
     }
 }
 
@@ -100,5 +125,45 @@ impl Drop for TcpProxy {
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
+    }
+}
+
+/// The advancer's PD client and TiKV clients, connected to `sim` with short deadlines.
+pub fn connect_clients(sim: &SimCluster) -> (Arc<PdClient>, Arc<TikvClients>) {
+    let config = PdConfig { timeout: Duration::from_secs(2), ..PdConfig::new(vec![sim.pd_endpoint()]) };
+    let pd = Arc::new(PdClient::connect(config, Security::insecure()).unwrap());
+    let tikv = TikvConfig { dial_timeout: Duration::from_secs(2), ..Default::default() };
+    let clients = Arc::new(TikvClients::new(pd.clone(), Security::insecure(), tikv));
+    (pd, clients)
+}
+
+/// PD whose region scans go through `intercept` first: it may answer one itself (a stale
+/// cache's answer) or just watch (count) and let PD answer.
+pub struct InterceptedPd<F> {
+    pub pd: Arc<PdClient>,
+    pub intercept: F,
+}
+
+impl<F> ClusterMeta for InterceptedPd<F>
+where
+    F: Fn(&[u8], &[u8], usize) -> Option<Vec<RegionWithLeader>> + Send + Sync,
+{
+    fn region_scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<RegionWithLeader>> {
+        match (self.intercept)(start, end, limit) {
+            Some(regions) => Ok(regions),
+            None => self.pd.region_scan(start, end, limit),
+        }
+    }
+    fn stores(&self) -> Result<Vec<StoreInfo>> {
+        self.pd.stores()
+    }
+    fn block_gc_until(&self, safe_point: Ts) -> Result<Ts> {
+        self.pd.block_gc_until(safe_point)
+    }
+    fn unblock_gc(&self) -> Result<()> {
+        self.pd.unblock_gc()
+    }
+    fn fetch_current_ts(&self) -> Result<Ts> {
+        self.pd.fetch_current_ts()
     }
 }
