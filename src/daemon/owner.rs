@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
-use crate::error::Error;
-use crate::etcd::{Election, EtcdClient, EventKind, Leadership};
+use crate::error::{Error, Result};
+use crate::etcd::{Election, EtcdClient, EventKind, Leadership, LeaseKeeper};
 use crate::meta::keys::OWNER_PREFIX;
-use crate::stop::StopToken;
+use crate::worker::StopToken;
 
 pub enum OwnerEvent {
     Gained(Leadership),
@@ -43,76 +43,88 @@ pub struct OwnerLoop {
     pub stop: StopToken,
 }
 
+/// How a term ended without an error.
+enum TermEnd {
+    /// Asked to stop (or the ticker is gone): resigned.
+    Stopped,
+    /// Ownership was lost; campaign again.
+    Lost,
+}
+
 impl OwnerLoop {
     pub fn run(self) {
         let election = Election::new(self.etcd.clone(), OWNER_PREFIX);
         while !self.stop.is_stopped() {
-            if let Err(e) = self.one_term(&election) {
-                if matches!(e, Error::Stopped(_)) {
-                    return;
-                }
-                log::warn!("owner campaign of {} failed, retrying in {:?}: {e}", self.id, self.backoff);
-                if self.stop.sleep(self.backoff) {
-                    return;
+            match self.one_term(&election) {
+                Ok(TermEnd::Stopped) => return,
+                Ok(TermEnd::Lost) => {}
+                Err(e) => {
+                    log::warn!("owner campaign of {} failed, retrying in {:?}: {e}", self.id, self.backoff);
+                    if self.stop.sleep(self.backoff) {
+                        return;
+                    }
                 }
             }
         }
     }
 
-    /// One lease: campaign, lead until something ends it, then clean up.
-    fn one_term(&self, election: &Election) -> Result<(), Error> {
+    /// One lease: campaign, lead until something ends it, then revoke the lease.
+    fn one_term(&self, election: &Election) -> Result<TermEnd> {
         let lease = self.etcd.grant_lease(self.ttl)?;
-        let keeper = self.etcd.keep_alive(lease, self.ttl);
+        let end = self.hold_lease(election, lease);
+        let _ = self.etcd.revoke_lease(lease);
+        end
+    }
+
+    /// Campaigns under `lease`, kept alive meanwhile, and leads until something ends it.
+    fn hold_lease(&self, election: &Election, lease: i64) -> Result<TermEnd> {
+        let keeper = self.etcd.keep_alive(lease, self.ttl)?;
         let leadership = match election.campaign(lease, self.id.as_bytes(), &self.stop) {
             Ok(leadership) => leadership,
-            Err(e) => {
-                drop(keeper);
-                let _ = self.etcd.revoke_lease(lease);
-                return Err(e);
-            }
+            Err(Error::Stopped(_)) => return Ok(TermEnd::Stopped),
+            Err(e) => return Err(e),
         };
         log::info!("daemon became owner: {} holds {}", self.id, String::from_utf8_lossy(&leadership.key));
-        let watch = election.watch_leadership(&leadership);
-        // Nobody to tell (the ticker is gone): we are shutting down.
-        let told = self.events.send(OwnerEvent::Gained(leadership.clone())).is_ok();
-        let stopped = !told
-            || loop {
-                crossbeam_channel::select! {
-                    recv(self.stop.receiver()) -> _ => break true,
-                    recv(keeper.lost()) -> lost => {
-                        log::warn!("ownership lost: {}", lost.map(|e| e.to_string()).unwrap_or_else(|_| "lease keeper ended".into()));
-                        break false;
-                    }
-                    recv(watch.batches()) -> batch => match batch {
-                        Ok(Ok(batch)) if batch.events.iter().any(|e| e.kind == EventKind::Delete) => {
-                            log::warn!("ownership lost: the owner key was deleted");
-                            break false;
-                        }
-                        Ok(Ok(_)) => {}
-                        // The watch ended (compaction): check directly.
-                        _ => {
-                            if !election.is_leader(&leadership).unwrap_or(false) {
-                                log::warn!("ownership lost: no longer the first candidate");
-                                break false;
-                            }
-                        }
-                    },
-                }
-            };
+        let end = self.lead(election, &leadership, &keeper);
         // Lost first, so the ticker stops uploading before anything else happens.
         let _ = self.events.send(OwnerEvent::Lost);
-        drop(watch);
-        if stopped {
+        if matches!(end, Ok(TermEnd::Stopped)) {
             if let Err(e) = election.resign(&leadership) {
                 log::warn!("resigning ownership failed (the lease expiry will release it): {e}");
             }
         }
-        drop(keeper);
-        let _ = self.etcd.revoke_lease(lease);
-        if stopped {
-            Err(Error::Stopped("owner loop".into()))
-        } else {
-            Ok(())
+        end
+    }
+
+    /// Tells the ticker, then waits for stop, a lost lease or the loss of our key.
+    fn lead(&self, election: &Election, leadership: &Leadership, keeper: &LeaseKeeper) -> Result<TermEnd> {
+        let watch = election.watch_leadership(leadership)?;
+        if self.events.send(OwnerEvent::Gained(leadership.clone())).is_err() {
+            // Nobody to tell (the ticker is gone): we are shutting down.
+            return Ok(TermEnd::Stopped);
+        }
+        loop {
+            crossbeam_channel::select! {
+                recv(self.stop.receiver()) -> _ => return Ok(TermEnd::Stopped),
+                recv(keeper.lost()) -> lost => {
+                    log::warn!("ownership lost: {}", lost.map(|e| e.to_string()).unwrap_or_else(|_| "lease keeper ended".into()));
+                    return Ok(TermEnd::Lost);
+                }
+                recv(watch.batches()) -> batch => match batch {
+                    Ok(Ok(batch)) if batch.events.iter().any(|e| e.kind == EventKind::Delete) => {
+                        log::warn!("ownership lost: the owner key was deleted");
+                        return Ok(TermEnd::Lost);
+                    }
+                    Ok(Ok(_)) => {}
+                    // The watch ended (compaction): check directly.
+                    _ => {
+                        if !election.is_leader(leadership).unwrap_or(false) {
+                            log::warn!("ownership lost: no longer the first candidate");
+                            return Ok(TermEnd::Lost);
+                        }
+                    }
+                },
+            }
         }
     }
 }

@@ -43,7 +43,7 @@ pub fn etcd_binary() -> Result<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join("etcd"))
         .find(|candidate| candidate.is_file())
-        .ok_or_else(|| Error::Config(format!("the etcd server binary was not found on PATH; {INSTALL_HINT}")))
+        .ok_or_else(|| Error::MissingProgram { program: "etcd server", hint: INSTALL_HINT })
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
