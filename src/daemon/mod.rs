@@ -30,7 +30,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use self::metrics::Metrics;
-use self::status::{Handler, StatusServer};
+use self::status::{Handler, Reply, StatusServer};
 use crate::advancer::Config;
 use crate::cluster::{ClusterMeta, PdClient, PdConfig, TikvClients, TikvConfig};
 use crate::error::{Error, Result};
@@ -248,10 +248,12 @@ impl Daemon {
 }
 
 fn status_handler(shared: Arc<Shared>) -> Handler {
-    Arc::new(move |path| match path {
-        "/metrics" => Some(("text/plain; version=0.0.4", shared.metrics.render())),
-        "/status" => Some(("application/json", serde_json::to_string_pretty(&shared.status()).unwrap_or_default())),
-        _ => None,
+    Arc::new(move |method, path| match path {
+        "/metrics" => Reply::get(method, || ("text/plain; version=0.0.4", shared.metrics.render())),
+        "/status" => Reply::get(method, || {
+            ("application/json", serde_json::to_string_pretty(&shared.status()).unwrap_or_default())
+        }),
+        _ => Reply::NotFound,
     })
 }
 

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use grpcio::{RpcStatus, RpcStatusCode};
 use parking_lot::Mutex;
 
-use crate::daemon::status::{Handler, StatusServer};
+use crate::daemon::status::{Handler, Reply, StatusServer};
 use crate::error::{Error, Result};
 use crate::proto::logbackuppb_grpc::create_log_backup;
 use crate::proto::pdpb_grpc::create_pd;
@@ -463,10 +463,11 @@ impl SimCluster {
 
 /// TiKV's status `/config` page, reduced to what the advancer reads.
 fn config_page(state: Arc<SimState>, store: StoreId) -> Handler {
-    Arc::new(move |path: &str| {
-        let interval = state.store(store)?.run.lock().max_flush_interval;
+    Arc::new(move |method: &str, path: &str| {
+        let Some(store) = state.store(store).filter(|_| path == "/config") else { return Reply::NotFound };
+        let interval = store.run.lock().max_flush_interval;
         let body = serde_json::json!({ "log-backup": { "max-flush-interval": readable_duration(interval) } });
-        (path == "/config").then(|| ("application/json", body.to_string()))
+        Reply::get(method, || ("application/json", body.to_string()))
     })
 }
 
