@@ -15,6 +15,7 @@ pub mod security;
 pub mod sim;
 pub mod spans;
 pub mod storage;
+pub mod text;
 pub mod timefmt;
 pub mod types;
 pub mod worker;

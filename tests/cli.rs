@@ -81,6 +81,34 @@ fn task_commands_round_trip() {
     assert!(fails_with(&["pause", "nope"]).contains("task nope not found"));
 }
 
+/// What a careless or hostile writer can store in etcd never reaches the terminal raw: no
+/// escape sequence, no extra line, no password.
+#[test]
+fn values_from_etcd_are_printed_escaped_and_without_credentials() {
+    use protobuf::Message;
+    use streamhelper::meta::{keys, parse_storage_url, MetaDataClient, TaskInfo};
+
+    let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
+    let pd = etcd.endpoint();
+    let task = |more: &[&str]| ok(&["task", "--pd", pd.as_str()].iter().chain(more).copied().collect::<Vec<_>>());
+    task(&["add", "t1", "--storage", "hdfs://backup:s3cret@namenode:8020/logs"]);
+    task(&["pause", "t1", "--reason", "\u{1b}[2J\nstate:        running"]);
+    // A name BR would refuse, written behind the CLI's back.
+    let client = MetaDataClient::new(streamhelper::etcd::EtcdClient::connect_plain([pd.clone()]).unwrap());
+    let mut info = TaskInfo::new("t1").to_storage(parse_storage_url("noop://").unwrap()).info;
+    info.set_name("x\u{1b}]0;owned\u{7}".into());
+    client.etcd().put(keys::task_of(info.get_name()), info.write_to_bytes().unwrap(), 0).unwrap();
+
+    for out in [task(&["status", "t1"]), task(&["list"]), task(&["status", "t1", "--json"])] {
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+        assert!(!out.contains("s3cret") && out.contains("namenode:8020"), "{out}");
+    }
+    let status = task(&["status", "t1"]);
+    assert_eq!(status.lines().filter(|l| l.starts_with("state:")).count(), 1, "{status}");
+    assert!(status.contains("\\u{1b}[2J\\nstate:"), "{status}");
+    assert!(task(&["list"]).contains("x\\u{1b}]0;owned\\u{7}"));
+}
+
 #[test]
 fn bad_endpoints_and_flags_are_named() {
     let dead = format!("127.0.0.1:{}", streamhelper::etcd::process::free_port().unwrap());

@@ -11,6 +11,7 @@ use crate::meta::{
     check_task_name, describe_storage, parse_storage_url, MetaDataClient, PauseState, PauseV2, Severity, Task, TaskInfo,
 };
 use crate::storage;
+use crate::text::printable;
 use crate::timefmt::{format_duration, format_rfc3339, parse_rfc3339};
 use crate::types::{local_now_ts, system_time_of, ts_distance, ts_from_system_time, KeyRange, Ts};
 
@@ -141,11 +142,19 @@ fn row_of(task: &Task) -> Result<TaskRow> {
     })
 }
 
+/// `println!` for text that holds values from etcd: control characters are escaped, so that
+/// what a peer stored cannot drive the terminal.
+macro_rules! say {
+    ($($arg:tt)*) => { println!("{}", printable(&format!($($arg)*))) };
+}
+
 fn print_json(value: &impl Serialize) {
     println!("{}", serde_json::to_string_pretty(value).expect("JSON output"));
 }
 
 fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|row| row.iter().map(|cell| printable(cell).into_owned()).collect()).collect();
     let widths: Vec<usize> = (0..header.len())
         .map(|c| rows.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0))
         .collect();
@@ -215,7 +224,7 @@ pub fn run(args: TaskArgs) -> Result<()> {
                 print_table(&["NAME", "CHECKPOINT", "CHECKPOINT TIME", "LAG", "STATE", "STORAGE"], &cells);
             }
             for e in errors {
-                eprintln!("warning: {e}");
+                eprintln!("warning: {}", printable(&e.to_string()));
             }
         }
         TaskAction::Status { name } => {
@@ -243,20 +252,20 @@ pub fn run(args: TaskArgs) -> Result<()> {
                 print_json(&detail);
             } else {
                 let r = &detail.row;
-                println!("name:         {}", r.name);
-                println!("state:        {}", r.pause.as_deref().unwrap_or("running"));
-                println!("checkpoint:   {} ({}), lag {}", r.checkpoint, r.checkpoint_time, r.lag);
+                say!("name:         {}", r.name);
+                say!("state:        {}", r.pause.as_deref().unwrap_or("running"));
+                say!("checkpoint:   {} ({}), lag {}", r.checkpoint, r.checkpoint_time, r.lag);
                 match (detail.storage_checkpoint, &detail.storage_checkpoint_note) {
-                    (Some(ts), _) => println!("in storage:   {ts} ({})", format_rfc3339(system_time_of(ts))),
-                    (None, note) => println!("in storage:   {}", note.as_deref().unwrap_or("-")),
+                    (Some(ts), _) => say!("in storage:   {ts} ({})", format_rfc3339(system_time_of(ts))),
+                    (None, note) => say!("in storage:   {}", note.as_deref().unwrap_or("-")),
                 }
-                println!("start ts:     {}", r.start_ts);
-                println!("end ts:       {}", if r.end_ts == 0 { "none".to_string() } else { r.end_ts.to_string() });
-                println!("storage:      {}", r.storage);
-                println!("table filter: {}", detail.table_filter.join(", "));
-                println!("ranges:       {}", detail.ranges.join(" "));
+                say!("start ts:     {}", r.start_ts);
+                say!("end ts:       {}", if r.end_ts == 0 { "none".to_string() } else { r.end_ts.to_string() });
+                say!("storage:      {}", r.storage);
+                say!("table filter: {}", detail.table_filter.join(", "));
+                say!("ranges:       {}", detail.ranges.join(" "));
                 for e in &detail.last_errors {
-                    println!("last error:   {e}");
+                    say!("last error:   {e}");
                 }
             }
         }

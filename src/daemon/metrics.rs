@@ -191,12 +191,8 @@ impl<const N: usize> Family<N> {
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {kind}", self.name, self.help, self.name);
         for (values, series) in self.series.lock().iter() {
             let labels = |extra: Option<String>| {
-                let mut parts: Vec<String> = self
-                    .labels
-                    .iter()
-                    .zip(values)
-                    .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
-                    .collect();
+                let mut parts: Vec<String> =
+                    self.labels.iter().zip(values).map(|(k, v)| format!("{k}=\"{}\"", escape_label(v))).collect();
                 parts.extend(extra);
                 if parts.is_empty() {
                     String::new()
@@ -315,6 +311,12 @@ impl<const N: usize> Drop for Timer<'_, N> {
     }
 }
 
+/// A label value as the Prometheus text format writes it: backslash, quote and newline
+/// escaped, so that a task name from etcd cannot end the value or the line.
+fn escape_label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +339,16 @@ mod tests {
         assert!(text.contains("tidb_log_backup_advancer_tick_duration_sec_bucket{step=\"tick\",le=\"0.03\"} 0"));
         assert!(text.contains("tidb_log_backup_advancer_tick_duration_sec_bucket{step=\"tick\",le=\"0.09\"} 1"));
         assert!(text.contains("tidb_log_backup_advancer_tick_duration_sec_count{step=\"tick\"} 1"));
+        // A task name from etcd cannot end the label value or the line (text format: `\\`,
+        // `\"` and `\n` escaped).
+        m.last_checkpoint.set(["a\\\"} 1\nforged_metric{x=\"y"], 7.0);
+        let text = m.render();
+        assert!(
+            text.contains("tidb_log_backup_last_checkpoint{task=\"a\\\\\\\"} 1\\nforged_metric{x=\\\"y\"} 7\n"),
+            "{text}"
+        );
+        assert!(!text.lines().any(|l| l.starts_with("forged_metric")), "{text}");
+        m.last_checkpoint.remove(["a\\\"} 1\nforged_metric{x=\"y"]);
         m.last_checkpoint.remove(["t1"]);
         assert!(!m.render().contains("last_checkpoint{"));
     }

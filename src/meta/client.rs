@@ -6,10 +6,11 @@ use protobuf::Message;
 
 use super::keys;
 use super::pause::{PauseState, PauseV2};
-use super::task::{parse_checkpoint, Checkpoint, CheckpointType, TaskInfo};
+use super::task::{check_task_name, parse_checkpoint, Checkpoint, CheckpointType, TaskInfo};
 use crate::error::{Error, Result, ResultExt};
 use crate::etcd::{EtcdClient, GetOptions, KeySpan, KeyValue, Txn, TxnOp};
 use crate::proto::brpb::{StreamBackupError, StreamBackupTaskInfo};
+use crate::text::printable;
 use crate::types::{KeyRange, StoreId, Ts};
 
 const PAGE: i64 = 1024;
@@ -28,7 +29,11 @@ pub struct Task {
 }
 
 pub(super) fn bad_meta(task: &str, key: &[u8], reason: impl Into<String>) -> Error {
-    Error::BadMeta { task: task.to_string(), key: String::from_utf8_lossy(key).into_owned(), reason: reason.into() }
+    Error::BadMeta {
+        task: printable(task).into_owned(),
+        key: printable(&String::from_utf8_lossy(key)).into_owned(),
+        reason: reason.into(),
+    }
 }
 
 /// Decodes a task info value, insisting that it names the task its key names.
@@ -37,6 +42,11 @@ pub fn decode_task_info(name: &str, key: &[u8], value: &[u8]) -> Result<StreamBa
         .map_err(|e| bad_meta(name, key, format!("invalid binary presentation of task info: {e}")))?;
     if info.get_name() != name {
         return Err(bad_meta(name, key, format!("the info names task {:?}", info.get_name())));
+    }
+    // BR never writes such a name, but TiKV backs the task up all the same: keep holding its
+    // GC safepoint, and print its name escaped wherever it is shown.
+    if let Err(e) = check_task_name(name) {
+        log::warn!("task at etcd key {}: {e}", printable(&String::from_utf8_lossy(key)));
     }
     Ok(info)
 }

@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::proto::brpb::{AzureBlobStorage, Local, Noop, StorageBackend, StreamBackupTaskInfo, GCS, HDFS, S3};
+use crate::text::{printable, shown_url};
 use crate::types::{KeyRange, Ts};
 
 use super::keys;
@@ -82,6 +83,7 @@ impl TaskInfo {
 /// Task names are `^[0-9a-zA-Z_]+$`: they are path segments of every metadata key.
 pub fn check_task_name(name: &str) -> Result<()> {
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        let name = printable(name);
         return Err(Error::InvalidTask {
             task: name.to_string(),
             reason: format!(
@@ -95,8 +97,8 @@ pub fn check_task_name(name: &str) -> Result<()> {
 /// Parses a storage URL the way `br log start --storage` accepts them, S3 options included
 /// as query parameters (`s3://bucket/prefix?endpoint=http://host:9000&access-key=…`).
 pub fn parse_storage_url(url: &str) -> Result<StorageBackend> {
-    let shown = url.split_once('?').map_or(url, |(base, _)| base);
-    let bad = |reason: &str| Error::Config(format!("storage URL {shown:?}: {reason}"));
+    let shown = shown_url(url.split_once('?').map_or(url, |(base, _)| base));
+    let bad = |reason: &str| Error::Config(format!("storage URL \"{shown}\": {reason}"));
     let (url, query) = url.split_once('?').unwrap_or((url, ""));
     if !query.is_empty() && !url.starts_with("s3://") {
         return Err(bad("only s3:// URLs take ?options"));
@@ -197,7 +199,7 @@ fn percent_decode(text: &str) -> Option<String> {
 /// A URL for display, without credentials.
 pub fn describe_storage(storage: &StorageBackend) -> String {
     use crate::proto::brpb::StorageBackend_oneof_backend as B;
-    match &storage.backend {
+    let url = match &storage.backend {
         None => "(none)".into(),
         Some(B::noop(_)) => "noop://".into(),
         Some(B::local(l)) => format!("local://{}", l.get_path()),
@@ -206,7 +208,8 @@ pub fn describe_storage(storage: &StorageBackend) -> String {
         Some(B::azure_blob_storage(a)) => format!("azure://{}/{}", a.get_bucket(), a.get_prefix()),
         Some(B::hdfs(h)) => h.get_remote().to_string(),
         Some(B::cloud_dynamic(c)) => format!("{}://{}", c.get_provider_name(), c.get_bucket().get_bucket()),
-    }
+    };
+    shown_url(&url)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

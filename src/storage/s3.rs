@@ -8,6 +8,7 @@ use super::sigv4::{self, Credentials};
 use super::ExternalStorage;
 use crate::error::{Error, Result};
 use crate::proto::brpb::S3;
+use crate::text::shown_url;
 
 /// BR's region when the backend names none.
 const DEFAULT_REGION: &str = "us-east-1";
@@ -40,10 +41,10 @@ impl S3Target {
     /// `AWS_ACCESS_KEY`/`AWS_SECRET_KEY`, and `AWS_SESSION_TOKEN`.
     pub fn from_backend(s3: &S3, env: impl Fn(&str) -> Option<String>) -> Result<S3Target> {
         let prefix = s3.get_prefix().trim_matches('/');
-        let shown = format!("s3://{}/{prefix}", s3.get_bucket());
+        let shown = shown_url(&format!("s3://{}/{prefix}", s3.get_bucket()));
         let url = match s3.get_endpoint() {
             "" => shown.clone(),
-            endpoint => format!("{shown} at {endpoint}"),
+            endpoint => format!("{shown} at {}", shown_url(endpoint)),
         };
         let bad = |reason: String| Error::Storage { url: url.clone(), reason };
         if s3.get_bucket().is_empty() {
@@ -59,14 +60,14 @@ impl S3Target {
         let (scheme, authority, endpoint_path) = match s3.get_endpoint() {
             "" => ("https".to_string(), format!("s3.{region}.amazonaws.com"), String::new()),
             endpoint => {
-                let (scheme, rest) = endpoint
-                    .split_once("://")
-                    .filter(|(s, _)| *s == "http" || *s == "https")
-                    .ok_or_else(|| bad(format!("endpoint {endpoint:?} needs an http:// or https:// scheme")))?;
+                let (scheme, rest) =
+                    endpoint.split_once("://").filter(|(s, _)| *s == "http" || *s == "https").ok_or_else(|| {
+                        bad(format!("endpoint {} needs an http:// or https:// scheme", shown_url(endpoint)))
+                    })?;
                 let rest = rest.trim_end_matches('/');
                 let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
                 if authority.is_empty() {
-                    return Err(bad(format!("endpoint {endpoint:?} has no host")));
+                    return Err(bad(format!("endpoint {} has no host", shown_url(endpoint))));
                 }
                 let path = if path.is_empty() { String::new() } else { format!("/{path}") };
                 (scheme.to_string(), authority.to_string(), path)
