@@ -1,15 +1,17 @@
-//! Every parser of outside input (etcd values and keys, region boundaries, times, addresses)
+//! Every parser of outside input (etcd values and keys, region boundaries, times, durations,
+//! addresses)
 //! over arbitrary bytes: never a panic, and every error names what it could not read.
 
 use proptest::prelude::*;
 
+use crate::advancer::Config;
 use crate::codec::{decode_boundary, encode_bytes};
 use crate::meta::client::{decode_ranges, decode_task_info, name_under};
 use crate::meta::keys::{self, decode_u64};
 use crate::meta::{PauseState, PauseV2};
 use crate::proto::mvccpb::KeyValue;
 use crate::security::strip_scheme;
-use crate::timefmt::parse_rfc3339;
+use crate::timefmt::{parse_duration, parse_rfc3339, MAX_DURATION};
 
 fn bytes() -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec(any::<u8>(), 0..96)
@@ -104,6 +106,21 @@ proptest! {
     fn times(text in time_like()) {
         if let Err(e) = parse_rfc3339(&text) {
             prop_assert!(e.contains(&format!("{text:?}")), "{e}");
+        }
+    }
+
+    /// Durations come from flags, the config file and TiKV's `/config` page.
+    #[test]
+    fn durations(text in "[0-9.]{0,30}(ms|s|m|h|d|é|x)?([0-9.]{0,6}(ms|s|m|h|d))?|.{0,12}") {
+        match parse_duration(&text) {
+            Ok(d) => {
+                prop_assert!(d <= MAX_DURATION);
+                // Whatever parses is a value `Config` takes or refuses by name, never a panic.
+                if let Err(e) = Config::default().set("check-point-lag-limit", &text) {
+                    prop_assert!(e.to_string().contains("check-point-lag-limit"), "{e}");
+                }
+            }
+            Err(e) => prop_assert!(e.contains(&format!("{text:?}")), "{e}"),
         }
     }
 

@@ -90,12 +90,17 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     Ok(UNIX_EPOCH + Duration::new(secs as u64, nanos))
 }
 
-/// Parses `1h30m`, `12s`, `500ms`, `2d`, or a bare number of seconds.
+/// The longest duration any option takes: far beyond every sensible setting, and far enough
+/// from the limits of `Instant` and `SystemTime` arithmetic that adding it never panics.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// Parses `1h30m`, `12s`, `500ms`, `2d`, or a bare number of seconds, up to [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || format!("{text:?} is not a duration; examples: 12s, 500ms, 4m, 1h30m, 48h, 2d");
+    let too_long = || format!("{text:?} is longer than the maximum of 365d");
     let text = text.trim();
     if let Ok(secs) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs)).filter(|d| *d <= MAX_DURATION).ok_or_else(too_long);
     }
     let mut total = Duration::ZERO;
     let mut rest = text;
@@ -103,11 +108,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(bad());
     }
     while !rest.is_empty() {
-        let digits = rest.bytes().take_while(|c| c.is_ascii_digit() || *c == b'.').count();
-        let value: f64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-        let unit = match &rest[..unit_len] {
+        let (number, tail) =
+            rest.split_at(rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len()));
+        let value: f64 = number.parse().map_err(|_| bad())?;
+        let (unit, tail) = tail.split_at(tail.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(tail.len()));
+        let unit = match unit {
             "ms" => 0.001,
             "s" => 1.0,
             "m" => 60.0,
@@ -115,8 +120,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "d" => 86_400.0,
             _ => return Err(bad()),
         };
-        rest = &rest[unit_len..];
-        total += Duration::from_secs_f64(value * unit);
+        rest = tail;
+        let secs = value * unit;
+        // Checked before converting: `Duration::from_secs_f64` panics on what does not fit.
+        if secs > MAX_DURATION.as_secs_f64() {
+            return Err(too_long());
+        }
+        total += Duration::from_secs_f64(secs);
+        if total > MAX_DURATION {
+            return Err(too_long());
+        }
     }
     Ok(total)
 }

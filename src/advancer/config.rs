@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::timefmt::parse_duration;
+use crate::timefmt::{parse_duration, MAX_DURATION};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -58,21 +58,25 @@ impl Config {
     /// Sets one option by its flag name (`tick-interval = "12s"`).
     pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
         let duration = parse_duration(value).map_err(|e| Error::Config(format!("{name}: {e}")))?;
+        // Checked on a copy: a refused value leaves the configuration as it was.
+        let mut next = self.clone();
         let slot = match name {
-            "tick-interval" => &mut self.tick_interval,
-            "backoff-time" => &mut self.backoff,
-            "try-advance-threshold" => &mut self.try_advance_threshold,
-            "check-point-lag-limit" => &mut self.lag_limit,
-            "owner-ttl" => &mut self.owner_ttl,
-            "dial-timeout" => &mut self.dial_timeout,
-            "rpc-timeout" => &mut self.rpc_timeout,
-            "upload-heartbeat" => &mut self.upload_heartbeat,
-            "resolve-lock-interval" => &mut self.resolve_lock_interval,
+            "tick-interval" => &mut next.tick_interval,
+            "backoff-time" => &mut next.backoff,
+            "try-advance-threshold" => &mut next.try_advance_threshold,
+            "check-point-lag-limit" => &mut next.lag_limit,
+            "owner-ttl" => &mut next.owner_ttl,
+            "dial-timeout" => &mut next.dial_timeout,
+            "rpc-timeout" => &mut next.rpc_timeout,
+            "upload-heartbeat" => &mut next.upload_heartbeat,
+            "resolve-lock-interval" => &mut next.resolve_lock_interval,
             other => return Err(Error::Config(format!("unknown option {other:?}"))),
         };
         *slot = duration;
-        self.explicit.insert(name.to_string());
-        self.validate()
+        next.explicit.insert(name.to_string());
+        next.validate()?;
+        *self = next;
+        Ok(())
     }
 
     /// Reads `name = value` lines (TOML subset: comments with `#`, optional quotes).
@@ -92,20 +96,26 @@ impl Config {
         Ok(())
     }
 
+    /// Every duration within its bounds: at least its minimum (a shorter tick, backoff or
+    /// deadline turns the threads into busy loops; a lease under a second expires between two
+    /// keep-alives) and at most [`MAX_DURATION`] (so that deadline arithmetic never overflows).
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("tick-interval", self.tick_interval),
-            ("backoff-time", self.backoff),
-            ("owner-ttl", self.owner_ttl),
-            ("dial-timeout", self.dial_timeout),
-            ("rpc-timeout", self.rpc_timeout),
-            ("resolve-lock-interval", self.resolve_lock_interval),
+        let short = Duration::from_millis(100);
+        let bounded = [
+            ("tick-interval", self.tick_interval, short),
+            ("backoff-time", self.backoff, short),
+            ("try-advance-threshold", self.try_advance_threshold, Duration::ZERO),
+            ("check-point-lag-limit", self.lag_limit, Duration::ZERO),
+            ("owner-ttl", self.owner_ttl, Duration::from_secs(1)),
+            ("dial-timeout", self.dial_timeout, short),
+            ("rpc-timeout", self.rpc_timeout, short),
+            ("upload-heartbeat", self.upload_heartbeat, short),
+            ("resolve-lock-interval", self.resolve_lock_interval, short),
         ];
-        if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
-            return Err(Error::Config(format!("{name} must be positive")));
-        }
-        if self.owner_ttl < Duration::from_secs(1) {
-            return Err(Error::Config("owner-ttl must be at least 1s".into()));
+        for (name, value, min) in bounded {
+            if value < min || value > MAX_DURATION {
+                return Err(Error::Config(format!("{name} is {value:?}, out of its bounds [{min:?}, 365d]")));
+            }
         }
         Ok(())
     }
@@ -131,5 +141,28 @@ mod tests {
         assert!(err.contains("f.toml:1"), "{err}");
         assert!(config.set("tick-interval", "0s").is_err());
         assert!(config.set("flux", "1s").unwrap_err().to_string().contains("flux"));
+    }
+
+    #[test]
+    fn durations_are_bounded_with_the_option_named() {
+        let mut config = Config::default();
+        // Each of these panicked (in the parser or in deadline arithmetic) or busy-looped.
+        for (name, value, says) in [
+            ("owner-ttl", "99999999999h", "maximum"),
+            ("dial-timeout", "1e400s", "not a duration"),
+            ("rpc-timeout", "18446744073709551615", "maximum"),
+            ("check-point-lag-limit", "9999999999999999999999d", "maximum"),
+            ("tick-interval", "1ms", "tick-interval is 1ms, out of its bounds [100ms, 365d]"),
+            ("backoff-time", "0s", "backoff-time"),
+            ("owner-ttl", "500ms", "owner-ttl"),
+        ] {
+            let err = config.set(name, value).unwrap_err().to_string();
+            assert!(err.contains(name) && err.contains(says), "{name} = {value}: {err}");
+        }
+        assert_eq!(config, Config::default(), "a refused value changes nothing");
+        let huge = Config { upload_heartbeat: Duration::from_secs(u64::MAX), ..Config::default() };
+        assert!(huge.validate().unwrap_err().to_string().contains("upload-heartbeat"));
+        config.set("check-point-lag-limit", "365d").unwrap();
+        config.set("check-point-lag-limit", "0").unwrap();
     }
 }

@@ -260,7 +260,7 @@ fn a_flush_from_the_future_is_dropped_and_counted() {
 #[test]
 fn a_panicking_ticker_stands_down_and_makes_the_owner_resign() {
     let cluster = MemMeta { tso_panics: true, ..MemMeta::default() };
-    let config = Config { tick_interval: Duration::from_millis(10), ..Config::default() };
+    let config = Config { tick_interval: Duration::from_millis(100), ..Config::default() };
     let Fixture { cluster, advancer, .. } = Fixture::with_cluster(config, cluster);
     let shared = Arc::new(Shared {
         id: "test".into(),

@@ -426,24 +426,11 @@ impl EtcdClient {
     }
 
     /// [`Self::scan_prefix`] at a given revision (0 = the latest).
-    pub fn scan_prefix_at(&self, prefix: &[u8], page: i64, mut revision: i64) -> Result<(Vec<KeyValue>, i64)> {
-        let end = prefix_end(prefix);
-        let mut out = Vec::new();
-        let mut start = prefix.to_vec();
-        loop {
-            let options = GetOptions { limit: page, revision, ..Default::default() };
-            let result = self.range(KeySpan::Range(start.clone(), end.clone()), &options)?;
-            revision = result.revision;
-            let more = result.more;
-            if let Some(last) = result.kvs.last() {
-                start = last.get_key().to_vec();
-                start.push(0);
-            }
-            out.extend(result.kvs);
-            if !more {
-                return Ok((out, revision));
-            }
-        }
+    pub fn scan_prefix_at(&self, prefix: &[u8], page: i64, revision: i64) -> Result<(Vec<KeyValue>, i64)> {
+        let endpoints = self.shared.config.endpoints.join(",");
+        scan_pages(&endpoints, prefix, revision, |span, revision| {
+            self.range(span, &GetOptions { limit: page, revision, ..Default::default() })
+        })
     }
 
     /// Writes a key; returns the revision of the write.
@@ -472,9 +459,86 @@ impl EtcdClient {
     }
 }
 
+/// Reads every key under `prefix` page by page with `fetch`. Each page must move forward
+/// within the prefix: an answer that claims more keys without giving a later one would
+/// otherwise be asked again forever.
+fn scan_pages(
+    endpoint: &str,
+    prefix: &[u8],
+    mut revision: i64,
+    mut fetch: impl FnMut(KeySpan, i64) -> Result<RangeResult>,
+) -> Result<(Vec<KeyValue>, i64)> {
+    let end = prefix_end(prefix);
+    let mut out: Vec<KeyValue> = Vec::new();
+    let mut start = prefix.to_vec();
+    loop {
+        let result = fetch(KeySpan::Range(start.clone(), end.clone()), revision)?;
+        revision = result.revision;
+        let outside = result.kvs.iter().find(|kv| kv.get_key() < start.as_slice() || !kv.get_key().starts_with(prefix));
+        if let Some(kv) = outside {
+            let reason = format!(
+                "scanning {}: key {} is outside the range asked",
+                String::from_utf8_lossy(prefix),
+                String::from_utf8_lossy(kv.get_key())
+            );
+            return Err(Error::Etcd { endpoint: endpoint.to_string(), reason });
+        }
+        let more = result.more;
+        let last = result.kvs.last().map(|kv| kv.get_key().to_vec());
+        out.extend(result.kvs);
+        match (more, last) {
+            (false, _) => return Ok((out, revision)),
+            (true, Some(mut last)) => {
+                last.push(0);
+                start = last;
+            }
+            (true, None) => {
+                let reason = format!("scanning {}: more keys announced, none given", String::from_utf8_lossy(prefix));
+                return Err(Error::Etcd { endpoint: endpoint.to_string(), reason });
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn kv(key: &str) -> KeyValue {
+        let mut kv = KeyValue::default();
+        kv.set_key(key.as_bytes().to_vec());
+        kv
+    }
+
+    fn page(keys: &[&str], more: bool) -> RangeResult {
+        RangeResult { kvs: keys.iter().map(|k| kv(k)).collect(), count: 0, more, revision: 5 }
+    }
+
+    #[test]
+    fn a_scan_that_does_not_move_forward_ends_in_an_error() {
+        // A malformed answer repeated forever: the old scan asked for the same page again
+        // without end. Asked at most a few times here.
+        let mut asked = 0;
+        let mut stuck = |_: KeySpan, _: i64| {
+            asked += 1;
+            assert!(asked < 10, "the scan loops");
+            Ok(page(&[], true))
+        };
+        let err = scan_pages("e", b"/p/", 0, &mut stuck).unwrap_err().to_string();
+        assert!(err.contains("/p/") && err.contains("none given"), "{err}");
+
+        let mut backwards = |span: KeySpan, _: i64| {
+            let KeySpan::Range(start, _) = span else { unreachable!() };
+            Ok(if start == b"/p/" { page(&["/p/b"], true) } else { page(&["/p/a"], true) })
+        };
+        assert!(scan_pages("e", b"/p/", 0, &mut backwards).unwrap_err().to_string().contains("/p/a"));
+        let mut foreign = |_: KeySpan, _: i64| Ok(page(&["/q"], false));
+        assert!(scan_pages("e", b"/p/", 0, &mut foreign).is_err());
+
+        let mut pages = vec![page(&["/p/c"], false), page(&["/p/a", "/p/b"], true)];
+        let (kvs, revision) = scan_pages("e", b"/p/", 0, |_, _| Ok(pages.pop().unwrap())).unwrap();
+        assert_eq!((kvs.len(), revision), (3, 5));
+    }
 
     #[test]
     fn prefix_end_is_etcds() {

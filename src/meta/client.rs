@@ -154,9 +154,13 @@ impl MetaDataClient {
             TxnOp::get(KeySpan::key(keys::pause_of(name)), &GetOptions { count_only: true, ..Default::default() }),
         ]);
         let result = self.etcd.txn(txn).with_context(|| format!("failed to fetch task {name}"))?;
-        let kv = result.ranges[0].kvs.first().ok_or_else(|| Error::TaskNotFound(name.to_string()))?;
+        let [info, pause] = result.ranges.as_slice() else {
+            let reason = format!("a transaction of two reads answered {} of them", result.ranges.len());
+            return Err(Error::Etcd { endpoint: self.etcd.config().endpoints.join(","), reason });
+        };
+        let kv = info.kvs.first().ok_or_else(|| Error::TaskNotFound(name.to_string()))?;
         let task = self.task_by_info(decode_task_info(name, key.as_bytes(), kv.get_value())?);
-        Ok((task, result.ranges[1].count > 0))
+        Ok((task, pause.count > 0))
     }
 
     pub fn task_by_info(&self, info: StreamBackupTaskInfo) -> Task {
@@ -295,7 +299,7 @@ impl Task {
             .with_context(|| format!("failed to get the last error for task {}", self.name()))?;
         let mut errors = BTreeMap::new();
         for kv in kvs {
-            let suffix = String::from_utf8_lossy(&kv.get_key()[prefix.len()..]).into_owned();
+            let suffix = String::from_utf8_lossy(kv.get_key().strip_prefix(prefix.as_bytes()).unwrap_or_default());
             let store: StoreId = suffix.parse().map_err(|_| {
                 bad_meta(self.name(), kv.get_key(), format!("failed to parse the store ID string {suffix:?}"))
             })?;
