@@ -174,6 +174,9 @@ impl PdClient {
         }
         state.cluster_id = cluster_id;
         state.member_urls = members.get_members().iter().flat_map(|m| m.get_client_urls().iter().cloned()).collect();
+        // Channels to members that left go with them.
+        let State { member_urls, clients, .. } = &mut *state;
+        clients.retain(|url, _| url == leader_url || self.config.endpoints.contains(url) || member_urls.contains(url));
         if state.leader.as_ref().map(|l| l.url.as_str()) != Some(leader_url.as_str()) {
             info!("PD leader is {leader_url} (cluster {cluster_id}, asked {asked})");
         }
@@ -591,6 +594,22 @@ mod tests {
         let err = check_header("pd", 0, follower).err().unwrap();
         assert!(calls_for_failover(&err));
         assert!(!calls_for_failover(&Error::Pd { endpoint: "pd".into(), reason: "UNKNOWN: not leader".into() }));
+    }
+
+    #[test]
+    fn channels_to_members_that_left_are_dropped() {
+        let client = PdClient::new(PdConfig::new(vec!["127.0.0.1:1".into()]), Security::insecure()).unwrap();
+        for port in 2..40 {
+            let mut members = pdpb::GetMembersResponse::default();
+            members.mut_header().set_cluster_id(1);
+            let mut leader = pdpb::Member::default();
+            leader.mut_client_urls().push(format!("http://127.0.0.1:{port}"));
+            members.mut_members().push(leader.clone());
+            members.set_leader(leader);
+            client.adopt_leader("127.0.0.1:1", &members).unwrap();
+        }
+        let state = client.state.lock();
+        assert_eq!(state.clients.keys().collect::<Vec<_>>(), ["http://127.0.0.1:39"], "one channel per member now");
     }
 
     #[test]

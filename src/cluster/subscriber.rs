@@ -85,7 +85,7 @@ impl FlushSubscriber {
     }
 
     /// Subscribes to new stores, re-subscribes to restarted or moved ones, and drops the
-    /// subscriptions of stores that are gone.
+    /// subscriptions and connections of stores that are gone.
     pub fn update_store_topology(&mut self) -> Result<()> {
         let stores = self.meta.stores().context("failed to get store list")?;
         let change = diff_topology(self.subscriptions.values().map(|s| &s.store), &stores);
@@ -94,6 +94,7 @@ impl FlushSubscriber {
                 info!("Removing subscription. store={id}");
                 subscription.close();
             }
+            self.service.clear_cache(id);
         }
         for store in change.restarted {
             // The old connection may point at the old address or process.
@@ -109,6 +110,11 @@ impl FlushSubscriber {
             self.subscriptions.insert(subscription.store.id, subscription);
         }
         Ok(())
+    }
+
+    /// The stores of the last topology update.
+    pub fn stores(&self) -> impl Iterator<Item = StoreId> + '_ {
+        self.subscriptions.keys().copied()
     }
 
     /// Reopens failed streams whose backoff has passed. Stores without the service stay

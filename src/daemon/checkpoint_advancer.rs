@@ -329,8 +329,13 @@ impl CheckpointAdvancer {
 
     fn refresh_subscriptions(&mut self) {
         let Some(subscriber) = self.subscriber.as_mut() else { return };
-        if let Err(e) = subscriber.update_store_topology() {
-            log::warn!("Error when updating store topology: {e}");
+        match subscriber.update_store_topology() {
+            Ok(()) => {
+                // Stores that left (or ids PD never listed) keep no metric series.
+                let live: HashSet<String> = subscriber.stores().map(|s| s.to_string()).collect();
+                self.metrics.store_failures.retain(|[store]| live.contains(store));
+            }
+            Err(e) => log::warn!("Error when updating store topology: {e}"),
         }
         subscriber.handle_errors();
         let pending = subscriber.pending_errors();

@@ -243,6 +243,12 @@ impl<const N: usize> CounterVec<N> {
             _ => 0,
         }
     }
+
+    /// Keeps only the series whose label values `keep` accepts, e.g. those of stores that
+    /// are still in the cluster.
+    pub fn retain(&self, keep: impl Fn(&[String; N]) -> bool) {
+        self.0.series.lock().retain(|values, _| keep(values));
+    }
 }
 
 pub struct GaugeVec<const N: usize>(Family<N>);

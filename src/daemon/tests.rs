@@ -246,6 +246,24 @@ fn a_poll_counts_failed_regions_once_per_reason_and_a_failed_store_once() {
 }
 
 #[test]
+fn a_store_that_leaves_loses_its_series_and_connection() {
+    let mut f = Fixture::new();
+    *f.cluster.stores.lock() = vec![StoreInfo { id: 1, address: "127.0.0.1:9".into(), boot_at: 1 }];
+    f.own();
+    let failures = &f.advancer.metrics().store_failures;
+    // Failures of store 1 and of an id PD never listed (a region naming a bogus leader).
+    failures.inc_by(["1"], 1);
+    failures.inc_by(["7"], 1);
+    f.tick_at(at(1));
+    let failures = &f.advancer.metrics().store_failures;
+    assert_eq!((failures.get(["1"]), failures.get(["7"])), (1, 0), "only listed stores keep a series");
+    f.cluster.stores.lock().clear();
+    f.tick_at(at(2));
+    assert!(!f.advancer.metrics().render().contains("streamhelper_store_failures_total{"));
+    assert!(f.service.cleared.lock().contains(&1), "the connection to the departed store is dropped");
+}
+
+#[test]
 fn a_flush_from_the_future_is_dropped_and_counted() {
     let mut f = Fixture::new();
     f.add_task("t1", at(0));
