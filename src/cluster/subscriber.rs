@@ -41,6 +41,10 @@ pub struct SubscriberConfig {
     /// doubles per such failure up to `max_retry_backoff`.
     pub retry_backoff: Duration,
     pub max_retry_backoff: Duration,
+    /// Streams (each one thread) open at once, whatever the store count. Stores beyond it
+    /// are reported as not subscribed, which makes the advancer poll more often: events are
+    /// only hints, so this costs freshness, never safety.
+    pub max_streams: usize,
 }
 
 impl Default for SubscriberConfig {
@@ -50,6 +54,7 @@ impl Default for SubscriberConfig {
             idle_timeout: Duration::from_secs(600),
             retry_backoff: Duration::from_secs(1),
             max_retry_backoff: Duration::from_secs(60),
+            max_streams: 64,
         }
     }
 }
@@ -70,13 +75,15 @@ pub struct FlushSubscriber {
     subscriptions: BTreeMap<StoreId, Subscription>,
     events_tx: Sender<FlushEvent>,
     events_rx: Receiver<FlushEvent>,
+    /// Stores without a stream for want of a slot, as last logged.
+    left_out: usize,
 }
 
 impl FlushSubscriber {
     /// Subscribes to nothing until [`FlushSubscriber::update_store_topology`].
     pub fn new(meta: Arc<dyn ClusterMeta>, service: Arc<dyn LogBackupService>, config: SubscriberConfig) -> Self {
         let (events_tx, events_rx) = bounded(config.channel_capacity);
-        FlushSubscriber { meta, service, config, subscriptions: BTreeMap::new(), events_tx, events_rx }
+        FlushSubscriber { meta, service, config, subscriptions: BTreeMap::new(), events_tx, events_rx, left_out: 0 }
     }
 
     /// The flush events of every store, in arrival order per store.
@@ -99,17 +106,40 @@ impl FlushSubscriber {
         for store in change.restarted {
             // The old connection may point at the old address or process.
             self.service.clear_cache(store.id);
-            let subscription = self.subscriptions.get_mut(&store.id).expect("restarted stores are known");
+            let Some(subscription) = self.subscriptions.get_mut(&store.id) else { continue };
             subscription.store = store;
             subscription.fruitless = 0;
-            subscription.connect(&self.service, &self.events_tx, &self.config);
+            if !subscription.waits_for_a_slot() {
+                subscription.connect(&self.service, &self.events_tx, &self.config);
+            }
         }
         for store in change.added {
-            let mut subscription = Subscription::new(store);
-            subscription.connect(&self.service, &self.events_tx, &self.config);
+            let subscription = Subscription::waiting_for_a_slot(store, self.config.max_streams);
             self.subscriptions.insert(subscription.store.id, subscription);
         }
+        self.fill_stream_slots();
         Ok(())
+    }
+
+    /// Opens streams for stores waiting for one, as long as fewer than `max_streams` are open.
+    fn fill_stream_slots(&mut self) {
+        let mut open = self.subscriptions.values().filter(|s| !s.waits_for_a_slot()).count();
+        let mut left_out = 0;
+        for subscription in self.subscriptions.values_mut().filter(|s| s.waits_for_a_slot()) {
+            if open < self.config.max_streams {
+                subscription.connect(&self.service, &self.events_tx, &self.config);
+                open += 1;
+            } else {
+                left_out += 1;
+            }
+        }
+        // Logged when it changes, not at every topology update.
+        if std::mem::replace(&mut self.left_out, left_out) != left_out && left_out > 0 {
+            info!(
+                "{left_out} stores have no flush subscription: at most {} streams are open; their regions are polled",
+                self.config.max_streams
+            );
+        }
     }
 
     /// The stores of the last topology update.
@@ -200,9 +230,23 @@ struct Failure {
     at: Instant,
 }
 
+/// The failure of a store that waits for one of the `max_streams` slots.
+const NO_SLOT: &str = "not subscribed";
+
 impl Subscription {
-    fn new(store: StoreInfo) -> Self {
-        Subscription { store, stream: None, status: Arc::default(), fruitless: 0 }
+    /// A store with no stream yet, reported as failing until it gets one.
+    fn waiting_for_a_slot(store: StoreInfo, max_streams: usize) -> Self {
+        let failure = Failure {
+            message: format!("{NO_SLOT}: more stores than the {max_streams} streams allowed; its regions are polled"),
+            retryable: false,
+            at: Instant::now(),
+        };
+        let status = Arc::new(Mutex::new(StreamStatus { messages: 0, failure: Some(failure) }));
+        Subscription { store, stream: None, status, fruitless: 0 }
+    }
+
+    fn waits_for_a_slot(&self) -> bool {
+        self.stream.is_none() && self.status.lock().failure.as_ref().is_some_and(|f| f.message.starts_with(NO_SLOT))
     }
 
     /// Opens a new stream in a new thread, after closing the current one.
@@ -532,5 +576,32 @@ mod tests {
 
         drop(subscriber);
         assert!(events.recv().is_err(), "dropping the subscriber ends every stream thread and closes the channel");
+    }
+
+    #[test]
+    fn streams_are_bounded_whatever_the_store_count() {
+        // 500 stores once gave 523 threads: one stream thread each.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = silent.local_addr().unwrap().to_string();
+        let stores: Vec<StoreInfo> =
+            (1..=20).map(|id| StoreInfo { id, address: address.clone(), boot_at: 1 }).collect();
+        let meta = Arc::new(MemMeta::with_stores(stores.clone()));
+        let dialer = Arc::new(FixedDialer::new(stores.iter().map(|s| (s.id, address.clone()))));
+        let config = SubscriberConfig { max_streams: 3, ..Default::default() };
+        let mut subscriber = FlushSubscriber::new(meta.clone(), dialer.clone(), config);
+        // Each stream thread holds the service, as the subscriber does.
+        let idle = Arc::strong_count(&dialer);
+        subscriber.update_store_topology().unwrap();
+        assert_eq!(Arc::strong_count(&dialer), idle + 3, "three stream threads, not twenty");
+        let err = subscriber.pending_errors().unwrap().to_string();
+        assert!(err.contains("17 stores") && err.contains("not subscribed"), "{err}");
+
+        // A subscribed store that leaves frees its slot for one that waits.
+        meta.stores.lock().retain(|s| s.id != 1);
+        subscriber.update_store_topology().unwrap();
+        assert_eq!(Arc::strong_count(&dialer), idle + 3);
+        assert_eq!(subscriber.store_errors().len(), 16);
+        drop(subscriber);
+        assert_eq!(Arc::strong_count(&dialer), 1, "every stream thread has ended");
     }
 }

@@ -61,6 +61,8 @@ pub struct CheckpointAdvancer {
     last_tso: Option<(Ts, Instant)>,
     /// Stores already reported for flushing from the future (logged once each).
     future_stores: HashSet<StoreId>,
+    /// The subscription failure last logged: logged again only when it changes.
+    subscription_error: Option<String>,
     /// Copies each uploaded checkpoint into the task's external storage.
     storage: CheckpointCopier,
     /// Resolves locks on stuck tasks' lagging ranges on its own thread.
@@ -98,6 +100,7 @@ impl CheckpointAdvancer {
             subscriber: None,
             last_tso: None,
             future_stores: HashSet::new(),
+            subscription_error: None,
         })
     }
 
@@ -338,11 +341,15 @@ impl CheckpointAdvancer {
             Err(e) => log::warn!("Error when updating store topology: {e}"),
         }
         subscriber.handle_errors();
-        let pending = subscriber.pending_errors();
-        if let Some(e) = &pending {
-            log::warn!("Subscriber meet error, would polling the checkpoint: {e}");
+        let pending = subscriber.pending_errors().map(|e| e.to_string());
+        if pending != self.subscription_error {
+            match &pending {
+                Some(e) => log::warn!("Subscriber meet error, would polling the checkpoint: {e}"),
+                None => log::info!("every flush subscription is up again"),
+            }
         }
         self.core.set_subscriptions_healthy(pending.is_none());
+        self.subscription_error = pending;
     }
 
     /// Answers above `latest_believable(now)` fail their region instead of advancing it.
