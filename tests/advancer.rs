@@ -12,7 +12,7 @@ use streamhelper::daemon::status::http_get;
 use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
 use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, MetaDataClient, PauseState, Severity, TaskInfo};
-use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
+use streamhelper::sim::{rss_bytes, Faults, Outcome, SimCluster, SimConfig, TxnSpec};
 use streamhelper::storage::{self, read_global_checkpoint, GLOBAL_CHECKPOINT_FILE};
 use streamhelper::types::ts_add;
 use streamhelper::{KeyRange, Ts};
@@ -442,6 +442,80 @@ fn a_standby_takes_over_when_the_owner_is_killed() {
     assert!(exited.elapsed() < Duration::from_secs(10));
     assert!(b.wait().unwrap().success(), "SIGTERM exits 0");
     assert!(f.meta.etcd().scan_prefix(b"/tidb/br-stream/owner/", 10).unwrap().0.is_empty(), "B resigned");
+}
+
+/// Threads of this process now.
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
+
+/// The misbehaving peers of issue 17, one after the other against one running advancer:
+/// no panic, no checkpoint (or GC safepoint) above the truth, threads and memory bounded,
+/// and once PD and TiKV behave again the checkpoint moves on.
+#[test]
+fn misbehaving_pd_and_tikv_never_break_safety_or_bounds() {
+    let f = Fixture::new(3, 24);
+    let start = f.add_task("t1", KeyRange::full());
+    let daemon = f.daemon();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let mut last = safety.advance_past(start, "before any fault");
+    let (threads, rss) = (thread_count(), rss_bytes().unwrap_or(0));
+    let store = f.sim.store_ids()[0];
+    let faults = [
+        ("answers for regions not asked about", Faults { unasked_answers: 48, ..Faults::default() }),
+        ("a huge batch of bogus answers", Faults { unasked_answers: 20_000, ..Faults::default() }),
+        ("duplicated regions from PD", Faults { duplicated_regions: true, ..Faults::default() }),
+        ("inverted regions from PD", Faults { inverted_regions: true, ..Faults::default() }),
+        ("a duplicate store id", Faults { duplicate_store: true, ..Faults::default() }),
+        (
+            "a NUL in a store address",
+            Faults { store_addresses: [(store, "127.0.0.1:\0".into())].into(), ..Faults::default() },
+        ),
+        (
+            "a garbage store address",
+            Faults { store_addresses: [(store, "\u{1b}[2J no:port".into())].into(), ..Faults::default() },
+        ),
+    ];
+    for (what, fault) in faults {
+        f.sim.set_faults(fault);
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            f.sim.flush_all();
+            safety.check();
+            let truth = f.sim.true_checkpoint(&KeyRange::full());
+            for (service, safe_point) in f.sim.gc_safe_points() {
+                assert!(
+                    safe_point < truth,
+                    "{what}: GC safepoint of {service} at {safe_point}, above the truth {truth}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(daemon.is_owner(), "{what}: the advancer still runs");
+        // Fixed margins: the sim's own servers and the subscriber's bounded streams.
+        assert!(thread_count() <= threads + 16, "{what}: {} threads, {threads} before", thread_count());
+        let grown = rss_bytes().unwrap_or(0).saturating_sub(rss);
+        assert!(grown < 256 << 20, "{what}: the process grew by {grown} bytes");
+        f.sim.set_faults(Faults::default());
+        last = safety.advance_past(last, &format!("after {what}"));
+    }
+    drop(daemon);
+
+    // The binary, with every fault at once, still stops cleanly on SIGTERM.
+    f.sim.set_faults(Faults {
+        unasked_answers: 20_000,
+        duplicated_regions: true,
+        inverted_regions: true,
+        duplicate_store: true,
+        store_addresses: [(store, "127.0.0.1:\0".into())].into(),
+    });
+    let port = streamhelper::etcd::process::free_port().unwrap();
+    let mut child = spawn_advancer(&f, port);
+    support::wait_until("the binary to own", || role_of(port).as_deref() == Some("owner"));
+    safety.hold_for(Duration::from_secs(1));
+    sigterm(&child);
+    support::wait_until("the binary to exit", || child.try_wait().unwrap().is_some());
+    assert!(child.wait().unwrap().success(), "SIGTERM exits 0 under every fault");
 }
 
 /// SIGTERM via the `kill` command (no libc in the dependency tree).

@@ -41,6 +41,7 @@ use crate::types::{KeyRange, RegionId, StoreId, Ts};
 use crate::worker::Worker;
 
 pub use model::{record_key, table_prefix};
+pub use state::Faults;
 pub use txn::{Outcome, TxnSpec};
 
 /// Region boundaries travel as TiKV stores them: memcomparable-encoded, except that the
@@ -322,6 +323,11 @@ impl SimCluster {
             Some(store_state) => store_state.run.lock().claimed_ts = ts,
             None => log::warn!("sim: set_claimed_ts: no store {store}"),
         }
+    }
+
+    /// Makes PD and TiKV misbehave as `faults` says (`Faults::default()`: behave again).
+    pub fn set_faults(&self, faults: Faults) {
+        *self.state.faults.lock() = faults;
     }
 
     /// Ends the store's open subscription streams with UNAVAILABLE (an injected reset).

@@ -22,7 +22,7 @@ use crate::types::{physical_ms, DisplayKey};
 use super::encode_boundary;
 use super::model::{Key, RegionMeta, RegionTable};
 use super::server::reply;
-use super::state::{unix_now, SimState, StoreState};
+use super::state::{unix_now, Faults, SimState, StoreState};
 use super::tso::logical;
 
 const MEMBER_ID: u64 = 1;
@@ -121,6 +121,32 @@ fn peer_proto(meta: &RegionMeta, store: u64) -> metapb::Peer {
 /// The leader, or the empty `Peer{}` PD sends for a region without one.
 fn leader_proto(meta: &RegionMeta) -> metapb::Peer {
     meta.leader.map(|store| peer_proto(meta, store)).unwrap_or_default()
+}
+
+/// Applies the region faults PD is told to have to one scan answer.
+fn misbehave(faults: &Faults, response: &mut ScanRegionsResponse) {
+    if faults.duplicated_regions && !response.get_regions().is_empty() {
+        let (region, meta, leader) = (
+            response.get_regions()[0].clone(),
+            response.get_region_metas()[0].clone(),
+            response.get_leaders()[0].clone(),
+        );
+        response.mut_regions().push(region);
+        response.mut_region_metas().push(meta);
+        response.mut_leaders().push(leader);
+    }
+    if faults.inverted_regions {
+        let bounded = |r: &metapb::Region| !r.get_start_key().is_empty() && !r.get_end_key().is_empty();
+        if let Some(i) = response.get_region_metas().iter().position(bounded) {
+            let invert = |region: &mut metapb::Region| {
+                let (start, end) = (region.take_start_key(), region.take_end_key());
+                region.set_start_key(end);
+                region.set_end_key(start);
+            };
+            invert(&mut response.mut_region_metas()[i]);
+            invert(response.mut_regions()[i].mut_region());
+        }
+    }
 }
 
 fn pd_region(start: &Key, meta: &RegionMeta) -> pdpb::Region {
@@ -230,6 +256,20 @@ impl Pd for PdService {
         self.answer(request.get_header(), sink, |state| {
             let mut response = GetAllStoresResponse::new();
             response.set_stores(state.stores.iter().map(store_proto).collect());
+            let faults = state.faults.lock();
+            for store in response.mut_stores().iter_mut() {
+                if let Some(address) = faults.store_addresses.get(&store.get_id()) {
+                    store.set_address(address.clone());
+                    store.set_peer_address(address.clone());
+                }
+            }
+            if faults.duplicate_store {
+                if let Some(mut twin) = response.get_stores().first().cloned() {
+                    twin.set_address("127.0.0.1:1".into());
+                    twin.set_peer_address("127.0.0.1:1".into());
+                    response.mut_stores().push(twin);
+                }
+            }
             Ok(response)
         });
     }
@@ -268,6 +308,7 @@ impl Pd for PdService {
                 response.mut_region_metas().push(region_proto(s, meta));
                 response.mut_leaders().push(leader_proto(meta));
             }
+            misbehave(&state.faults.lock(), &mut response);
             Ok(response)
         });
     }

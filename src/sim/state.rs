@@ -148,6 +148,25 @@ pub struct SimState {
     pub txns: Mutex<TxnTable>,
     /// `127.0.0.1:port` of PD, for `GetMembers`.
     pub pd_address: Mutex<String>,
+    pub faults: Mutex<Faults>,
+}
+
+/// Ways the simulated PD and TiKV misbehave on purpose; each is off by default.
+#[derive(Debug, Default, Clone)]
+pub struct Faults {
+    /// PD's region scans list the first region of each answer twice.
+    pub duplicated_regions: bool,
+    /// PD's region scans give one region of each answer (one with both boundaries) an end
+    /// before its start.
+    pub inverted_regions: bool,
+    /// PD lists the first store twice, the second time at a dead address.
+    pub duplicate_store: bool,
+    /// Addresses PD advertises instead of the stores' own (NUL bytes, garbage).
+    pub store_addresses: std::collections::HashMap<StoreId, String>,
+    /// Every checkpoint answer carries this many more answers, for regions the store was
+    /// not asked about (every other region first, then made-up ids), each claiming the
+    /// latest TSO: a huge batch when large.
+    pub unasked_answers: usize,
 }
 
 impl SimState {
@@ -169,6 +188,7 @@ impl SimState {
             gc: Mutex::new(GcSafePoints::default()),
             txns: Mutex::new(TxnTable::default()),
             pd_address: Mutex::new(String::new()),
+            faults: Mutex::default(),
         }
     }
 

@@ -14,7 +14,7 @@ use crate::proto::logbackuppb::{
     RegionCheckpoint, RegionIdentity, SubscribeFlushEventRequest, SubscribeFlushEventResponse,
 };
 use crate::proto::logbackuppb_grpc::LogBackup;
-use crate::types::StoreId;
+use crate::types::{RegionId, StoreId};
 
 use super::encode_boundary;
 use super::mailbox::{mailbox, Inbox};
@@ -82,6 +82,28 @@ pub fn checkpoints(last: &LastFlush, request: &GetLastFlushTSOfRegionRequest) ->
         response.mut_checkpoints().push(answer);
     }
     response
+}
+
+/// The answers a misbehaving store adds for regions it was not asked about.
+fn add_unasked_answers(
+    state: &SimState,
+    request: &GetLastFlushTSOfRegionRequest,
+    response: &mut GetLastFlushTSOfRegionResponse,
+) {
+    let count = state.faults.lock().unasked_answers;
+    if count == 0 {
+        return;
+    }
+    let asked: HashSet<RegionId> = request.get_regions().iter().map(|r| r.get_id()).collect();
+    let real: Vec<RegionId> = state.regions.read().iter().map(|(_, meta)| meta.id).collect();
+    let claimed = state.tso.next();
+    let made_up = (1u64 << 40)..;
+    for id in real.into_iter().chain(made_up).filter(|id| !asked.contains(id)).take(count) {
+        let mut answer = RegionCheckpoint::new();
+        answer.mut_region().set_id(id);
+        answer.set_checkpoint(claimed);
+        response.mut_checkpoints().push(answer);
+    }
 }
 
 /// A flushed set as subscription messages: encoded keys, ≤ 1024 events each.
@@ -160,8 +182,10 @@ impl LogBackup for LogBackupService {
         request: GetLastFlushTSOfRegionRequest,
         sink: UnarySink<GetLastFlushTSOfRegionResponse>,
     ) {
-        self.when_answering(move |_, store| {
-            reply(sink, Ok(checkpoints(&store.reported_flush(), &request)));
+        self.when_answering(move |state, store| {
+            let mut response = checkpoints(&store.reported_flush(), &request);
+            add_unasked_answers(state, &request, &mut response);
+            reply(sink, Ok(response));
         });
     }
 
