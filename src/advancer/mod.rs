@@ -8,5 +8,5 @@ pub mod status;
 #[cfg(test)]
 mod tests;
 
-pub use config::Config;
+pub use config::{Config, Settings, SETTINGS};
 pub use core::{Action, Advancer, PollPlan, TaskStatus};
