@@ -155,7 +155,7 @@ pub const SETTINGS: &[Setting] = &[
         short: None,
         section: Section::Advancer,
         default: "",
-        help: "Serve /metrics and /status on this host:port",
+        help: "Serve /metrics, /status and POST /owner/resign on this host:port",
         kind: Kind::Address(|s| &mut s.status_addr),
     },
     duration!("tick-interval", tick_interval, "12s", "How often the owner ticks"),

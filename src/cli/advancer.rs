@@ -14,10 +14,15 @@ use crate::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use crate::error::{Error, Result};
 use crate::security::Security;
 
-/// The `advancer` command line: `--config FILE` and one flag per setting.
+const TAKE_OVER_HELP: &str = "Evict every owner candidate ahead of this advancer (TiDB servers included: \
+                              they campaign again behind it), with backoff, until it leads. Without \
+                              this flag the advancer waits its turn, which next to TiDB can be forever";
+
+/// The `advancer` command line: `--config FILE`, `--take-over` and one flag per setting.
 #[derive(Debug, Default)]
 pub struct AdvancerArgs {
     config: Option<PathBuf>,
+    take_over: bool,
     /// `(setting key, value)` for every setting given as a flag.
     flags: Vec<(&'static str, String)>,
 }
@@ -31,7 +36,11 @@ impl FromArgMatches for AdvancerArgs {
                 Some((s.key, values.cloned().collect::<Vec<_>>().join(",")))
             })
             .collect();
-        Ok(AdvancerArgs { config: matches.get_one::<PathBuf>("config").cloned(), flags })
+        Ok(AdvancerArgs {
+            config: matches.get_one::<PathBuf>("config").cloned(),
+            take_over: matches.get_flag("take-over"),
+            flags,
+        })
     }
 
     fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
@@ -42,11 +51,11 @@ impl FromArgMatches for AdvancerArgs {
 
 impl Args for AdvancerArgs {
     fn augment_args(cmd: Command) -> Command {
-        let cmd = cmd.arg(
-            Arg::new("config").long("config").value_name("FILE").value_parser(clap::value_parser!(PathBuf)).help(
+        let cmd = cmd
+            .arg(Arg::new("config").long("config").value_name("FILE").value_parser(clap::value_parser!(PathBuf)).help(
                 "A TOML file with the options below as kebab-case keys (flags win); see docs/advancer.example.toml",
-            ),
-        );
+            ))
+            .arg(Arg::new("take-over").long("take-over").action(ArgAction::SetTrue).help(TAKE_OVER_HELP));
         SETTINGS.iter().fold(cmd, |cmd, s| {
             let help =
                 if s.default.is_empty() { s.help.to_string() } else { format!("{} [default: {}]", s.help, s.default) };
@@ -112,6 +121,12 @@ pub fn run_until_signal(handle: DaemonHandle, terminate: &AtomicBool) {
 pub fn run(args: AdvancerArgs) -> Result<()> {
     let terminate = termination_flag()?;
     let settings = args.settings()?;
+    if args.take_over {
+        log::warn!(
+            "--take-over: this advancer will evict every owner candidate ahead of it under {}, TiDB servers included",
+            crate::meta::keys::OWNER_PREFIX
+        );
+    }
     let config = DaemonConfig {
         pd_endpoints: if settings.pd.is_empty() { settings.etcd.clone() } else { settings.pd.clone() },
         etcd_endpoints: settings.etcd.clone(),
@@ -119,6 +134,7 @@ pub fn run(args: AdvancerArgs) -> Result<()> {
         advancer: settings.advancer.clone(),
         status_addr: settings.status_addr.clone(),
         owner_id: None,
+        take_over: args.take_over,
     };
     let handle = Daemon::start(config)?;
     if let Some(addr) = handle.status_addr() {

@@ -137,7 +137,7 @@ fn print_json(value: &impl Serialize) {
     println!("{}", serde_json::to_string_pretty(value).expect("JSON output"));
 }
 
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let widths: Vec<usize> = (0..header.len())
         .map(|c| rows.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0))
         .collect();

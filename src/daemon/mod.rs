@@ -33,7 +33,7 @@ use crate::security::Security;
 use crate::stop::{stop_pair, StopHandle, StopToken};
 use crate::types::{RegionId, StoreId, Ts};
 
-pub use owner::new_owner_id;
+pub use owner::{is_our_owner_id, new_owner_id, random_uuid};
 
 /// Everything the daemon needs to run.
 #[derive(Clone)]
@@ -47,6 +47,8 @@ pub struct DaemonConfig {
     pub status_addr: Option<String>,
     /// Written under the owner key; a fresh UUID when `None`.
     pub owner_id: Option<String>,
+    /// Evict older owner candidates (TiDB's included) until this daemon leads.
+    pub take_over: bool,
 }
 
 impl DaemonConfig {
@@ -58,6 +60,7 @@ impl DaemonConfig {
             advancer: Config::default(),
             status_addr: None,
             owner_id: None,
+            take_over: false,
         }
     }
 }
@@ -130,6 +133,7 @@ pub struct DaemonHandle {
     /// thread resigns; then the owner thread.
     stages: Vec<Stage>,
     status_server: Option<StatusServer>,
+    resign: crossbeam_channel::Sender<()>,
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
@@ -178,6 +182,7 @@ impl Daemon {
         let (owner_stop_handle, owner_stop) = stop_pair();
         let (task_tx, task_rx) = crossbeam_channel::bounded(1024);
         let (owner_tx, owner_rx) = crossbeam_channel::bounded(16);
+        let (resign, resign_rx) = crossbeam_channel::bounded(1);
 
         let mut work = Vec::new();
         let listener = {
@@ -186,11 +191,13 @@ impl Daemon {
         };
         work.push(listener);
         let owner = owner::OwnerLoop {
-            etcd,
+            etcd: etcd.clone(),
             id,
             ttl: config.advancer.owner_ttl,
             backoff: config.advancer.backoff,
             events: owner_tx,
+            resign: resign_rx,
+            take_over: config.take_over,
             stop: owner_stop,
         };
         let owner_thread = spawn("owner", move || owner.run())?;
@@ -208,7 +215,7 @@ impl Daemon {
         };
         work.push(spawn("ticker", move || ticker.run())?);
         let status_server = match &config.status_addr {
-            Some(addr) => Some(StatusServer::start(addr, status_handler(shared.clone()))?),
+            Some(addr) => Some(StatusServer::start(addr, status_handler(shared.clone(), etcd, resign.clone()))?),
             None => None,
         };
         log::info!("begin advancer daemon {}", shared.id);
@@ -216,7 +223,7 @@ impl Daemon {
             Stage { stop: work_stop_handle, threads: work },
             Stage { stop: owner_stop_handle, threads: vec![owner_thread] },
         ];
-        Ok(DaemonHandle { shared, stages, status_server })
+        Ok(DaemonHandle { shared, stages, status_server, resign })
     }
 }
 
@@ -244,10 +251,17 @@ fn listen_tasks(
     }
 }
 
-fn status_handler(shared: Arc<Shared>) -> Handler {
-    Arc::new(move |path| match path {
-        "/metrics" => Some(("text/plain; version=0.0.4", shared.metrics.render())),
-        "/status" => Some(("application/json", serde_json::to_string_pretty(&shared.status()).unwrap_or_default())),
+fn status_handler(shared: Arc<Shared>, etcd: EtcdClient, resign: crossbeam_channel::Sender<()>) -> Handler {
+    let election = crate::etcd::Election::new(etcd, crate::meta::keys::OWNER_PREFIX);
+    Arc::new(move |method, path| match (method, path) {
+        ("GET", "/metrics") => Some((200, "text/plain; version=0.0.4", shared.metrics.render())),
+        ("GET", "/status") => {
+            let mut status = serde_json::to_value(shared.status()).unwrap_or_default();
+            status["owner"] = owner::owner_view(&election, &shared.id);
+            Some((200, "application/json", serde_json::to_string_pretty(&status).unwrap_or_default()))
+        }
+        ("POST", "/owner/resign") => Some(owner::resign_reply(shared.owner.load(Ordering::SeqCst), &resign)),
+        (_, "/metrics" | "/status" | "/owner/resign") => Some((405, "text/plain", format!("{method} {path}?\n"))),
         _ => None,
     })
 }
@@ -271,6 +285,11 @@ impl DaemonHandle {
         config.validate()?;
         self.shared.advancer.lock().update_config(config);
         Ok(())
+    }
+
+    /// Asks the owner thread to resign and campaign again; false when not the owner.
+    pub fn resign_ownership(&self) -> bool {
+        owner::resign_reply(self.is_owner(), &self.resign).0 == 200
     }
 
     pub fn status_addr(&self) -> Option<std::net::SocketAddr> {
