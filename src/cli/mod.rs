@@ -5,6 +5,7 @@
 mod advancer;
 mod demo;
 mod owner;
+mod status;
 mod task;
 
 use std::path::PathBuf;
@@ -64,6 +65,14 @@ impl ClusterArgs {
             cert_path: self.cert.clone(),
             key_path: self.key.clone(),
         })
+    }
+
+    /// A PD client, for the commands that need PD itself (GC safe points), not only its etcd.
+    pub fn pd_client(&self) -> Result<crate::cluster::PdClient> {
+        if self.pd.is_empty() {
+            return Err(Error::Config("this command needs PD: give --pd (-u)".into()));
+        }
+        crate::cluster::PdClient::connect(crate::cluster::PdConfig::new(self.pd.clone()), self.security()?)
     }
 
     pub fn etcd_endpoints(&self) -> Vec<String> {
