@@ -79,7 +79,7 @@ fn main() {
     let mut received = 0;
     while received < regions {
         let event = subscriber.events().recv_timeout(Duration::from_secs(60)).expect("snapshot events");
-        advancer.on_flush(&event.range, event.ts);
+        advancer.on_flush(&event.range, event.ts, event.ts);
         received += 1;
     }
     sim.flush_all();
@@ -88,7 +88,7 @@ fn main() {
     let mut merged = 0;
     while advancer.status()[0].slowest.as_ref().map_or(true, |(_, ts)| *ts < target) {
         let event = subscriber.events().recv_timeout(Duration::from_secs(60)).expect("flush events");
-        advancer.on_flush(&event.range, event.ts);
+        advancer.on_flush(&event.range, event.ts, event.ts);
         merged += 1;
     }
     row("flush of every store → frontier (subscription)", merged, started.elapsed());

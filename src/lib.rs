@@ -17,5 +17,8 @@ pub mod stop;
 pub mod timefmt;
 pub mod types;
 
+#[cfg(test)]
+mod outside_input_tests;
+
 pub use error::{Error, Result, ResultExt};
 pub use types::{KeyRange, RegionId, StoreId, Ts};

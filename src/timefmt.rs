@@ -63,7 +63,9 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
         return Err(bad("field out of range"));
     }
-    let mut rest = &text[19..];
+    // Byte offsets below are only taken through `get`: text comes from etcd and users, and a
+    // multi-byte character must be an error, not a panic.
+    let mut rest = text.get(19..).ok_or_else(|| bad("expected YYYY-MM-DDTHH:MM:SS"))?;
     let mut nanos = 0u32;
     if let Some(frac) = rest.strip_prefix('.') {
         let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
@@ -82,7 +84,7 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     Ok(UNIX_EPOCH + Duration::new(secs as u64, nanos))
 }
 
-/// `Z`, `±HH:MM` or `±HHMM` → seconds east of UTC.
+/// `Z`, `±HH:MM` or `±HHMM` → seconds east of UTC (byte offsets through `get` only).
 fn parse_zone(zone: &str) -> Option<i64> {
     if zone.eq_ignore_ascii_case("z") {
         return Some(0);
@@ -92,15 +94,13 @@ fn parse_zone(zone: &str) -> Option<i64> {
         b'-' => -1,
         _ => return None,
     };
-    let digits: String = match zone.len() {
-        6 if &zone[3..4] == ":" => format!("{}{}", &zone[1..3], &zone[4..6]),
-        5 => zone[1..].to_string(),
+    let (hours, minutes) = match zone.len() {
+        6 if zone.get(3..4) == Some(":") => (zone.get(1..3)?, zone.get(4..6)?),
+        5 => (zone.get(1..3)?, zone.get(3..5)?),
         _ => return None,
     };
-    if !digits.bytes().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    let (hours, minutes): (i64, i64) = (digits[..2].parse().ok()?, digits[2..].parse().ok()?);
+    let number = |digits: &str| digits.bytes().all(|b| b.is_ascii_digit()).then(|| digits.parse::<i64>().ok())?;
+    let (hours, minutes) = (number(hours)?, number(minutes)?);
     (hours <= 23 && minutes <= 59).then_some(sign * (hours * 3600 + minutes * 60))
 }
 

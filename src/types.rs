@@ -36,6 +36,12 @@ pub fn ts_sub(ts: Ts, d: Duration) -> Ts {
     compose_ts(physical_ms(ts).saturating_sub(d.as_millis() as u64), 0)
 }
 
+/// The TSO `d` after `ts`, saturating at the largest physical time.
+pub fn ts_add(ts: Ts, d: Duration) -> Ts {
+    let ms = physical_ms(ts).saturating_add(d.as_millis().try_into().unwrap_or(u64::MAX));
+    compose_ts(ms.min(physical_ms(Ts::MAX)), 0)
+}
+
 /// The physical distance from `earlier` to `later`, zero if `later` is not after it.
 pub fn ts_distance(later: Ts, earlier: Ts) -> Duration {
     Duration::from_millis(physical_ms(later).saturating_sub(physical_ms(earlier)))

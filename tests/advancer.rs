@@ -13,6 +13,7 @@ use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
 use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, MetaDataClient, PauseState, Severity, TaskInfo};
 use streamhelper::sim::{SimCluster, SimConfig};
+use streamhelper::types::ts_add;
 use streamhelper::{KeyRange, Ts};
 use support::DEADLINE;
 
@@ -218,6 +219,38 @@ fn a_region_that_never_flushes_holds_the_checkpoint_back() {
 }
 
 #[test]
+fn a_store_reporting_checkpoints_from_the_future_cannot_carry_the_checkpoint() {
+    // One store answering u64::MAX once set the global checkpoint (and the GC safepoint) to
+    // u64::MAX for good. Here the liar stops flushing while the others go on, so any trust
+    // in its answers or its flush events would pass its true checkpoint.
+    let f = Fixture::new(3, 12);
+    let start = f.add_task("t1", KeyRange::full());
+    let _daemon = f.daemon();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let before = safety.advance_past(start, "before the lie");
+    let liar = f.sim.store_ids()[0];
+    let honest: Vec<_> = f.sim.store_ids().into_iter().filter(|s| *s != liar).collect();
+    let an_hour_ahead = ts_add(f.sim.now_ts(), Duration::from_secs(3600));
+    for claimed in [u64::MAX, an_hour_ahead] {
+        f.sim.set_claimed_ts(liar, Some(claimed));
+        f.sim.flush_store(liar);
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            honest.iter().for_each(|s| f.sim.flush_store(*s));
+            safety.check();
+            let safe_points = f.sim.gc_safe_points();
+            let truth = f.sim.true_checkpoint(&KeyRange::full());
+            for (service, safe_point) in safe_points {
+                assert!(safe_point < truth, "GC safepoint of {service} at {safe_point}, above the truth {truth}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    f.sim.set_claimed_ts(liar, None);
+    safety.advance_past(before.max(safety.last), "after the store tells the truth again");
+}
+
+#[test]
 fn subscriptions_off_falls_back_to_polling() {
     let f = Fixture::new(3, 12);
     let start = f.add_task("t1", KeyRange::full());
@@ -302,6 +335,31 @@ fn a_lagging_task_is_paused_and_runs_again_after_raising_the_limit() {
     let stored = f.stored("t1");
     safety.advance_past(stored, "after resume with a higher limit");
     assert!(!f.meta.get_task("t1").unwrap().is_paused().unwrap());
+}
+
+#[test]
+fn a_pd_clock_jumping_days_ahead_does_not_pause_a_healthy_task() {
+    let f = Fixture::new(3, 8);
+    let start = f.add_task("t1", KeyRange::full());
+    let daemon = f.daemon();
+    daemon.update_config(Config { lag_limit: Duration::from_secs(3), ..fast_config() }).unwrap();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let before = safety.advance_past(start, "before the jump");
+    let jump = Duration::from_secs(3 * 24 * 3600);
+    let jumped_from = f.sim.now_ts();
+    f.sim.jump_clock(jump);
+    // No flush for two upload heartbeats: the advancer sees the jumped time next to the
+    // checkpoint from before the jump, as between two TiKV flushes.
+    let quiet_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < quiet_until {
+        safety.check();
+        assert!(!f.meta.get_task("t1").unwrap().is_paused().unwrap(), "a healthy task was paused by a clock jump");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    safety.advance_past(ts_add(jumped_from, jump), "the checkpoint catches up with PD's new time");
+    safety.hold_for(Duration::from_secs(4));
+    assert!(!f.meta.get_task("t1").unwrap().is_paused().unwrap(), "a healthy task was paused after the jump");
+    assert!(safety.last > before);
 }
 
 fn spawn_advancer(f: &Fixture, status_port: u16) -> Child {

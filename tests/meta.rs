@@ -219,6 +219,11 @@ fn task_events_follow_every_change_in_order() {
         got[0].contains("Err(t6)") && got[0].contains("ranges/t6/z") && got[0].contains("ends before it starts"),
         "{got:?}"
     );
+
+    // A task without ranges is bad metadata, not an empty frontier.
+    client.etcd().put(keys::task_of("t7"), task("t7", 7).info.write_to_bytes().unwrap(), 0).unwrap();
+    let got = next_events(&events, 1);
+    assert!(got[0].contains("Err(t7)") && got[0].contains("no key ranges"), "{got:?}");
     assert_quiet(&events);
 }
 

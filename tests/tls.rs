@@ -115,3 +115,69 @@ fn tls_with_client_certificates_works_and_plain_text_is_refused() {
     let ca_only = Security::load(&SecurityConfig { ca_path: Some(path("ca.pem")), ..Default::default() }).unwrap();
     assert!(client(&etcd.endpoint(), ca_only).get("/tls/k").is_err(), "client certificates are required");
 }
+
+/// The first error of a client that cannot get through, as text.
+fn failure(endpoint: &str, security: Security) -> String {
+    client(endpoint, security).get("/tls/k").unwrap_err().to_string()
+}
+
+#[test]
+fn tls_failures_say_what_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path());
+    let path = |f: &str| dir.path().join(f);
+    openssl(
+        dir.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=another-ca",
+        ],
+    );
+    let etcd = EtcdProcess::start_tls(ServerTls {
+        cert: path("server.pem"),
+        key: path("server.key"),
+        client_ca: path("ca.pem"),
+    })
+    .unwrap();
+    let load = |ca: &str, with_client_cert: bool| {
+        Security::load(&SecurityConfig {
+            ca_path: Some(path(ca)),
+            cert_path: with_client_cert.then(|| path("client.pem")),
+            key_path: with_client_cert.then(|| path("client.key")),
+        })
+        .unwrap()
+    };
+    let endpoint = etcd.endpoint();
+
+    let err = failure(&endpoint, load("other.pem", true));
+    assert!(err.contains("not trusted by the CA file"), "{err}");
+
+    // The server's certificate names 127.0.0.1 only.
+    let port = endpoint.rsplit_once(':').unwrap().1;
+    let err = failure(&format!("localhost:{port}"), load("ca.pem", true));
+    assert!(err.contains("name mismatch") && err.contains("localhost"), "{err}");
+
+    let err = failure(&endpoint, load("ca.pem", false));
+    assert!(err.contains("refused our client certificate") || err.contains("refused the TLS handshake"), "{err}");
+
+    let err = failure(&endpoint, Security::insecure());
+    assert!(err.contains("require TLS"), "{err}");
+
+    let err = EtcdClient::new(EtcdConfig::new([format!("https://{endpoint}")])).err().unwrap().to_string();
+    assert!(err.contains("needs TLS"), "https:// without --ca is an error, never plain text: {err}");
+
+    drop(etcd);
+    let err = failure(&endpoint, load("ca.pem", true));
+    assert!(err.contains("connection refused"), "{err}");
+}

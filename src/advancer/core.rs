@@ -3,17 +3,28 @@
 //! story is a plain unit test.
 //!
 //! Safety lives here: span values only grow (max-merge), updates are clipped to the task's
-//! ranges, the in-memory checkpoint never decreases, lag is judged from the *stored*
-//! checkpoint, and a paused or deleted task is never uploaded.
+//! ranges, the in-memory checkpoint never decreases, nothing above the current time is
+//! believed, lag is judged from the *stored* checkpoint, and a paused or deleted task is
+//! never uploaded.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::config::Config;
 use crate::meta::{PauseV2, Severity, UploadOutcome};
 use crate::proto::brpb::StreamBackupTaskInfo;
 use crate::spans::{collapse, SpanFrontier};
 use crate::timefmt::{format_duration, format_rfc3339};
-use crate::types::{system_time_of, ts_distance, ts_sub, KeyRange, Ts};
+use crate::types::{system_time_of, ts_add, ts_distance, ts_sub, KeyRange, Ts};
+
+/// How far above `now` a reported timestamp may be and still be believed. Nothing can be
+/// flushed after now; the slack covers the driver's estimate of now between ticks.
+pub const FUTURE_TOLERANCE: Duration = Duration::from_secs(1);
+
+/// The greatest timestamp a store or etcd may report at `now`.
+pub fn latest_believable(now: Ts) -> Ts {
+    ts_add(now, FUTURE_TOLERANCE)
+}
 
 /// One task's state.
 struct TaskState {
@@ -66,11 +77,14 @@ pub struct Advancer {
     subscriptions_healthy: bool,
     /// Whether PD currently holds a safepoint for us, so that `UnblockGc` is sent once.
     gc_blocked: bool,
+    /// The time at which the clock last could not be trusted (a fallback or a jump): no lag
+    /// verdict for a checkpoint below it until one lag limit has passed since.
+    lag_hold: Option<Ts>,
 }
 
 impl Advancer {
     pub fn new(config: Config) -> Self {
-        Advancer { config, tasks: BTreeMap::new(), subscriptions_healthy: true, gc_blocked: false }
+        Advancer { config, tasks: BTreeMap::new(), subscriptions_healthy: true, gc_blocked: false, lag_hold: None }
     }
 
     pub fn config(&self) -> &Config {
@@ -88,10 +102,19 @@ impl Advancer {
     }
 
     /// A task appeared or was redefined: its frontier starts over at its start ts and its
-    /// checkpoint at max(stored, start ts). `stored` is what etcd holds (0 if none).
+    /// checkpoint at max(stored, start ts). `stored` is what etcd holds (0 if none); a value
+    /// above the current time is dropped at the next tick. A task without ranges is bad
+    /// metadata: it is refused and an earlier definition, if any, stays.
     pub fn add_task(&mut self, info: StreamBackupTaskInfo, ranges: &[KeyRange], paused: bool, stored: Ts) {
         let start_ts = info.get_start_ts();
         let ranges = collapse(ranges);
+        if ranges.is_empty() {
+            log::error!(
+                "task {} has no key ranges: not tracked (bad metadata; its last good state stays)",
+                info.get_name()
+            );
+            return;
+        }
         let state = TaskState {
             frontier: SpanFrontier::new(&ranges, start_ts),
             checkpoint: stored.max(start_ts),
@@ -129,6 +152,13 @@ impl Advancer {
         }
     }
 
+    /// This tick's `now` came from a fallback clock or jumped further than the time that
+    /// passed: a checkpoint from before it would look lagging without being so. Lag verdicts
+    /// wait until the checkpoint passes `now`, or one lag limit after it.
+    pub fn hold_lag_verdicts(&mut self, now: Ts) {
+        self.lag_hold = Some(self.lag_hold.map_or(now, |held| held.max(now)));
+    }
+
     pub fn set_subscriptions_healthy(&mut self, healthy: bool) {
         if !healthy && self.subscriptions_healthy {
             log::warn!(
@@ -144,21 +174,25 @@ impl Advancer {
     }
 
     /// A flushed range from a subscription: raises every task's spans it covers.
-    pub fn on_flush(&mut self, range: &KeyRange, ts: Ts) {
-        self.on_flushes([(range, ts)]);
+    pub fn on_flush(&mut self, range: &KeyRange, ts: Ts, now: Ts) -> usize {
+        self.on_flushes([(range, ts)], now)
     }
 
     /// Flushed ranges from subscriptions, merged as one batch per task (the frontier hides
-    /// memory latency across a batch).
-    pub fn on_flushes<'a, I>(&mut self, flushes: I)
+    /// memory latency across a batch). Flushes above `now` (the driver's best estimate of
+    /// PD's time) are impossible and dropped; returns how many.
+    pub fn on_flushes<'a, I>(&mut self, flushes: I, now: Ts) -> usize
     where
         I: IntoIterator<Item = (&'a KeyRange, Ts)>,
         I::IntoIter: Clone,
     {
+        let latest = latest_believable(now);
         let flushes = flushes.into_iter();
+        let believable = flushes.clone().filter(move |(_, ts)| *ts <= latest);
         for task in self.tasks.values_mut() {
-            task.frontier.merge_batch(flushes.clone().map(|(r, ts)| (r.start.as_slice(), r.end.as_slice(), ts)));
+            task.frontier.merge_batch(believable.clone().map(|(r, ts)| (r.start.as_slice(), r.end.as_slice(), ts)));
         }
+        flushes.filter(|(_, ts)| *ts > latest).count()
     }
 
     /// Region checkpoints polled for `task`.
@@ -187,13 +221,27 @@ impl Advancer {
             .collect()
     }
 
-    /// Moves each running task's checkpoint to its frontier's minimum (never down) and says
-    /// what to upload, then where the GC safepoint goes.
+    /// Moves each running task's checkpoint to its frontier's minimum (never down, never
+    /// above `now`) and says what to upload, then where the GC safepoint goes.
     pub fn finish_tick(&mut self, now: Ts) -> Vec<Action> {
         let heartbeat = self.config.upload_heartbeat;
+        let latest = latest_believable(now);
         let mut actions = Vec::new();
+        for (name, task) in self.tasks.iter_mut() {
+            if task.checkpoint > latest {
+                // Only a stored value adopted at Add or Resume can be here: etcd holds a
+                // checkpoint from the future, which must never reach the GC safepoint.
+                log::error!(
+                    "task {name}: the stored checkpoint {} is above the current time {now}; it is not trusted (fix \
+                     checkpoint/{name}/central_global in etcd)",
+                    task.checkpoint
+                );
+                task.checkpoint = task.frontier.min_ts().unwrap_or(task.info.get_start_ts()).min(now);
+            }
+        }
         for (name, task) in self.tasks.iter_mut().filter(|(_, t)| !t.paused) {
             if let Some(min) = task.frontier.min_ts() {
+                let min = min.min(now);
                 if min > task.checkpoint {
                     task.checkpoint = min;
                 }
@@ -226,10 +274,19 @@ impl Advancer {
     /// pause when the lag exceeds the limit; the task stops uploading at once.
     pub fn on_uploaded(&mut self, task: &str, outcome: UploadOutcome, now: Ts) -> Option<Action> {
         let limit = self.config.lag_limit;
+        let lag_hold = self.lag_hold;
         let state = self.tasks.get_mut(task)?;
         let stored = match outcome {
             UploadOutcome::Fenced => return None,
             UploadOutcome::Written => state.checkpoint,
+            UploadOutcome::KeptHigher { stored } if stored > latest_believable(now) => {
+                log::error!(
+                    "task {task}: etcd keeps checkpoint {stored}, above the current time {now}: not adopted, and no lag \
+                     verdict until it is fixed"
+                );
+                state.uploaded = Some((stored, now));
+                return None;
+            }
             UploadOutcome::KeptHigher { stored } => {
                 // Another writer got further: that value is a true checkpoint too.
                 state.checkpoint = state.checkpoint.max(stored);
@@ -242,6 +299,14 @@ impl Advancer {
         }
         let lag = ts_distance(now, stored);
         if lag <= limit {
+            return None;
+        }
+        if let Some(held) = lag_hold.filter(|held| stored < *held && ts_distance(now, *held) < limit) {
+            log::warn!(
+                "task {task} lags {} by a clock that jumped or fell back at {held}: no pause until its checkpoint \
+                 passes that or the lag limit has passed since",
+                format_duration(lag)
+            );
             return None;
         }
         log::warn!(

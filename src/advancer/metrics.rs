@@ -15,6 +15,7 @@ pub const REGION_REQUEST_FAILURE: &str = "tidb_log_backup_region_request_failure
 pub const CHECKPOINT_LAG: &str = "streamhelper_checkpoint_lag_seconds";
 pub const STORE_RPC_ERRORS: &str = "streamhelper_store_rpc_errors_total";
 pub const REGIONS_POLLED: &str = "streamhelper_regions_polled_total";
+pub const FUTURE_CHECKPOINTS: &str = "streamhelper_future_checkpoints_total";
 
 /// Upstream's tick histogram buckets: exponential from 10 ms, factor 3, 8 buckets.
 const BUCKETS: [f64; 8] = [0.01, 0.03, 0.09, 0.27, 0.81, 2.43, 7.29, 21.87];

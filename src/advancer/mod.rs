@@ -9,4 +9,4 @@ pub mod status;
 mod tests;
 
 pub use config::{Config, Settings, SETTINGS};
-pub use core::{Action, Advancer, PollPlan, TaskStatus};
+pub use core::{latest_believable, Action, Advancer, PollPlan, TaskStatus, FUTURE_TOLERANCE};

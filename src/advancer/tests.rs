@@ -88,7 +88,7 @@ fn late_lower_reports_never_lower_the_checkpoint() {
     adv.on_poll_result("t", [(&KeyRange::full(), at(5.0))]);
     assert_eq!(uploads(&tick(&mut adv, at(5.5)).0), [("t".to_string(), at(5.0))]);
     adv.on_poll_result("t", [(&r("a", "z"), at(1.0))]);
-    adv.on_flush(&r("", "m"), at(2.0));
+    adv.on_flush(&r("", "m"), at(2.0), at(2.0));
     tick(&mut adv, at(5.6));
     assert_eq!(adv.status()[0].checkpoint, at(5.0));
 }
@@ -171,7 +171,7 @@ fn deleting_one_task_leaves_the_others_alone() {
     let mut adv = Advancer::new(config());
     adv.add_task(info("a", at(0.0)), &[r("a", "b")], false, 0);
     adv.add_task(info("b", at(0.0)), &[r("b", "c")], false, 0);
-    adv.on_flush(&r("a", "c"), at(1.0));
+    adv.on_flush(&r("a", "c"), at(1.0), at(1.0));
     adv.set_paused("c", true); // unknown names are ignored
     assert!(!adv.remove_task("zzz"));
     assert!(adv.remove_task("a"));
@@ -184,7 +184,7 @@ fn one_gc_safepoint_covers_every_task_and_is_released_with_the_last() {
     adv.add_task(info("a", at(2.0)), &[r("a", "b")], false, 0);
     adv.add_task(info("b", at(3.0)), &[r("b", "c")], true, 0);
     assert_eq!(gc(&adv.finish_tick(at(3.1))), Some(&Action::BlockGc { safe_point: at(2.0) - 1 }));
-    adv.on_flush(&r("a", "b"), at(5.0));
+    adv.on_flush(&r("a", "b"), at(5.0), at(5.0));
     assert_eq!(
         gc(&adv.finish_tick(at(5.1))),
         Some(&Action::BlockGc { safe_point: at(3.0) - 1 }),
@@ -200,8 +200,8 @@ fn one_gc_safepoint_covers_every_task_and_is_released_with_the_last() {
 fn a_broken_subscription_tightens_the_polling_threshold() {
     let mut adv = Advancer::new(config());
     adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
-    adv.on_flush(&r("", "m"), at(8.0));
-    adv.on_flush(&r("m", ""), at(11.0));
+    adv.on_flush(&r("", "m"), at(8.0), at(8.0));
+    adv.on_flush(&r("m", ""), at(11.0), at(11.0));
     let now = at(12.0);
     assert_eq!(adv.plan_polls(now), [], "4 min old at most: nothing to poll while subscriptions work");
     adv.set_subscriptions_healthy(false);
@@ -214,7 +214,7 @@ fn a_broken_subscription_tightens_the_polling_threshold() {
 fn an_unchanged_checkpoint_is_uploaded_as_a_heartbeat_only() {
     let mut adv = Advancer::new(config());
     adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
-    adv.on_flush(&KeyRange::full(), at(1.0));
+    adv.on_flush(&KeyRange::full(), at(1.0), at(1.0));
     assert_eq!(uploads(&tick(&mut adv, at(1.1)).0).len(), 1);
     assert_eq!(uploads(&tick(&mut adv, at(1.5)).0).len(), 0);
     assert_eq!(uploads(&tick(&mut adv, at(2.2)).0).len(), 1, "one minute later: heartbeat");
@@ -269,7 +269,7 @@ fn randomized_reports_never_overclaim_or_regress() {
                     if rand(2) == 0 {
                         adv.on_poll_result("t", [(&range, reported)]);
                     } else {
-                        adv.on_flush(&range, reported);
+                        adv.on_flush(&range, reported, reported);
                     }
                 }
             }
@@ -308,7 +308,7 @@ fn flushes_after_the_last_task_is_gone_are_ignored() {
     let mut adv = Advancer::new(config());
     adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
     adv.remove_task("t");
-    adv.on_flush(&KeyRange::full(), at(3.0));
+    adv.on_flush(&KeyRange::full(), at(3.0), at(3.0));
     adv.on_poll_result("t", [(&KeyRange::full(), at(3.0))]);
     assert!(adv.status().is_empty());
     adv.add_task(info("t", at(1.0)), &[KeyRange::full()], false, 0);
@@ -340,10 +340,99 @@ fn polling_covers_only_lagging_spans_of_running_tasks() {
     let mut adv = Advancer::new(config());
     adv.add_task(info("a", at(0.0)), &[r("a", "c"), r("x", "z")], false, 0);
     adv.add_task(info("b", at(0.0)), &[r("m", "n")], false, 0);
-    adv.on_flush(&r("a", "c"), at(10.0));
-    adv.on_flush(&r("m", "n"), at(10.0));
+    adv.on_flush(&r("a", "c"), at(10.0), at(10.0));
+    adv.on_flush(&r("m", "n"), at(10.0), at(10.0));
     let plans = adv.plan_polls(at(10.5));
     assert_eq!(plans, [PollPlan { task: "a".into(), ranges: vec![r("x", "z")] }]);
     assert_eq!(adv.checkpoint_in_range("a", &r("b", "y")), Some(at(0.0)));
     assert_eq!(adv.checkpoint_in_range("a", &r("a", "b")), Some(at(10.0)));
+}
+
+// Hostile peers (issue 17): nothing above the current time becomes a checkpoint.
+
+#[test]
+fn a_flush_from_the_future_is_refused_and_cannot_carry_the_checkpoint() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    assert_eq!(adv.on_flush(&KeyRange::full(), u64::MAX, at(1.0)), 1, "a store answering u64::MAX");
+    assert_eq!(adv.on_flush(&r("", "m"), at(3.0), at(1.0)), 1, "two minutes ahead of now");
+    assert_eq!(adv.on_flush(&r("m", ""), at(1.0), at(1.0)), 0, "exactly now is believable");
+    let (actions, _) = tick(&mut adv, at(1.0));
+    assert_eq!(uploads(&actions), [("t".to_string(), at(0.0))], "the refused flushes moved nothing");
+    assert_eq!(gc(&actions), Some(&Action::BlockGc { safe_point: at(0.0) - 1 }));
+}
+
+#[test]
+fn the_checkpoint_never_passes_now_even_if_the_frontier_does() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    // Within the tolerance a flush may be a little ahead of the driver's estimate of now.
+    let ahead = at(1.0) + (1 << 18) * 500;
+    assert_eq!(adv.on_flush(&KeyRange::full(), ahead, at(1.0)), 0);
+    let (actions, _) = tick(&mut adv, at(1.0));
+    assert_eq!(uploads(&actions), [("t".to_string(), at(1.0))], "clamped to now");
+}
+
+#[test]
+fn a_stored_checkpoint_from_the_future_is_never_used_for_the_gc_safepoint() {
+    let mut adv = Advancer::new(with_lag_limit());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, u64::MAX);
+    adv.on_flush(&KeyRange::full(), at(0.5), at(1.0));
+    let actions = adv.finish_tick(at(1.0));
+    assert_eq!(uploads(&actions), [("t".to_string(), at(0.5))], "back to what the frontier supports");
+    assert_eq!(gc(&actions), Some(&Action::BlockGc { safe_point: at(0.5) - 1 }));
+    // etcd keeps its bogus value: it is neither adopted nor a reason to pause.
+    assert_eq!(adv.on_uploaded("t", UploadOutcome::KeptHigher { stored: u64::MAX }, at(1.0)), None);
+    assert_eq!(adv.status()[0].checkpoint, at(0.5));
+    let later = adv.finish_tick(at(30.0));
+    assert_eq!(gc(&later), Some(&Action::BlockGc { safe_point: at(0.5) - 1 }));
+}
+
+#[test]
+fn a_kept_higher_value_above_now_is_not_adopted() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    adv.finish_tick(at(1.0));
+    assert_eq!(adv.on_uploaded("t", UploadOutcome::KeptHigher { stored: at(60.0) }, at(1.0)), None);
+    assert_eq!(adv.status()[0].checkpoint, at(0.0));
+    assert_eq!(gc(&adv.finish_tick(at(1.1))), Some(&Action::BlockGc { safe_point: at(0.0) - 1 }));
+}
+
+#[test]
+fn a_task_without_ranges_is_refused_and_its_last_good_definition_stays() {
+    let mut adv = Advancer::new(config());
+    adv.add_task(info("empty", at(0.0)), &[], false, 0);
+    assert!(adv.status().is_empty(), "not an empty frontier uploading its start ts forever");
+    adv.add_task(info("t", at(0.0)), &[r("a", "b")], false, 0);
+    adv.on_flush(&r("a", "b"), at(2.0), at(2.0));
+    adv.add_task(info("t", at(1.0)), &[], false, 0);
+    let (actions, _) = tick(&mut adv, at(2.0));
+    assert_eq!(uploads(&actions), [("t".to_string(), at(2.0))], "the earlier definition keeps advancing");
+}
+
+#[test]
+fn a_jumping_clock_does_not_pause_a_healthy_task() {
+    // A PD clock three days ahead paused a healthy task on the first tick (issue 17).
+    let mut adv = Advancer::new(with_lag_limit());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    adv.on_flush(&KeyRange::full(), at(1.0), at(1.0));
+    let jumped = at(3.0 * 24.0 * 60.0);
+    adv.hold_lag_verdicts(jumped);
+    let (_, pauses) = tick(&mut adv, jumped);
+    assert!(pauses.is_empty(), "no verdict from a clock that just jumped");
+    // TiKV's next flush carries the new time: the task is healthy.
+    adv.on_flush(&KeyRange::full(), jumped + 1, jumped + 1);
+    let (_, pauses) = tick(&mut adv, jumped + (1 << 18) * 30_000);
+    assert!(pauses.is_empty());
+}
+
+#[test]
+fn a_task_stuck_across_a_clock_jump_is_paused_one_lag_limit_later() {
+    let mut adv = Advancer::new(with_lag_limit());
+    adv.add_task(info("t", at(0.0)), &[KeyRange::full()], false, 0);
+    let jumped = at(600.0);
+    adv.hold_lag_verdicts(jumped);
+    assert!(tick(&mut adv, jumped).1.is_empty());
+    assert!(tick(&mut adv, at(600.5)).1.is_empty(), "within one lag limit of the jump");
+    assert_eq!(tick(&mut adv, at(601.5)).1.len(), 1, "stuck for real: paused after the grace");
 }

@@ -31,6 +31,9 @@ pub struct CollectorConfig {
     /// Regions per ScanRegions page.
     pub page_size: usize,
     pub scan_retry: ScanRetry,
+    /// The greatest checkpoint a store may answer: PD's current TSO (plus a little slack) at
+    /// the tick. Nothing can be flushed past now, so a larger answer is a broken store.
+    pub max_ts: Ts,
 }
 
 impl Default for CollectorConfig {
@@ -40,6 +43,7 @@ impl Default for CollectorConfig {
             rpc_timeout: Duration::from_secs(3),
             page_size: DEFAULT_PAGE_SIZE,
             scan_retry: ScanRetry::default(),
+            max_ts: Ts::MAX,
         }
     }
 }
@@ -60,6 +64,8 @@ pub enum FailReason {
     NoCheckpoint,
     /// The store could not be dialed, failed the call or missed the deadline.
     StoreFailed,
+    /// The store answered a checkpoint above the current time: impossible, so not trusted.
+    FromFuture(Ts),
 }
 
 impl FailReason {
@@ -72,6 +78,7 @@ impl FailReason {
             FailReason::RegionError(_) => "region-error",
             FailReason::NoCheckpoint => "no-checkpoint",
             FailReason::StoreFailed => "store-failed",
+            FailReason::FromFuture(_) => "from-future",
         }
     }
 }
@@ -123,7 +130,7 @@ pub fn collect_checkpoints(
     let deadline = Instant::now() + config.rpc_timeout;
     let in_flight: Vec<_> = dialed.into_iter().map(|(plan, client)| send_batches(plan, client, deadline)).collect();
     for store in in_flight {
-        store.wait_into(service, &mut result);
+        store.wait_into(service, config.max_ts, &mut result);
     }
     result.advanced.sort();
     result.failed.sort();
@@ -235,7 +242,7 @@ fn send_batches(plan: StorePlan, client: Result<LogBackupClient>, deadline: Inst
 impl StoreCalls {
     /// Waits for every answer of the store and merges it. The first failure becomes the
     /// store's error and drops its connection, so that the next use dials again.
-    fn wait_into(self, service: &dyn LogBackupService, result: &mut CollectResult) {
+    fn wait_into(self, service: &dyn LogBackupService, max_ts: Ts, result: &mut CollectResult) {
         let store = self.store;
         let first_error = match self.sent {
             Err((batches, e)) => {
@@ -246,7 +253,7 @@ impl StoreCalls {
                 let mut first_error = None;
                 for (batch, call) in in_flight.calls {
                     match call.and_then(|receiver| block_on(receiver).map_err(|e| rpc_error(store, e))) {
-                        Ok(answer) => apply_answer(store, batch, &answer, result),
+                        Ok(answer) => apply_answer(store, batch, &answer, max_ts, result),
                         Err(e) => {
                             fail_batch(store, batch, result);
                             first_error.get_or_insert(e);
@@ -290,8 +297,16 @@ fn fail_batch(store: StoreId, batch: Batch, result: &mut CollectResult) {
 
 /// Merges one store's answer to one batch. Answers are matched by region id (TiKV answers
 /// in any order, once per id) to the range the region had when the request was built.
-fn apply_answer(store: StoreId, batch: Batch, answer: &GetLastFlushTSOfRegionResponse, result: &mut CollectResult) {
+/// Checkpoints above `max_ts` fail their region and are reported once per batch.
+fn apply_answer(
+    store: StoreId,
+    batch: Batch,
+    answer: &GetLastFlushTSOfRegionResponse,
+    max_ts: Ts,
+    result: &mut CollectResult,
+) {
     let mut asked: HashMap<RegionId, RegionWithLeader> = batch.into_iter().map(|r| (r.id, r)).collect();
+    let mut from_future = Vec::new();
     for checkpoint in answer.get_checkpoints() {
         let id = checkpoint.get_region().get_id();
         let Some(region) = asked.remove(&id) else {
@@ -304,6 +319,9 @@ fn apply_answer(store: StoreId, batch: Batch, answer: &GetLastFlushTSOfRegionRes
             reason
         } else if checkpoint.get_checkpoint() == 0 {
             FailReason::NoCheckpoint
+        } else if checkpoint.get_checkpoint() > max_ts {
+            from_future.push(id);
+            FailReason::FromFuture(checkpoint.get_checkpoint())
         } else {
             result.advanced.push((region.range, checkpoint.get_checkpoint()));
             continue;
@@ -316,6 +334,13 @@ fn apply_answer(store: StoreId, batch: Batch, answer: &GetLastFlushTSOfRegionRes
         store: Some(store),
         reason: FailReason::NoCheckpoint,
     }));
+    if let Some(first) = from_future.first() {
+        warn!(
+            "store {store} answered checkpoints above the current ts {max_ts} for {} regions (region {first} among \
+             them); they are not trusted and their ranges do not advance",
+            from_future.len()
+        );
+    }
 }
 
 fn fail_reason(err: &errorpb::Error) -> FailReason {
@@ -419,7 +444,7 @@ mod tests {
             resp.mut_checkpoints().push(cp);
         }
         let mut result = CollectResult::default();
-        apply_answer(7, batch.clone(), &resp, &mut result);
+        apply_answer(7, batch.clone(), &resp, Ts::MAX, &mut result);
         result.failed.sort();
         assert_eq!(result.advanced, vec![(KeyRange::new("c", "d"), 30)]);
         assert_eq!(
@@ -432,6 +457,27 @@ mod tests {
             ]
         );
         assert!(result.store_errors.is_empty());
+    }
+
+    #[test]
+    fn a_checkpoint_above_now_fails_its_region_instead_of_advancing_it() {
+        let batch = vec![region(1, "a", "b", Some(7)), region(2, "b", "c", Some(7)), region(3, "c", "d", Some(7))];
+        let mut resp = GetLastFlushTSOfRegionResponse::default();
+        for cp in [answer(1, 100, None), answer(2, 101, None), answer(3, u64::MAX, None)] {
+            resp.mut_checkpoints().push(cp);
+        }
+        let mut result = CollectResult::default();
+        apply_answer(7, batch.clone(), &resp, 100, &mut result);
+        result.failed.sort();
+        assert_eq!(result.advanced, vec![(KeyRange::new("a", "b"), 100)], "the bound itself is allowed");
+        assert_eq!(
+            result.failed,
+            vec![
+                failed(&batch[1], Some(7), FailReason::FromFuture(101)),
+                failed(&batch[2], Some(7), FailReason::FromFuture(u64::MAX)),
+            ]
+        );
+        assert_eq!(FailReason::FromFuture(1).label(), "from-future");
     }
 
     #[test]

@@ -131,8 +131,12 @@ impl PdClient {
             match self.members_from(url).and_then(|members| self.adopt_leader(url, &members)) {
                 Ok(found) => return Ok(found),
                 Err(e) => {
-                    warn!("PD endpoint {url} could not name the leader: {e}");
-                    last = e.to_string();
+                    last = match e {
+                        // gRPC only says it did not connect: find out why.
+                        Error::Rpc { .. } => format!("{e} ({})", self.security.diagnose(url, self.config.timeout)),
+                        _ => e.to_string(),
+                    };
+                    warn!("PD endpoint {url} could not name the leader: {last}");
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! Paging through the regions of a key range (upstream's `RegionIter`, spec 6), with every
 //! page checked to tile its part of the range before it is used.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::thread;
 use std::time::Duration;
@@ -111,12 +112,28 @@ impl fmt::Display for RegionIter<'_> {
 }
 
 /// Upstream's `CheckRegionConsistency`: `regions` must tile `[start, end)` (raw keys, empty
-/// `end` = +∞) in order, with no hole and no overlap, the first containing `start`.
+/// `end` = +∞) in order, with no hole and no overlap, the first containing `start`. Beyond
+/// upstream, every region must be non-empty and named once: an inverted region can hide an
+/// overlap from the pairwise check (and so advance a range past its truth).
 pub fn check_region_consistency(start: &[u8], end: &[u8], regions: &[RegionWithLeader]) -> Result<()> {
     let fail = |reason: String| Err(Error::RegionScan { range: KeyRange::new(start, end), reason });
     let (Some(first), Some(last)) = (regions.first(), regions.last()) else {
         return fail("PD returned no region".into());
     };
+    let mut ids = HashSet::with_capacity(regions.len());
+    for region in regions {
+        if !region.range.end.is_empty() && region.range.end <= region.range.start {
+            return fail(format!(
+                "region {} is empty or inverted: it starts at {} and ends at {}",
+                region.id,
+                DisplayKey(&region.range.start),
+                DisplayKey(&region.range.end)
+            ));
+        }
+        if !ids.insert(region.id) {
+            return fail(format!("region {} appears twice in one page", region.id));
+        }
+    }
     if first.range.start.as_slice() > start {
         return fail(format!(
             "hole at the start: the first region {} starts at {}",
@@ -192,6 +209,20 @@ mod tests {
             (b"a", b"z", vec![region(1, "a", "c"), region(2, "d", "z")], "hole between region 1"),
             (b"a", b"z", vec![region(1, "a", "d"), region(2, "c", "z")], "overlap between region 1"),
             (b"a", b"", vec![region(1, "a", ""), region(2, "c", "")], "overlap between region 1"),
+            // [b, c) twice, hidden from the pairwise check by an inverted region.
+            (
+                b"a",
+                b"z",
+                vec![region(1, "a", "c"), region(2, "c", "b"), region(3, "b", "z")],
+                "region 2 is empty or inverted",
+            ),
+            (
+                b"a",
+                b"z",
+                vec![region(1, "a", "c"), region(2, "c", "c"), region(3, "c", "z")],
+                "region 2 is empty or inverted",
+            ),
+            (b"a", b"z", vec![region(1, "a", "c"), region(1, "c", "z")], "region 1 appears twice"),
         ];
         for (start, end, regions, expected) in cases {
             let err = check_region_consistency(start, end, &regions).unwrap_err().to_string();

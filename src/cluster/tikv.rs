@@ -61,7 +61,10 @@ impl TikvClients {
         wait_connected(&channel, self.config.dial_timeout).map_err(|reason| Error::Store {
             store_id: store.id,
             address: store.address.clone(),
-            reason: format!("cannot connect: {reason}"),
+            reason: format!(
+                "cannot connect: {reason}: {}",
+                self.security.diagnose(&store.address, self.config.dial_timeout)
+            ),
         })?;
         info!("connected to the log-backup service of store {} at {}", store.id, store.address);
         Ok(LogBackupClient::new(channel))

@@ -212,6 +212,8 @@ impl Daemon {
             stop,
             leadership: None,
             subscriber: None,
+            last_tso: None,
+            future_stores: Default::default(),
         };
         work.push(spawn("ticker", move || ticker.run())?);
         let status_server = match &config.status_addr {

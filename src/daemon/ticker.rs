@@ -3,24 +3,30 @@
 //! lets the core decide, then uploads, pauses and moves the GC safepoint. The core's lock is
 //! never held across any of that I/O.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{never, tick, Receiver};
 
 use super::owner::OwnerEvent;
 use super::{RegionHint, Shared, TaskView};
 use crate::advancer::metrics::{self, Metrics};
-use crate::advancer::Action;
+use crate::advancer::{latest_believable, Action};
 use crate::cluster::{
-    collect_checkpoints, ClusterMeta, CollectorConfig, FlushSubscriber, LogBackupService, SubscriberConfig,
+    collect_checkpoints, ClusterMeta, CollectorConfig, FailReason, FlushEvent, FlushSubscriber, LogBackupService,
+    SubscriberConfig,
 };
 use crate::etcd::Leadership;
 use crate::meta::{AdvancerExt, TaskEvent, UploadOutcome};
 use crate::stop::StopToken;
-use crate::timefmt::format_rfc3339;
-use crate::types::{local_now_ts, system_time_of, ts_distance, Ts};
+use crate::timefmt::{format_duration, format_rfc3339};
+use crate::types::{local_now_ts, system_time_of, ts_add, ts_distance, StoreId, Ts};
+
+/// How much further than the elapsed time PD's clock may move between two readings before
+/// it counts as a jump.
+const CLOCK_JUMP_MARGIN: Duration = Duration::from_secs(30);
 
 pub struct Ticker {
     pub shared: Arc<Shared>,
@@ -33,6 +39,10 @@ pub struct Ticker {
     pub stop: StopToken,
     pub leadership: Option<Leadership>,
     pub subscriber: Option<FlushSubscriber>,
+    /// PD's last TSO and when it came, to bound flush events between ticks.
+    pub last_tso: Option<(Ts, Instant)>,
+    /// Stores already reported for flushing from the future (logged once each).
+    pub future_stores: HashSet<StoreId>,
 }
 
 impl Ticker {
@@ -58,7 +68,7 @@ impl Ticker {
                 recv(flushes) -> event => {
                     if let Ok(first) = event {
                         let batch: Vec<_> = std::iter::once(first).chain(flushes.try_iter().take(4095)).collect();
-                        self.shared.advancer.lock().on_flushes(batch.iter().map(|e| (&e.range, e.ts)));
+                        self.on_flushes(&batch);
                     }
                 }
                 recv(ticks) -> _ => {
@@ -72,6 +82,39 @@ impl Ticker {
             }
         }
         self.lose_ownership();
+    }
+
+    fn on_flushes(&mut self, batch: &[FlushEvent]) {
+        let now = self.estimated_now();
+        let refused = self.shared.advancer.lock().on_flushes(batch.iter().map(|e| (&e.range, e.ts)), now);
+        if refused == 0 {
+            return;
+        }
+        self.metrics().inc_counter(metrics::FUTURE_CHECKPOINTS, &[("source", "flush")], refused as u64);
+        let latest = latest_believable(now);
+        let mut by_store: BTreeMap<StoreId, (usize, Ts)> = BTreeMap::new();
+        for event in batch.iter().filter(|e| e.ts > latest) {
+            let entry = by_store.entry(event.store).or_default();
+            entry.0 += 1;
+            entry.1 = entry.1.max(event.ts);
+        }
+        for (store, (count, max)) in by_store {
+            if self.future_stores.insert(store) {
+                log::warn!(
+                    "store {store} sent {count} flush events above the current time {now} (up to {max}); they are \
+                     ignored, and so are later ones (counted in {})",
+                    metrics::FUTURE_CHECKPOINTS
+                );
+            }
+        }
+    }
+
+    /// PD's time as last seen plus the time since; the local clock before PD answered.
+    fn estimated_now(&self) -> Ts {
+        match self.last_tso {
+            Some((tso, at)) => ts_add(tso, at.elapsed()),
+            None => local_now_ts(),
+        }
     }
 
     fn stored_checkpoint(&self, task: &str) -> Ts {
@@ -134,11 +177,30 @@ impl Ticker {
         self.metrics().set_gauge(metrics::OWNER, &[], 0.0);
     }
 
-    fn now(&self) -> Ts {
-        self.meta.fetch_current_ts().unwrap_or_else(|e| {
-            log::warn!("PD TSO unavailable, using the local clock: {e}");
-            local_now_ts()
-        })
+    /// PD's TSO, or the local clock when PD does not answer. A fallback reading, or a TSO
+    /// further ahead than the time that passed since the last one (at the first, than the
+    /// local clock), holds lag verdicts back: it would make a healthy task look lagging.
+    fn now(&mut self) -> Ts {
+        let expected = self.estimated_now();
+        let now = match self.meta.fetch_current_ts() {
+            Ok(tso) => {
+                self.last_tso = Some((tso, Instant::now()));
+                if ts_distance(tso, expected) <= CLOCK_JUMP_MARGIN {
+                    return tso;
+                }
+                log::warn!(
+                    "PD's clock jumped {} ahead of the time that passed: no lag-limit pause until checkpoints catch up",
+                    format_duration(ts_distance(tso, expected))
+                );
+                tso
+            }
+            Err(e) => {
+                log::warn!("PD TSO unavailable, using the local clock (no lag-limit pause this tick): {e}");
+                local_now_ts()
+            }
+        };
+        self.shared.advancer.lock().hold_lag_verdicts(now);
+        now
     }
 
     fn tick(&mut self) {
@@ -175,8 +237,11 @@ impl Ticker {
             let advancer = self.shared.advancer.lock();
             (advancer.plan_polls(now), advancer.config().clone())
         };
-        let collector =
-            CollectorConfig { rpc_timeout: config.rpc_timeout.min(config.tick_interval), ..CollectorConfig::default() };
+        let collector = CollectorConfig {
+            rpc_timeout: config.rpc_timeout.min(config.tick_interval),
+            max_ts: latest_believable(now),
+            ..CollectorConfig::default()
+        };
         for plan in plans {
             if started.elapsed() >= config.tick_interval {
                 log::warn!("tick interval used up; polling of task {} waits for the next tick", plan.task);
@@ -206,6 +271,10 @@ impl Ticker {
                             &[("reason", failed.reason.label())],
                             1,
                         );
+                    }
+                    let future = result.failed.iter().filter(|f| matches!(f.reason, FailReason::FromFuture(_))).count();
+                    if future > 0 {
+                        self.metrics().inc_counter(metrics::FUTURE_CHECKPOINTS, &[("source", "poll")], future as u64);
                     }
                     for error in &result.store_errors {
                         log::warn!("task {}: {error}", plan.task);

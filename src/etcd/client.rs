@@ -15,7 +15,7 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::etcdserverpb_grpc::{KvClient, LeaseClient, WatchClient};
 use crate::proto::mvccpb::KeyValue;
-use crate::security::{grpc_env, strip_scheme, Security};
+use crate::security::{grpc_env, Security};
 
 /// How to reach etcd.
 #[derive(Clone)]
@@ -310,7 +310,7 @@ impl EtcdClient {
             return Err(Error::Config("no etcd endpoint given".into()));
         }
         for endpoint in &config.endpoints {
-            strip_scheme(endpoint)?;
+            config.security.target(endpoint)?;
         }
         Ok(EtcdClient { shared: Arc::new(Shared { config, current: Mutex::new((0, None)) }) })
     }
@@ -334,7 +334,11 @@ impl EtcdClient {
         if !futures_executor::block_on(channel.wait_for_connected(config.connect_timeout)) {
             return Err(Error::Etcd {
                 endpoint: endpoint.to_string(),
-                reason: format!("no connection within {:?}", config.connect_timeout),
+                reason: format!(
+                    "no connection within {:?}: {}",
+                    config.connect_timeout,
+                    config.security.diagnose(endpoint, config.connect_timeout)
+                ),
             });
         }
         Ok(Connection {

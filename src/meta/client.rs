@@ -27,7 +27,7 @@ pub struct Task {
     pub info: StreamBackupTaskInfo,
 }
 
-fn bad_meta(task: &str, key: &[u8], reason: impl Into<String>) -> Error {
+pub(super) fn bad_meta(task: &str, key: &[u8], reason: impl Into<String>) -> Error {
     Error::BadMeta { task: task.to_string(), key: String::from_utf8_lossy(key).into_owned(), reason: reason.into() }
 }
 

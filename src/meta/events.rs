@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
-use super::client::{decode_ranges, decode_task_info, name_under, MetaDataClient};
+use super::client::{bad_meta, decode_ranges, decode_task_info, name_under, MetaDataClient};
 use super::keys;
 use super::pause::PauseV2;
 use crate::error::{Error, Result, ResultExt};
@@ -194,6 +194,10 @@ impl AdvancerExt {
         let info = decode_task_info(name, key, value)?;
         let (kvs, _) = self.meta.etcd().scan_prefix_at(keys::ranges_of(name).as_bytes(), PAGE, revision)?;
         let ranges = decode_ranges(name, &kvs)?;
+        if ranges.is_empty() {
+            let prefix = keys::ranges_of(name);
+            return Err(bad_meta(name, prefix.as_bytes(), "the task has no key ranges"));
+        }
         Ok((info, KnownTask { info_bytes: value.to_vec(), ranges }))
     }
 

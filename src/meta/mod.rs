@@ -1,7 +1,7 @@
 //! Log-backup metadata in etcd: the key layout, tasks, pause records, checkpoints and the
 //! task event stream the advancer follows. Byte-compatible with BR, TiDB and TiKV.
 
-mod client;
+pub(crate) mod client;
 mod events;
 pub mod keys;
 pub mod pause;

@@ -300,6 +300,20 @@ impl SimCluster {
         }
     }
 
+    /// PD's clock jumps `by` ahead (NTP gone wrong): TSOs, and so flushes, jump with it.
+    pub fn jump_clock(&self, by: Duration) {
+        self.state.tso.jump(by);
+    }
+
+    /// A broken store: from now on it reports `ts` (`None`: the truth again) as the
+    /// checkpoint of every region it flushed, in answers and in flush events.
+    pub fn set_claimed_ts(&self, store: StoreId, ts: Option<Ts>) {
+        match self.state.store(store) {
+            Some(store_state) => store_state.run.lock().claimed_ts = ts,
+            None => log::warn!("sim: set_claimed_ts: no store {store}"),
+        }
+    }
+
     /// Ends the store's open subscription streams with UNAVAILABLE (an injected reset).
     pub fn reset_subscriptions(&self, store: StoreId) {
         if let Some(store_state) = self.state.store(store) {

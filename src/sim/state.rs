@@ -47,6 +47,9 @@ pub struct StoreRun {
     /// Bumped by every stop and restart, so that a flush racing with one does not publish
     /// a map into the new incarnation.
     pub incarnation: u64,
+    /// A broken store: reports this checkpoint for every region it flushed, in answers and
+    /// flush events alike, whatever the truth.
+    pub claimed_ts: Option<Ts>,
 }
 
 impl StoreRun {
@@ -74,16 +77,26 @@ impl StoreState {
                 up: false,
                 subscription_supported: true,
                 incarnation: 0,
+                claimed_ts: None,
             }),
             last_flush: RwLock::new(Arc::default()),
             subscribers: Mutex::new(Vec::new()),
         }
     }
 
+    /// The last flush as the store reports it: the truth unless it claims another ts.
+    pub fn reported_flush(&self) -> Arc<LastFlush> {
+        let last = self.last_flush.read().clone();
+        match self.run.lock().claimed_ts {
+            Some(ts) => Arc::new(LastFlush { ts, regions: last.regions.clone() }),
+            None => last,
+        }
+    }
+
     /// Sends the current flushed set to every subscriber (TiKV queues a new subscriber's
     /// snapshot as a broadcast too). Returns the subscribers that were sent to.
     pub fn broadcast(&self) -> Vec<Outbox<Push>> {
-        let last = self.last_flush.read().clone();
+        let last = self.reported_flush();
         let mut subscribers = self.subscribers.lock();
         subscribers.retain(|s| !s.is_closed());
         if last.regions.is_empty() || subscribers.is_empty() {

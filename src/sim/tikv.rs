@@ -152,8 +152,7 @@ impl LogBackup for LogBackupService {
         sink: UnarySink<GetLastFlushTSOfRegionResponse>,
     ) {
         self.when_answering(move |_, store| {
-            let last = store.last_flush.read().clone();
-            reply(sink, Ok(checkpoints(&last, &request)));
+            reply(sink, Ok(checkpoints(&store.reported_flush(), &request)));
         });
     }
 

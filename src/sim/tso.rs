@@ -2,6 +2,7 @@
 //! caller (PD's `Tso` stream, flushes, `SimCluster::now_ts`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::types::{compose_ts, local_now_ts, physical_ms, Ts};
 
@@ -15,9 +16,20 @@ pub fn logical(ts: Ts) -> u64 {
 #[derive(Debug, Default)]
 pub struct Tso {
     last: AtomicU64,
+    /// How far PD's clock runs ahead of this machine's (a clock jump), in milliseconds.
+    ahead_ms: AtomicU64,
 }
 
 impl Tso {
+    /// PD's clock jumps `by` ahead, for good: every later timestamp is that much later.
+    pub fn jump(&self, by: Duration) {
+        self.ahead_ms.fetch_add(by.as_millis().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn clock(&self) -> Ts {
+        compose_ts(physical_ms(local_now_ts()) + self.ahead_ms.load(Ordering::Relaxed), 0)
+    }
+
     /// One fresh timestamp.
     pub fn next(&self) -> Ts {
         self.next_batch(1)
@@ -29,7 +41,7 @@ impl Tso {
         let count = u64::from(count.max(1)).min(LOGICAL_MASK + 1);
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
-            let mut candidate = (last + count).max(local_now_ts() + count - 1);
+            let mut candidate = (last + count).max(self.clock() + count - 1);
             if logical(candidate) < count - 1 {
                 // The batch would straddle a millisecond: start it at the next one.
                 candidate = compose_ts(physical_ms(candidate), count - 1);
