@@ -14,9 +14,10 @@ use crate::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use crate::error::{Error, Result};
 use crate::security::Security;
 
-const TAKE_OVER_HELP: &str = "Evict every owner candidate ahead of this advancer (TiDB servers included: \
-                              they campaign again behind it), with backoff, until it leads. Without \
-                              this flag the advancer waits its turn, which next to TiDB can be forever";
+const TAKE_OVER_HELP: &str = "Evict the TiDB owner candidates ahead of this advancer (they campaign \
+                              again behind it), with backoff, until it leads; other streamhelper \
+                              advancers ahead are waited for. Without this flag the advancer waits its \
+                              turn, which next to TiDB can be forever";
 
 /// The `advancer` command line: `--config FILE`, `--take-over` and one flag per setting.
 #[derive(Debug, Default)]
@@ -123,7 +124,7 @@ pub fn run(args: AdvancerArgs) -> Result<()> {
     let settings = args.settings()?;
     if args.take_over {
         log::warn!(
-            "--take-over: this advancer will evict every owner candidate ahead of it under {}, TiDB servers included",
+            "--take-over: this advancer will evict the TiDB owner candidates ahead of it under {}",
             crate::meta::keys::OWNER_PREFIX
         );
     }

@@ -9,7 +9,7 @@ use crossbeam_channel::{Receiver, Sender};
 use serde_json::json;
 
 use crate::error::Error;
-use crate::etcd::{Election, EtcdClient, EventKind, Leadership};
+use crate::etcd::{Election, EtcdClient, EventKind, Leadership, TakeOver};
 use crate::meta::keys::OWNER_PREFIX;
 use crate::stop::StopToken;
 
@@ -121,7 +121,8 @@ impl OwnerLoop {
     fn one_term(&self, election: &Election, take_over: bool) -> Result<Term, Error> {
         let lease = self.etcd.grant_lease(self.ttl)?;
         let keeper = self.etcd.keep_alive(lease, self.ttl);
-        let take_over = take_over.then_some(self.backoff);
+        // Our own advancers queue among themselves; two taking over would evict each other.
+        let take_over = take_over.then_some(TakeOver { backoff: self.backoff, evictable: |v| !is_our_owner_id(v) });
         let leadership = match election.campaign_with(lease, self.id.as_bytes(), &self.stop, take_over) {
             Ok(leadership) => leadership,
             Err(e) => {

@@ -59,6 +59,22 @@ impl Candidate {
     }
 }
 
+/// How a campaign takes over instead of waiting its turn.
+#[derive(Clone, Copy)]
+pub struct TakeOver {
+    /// Wait before evicting again while someone evictable is still ahead (doubles).
+    pub backoff: Duration,
+    /// Which candidates' values may be evicted. Candidates it spares are waited for as
+    /// usual, so that two taking-over advancers of the same kind queue instead of
+    /// evicting each other forever.
+    pub evictable: fn(&[u8]) -> bool,
+}
+
+/// The candidates a take-over deletes: older than ours and evictable.
+fn to_evict(candidates: Vec<Candidate>, our_create_revision: i64, evictable: fn(&[u8]) -> bool) -> Vec<Candidate> {
+    candidates.into_iter().filter(|c| c.create_revision < our_create_revision && evictable(&c.value)).collect()
+}
+
 impl Election {
     pub fn new(client: EtcdClient, prefix: &str) -> Self {
         let prefix = format!("{}/", prefix.trim_end_matches('/'));
@@ -111,15 +127,15 @@ impl Election {
         self.campaign_with(lease, value, stop, None)
     }
 
-    /// [`Election::campaign`]; with `take_over = Some(backoff)` it does not wait behind
-    /// older candidates but evicts them (deletes their keys: a TiDB re-campaigns behind us),
-    /// again after `backoff` (doubling) while someone is still ahead.
+    /// [`Election::campaign`]; with a [`TakeOver`] it does not wait behind older evictable
+    /// candidates but deletes their keys (a TiDB re-campaigns behind us), again after a
+    /// doubling backoff while one is still ahead.
     pub fn campaign_with(
         &self,
         lease: i64,
         value: &[u8],
         stop: &StopToken,
-        mut take_over: Option<Duration>,
+        mut take_over: Option<TakeOver>,
     ) -> Result<Leadership> {
         let key = format!("{}{:x}", self.prefix, lease).into_bytes();
         let txn = Txn::new()
@@ -154,26 +170,29 @@ impl Election {
                 // Nobody older: we lead, provided our own key survived the wait.
                 return if self.is_leader(&leadership)? { Ok(leadership) } else { Err(self.key_lost(lease)) };
             };
-            if let Some(backoff) = take_over {
-                if take_over_rounds > 0 {
-                    if stop.sleep(backoff) {
-                        return Err(Error::Stopped("owner take-over".into()));
+            if let Some(policy) = &mut take_over {
+                let targets = to_evict(self.candidates()?, create_revision, policy.evictable);
+                if !targets.is_empty() {
+                    if take_over_rounds > 0 {
+                        if stop.sleep(policy.backoff) {
+                            return Err(Error::Stopped("owner take-over".into()));
+                        }
+                        policy.backoff = (policy.backoff * 2).min(MAX_TAKE_OVER_BACKOFF);
                     }
-                    take_over = Some((backoff * 2).min(MAX_TAKE_OVER_BACKOFF));
+                    take_over_rounds += 1;
+                    self.evict_loudly(&targets, &leadership)?;
+                    continue;
                 }
-                take_over_rounds += 1;
-                self.evict_ahead_of(&leadership)?;
-                continue;
             }
             log::info!("waiting for the owner key {} to go away", String::from_utf8_lossy(ahead.get_key()));
             self.wait_deleted(&ahead, &leadership, stop)?;
         }
     }
 
-    /// Take-over: deletes every candidate created before ours, loudly.
-    fn evict_ahead_of(&self, ours: &Leadership) -> Result<()> {
-        for candidate in self.candidates()?.into_iter().filter(|c| c.create_revision < ours.create_revision) {
-            if self.evict(&candidate)? {
+    /// Take-over: deletes the candidates ahead of ours, each with a warning.
+    fn evict_loudly(&self, targets: &[Candidate], ours: &Leadership) -> Result<()> {
+        for candidate in targets {
+            if self.evict(candidate)? {
                 log::warn!(
                     "TAKE-OVER: evicted owner candidate {} (value {:?}, lease {:x}) so that {} leads",
                     String::from_utf8_lossy(&candidate.key),
@@ -240,5 +259,28 @@ impl Election {
             KeySpan::key(leadership.key.clone()),
             WatchOptions { start_revision: leadership.create_revision + 1, prev_kv: false },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(create_revision: i64, value: &str) -> Candidate {
+        Candidate {
+            key: format!("/o/{create_revision:x}").into_bytes(),
+            value: value.into(),
+            lease: 1,
+            create_revision,
+        }
+    }
+
+    #[test]
+    fn take_over_evicts_only_older_evictable_candidates() {
+        let all = vec![candidate(5, "tidb"), candidate(7, "ours"), candidate(9, "tidb"), candidate(12, "tidb")];
+        let not_ours = |v: &[u8]| v != b"ours";
+        let revisions = |c: Vec<Candidate>| c.iter().map(|c| c.create_revision).collect::<Vec<_>>();
+        assert_eq!(revisions(to_evict(all.clone(), 10, not_ours)), [5, 9], "an older advancer of ours is waited for");
+        assert_eq!(revisions(to_evict(all, 5, not_ours)), Vec::<i64>::new(), "nobody older");
     }
 }
