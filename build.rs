@@ -6,7 +6,18 @@ use std::path::{Path, PathBuf};
 
 use protobuf::Message;
 
-const PROTOS: &[&str] = &["encryptionpb", "metapb", "errorpb", "brpb", "logbackuppb", "pdpb", "mvccpb", "etcdserverpb"];
+const PROTOS: &[&str] = &[
+    "encryptionpb",
+    "metapb",
+    "errorpb",
+    "brpb",
+    "logbackuppb",
+    "pdpb",
+    "mvccpb",
+    "etcdserverpb",
+    "kvrpcpb",
+    "tikvpb",
+];
 
 fn main() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod daemon;
 pub mod error;
 pub mod etcd;
+pub mod locks;
 pub mod meta;
 pub mod proto;
 pub mod security;

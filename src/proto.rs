@@ -37,4 +37,6 @@ generated! {
     mvccpb => "mvccpb.rs",
     etcdserverpb => "etcdserverpb.rs",
     etcdserverpb_grpc => "etcdserverpb_grpc.rs",
+    kvrpcpb => "kvrpcpb.rs",
+    tikvpb_grpc => "tikvpb_grpc.rs",
 }

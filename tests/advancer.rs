@@ -12,7 +12,7 @@ use streamhelper::advancer::Config;
 use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
 use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, MetaDataClient, PauseState, Severity, TaskInfo};
-use streamhelper::sim::{SimCluster, SimConfig};
+use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
 use streamhelper::types::ts_add;
 use streamhelper::{KeyRange, Ts};
 use support::DEADLINE;
@@ -24,7 +24,8 @@ struct Fixture {
     ext: AdvancerExt,
 }
 
-/// Fast settings so that stories play out in seconds.
+/// Fast settings so that stories play out in seconds. The thresholds are explicit, so the
+/// sim's TiKV config (180 s flushes) does not replace them.
 fn fast_config() -> Config {
     Config {
         tick_interval: Duration::from_millis(200),
@@ -34,6 +35,8 @@ fn fast_config() -> Config {
         rpc_timeout: Duration::from_millis(500),
         dial_timeout: Duration::from_millis(500),
         upload_heartbeat: Duration::from_secs(1),
+        resolve_lock_interval: Duration::from_secs(1),
+        explicit: ["try-advance-threshold", "resolve-lock-interval"].map(String::from).into(),
         ..Config::default()
     }
 }
@@ -454,7 +457,7 @@ fn random_faults_never_break_safety() {
         let regions = f.sim.regions();
         let region = &regions[rand(regions.len())];
         let store = stores[rand(stores.len())];
-        let action = match rand(9) {
+        let action = match rand(10) {
             0 => {
                 let mut key = region.range.start.clone();
                 key.extend_from_slice(&[0x60, step as u8]);
@@ -483,10 +486,21 @@ fn random_faults_never_break_safety() {
                 f.sim.set_never_flush(region.id, never);
                 format!("never-flush {} = {never}", region.id)
             }
-            _ => {
+            8 => {
                 let supported = rand(2) == 0;
                 f.sim.set_subscription_supported(store, supported);
                 format!("subscription {store} = {supported}")
+            }
+            _ => {
+                let other = &regions[rand(regions.len())];
+                let keys = [&region.range.start, &other.range.start]
+                    .map(|start| [start.as_slice(), &[0x61, step as u8]].concat())
+                    .to_vec();
+                let txn = f.sim.begin_txn(&TxnSpec { ttl: Duration::from_millis(200), ..TxnSpec::new(keys) });
+                if let Ok(txn) = txn {
+                    f.sim.crash_txn(txn);
+                }
+                format!("crashed transaction: {txn:?}")
             }
         };
         log.push(action);
@@ -503,4 +517,115 @@ fn random_faults_never_break_safety() {
     }
     let before = safety.check();
     safety.advance_past(before, &format!("after healing; faults were {log:?}"));
+    assert_eq!(f.sim.txn_violations(), Vec::<String>::new());
+}
+
+/// A key inside the `i`-th region, past its start.
+fn key_in(sim: &SimCluster, i: usize) -> Vec<u8> {
+    [sim.regions()[i].range.start.as_slice(), b"_lock"].concat()
+}
+
+fn metric(daemon: &DaemonHandle, series: &str) -> u64 {
+    let (_, body) = http_get(daemon.status_addr().unwrap(), "/metrics").unwrap();
+    body.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn a_crashed_transaction_stalls_the_checkpoint_until_the_advancer_resolves_it() {
+    let f = Fixture::new(3, 16);
+    let start = f.add_task("t1", KeyRange::full());
+    let daemon = f.daemon();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    safety.advance_past(start, "before the crash");
+    let keys = vec![key_in(&f.sim, 5), key_in(&f.sim, 9)];
+    let txn = f.sim.begin_txn(&TxnSpec { ttl: Duration::from_millis(100), ..TxnSpec::new(keys) }).unwrap();
+    f.sim.crash_txn(txn);
+    // Stalled: while the locks stay, nothing passes them.
+    let stalled = Instant::now();
+    while !f.sim.locks().is_empty() {
+        f.sim.flush_all();
+        assert!(safety.check() <= txn, "the checkpoint passed a lock that is still there");
+        assert!(stalled.elapsed() < DEADLINE, "the locks were never resolved");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    safety.advance_past(txn, "after the crashed transaction was rolled back");
+    let interval = fast_config().resolve_lock_interval;
+    let tick = fast_config().tick_interval;
+    assert!(stalled.elapsed() < interval + tick * 10, "unstuck only after {:?}", stalled.elapsed());
+    assert_eq!(f.sim.txn_outcome(txn), Some(Outcome::RolledBack));
+    assert_eq!(f.sim.txn_violations(), Vec::<String>::new());
+    assert_eq!(metric(&daemon, "streamhelper_resolve_lock_locks_total{outcome=\"rolled-back\"}"), 2);
+}
+
+#[test]
+fn an_alive_transaction_is_never_resolved_and_holds_back_only_its_region() {
+    let f = Fixture::new(3, 16);
+    let locked = f.sim.regions()[5].range.clone();
+    let elsewhere = KeyRange::new(f.sim.regions()[9].range.start.clone(), Vec::new());
+    let start = f.add_task("t1", locked.clone());
+    f.add_task("t2", elsewhere.clone());
+    let daemon = f.daemon();
+    let mut held = Safety::new(&f, "t1", locked);
+    let mut free = Safety::new(&f, "t2", elsewhere);
+    held.advance_past(start, "t1 before the transaction");
+    let txn = f.sim.begin_txn(&TxnSpec::new(vec![key_in(&f.sim, 5)])).unwrap();
+    let mut last = free.advance_past(txn, "t2 past the lock's ts");
+    // Several resolve intervals: every round finds the transaction alive.
+    support::wait_until("a resolve round to see the alive transaction", || {
+        f.sim.flush_all();
+        last = free.check();
+        assert!(held.check() <= txn, "t1 passed an alive transaction's lock");
+        metric(&daemon, "streamhelper_resolve_lock_locks_total{outcome=\"alive\"}") >= 2
+    });
+    free.advance_past(last, "t2 keeps advancing");
+    assert_eq!(f.sim.txn_outcome(txn), Some(Outcome::Pending));
+    let committed = f.sim.commit_txn(txn, false).unwrap();
+    held.advance_past(committed, "t1 after the commit");
+    assert_eq!(f.sim.txn_violations(), Vec::<String>::new());
+}
+
+#[test]
+fn thresholds_follow_tikvs_flush_interval_unless_set_explicitly() {
+    let f = Fixture::new(3, 4);
+    for (store, ms) in [(1, 900), (2, 1200), (3, 1200)] {
+        f.sim.set_store_flush_interval(store, Duration::from_millis(ms));
+    }
+    let mut config = f.daemon_config();
+    config.advancer.explicit.remove("try-advance-threshold");
+    config.advancer.explicit.remove("resolve-lock-interval");
+    let daemon = Daemon::start(config).unwrap();
+    support::wait_until("the TiKV flush interval to be applied", || {
+        let config = daemon.config();
+        config.resolve_lock_interval == Duration::from_millis(1200)
+            && config.try_advance_threshold == Duration::from_millis(1600)
+    });
+    assert_eq!(daemon.config().degraded_threshold(), Duration::from_millis(720));
+}
+
+#[test]
+fn a_hung_store_during_a_round_does_not_stall_ticks() {
+    let f = Fixture::new(3, 16);
+    let locked_region = f.sim.regions()[5].clone();
+    let hung = locked_region.leader_store.unwrap();
+    let healthy = f.sim.regions().into_iter().find(|r| r.leader_store != Some(hung)).unwrap();
+    let start = f.add_task("t1", locked_region.range.clone());
+    f.add_task("t2", healthy.range.clone());
+    let _daemon = f.daemon();
+    let mut held = Safety::new(&f, "t1", locked_region.range.clone());
+    let mut free = Safety::new(&f, "t2", healthy.range.clone());
+    held.advance_past(start, "t1 before the crash");
+    let txn = f.sim.begin_txn(&TxnSpec { ttl: Duration::from_millis(100), ..TxnSpec::new(vec![key_in(&f.sim, 5)]) });
+    let txn = txn.unwrap();
+    f.sim.crash_txn(txn);
+    f.sim.hang_store(hung);
+    // Rounds wait on the hung store; ticks go on for the other task.
+    let mut last = free.advance_past(txn, "t2 while a round waits on the hung store");
+    for _ in 0..3 {
+        last = free.advance_past(last, "t2 keeps advancing");
+    }
+    assert!(held.check() <= txn);
+    f.sim.resume_store(hung);
+    held.advance_past(txn, "t1 once the store answers again");
+    assert_eq!(f.sim.txn_outcome(txn), Some(Outcome::RolledBack));
+    assert_eq!(f.sim.txn_violations(), Vec::<String>::new());
 }

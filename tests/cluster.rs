@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use streamhelper::cluster::{
     collect_checkpoints, ClusterMeta, CollectResult, CollectorConfig, FailReason, FailedRange, FlushEvent,
     FlushSubscriber, LogBackupService, PdClient, PdConfig, RegionIter, RegionWithLeader, ScanRetry, StoreInfo,
-    SubscriberConfig, TikvClients, TikvConfig, GC_SERVICE_ID,
+    SubscriberConfig, TikvClients, GC_SERVICE_ID,
 };
 use streamhelper::security::Security;
 use streamhelper::sim::{SimCluster, SimConfig, SimRegion};
@@ -54,9 +54,7 @@ struct Cluster {
 impl Cluster {
     fn start(stores: usize, regions: usize) -> Cluster {
         let sim = sim(stores, regions);
-        let pd = connect(&sim);
-        let config = TikvConfig { dial_timeout: Duration::from_secs(2), ..Default::default() };
-        let clients = Arc::new(TikvClients::new(pd.clone(), Security::insecure(), config));
+        let (pd, clients) = support::connect_clients(&sim);
         Cluster { sim, pd, clients }
     }
 

@@ -3,6 +3,7 @@
 //! against it, and `docs/operations.md` lists it (a test keeps the page in step). Defaults
 //! are upstream's; a running advancer can take a new [`Config`].
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,6 +29,11 @@ pub struct Config {
     pub rpc_timeout: Duration,
     /// Upload the unchanged checkpoint at least this often, so readers see a live owner.
     pub upload_heartbeat: Duration,
+    /// A task whose checkpoint has not moved for this long gets its lagging ranges' locks
+    /// resolved. Taken from TiKV's flush interval unless set explicitly.
+    pub resolve_lock_interval: Duration,
+    /// Options set by a flag or the config file: values learned from TiKV never override them.
+    pub explicit: BTreeSet<String>,
 }
 
 impl Default for Config {
@@ -41,6 +47,8 @@ impl Default for Config {
             dial_timeout: Duration::from_secs(8),
             rpc_timeout: Duration::from_secs(10),
             upload_heartbeat: Duration::from_secs(60),
+            resolve_lock_interval: Duration::from_secs(3 * 60),
+            explicit: BTreeSet::new(),
         }
     }
 }
@@ -58,6 +66,7 @@ impl Config {
             ("owner-ttl", self.owner_ttl),
             ("dial-timeout", self.dial_timeout),
             ("rpc-timeout", self.rpc_timeout),
+            ("resolve-lock-interval", self.resolve_lock_interval),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
             return Err(Error::Config(format!("{name} must be positive")));
@@ -159,7 +168,12 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Address(|s| &mut s.status_addr),
     },
     duration!("tick-interval", tick_interval, "12s", "How often the owner ticks"),
-    duration!("try-advance-threshold", try_advance_threshold, "4m", "Poll TiKV for spans older than this"),
+    duration!(
+        "try-advance-threshold",
+        try_advance_threshold,
+        "4m",
+        "Poll TiKV for spans older than this; unset: 4/3 of TiKV's log-backup.max-flush-interval once read"
+    ),
     duration!(
         "check-point-lag-limit",
         lag_limit,
@@ -171,6 +185,12 @@ pub const SETTINGS: &[Setting] = &[
     duration!("dial-timeout", dial_timeout, "8s", "Deadline for dialing a TiKV store"),
     duration!("rpc-timeout", rpc_timeout, "10s", "Deadline of one PD, TiKV or etcd call"),
     duration!("upload-heartbeat", upload_heartbeat, "60s", "Upload an unchanged checkpoint at least this often"),
+    duration!(
+        "resolve-lock-interval",
+        resolve_lock_interval,
+        "3m",
+        "Resolve locks on a task's lagging ranges once its checkpoint stood still this long; unset: TiKV's log-backup.max-flush-interval"
+    ),
     tls_path!("ca-path", "ca", ca_path, "CA certificate (PEM) for TLS"),
     tls_path!("cert-path", "cert", cert_path, "Client certificate (PEM) for TLS"),
     tls_path!("key-path", "key", key_path, "Client key (PEM) for TLS"),
@@ -190,7 +210,11 @@ impl Settings {
     /// Sets one option from its text form (a flag's value).
     pub fn set(&mut self, setting: &Setting, text: &str) -> Result<()> {
         match setting.kind {
-            Kind::Duration(field) => *field(&mut self.advancer) = parse_duration(text).map_err(Error::Config)?,
+            Kind::Duration(field) => {
+                *field(&mut self.advancer) = parse_duration(text).map_err(Error::Config)?;
+                // Given, so values learned from TiKV do not replace it.
+                self.advancer.explicit.insert(setting.key.to_string());
+            }
             Kind::Endpoints(field) => {
                 *field(self) = text.split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect()
             }
@@ -198,6 +222,13 @@ impl Settings {
             Kind::Path(field) => *field(&mut self.security) = Some(PathBuf::from(text)),
         }
         Ok(())
+    }
+
+    /// Sets the option whose file key is `key` from its text form.
+    pub fn set_by_key(&mut self, key: &str, text: &str) -> Result<()> {
+        let setting =
+            SETTINGS.iter().find(|s| s.key == key).ok_or_else(|| Error::Config(format!("unknown option {key:?}")))?;
+        self.set(setting, text)
     }
 
     /// Reads a TOML config file; every value it sets replaces the current one.
@@ -361,6 +392,8 @@ mod tests {
             from_table.set(s, "1ns").unwrap();
             from_table.set(s, s.default).unwrap();
         }
+        assert_eq!(from_table.advancer.explicit.len(), 9, "every duration set is marked explicit");
+        from_table.advancer.explicit.clear();
         assert_eq!(from_table.advancer, Config::default());
         let mut keys: Vec<&str> = SETTINGS.iter().map(|s| s.key).collect();
         keys.sort_unstable();
@@ -432,6 +465,9 @@ ca-path = "/etc/tls/#ca.pem"
         let mut settings = Settings::default();
         settings.load_file(&path).unwrap();
         settings.validate().unwrap();
+        let explicit: Vec<&str> = settings.advancer.explicit.iter().map(String::as_str).collect();
+        assert!(!explicit.contains(&"try-advance-threshold") && !explicit.contains(&"resolve-lock-interval"));
+        settings.advancer.explicit.clear();
         assert_eq!(settings.advancer, Config::default(), "the example shows the defaults");
     }
 

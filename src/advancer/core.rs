@@ -221,6 +221,16 @@ impl Advancer {
             .collect()
     }
 
+    /// The pieces of a running task's frontier valued below `below`, in key order: what
+    /// lock resolution scans.
+    pub fn lagging_spans(&self, task: &str, below: Ts) -> Vec<(KeyRange, Ts)> {
+        let Some(state) = self.tasks.get(task).filter(|t| !t.paused) else { return Vec::new() };
+        let mut spans: Vec<(KeyRange, Ts)> =
+            state.frontier.below_unordered(below).map(|s| (KeyRange::new(s.start, s.end), s.ts)).collect();
+        spans.sort();
+        spans
+    }
+
     /// Moves each running task's checkpoint to its frontier's minimum (never down, never
     /// above `now`) and says what to upload, then where the GC safepoint goes.
     pub fn finish_tick(&mut self, now: Ts) -> Vec<Action> {

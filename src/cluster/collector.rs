@@ -368,6 +368,7 @@ mod tests {
             epoch_version: 5,
             conf_ver: 1,
             leader_store: leader,
+            leader_peer_id: 0,
             peer_stores: vec![1, 2, 3],
         }
     }

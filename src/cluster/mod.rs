@@ -16,6 +16,7 @@ pub mod tikv;
 
 use crate::error::{Error, Result};
 use crate::proto::logbackuppb_grpc::LogBackupClient;
+use crate::proto::tikvpb_grpc::TikvClient;
 use crate::types::{KeyRange, RegionId, StoreId, Ts};
 
 pub use collector::{collect_checkpoints, CollectResult, CollectorConfig, FailReason, FailedRange};
@@ -46,6 +47,8 @@ pub struct RegionWithLeader {
     pub conf_ver: u64,
     /// `None` when PD knows no leader (for example right after a split or a leader loss).
     pub leader_store: Option<StoreId>,
+    /// The leader's peer id (0 when unknown): TiKV checks it on transactional requests.
+    pub leader_peer_id: u64,
     pub peer_stores: Vec<StoreId>,
 }
 
@@ -76,6 +79,12 @@ pub trait ClusterMeta: Send + Sync {
 
     /// The current timestamp from PD's TSO.
     fn fetch_current_ts(&self) -> Result<Ts>;
+
+    /// The HTTP status address (`host:port`) of every store that has one, for reading its
+    /// configuration. None by default: thresholds then come from the flags alone.
+    fn store_status_addresses(&self) -> Result<Vec<(StoreId, String)>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Connections to the log-backup service of each store (upstream's `LogBackupService`).
@@ -86,6 +95,15 @@ pub trait LogBackupService: Send + Sync {
     /// Forgets the cached connection, so the next [`LogBackupService::client`] resolves the
     /// store's address again and dials anew.
     fn clear_cache(&self, store: StoreId);
+}
+
+/// Connections to the transactional service of each store (`tikvpb.Tikv`), for lock
+/// resolution; cached like [`LogBackupService`]'s.
+pub trait KvClients: Send + Sync {
+    fn kv_client(&self, store: StoreId) -> Result<TikvClient>;
+
+    /// Forgets the cached connection after an RPC error (the store may have moved).
+    fn forget(&self, store: StoreId);
 }
 
 #[cfg(test)]
@@ -123,6 +141,7 @@ pub(crate) mod testing {
                 epoch_version: 1,
                 conf_ver: 1,
                 leader_store: Some(leaders[i % leaders.len()]),
+                leader_peer_id: 0,
                 peer_stores: leaders.to_vec(),
             })
             .collect()

@@ -268,6 +268,18 @@ impl ClusterMeta for PdClient {
         Ok(resp.get_stores().iter().filter(|s| leads_regions(s)).map(store_info).collect())
     }
 
+    fn store_status_addresses(&self) -> Result<Vec<(StoreId, String)>> {
+        let mut req = pdpb::GetAllStoresRequest::default();
+        req.set_exclude_tombstone_stores(true);
+        let resp = self.call("GetAllStores", req, |c, r, o| c.get_all_stores_opt(r, o))?;
+        Ok(resp
+            .get_stores()
+            .iter()
+            .filter(|s| leads_regions(s) && !s.get_status_address().is_empty())
+            .map(|s| (s.get_id(), s.get_status_address().to_string()))
+            .collect())
+    }
+
     fn store(&self, id: StoreId) -> Result<StoreInfo> {
         let mut req = pdpb::GetStoreRequest::default();
         req.set_store_id(id);
@@ -373,21 +385,19 @@ fn calls_for_failover(e: &Error) -> bool {
 /// parallel lists. A boundary that does not decode fails the whole page, as in TiDB.
 fn regions_from_scan(resp: &pdpb::ScanRegionsResponse) -> Result<Vec<RegionWithLeader>, String> {
     if !resp.get_regions().is_empty() {
-        return resp
-            .get_regions()
-            .iter()
-            .map(|r| region_from_pb(r.get_region(), r.get_leader().get_store_id()))
-            .collect();
+        return resp.get_regions().iter().map(|r| region_from_pb(r.get_region(), r.get_leader())).collect();
     }
     let leaders = resp.get_leaders();
+    let unknown = metapb::Peer::default();
     resp.get_region_metas()
         .iter()
         .enumerate()
-        .map(|(i, meta)| region_from_pb(meta, leaders.get(i).map_or(0, |p| p.get_store_id())))
+        .map(|(i, meta)| region_from_pb(meta, leaders.get(i).unwrap_or(&unknown)))
         .collect()
 }
 
-fn region_from_pb(region: &metapb::Region, leader_store: StoreId) -> Result<RegionWithLeader, String> {
+fn region_from_pb(region: &metapb::Region, leader: &metapb::Peer) -> Result<RegionWithLeader, String> {
+    let leader_store = leader.get_store_id();
     let decode = |key: &[u8], which: &str| {
         decode_boundary(key)
             .map_err(|e| format!("region {} has an undecodable {which} key {}: {e}", region.get_id(), DisplayKey(key)))
@@ -399,6 +409,7 @@ fn region_from_pb(region: &metapb::Region, leader_store: StoreId) -> Result<Regi
         conf_ver: region.get_region_epoch().get_conf_ver(),
         // PD sends an empty peer for a region whose leader it does not know.
         leader_store: (leader_store != 0).then_some(leader_store),
+        leader_peer_id: leader.get_id(),
         peer_stores: region.get_peers().iter().map(|p| p.get_store_id()).collect(),
     })
 }
@@ -473,9 +484,14 @@ mod tests {
         region
     }
 
+    const LEADER_PEER: u64 = 77;
+
     fn leader(store_id: u64) -> metapb::Peer {
         let mut peer = metapb::Peer::default();
         peer.set_store_id(store_id);
+        if store_id != 0 {
+            peer.set_id(LEADER_PEER);
+        }
         peer
     }
 
@@ -507,6 +523,7 @@ mod tests {
                         epoch_version: 7,
                         conf_ver: 3,
                         leader_store: Some(2),
+                        leader_peer_id: LEADER_PEER,
                         peer_stores: vec![1, 2],
                     },
                     RegionWithLeader {
@@ -515,6 +532,7 @@ mod tests {
                         epoch_version: 7,
                         conf_ver: 3,
                         leader_store: None,
+                        leader_peer_id: 0,
                         peer_stores: vec![2, 3],
                     },
                 ]

@@ -180,6 +180,7 @@ mod tests {
             epoch_version: 1,
             conf_ver: 1,
             leader_store: Some(1),
+            leader_peer_id: 0,
             peer_stores: vec![1],
         }
     }

@@ -1,5 +1,6 @@
-//! Connections to TiKV's log-backup service, one per store, dialed with a deadline and
-//! cached until an error shows the store may have gone or moved.
+//! Connections to TiKV stores (the log-backup service, and the transactional service that
+//! lock resolution uses), one channel per store, dialed with a deadline and cached until an
+//! error shows the store may have gone or moved.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,9 +11,10 @@ use grpcio::{Channel, ConnectivityState, Environment};
 use log::info;
 use parking_lot::Mutex;
 
-use super::{ClusterMeta, LogBackupService, StoreInfo};
+use super::{ClusterMeta, KvClients, LogBackupService, StoreInfo};
 use crate::error::{Error, Result};
 use crate::proto::logbackuppb_grpc::LogBackupClient;
+use crate::proto::tikvpb_grpc::TikvClient;
 use crate::security::{grpc_env, Security};
 use crate::types::StoreId;
 
@@ -30,7 +32,7 @@ impl Default for TikvConfig {
     }
 }
 
-/// The log-backup clients of every store, resolved through PD (or any [`ClusterMeta`]).
+/// The connections to every store, resolved through PD (or any [`ClusterMeta`]).
 pub struct TikvClients {
     meta: Arc<dyn ClusterMeta>,
     security: Security,
@@ -43,7 +45,7 @@ struct Cached {
     /// The address the connection was dialed at: a store that comes back elsewhere gets a
     /// new connection once its cache entry is cleared.
     address: String,
-    client: LogBackupClient,
+    channel: Channel,
 }
 
 impl TikvClients {
@@ -56,7 +58,7 @@ impl TikvClients {
         self.cache.lock().get(&store).map(|c| c.address.clone())
     }
 
-    fn dial(&self, store: &StoreInfo) -> Result<LogBackupClient> {
+    fn dial(&self, store: &StoreInfo) -> Result<Channel> {
         let channel = self.security.channel(self.env.clone(), &store.address, self.config.keepalive)?;
         wait_connected(&channel, self.config.dial_timeout).map_err(|reason| Error::Store {
             store_id: store.id,
@@ -66,21 +68,35 @@ impl TikvClients {
                 self.security.diagnose(&store.address, self.config.dial_timeout)
             ),
         })?;
-        info!("connected to the log-backup service of store {} at {}", store.id, store.address);
-        Ok(LogBackupClient::new(channel))
+        info!("connected to store {} at {}", store.id, store.address);
+        Ok(channel)
+    }
+
+    fn channel(&self, store: StoreId) -> Result<Channel> {
+        if let Some(cached) = self.cache.lock().get(&store) {
+            return Ok(cached.channel.clone());
+        }
+        // Resolve and dial without holding the lock: other stores must not wait on this one.
+        let info = self.meta.store(store)?;
+        let channel = self.dial(&info)?;
+        self.cache.lock().insert(store, Cached { address: info.address, channel: channel.clone() });
+        Ok(channel)
+    }
+}
+
+impl KvClients for TikvClients {
+    fn kv_client(&self, store: StoreId) -> Result<TikvClient> {
+        self.channel(store).map(TikvClient::new)
+    }
+
+    fn forget(&self, store: StoreId) {
+        self.clear_cache(store);
     }
 }
 
 impl LogBackupService for TikvClients {
     fn client(&self, store: StoreId) -> Result<LogBackupClient> {
-        if let Some(cached) = self.cache.lock().get(&store) {
-            return Ok(cached.client.clone());
-        }
-        // Resolve and dial without holding the lock: other stores must not wait on this one.
-        let info = self.meta.store(store)?;
-        let client = self.dial(&info)?;
-        self.cache.lock().insert(store, Cached { address: info.address, client: client.clone() });
-        Ok(client)
+        self.channel(store).map(LogBackupClient::new)
     }
 
     fn clear_cache(&self, store: StoreId) {

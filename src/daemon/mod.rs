@@ -25,9 +25,10 @@ use serde::Serialize;
 use crate::advancer::metrics::Metrics;
 use crate::advancer::status::{Handler, StatusServer};
 use crate::advancer::{Advancer, Config};
-use crate::cluster::{ClusterMeta, LogBackupService, PdClient, PdConfig, TikvClients, TikvConfig};
+use crate::cluster::{ClusterMeta, KvClients, LogBackupService, PdClient, PdConfig, TikvClients, TikvConfig};
 use crate::error::{Error, Result};
 use crate::etcd::{EtcdClient, EtcdConfig};
+use crate::locks::{LockResolver, ResolverSettings};
 use crate::meta::{AdvancerExt, MetaDataClient};
 use crate::security::Security;
 use crate::stop::{stop_pair, StopHandle, StopToken};
@@ -167,8 +168,9 @@ impl Daemon {
         }
         let pd: Arc<dyn ClusterMeta> = Arc::new(pd);
         let tikv_config = TikvConfig { dial_timeout: config.advancer.dial_timeout, ..TikvConfig::default() };
-        let service: Arc<dyn LogBackupService> =
-            Arc::new(TikvClients::new(pd.clone(), config.security.clone(), tikv_config));
+        let clients = Arc::new(TikvClients::new(pd.clone(), config.security.clone(), tikv_config));
+        let service: Arc<dyn LogBackupService> = clients.clone();
+        let kv: Arc<dyn KvClients> = clients;
         let ext = AdvancerExt::new(MetaDataClient::new(etcd.clone()));
         let id = config.owner_id.clone().unwrap_or_else(new_owner_id);
         let shared = Arc::new(Shared {
@@ -201,8 +203,11 @@ impl Daemon {
             stop: owner_stop,
         };
         let owner_thread = spawn("owner", move || owner.run())?;
+        let resolver_settings =
+            ResolverSettings { rpc_timeout: config.advancer.rpc_timeout, ..ResolverSettings::default() };
         let ticker = ticker::Ticker {
             shared: shared.clone(),
+            locks: LockResolver::start(pd.clone(), kv, resolver_settings)?,
             meta: pd,
             service,
             ext,

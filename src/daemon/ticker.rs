@@ -19,6 +19,7 @@ use crate::cluster::{
     SubscriberConfig,
 };
 use crate::etcd::Leadership;
+use crate::locks::LockResolver;
 use crate::meta::{AdvancerExt, TaskEvent, UploadOutcome};
 use crate::stop::StopToken;
 use crate::timefmt::{format_duration, format_rfc3339};
@@ -43,6 +44,8 @@ pub struct Ticker {
     pub last_tso: Option<(Ts, Instant)>,
     /// Stores already reported for flushing from the future (logged once each).
     pub future_stores: HashSet<StoreId>,
+    /// Resolves locks on stuck tasks' lagging ranges on its own thread.
+    pub locks: LockResolver,
 }
 
 impl Ticker {
@@ -213,6 +216,8 @@ impl Ticker {
         self.poll_lagging(now, started);
         let actions = self.shared.advancer.lock().finish_tick(now);
         self.apply(actions, now);
+        // Starts a round for tasks stuck past the resolve interval; never waits for one.
+        self.locks.after_tick(now, &mut self.shared.advancer.lock(), &self.shared.metrics);
         self.publish(Some(now));
         self.metrics().observe(metrics::TICK_DURATION, &[("step", "tick")], started.elapsed());
     }

@@ -9,6 +9,7 @@
 
 mod gate;
 mod gc;
+mod kv;
 mod mailbox;
 mod model;
 mod oracle;
@@ -19,6 +20,7 @@ mod server;
 mod state;
 mod tikv;
 mod tso;
+mod txn;
 
 pub mod cli;
 pub mod control;
@@ -32,18 +34,22 @@ use crossbeam_channel::{RecvTimeoutError, Sender};
 use grpcio::{RpcStatus, RpcStatusCode};
 use parking_lot::Mutex;
 
+use crate::advancer::status::{Handler, StatusServer};
 use crate::error::{Error, Result};
 use crate::proto::logbackuppb_grpc::create_log_backup;
 use crate::proto::pdpb_grpc::create_pd;
+use crate::proto::tikvpb_grpc::create_tikv;
 use crate::types::{KeyRange, RegionId, StoreId, Ts};
 
 pub use model::{record_key, table_prefix};
+pub use txn::{Outcome, TxnSpec};
 
 /// Region boundaries travel as TiKV stores them: memcomparable-encoded, except that the
 /// empty key (−∞ as a start, +∞ as an end) stays empty.
 use crate::codec::encode_end_key as encode_boundary;
 
 use gate::ReplyGate;
+use kv::KvService;
 use model::{Key, RegionMeta, RegionTable};
 use pd::PdService;
 use server::RunningServer;
@@ -78,6 +84,7 @@ fn sim_region(start: &Key, meta: &RegionMeta) -> SimRegion {
         epoch_version: meta.version,
         conf_ver: meta.conf_ver,
         leader_store: meta.leader,
+        leader_peer_id: meta.leader.map_or(0, |l| meta.peer_id(l)),
         peer_stores: meta.peers.as_slice().to_vec(),
     }
 }
@@ -86,6 +93,8 @@ fn sim_region(start: &Key, meta: &RegionMeta) -> SimRegion {
 struct Servers {
     pd: Option<RunningServer>,
     stores: HashMap<StoreId, RunningServer>,
+    /// Each store's status HTTP server (`/config`), up and down with its gRPC server.
+    status: HashMap<StoreId, StatusServer>,
 }
 
 struct Flusher {
@@ -124,6 +133,9 @@ impl SimCluster {
             cluster.serve_store(id)?;
         }
         if let Some(interval) = config.flush_interval {
+            for id in cluster.store_ids() {
+                cluster.set_store_flush_interval(id, interval);
+            }
             cluster.flusher = Some(spawn_flusher(state, interval)?);
         }
         log::info!(
@@ -243,7 +255,11 @@ impl SimCluster {
         }
         store_state.close_subscribers(None);
         self.state.gate.discard(store);
-        let server = self.servers.lock().stores.remove(&store);
+        let (server, status) = {
+            let mut servers = self.servers.lock();
+            (servers.stores.remove(&store), servers.status.remove(&store))
+        };
+        drop(status);
         if let Some(server) = server {
             server.stop();
             log::info!("sim: store {store} stopped");
@@ -345,11 +361,11 @@ impl SimCluster {
         }
         let service = || create_pd(PdService { state: self.state.clone() });
         let mut port = self.pd_port.lock();
-        let server = match RunningServer::start(service(), *port, "PD") {
+        let server = match RunningServer::start(vec![service()], *port, "PD") {
             Ok(server) => server,
             Err(e) if *port != 0 => {
                 log::warn!("sim: PD cannot get its old port back ({e}); using a new one");
-                RunningServer::start(service(), 0, "PD")?
+                RunningServer::start(vec![service()], 0, "PD")?
             }
             Err(e) => return Err(e),
         };
@@ -369,6 +385,61 @@ impl SimCluster {
         self.state.gc.lock().set_gc_safe_point(ts);
     }
 
+    /// Prewrites a transaction (an alive client: its TTL keeps being renewed). Returns its
+    /// start ts.
+    pub fn begin_txn(&self, spec: &TxnSpec) -> Result<Ts> {
+        let mut txns = self.state.txns.lock();
+        let start_ts = self.state.tso.next();
+        txns.begin(spec, start_ts).map_err(Error::Config)?;
+        Ok(start_ts)
+    }
+
+    /// The client commits (every key, or only the primary and then dies). Fails as TiKV's
+    /// commit would when a resolver rolled the transaction back first. Returns the commit ts.
+    pub fn commit_txn(&self, start_ts: Ts, primary_only: bool) -> Result<Ts> {
+        let mut txns = self.state.txns.lock();
+        let commit_ts = self.state.tso.next();
+        txns.commit(start_ts, commit_ts, primary_only).map_err(Error::Config)?;
+        Ok(commit_ts)
+    }
+
+    pub fn rollback_txn(&self, start_ts: Ts) {
+        self.state.txns.lock().rollback(start_ts);
+    }
+
+    /// The client dies: its locks stay, with a TTL that now runs out.
+    pub fn crash_txn(&self, start_ts: Ts) {
+        self.state.txns.lock().crash(start_ts, self.state.tso.next());
+    }
+
+    pub fn txn_outcome(&self, start_ts: Ts) -> Option<Outcome> {
+        self.state.txns.lock().outcome(start_ts)
+    }
+
+    /// Every lock, as `(raw key, start ts)` in key order: the oracle of what blocks flushes.
+    pub fn locks(&self) -> Vec<(Vec<u8>, Ts)> {
+        self.state.txns.lock().lock_starts().into_iter().map(|(k, ts)| (k.to_vec(), ts)).collect()
+    }
+
+    /// Resolutions that contradicted a transaction's fate (a committed or alive one rolled
+    /// back, a wrong commit ts). Must stay empty.
+    pub fn txn_violations(&self) -> Vec<String> {
+        self.state.txns.lock().violations()
+    }
+
+    /// An in-memory lock at `ts` on `key` (`None` removes it): `ScanLock` over it answers
+    /// "locked" for every max version at or above `ts`.
+    pub fn set_memory_lock(&self, key: &[u8], ts: Option<Ts>) {
+        self.state.txns.lock().set_memory_lock(key, ts);
+    }
+
+    /// What the store's status `/config` reports as `log-backup.max-flush-interval`.
+    pub fn set_store_flush_interval(&self, store: StoreId, interval: Duration) {
+        if let Some(store_state) = self.state.store(store) {
+            store_state.run.lock().max_flush_interval = interval;
+        }
+    }
+
     /// The oracle: the lowest ts up to which every key of `range` is truly flushed.
     pub fn true_checkpoint(&self, range: &KeyRange) -> Ts {
         self.state.regions.read().true_checkpoint(range)
@@ -376,16 +447,44 @@ impl SimCluster {
 
     fn serve_store(&self, store: StoreId) -> Result<String> {
         let store_state = self.state.store(store).ok_or_else(|| no_store(store))?;
-        let service = create_log_backup(LogBackupService { state: self.state.clone(), store });
-        let server = RunningServer::start(service, 0, &format!("store {store}"))?;
+        let services = vec![
+            create_log_backup(LogBackupService { state: self.state.clone(), store }),
+            create_tikv(KvService { state: self.state.clone(), store }),
+        ];
+        let server = RunningServer::start(services, 0, &format!("store {store}"))?;
         let address = format!("127.0.0.1:{}", server.port());
+        let status = StatusServer::start("127.0.0.1:0", config_page(self.state.clone(), store))?;
         {
             let mut run = store_state.run.lock();
             run.address = address.clone();
+            run.status_address = status.addr().to_string();
             run.up = true;
         }
-        self.servers.lock().stores.insert(store, server);
+        let mut servers = self.servers.lock();
+        servers.stores.insert(store, server);
+        servers.status.insert(store, status);
         Ok(address)
+    }
+}
+
+/// TiKV's status `/config` page, reduced to what the advancer reads.
+fn config_page(state: Arc<SimState>, store: StoreId) -> Handler {
+    Arc::new(move |method: &str, path: &str| {
+        let interval = state.store(store)?.run.lock().max_flush_interval;
+        let body = serde_json::json!({ "log-backup": { "max-flush-interval": readable_duration(interval) } });
+        (method == "GET" && path == "/config").then(|| (200, "application/json", body.to_string()))
+    })
+}
+
+/// A duration as TiKV's `ReadableDuration` prints it: `3m`, `1m30s`, `500ms`, `0s`.
+fn readable_duration(d: Duration) -> String {
+    let ms = d.as_millis() as u64;
+    let parts = [(ms / 3_600_000, "h"), (ms / 60_000 % 60, "m"), (ms / 1000 % 60, "s"), (ms % 1000, "ms")];
+    let text: String = parts.iter().filter(|(n, _)| *n > 0).map(|(n, unit)| format!("{n}{unit}")).collect();
+    if text.is_empty() {
+        "0s".into()
+    } else {
+        text
     }
 }
 
@@ -420,6 +519,7 @@ impl Drop for SimCluster {
         // Parked replies hold sinks and the state: drop them before the servers go.
         self.state.gate.shutdown();
         let servers = std::mem::take(&mut *self.servers.lock());
+        drop(servers.status);
         for server in servers.pd.into_iter().chain(servers.stores.into_values()) {
             server.stop();
         }

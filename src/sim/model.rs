@@ -76,6 +76,8 @@ pub struct FlushedRegion {
     pub version: u64,
     pub start: Key,
     pub end: Key,
+    /// The flush ts, or less when a lock holds the region's resolved ts back.
+    pub checkpoint: Ts,
 }
 
 pub struct RegionTable {
@@ -311,18 +313,36 @@ impl RegionTable {
     }
 
     /// One flush by each store in `flush_ts`: its leader regions (never-flush ones aside)
-    /// become truly flushed up to its ts, and are returned as the store's new flushed set.
-    pub fn flush(&mut self, flush_ts: &HashMap<StoreId, Ts>) -> HashMap<StoreId, Vec<FlushedRegion>> {
+    /// become truly flushed up to its ts, or up to the oldest lock in them (`locks`: key
+    /// order, `(key, start ts)`), as TiKV's resolver holds resolved ts at a lock's start ts.
+    /// They are returned as the store's new flushed set.
+    pub fn flush(
+        &mut self,
+        flush_ts: &HashMap<StoreId, Ts>,
+        locks: &[(Key, Ts)],
+    ) -> HashMap<StoreId, Vec<FlushedRegion>> {
         let mut flushed: HashMap<StoreId, Vec<FlushedRegion>> = flush_ts.keys().map(|&s| (s, Vec::new())).collect();
+        let mut next_lock = 0;
         for (start, meta) in self.by_start.iter_mut() {
+            // Regions tile the key space in order, and so do the locks: one merge walk.
+            let mut oldest_lock = Ts::MAX;
+            while let Some((key, ts)) = locks.get(next_lock) {
+                if !meta.end.is_empty() && key.as_ref() >= meta.end.as_ref() {
+                    break;
+                }
+                oldest_lock = oldest_lock.min(*ts);
+                next_lock += 1;
+            }
             let Some(leader) = meta.leader else { continue };
             let (Some(&ts), false) = (flush_ts.get(&leader), meta.never_flush) else { continue };
-            meta.truth.raise(ts);
+            let checkpoint = ts.min(oldest_lock);
+            meta.truth.raise(checkpoint);
             flushed.get_mut(&leader).expect("one entry per flushing store").push(FlushedRegion {
                 id: meta.id,
                 version: meta.version,
                 start: start.clone(),
                 end: meta.end.clone(),
+                checkpoint,
             });
         }
         flushed
@@ -375,7 +395,7 @@ mod tests {
 
         let mut flush = HashMap::new();
         flush.insert(t.get(left).unwrap().1.leader.unwrap(), 500);
-        t.flush(&flush);
+        t.flush(&flush, &[]);
         let merged = t.merge(left, right).unwrap();
         assert_tiles(&t);
         let meta = t.get(merged).unwrap().1;

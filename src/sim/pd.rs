@@ -162,6 +162,7 @@ pub fn store_proto(store: &StoreState) -> metapb::Store {
     proto.set_id(store.id);
     proto.set_address(run.address.clone());
     proto.set_peer_address(run.address.clone());
+    proto.set_status_address(run.status_address.clone());
     proto.set_state(metapb::StoreState::Up);
     proto.set_node_state(metapb::NodeState::Serving);
     proto.set_version(STORE_VERSION.into());

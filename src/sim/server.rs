@@ -22,14 +22,12 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Serves `service` on `127.0.0.1:port` (0 picks a free port). `what` names the server
+    /// Serves `services` on `127.0.0.1:port` (0 picks a free port). `what` names the server
     /// in errors ("PD", "store 3").
-    pub fn start(service: Service, port: u16, what: &str) -> Result<RunningServer> {
+    pub fn start(services: Vec<Service>, port: u16, what: &str) -> Result<RunningServer> {
         let fail = |reason: String| Error::InvalidAddress { address: format!("127.0.0.1:{port}"), reason };
-        let mut server = ServerBuilder::new(sim_env())
-            .register_service(service)
-            .build()
-            .map_err(|e| fail(format!("cannot build the sim's {what} server: {e}")))?;
+        let builder = services.into_iter().fold(ServerBuilder::new(sim_env()), ServerBuilder::register_service);
+        let mut server = builder.build().map_err(|e| fail(format!("cannot build the sim's {what} server: {e}")))?;
         let port = server
             .add_listening_port(format!("127.0.0.1:{port}"), ServerCredentials::insecure())
             .map_err(|e| fail(format!("cannot listen for the sim's {what}: {e}")))?;

@@ -16,6 +16,10 @@ use super::mailbox::Outbox;
 use super::model::{FlushedRegion, RegionTable};
 use super::tikv::{flush_events, Push};
 use super::tso::Tso;
+use super::txn::TxnTable;
+
+/// TiKV's default `log-backup.max-flush-interval`.
+pub const DEFAULT_MAX_FLUSH_INTERVAL: Duration = Duration::from_secs(180);
 
 /// How long `flush_all` waits for subscribers to take a flush's events.
 const DELIVERY_WAIT: Duration = Duration::from_secs(1);
@@ -39,11 +43,15 @@ impl LastFlush {
 #[derive(Debug, Clone)]
 pub struct StoreRun {
     pub address: String,
+    /// Where its status HTTP server (`/config`) listens.
+    pub status_address: String,
     /// Unix seconds; a change tells clients the store restarted (re-subscribe).
     pub start_timestamp: i64,
     /// The server is up (not stopped).
     pub up: bool,
     pub subscription_supported: bool,
+    /// `log-backup.max-flush-interval` as the store's status `/config` reports it.
+    pub max_flush_interval: Duration,
     /// Bumped by every stop and restart, so that a flush racing with one does not publish
     /// a map into the new incarnation.
     pub incarnation: u64,
@@ -73,9 +81,11 @@ impl StoreState {
             id,
             run: Mutex::new(StoreRun {
                 address: String::new(),
+                status_address: String::new(),
                 start_timestamp: unix_now(),
                 up: false,
                 subscription_supported: true,
+                max_flush_interval: DEFAULT_MAX_FLUSH_INTERVAL,
                 incarnation: 0,
                 claimed_ts: None,
             }),
@@ -88,7 +98,10 @@ impl StoreState {
     pub fn reported_flush(&self) -> Arc<LastFlush> {
         let last = self.last_flush.read().clone();
         match self.run.lock().claimed_ts {
-            Some(ts) => Arc::new(LastFlush { ts, regions: last.regions.clone() }),
+            Some(ts) => {
+                let regions = last.regions.iter().map(|r| FlushedRegion { checkpoint: ts, ..r.clone() }).collect();
+                Arc::new(LastFlush { ts, regions })
+            }
             None => last,
         }
     }
@@ -131,6 +144,8 @@ pub struct SimState {
     pub stores: Vec<StoreState>,
     pub gate: ReplyGate,
     pub gc: Mutex<GcSafePoints>,
+    /// Locks and transactions. Lock order: `regions` before `txns`.
+    pub txns: Mutex<TxnTable>,
     /// `127.0.0.1:port` of PD, for `GetMembers`.
     pub pd_address: Mutex<String>,
 }
@@ -152,6 +167,7 @@ impl SimState {
             stores: (1..=stores as StoreId).map(StoreState::new).collect(),
             gate,
             gc: Mutex::new(GcSafePoints::default()),
+            txns: Mutex::new(TxnTable::default()),
             pd_address: Mutex::new(String::new()),
         }
     }
@@ -175,7 +191,10 @@ impl SimState {
         if flushing.is_empty() {
             return;
         }
-        let mut flushed = self.regions.write().flush(&flush_ts);
+        // Taken after the flush ts: a lock written later has a larger start ts, so it cannot
+        // hold back what this flush reports.
+        let locks = self.txns.lock().lock_starts();
+        let mut flushed = self.regions.write().flush(&flush_ts, &locks);
         let mut receivers = Vec::new();
         for (store, incarnation) in flushing {
             let mut regions = flushed.remove(&store.id).unwrap_or_default();

@@ -73,7 +73,7 @@ pub fn checkpoints(last: &LastFlush, request: &GetLastFlushTSOfRegionRequest) ->
             }
             Some(recorded) => {
                 echoed.set_epoch_version(recorded.version);
-                answer.set_checkpoint(last.ts);
+                answer.set_checkpoint(recorded.checkpoint);
             }
         }
         answer.set_region(echoed);
@@ -92,7 +92,7 @@ pub fn flush_events(last: &LastFlush) -> Vec<SubscribeFlushEventResponse> {
                 let mut event = FlushEvent::new();
                 event.set_start_key(encode_boundary(&region.start));
                 event.set_end_key(encode_boundary(&region.end));
-                event.set_checkpoint(last.ts);
+                event.set_checkpoint(region.checkpoint);
                 message.mut_events().push(event);
             }
             message
@@ -122,17 +122,24 @@ async fn forward(mut inbox: Inbox<Push>, mut sink: ServerStreamingSink<Subscribe
     let _ = sink.fail(status).await;
 }
 
+/// Runs `answer` when `store`'s gate lets its reply out: now, after its delay, or when it
+/// stops hanging. Every service of a store answers through this.
+pub fn when_answering(
+    state: &Arc<SimState>,
+    store: StoreId,
+    answer: impl FnOnce(&SimState, &StoreState) + Send + 'static,
+) {
+    let shared = state.clone();
+    state.gate.submit(store, move || {
+        if let Some(store_state) = shared.store(store) {
+            answer(&shared, store_state);
+        }
+    });
+}
+
 impl LogBackupService {
-    /// Runs `answer` when the store's gate lets its reply out: now, after its delay, or
-    /// when it stops hanging.
     fn when_answering(&self, answer: impl FnOnce(&SimState, &StoreState) + Send + 'static) {
-        let state = self.state.clone();
-        let store = self.store;
-        self.state.gate.submit(store, move || {
-            if let Some(store_state) = state.store(store) {
-                answer(&state, store_state);
-            }
-        });
+        when_answering(&self.state, self.store, answer);
     }
 }
 

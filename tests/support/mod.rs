@@ -1,5 +1,6 @@
-//! Shared test helpers: waiting with deadlines and a loopback TCP proxy that can cut a
-//! client off from its server (a network partition without touching the server).
+//! Shared test helpers: waiting with deadlines, a loopback TCP proxy that can cut a client
+//! off from its server (a network partition without touching the server), and the
+//! advancer's clients connected to the simulated cluster (also used by benches/locks.rs).
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -10,6 +11,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use streamhelper::cluster::{ClusterMeta, PdClient, PdConfig, RegionWithLeader, StoreInfo, TikvClients, TikvConfig};
+use streamhelper::security::Security;
+use streamhelper::sim::SimCluster;
+use streamhelper::{Result, Ts};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -100,5 +105,45 @@ impl Drop for TcpProxy {
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
+    }
+}
+
+/// The advancer's PD client and TiKV clients, connected to `sim` with short deadlines.
+pub fn connect_clients(sim: &SimCluster) -> (Arc<PdClient>, Arc<TikvClients>) {
+    let config = PdConfig { timeout: Duration::from_secs(2), ..PdConfig::new(vec![sim.pd_endpoint()]) };
+    let pd = Arc::new(PdClient::connect(config, Security::insecure()).unwrap());
+    let tikv = TikvConfig { dial_timeout: Duration::from_secs(2), ..Default::default() };
+    let clients = Arc::new(TikvClients::new(pd.clone(), Security::insecure(), tikv));
+    (pd, clients)
+}
+
+/// PD whose region scans go through `intercept` first: it may answer one itself (a stale
+/// cache's answer) or just watch (count) and let PD answer.
+pub struct InterceptedPd<F> {
+    pub pd: Arc<PdClient>,
+    pub intercept: F,
+}
+
+impl<F> ClusterMeta for InterceptedPd<F>
+where
+    F: Fn(&[u8], &[u8], usize) -> Option<Vec<RegionWithLeader>> + Send + Sync,
+{
+    fn region_scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<RegionWithLeader>> {
+        match (self.intercept)(start, end, limit) {
+            Some(regions) => Ok(regions),
+            None => self.pd.region_scan(start, end, limit),
+        }
+    }
+    fn stores(&self) -> Result<Vec<StoreInfo>> {
+        self.pd.stores()
+    }
+    fn block_gc_until(&self, safe_point: Ts) -> Result<Ts> {
+        self.pd.block_gc_until(safe_point)
+    }
+    fn unblock_gc(&self) -> Result<()> {
+        self.pd.unblock_gc()
+    }
+    fn fetch_current_ts(&self) -> Result<Ts> {
+        self.pd.fetch_current_ts()
     }
 }

@@ -1,0 +1,229 @@
+//! Lock resolution on lagging ranges (spec §4.8, §9.6). A transaction that crashed between
+//! prewrite and commit leaves locks that hold its regions' resolved ts, and so the task's
+//! checkpoint, back for good. When a task's checkpoint has not moved for the resolve
+//! interval, the frontier pieces that hold it back are scanned for locks, and each
+//! transaction is settled through its primary as TiKV's clients do.
+//!
+//! The ticker calls [`LockResolver::after_tick`] with the core after each tick; it decides
+//! (`plan`) and hands a round to the resolver's own thread (`round`), never waiting for it.
+//! The same thread reads TiKV's flush interval (`thresholds`), which `after_tick` applies
+//! to the core's configuration.
+
+mod plan;
+mod round;
+pub mod thresholds;
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{after, bounded, Receiver, Sender};
+use parking_lot::Mutex;
+
+use crate::advancer::core::Advancer;
+use crate::advancer::metrics::{Metrics, TICK_DURATION};
+use crate::cluster::{ClusterMeta, KvClients};
+use crate::error::{Error, Result};
+use crate::stop::{stop_pair, StopHandle, StopToken};
+use crate::timefmt::format_duration;
+use crate::types::Ts;
+
+pub use plan::{target_bound, Schedule};
+pub use round::{run_round, RoundEnv, RoundReport, RoundRequest};
+
+pub const ROUNDS: &str = "streamhelper_resolve_lock_rounds_total";
+pub const LOCKS_FOUND: &str = "streamhelper_resolve_lock_locks_found_total";
+pub const LOCKS_SETTLED: &str = "streamhelper_resolve_lock_locks_total";
+pub const REGIONS_SCANNED: &str = "streamhelper_resolve_lock_regions_scanned_total";
+
+/// Upstream's resolve-lock pool size.
+pub const CONCURRENCY: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct ResolverSettings {
+    /// Deadline of one RPC; a round as a whole gets the resolve interval (at least this).
+    pub rpc_timeout: Duration,
+    /// How often TiKV's configuration is read again.
+    pub config_refresh: Duration,
+}
+
+impl Default for ResolverSettings {
+    fn default() -> Self {
+        ResolverSettings { rpc_timeout: Duration::from_secs(10), config_refresh: Duration::from_secs(60) }
+    }
+}
+
+/// The resolver's side on the ticker thread, and its worker thread.
+pub struct LockResolver {
+    rounds: Sender<RoundRequest>,
+    reports: Receiver<RoundReport>,
+    /// The latest flush interval read from TiKV.
+    flush_interval: Arc<Mutex<Option<Duration>>>,
+    schedule: Schedule,
+    rpc_timeout: Duration,
+    stop: Option<StopHandle>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LockResolver {
+    pub fn start(meta: Arc<dyn ClusterMeta>, kv: Arc<dyn KvClients>, settings: ResolverSettings) -> Result<Self> {
+        let (rounds, requests) = bounded::<RoundRequest>(1);
+        let (reporter, reports) = bounded::<RoundReport>(1);
+        let flush_interval = Arc::new(Mutex::new(None));
+        let (stop_handle, stop) = stop_pair();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(CONCURRENCY)
+            .thread_name(|i| format!("resolve-locks-{i}"))
+            .build()
+            .map_err(|e| Error::Config(format!("building the resolve-lock pool: {e}")))?;
+        let worker = Worker { meta, kv, settings: settings.clone(), pool, flush_interval: flush_interval.clone() };
+        let thread = std::thread::Builder::new()
+            .name("resolve-locks".into())
+            .spawn(move || worker.run(requests, reporter, stop))
+            .map_err(|source| Error::Io { what: "spawning the lock resolver thread".into(), source })?;
+        Ok(LockResolver {
+            rounds,
+            reports,
+            flush_interval,
+            schedule: Schedule::default(),
+            rpc_timeout: settings.rpc_timeout,
+            stop: Some(stop_handle),
+            thread: Some(thread),
+        })
+    }
+
+    /// After each tick while owner: records a finished round, applies TiKV's thresholds,
+    /// and starts a round for tasks stuck past the resolve interval. Never blocks.
+    pub fn after_tick(&mut self, now: Ts, core: &mut Advancer, metrics: &Metrics) {
+        if let Ok(report) = self.reports.try_recv() {
+            self.schedule.finished(now);
+            record(&report, metrics);
+        }
+        if let Some(interval) = *self.flush_interval.lock() {
+            let mut changed = false;
+            core.update_config_with(|config| changed = thresholds::apply(config, interval));
+            if changed {
+                let config = core.config();
+                log::info!(
+                    "TiKV flushes every {}: resolve interval {}, poll threshold {}",
+                    format_duration(interval),
+                    format_duration(config.resolve_lock_interval),
+                    format_duration(config.try_advance_threshold)
+                );
+            }
+        }
+        let running =
+            core.status().into_iter().filter(|s| !s.paused).map(|s| (s.name, s.checkpoint)).collect::<Vec<_>>();
+        self.schedule.observe(running.iter().map(|(name, cp)| (name.as_str(), *cp)), now);
+        let interval = core.config().resolve_lock_interval;
+        let due = self.schedule.due(now, interval);
+        if due.is_empty() {
+            return;
+        }
+        let mut targets = Vec::new();
+        for task in &due {
+            let checkpoint = self.schedule.checkpoint(task).unwrap_or_default();
+            targets.extend(core.lagging_spans(task, target_bound(checkpoint, interval, now)));
+        }
+        self.schedule.started(due.clone());
+        if targets.is_empty() {
+            // Nothing old enough yet: look again an interval later.
+            self.schedule.finished(now);
+            return;
+        }
+        log::info!("Advancer starts to resolve locks: tasks {due:?}, {} lagging ranges", targets.len());
+        let deadline = Instant::now() + interval.max(self.rpc_timeout);
+        if self.rounds.try_send(RoundRequest { tasks: due, targets, deadline }).is_err() {
+            log::warn!("the lock resolver is still busy; the round waits for the next tick");
+            self.schedule.finished(now);
+        }
+    }
+}
+
+impl Drop for LockResolver {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn record(report: &RoundReport, metrics: &Metrics) {
+    let result = if report.errors.is_empty() { "ok" } else { "failed" };
+    metrics.inc_counter(ROUNDS, &[("result", result)], 1);
+    metrics.inc_counter(LOCKS_FOUND, &[], report.locks_found as u64);
+    metrics.inc_counter(REGIONS_SCANNED, &[], report.regions_scanned as u64);
+    for (outcome, count) in &report.locks {
+        metrics.inc_counter(LOCKS_SETTLED, &[("outcome", outcome)], *count as u64);
+    }
+    metrics.observe(TICK_DURATION, &[("step", "resolve-locks")], report.elapsed);
+    for error in &report.errors {
+        log::warn!("resolve locks failed, wait for next tick: {error}");
+    }
+    log::info!(
+        "finish resolve locks for checkpoint: tasks {:?}, {} regions scanned, {} locks found, {:?}, {} RPCs in {:?}",
+        report.tasks,
+        report.regions_scanned,
+        report.locks_found,
+        report.locks,
+        report.rpcs,
+        report.elapsed
+    );
+}
+
+struct Worker {
+    meta: Arc<dyn ClusterMeta>,
+    kv: Arc<dyn KvClients>,
+    settings: ResolverSettings,
+    pool: rayon::ThreadPool,
+    flush_interval: Arc<Mutex<Option<Duration>>>,
+}
+
+impl Worker {
+    fn run(self, requests: Receiver<RoundRequest>, reports: Sender<RoundReport>, stop: StopToken) {
+        let mut last_notes = Vec::new();
+        let mut refresh = after(Duration::ZERO);
+        loop {
+            crossbeam_channel::select! {
+                recv(stop.receiver()) -> _ => return,
+                recv(requests) -> request => {
+                    let Ok(request) = request else { return };
+                    let env = RoundEnv::new(
+                        self.meta.as_ref(),
+                        self.kv.as_ref(),
+                        self.settings.rpc_timeout,
+                        request.deadline,
+                        &stop,
+                    );
+                    let report = run_round(&env, &self.pool, &request);
+                    if !stop.send(&reports, report) {
+                        return;
+                    }
+                }
+                recv(refresh) -> _ => {
+                    self.refresh_thresholds(&mut last_notes);
+                    refresh = after(self.settings.config_refresh);
+                }
+            }
+        }
+    }
+
+    /// A failed read keeps the last good value. Warnings are logged when they change, not at
+    /// every refresh.
+    fn refresh_thresholds(&self, last_notes: &mut Vec<String>) {
+        let notes = match thresholds::fetch_flush_interval(self.meta.as_ref()) {
+            Ok((interval, notes)) => {
+                *self.flush_interval.lock() = Some(interval);
+                notes
+            }
+            Err(e) => vec![format!("cannot read TiKV's flush interval, keeping the current thresholds: {e}")],
+        };
+        if notes != *last_notes {
+            for note in &notes {
+                log::warn!("{note}");
+            }
+            *last_notes = notes;
+        }
+    }
+}
