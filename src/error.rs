@@ -87,6 +87,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An external storage (a task's backup destination) failed; `url` never holds credentials.
+    #[error("external storage {url}: {reason}")]
+    Storage { url: String, reason: String },
+
+    /// A task's storage kind this advancer cannot write to.
+    #[error("{backend} storage is not supported for the checkpoint copy (only local and s3 are)")]
+    StorageUnsupported { backend: &'static str },
+
     /// A blocking operation hit its deadline.
     #[error("{0} timed out")]
     Timeout(String),

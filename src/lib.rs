@@ -15,6 +15,7 @@ pub mod security;
 pub mod sim;
 pub mod spans;
 pub mod stop;
+pub mod storage;
 pub mod timefmt;
 pub mod types;
 

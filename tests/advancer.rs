@@ -7,15 +7,18 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use streamhelper::advancer::metrics::STORAGE_WRITE_FAILURES;
 use streamhelper::advancer::status::http_get;
 use streamhelper::advancer::Config;
 use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
 use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, MetaDataClient, PauseState, Severity, TaskInfo};
 use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
+use streamhelper::storage::{self, read_global_checkpoint, GLOBAL_CHECKPOINT_FILE};
 use streamhelper::types::ts_add;
 use streamhelper::{KeyRange, Ts};
-use support::DEADLINE;
+use support::s3::MotoServer;
+use support::{TcpProxy, DEADLINE};
 
 struct Fixture {
     etcd: EtcdProcess,
@@ -51,10 +54,14 @@ impl Fixture {
     }
 
     fn add_task(&self, name: &str, range: KeyRange) -> Ts {
+        self.add_task_stored_in(name, range, "noop://")
+    }
+
+    fn add_task_stored_in(&self, name: &str, range: KeyRange, storage: &str) -> Ts {
         let start = self.sim.now_ts();
         let task = TaskInfo::new(name)
             .from_ts(start)
-            .to_storage(parse_storage_url("noop://").unwrap())
+            .to_storage(parse_storage_url(storage).unwrap())
             .with_table_filter(["*.*"])
             .with_ranges([range])
             .check()
@@ -119,6 +126,33 @@ impl<'a> Safety<'a> {
             assert!(Instant::now() < deadline, "{what}: checkpoint stuck at {stored}, wanted above {above}");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Flushes and checks until `condition` holds.
+    fn until(&mut self, what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !condition() {
+            self.fixture.sim.flush_all();
+            self.check();
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Flushes until the storage copy passes `above`. The copy (read first) is never above
+    /// what etcd holds (read second) and never goes back.
+    fn copy_passes(&mut self, above: Ts, what: &str, copy: &StorageCopy) -> Ts {
+        let mut seen = 0;
+        let mut last = 0;
+        self.until(what, || {
+            seen = copy.read();
+            let stored = self.fixture.stored(self.task);
+            assert!(seen <= stored, "{what}: the storage copy {seen} is above etcd's {stored}");
+            assert!(seen >= last, "{what}: the storage copy went back from {last} to {seen}");
+            last = seen;
+            seen > above
+        });
+        seen
     }
 
     /// Flushes and checks for a while, returning the highest checkpoint seen.
@@ -628,4 +662,121 @@ fn a_hung_store_during_a_round_does_not_stall_ticks() {
     held.advance_past(txn, "t1 once the store answers again");
     assert_eq!(f.sim.txn_outcome(txn), Some(Outcome::RolledBack));
     assert_eq!(f.sim.txn_violations(), Vec::<String>::new());
+}
+
+/// Temporary directories and their `local://` URLs.
+fn local_storages(n: usize) -> (Vec<tempfile::TempDir>, Vec<String>) {
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let urls = dirs.iter().map(|d| format!("local://{}", d.path().display())).collect();
+    (dirs, urls)
+}
+
+/// Reads a task's checkpoint copy straight from its storage (0 while there is none).
+struct StorageCopy(Box<dyn storage::ExternalStorage>);
+
+impl StorageCopy {
+    fn of(url: &str) -> StorageCopy {
+        StorageCopy(storage::open(&parse_storage_url(url).unwrap()).unwrap())
+    }
+
+    fn read(&self) -> Ts {
+        read_global_checkpoint(self.0.as_ref(), Duration::from_secs(5)).unwrap().unwrap_or(0)
+    }
+}
+
+/// Issue 13: the checkpoint etcd holds is copied into each task's storage; a deleted task's
+/// storage is not written again.
+#[test]
+fn the_checkpoint_is_copied_to_local_storage_until_the_task_is_deleted() {
+    let f = Fixture::new(3, 16);
+    let (dirs, urls) = local_storages(2);
+    let start = f.add_task_stored_in("t1", KeyRange::full(), &urls[0]);
+    f.add_task_stored_in("t2", KeyRange::full(), &urls[1]);
+    let daemon = f.daemon();
+    let (copy1, copy2) = (StorageCopy::of(&urls[0]), StorageCopy::of(&urls[1]));
+    let mut t1 = Safety::new(&f, "t1", KeyRange::full());
+    let first = t1.copy_passes(start, "t1's copy", &copy1);
+    t1.copy_passes(first, "t1's copy, again", &copy1);
+    let mut t2 = Safety::new(&f, "t2", KeyRange::full());
+    let copied = t2.copy_passes(start, "t2's copy", &copy2);
+    let metrics = daemon.metrics().render();
+    assert!(metrics.contains("tidb_log_backup_external_storage_checkpoint{task=\"t1\"}"), "{metrics}");
+
+    f.meta.delete_task("t1").unwrap();
+    let t1_gauge = "tidb_log_backup_external_storage_checkpoint{task=\"t1\"}";
+    t2.until("the deletion to reach the advancer", || !daemon.metrics().render().contains(t1_gauge));
+    // The copier works one write at a time: once t2 is written again, no write for t1 is
+    // in flight any more.
+    let copied = t2.copy_passes(copied, "t2's copy after the deletion", &copy2);
+    let file = dirs[0].path().join(GLOBAL_CHECKPOINT_FILE);
+    std::fs::remove_file(&file).unwrap();
+    let copied = t2.copy_passes(copied, "t2's copy, later", &copy2);
+    t2.copy_passes(copied, "t2's copy, later again", &copy2);
+    assert!(!file.exists(), "the deleted task's storage was written");
+    assert_eq!(daemon.metrics().counter(STORAGE_WRITE_FAILURES, &[("task", "t2")]), 0);
+}
+
+/// Issue 13: while the task's S3 is down, hung or refusing the credentials, etcd's
+/// checkpoint keeps advancing and failures are counted; once it heals, the copy catches up.
+#[test]
+fn the_s3_copy_catches_up_after_the_storage_was_down_hung_or_refusing() {
+    let f = Fixture::new(3, 16);
+    let server = MotoServer::start();
+    server.create_bucket("logs");
+    let proxy = TcpProxy::start(&server.authority());
+    let credentials = "access-key=AKIATASK&secret-access-key=task-secret";
+    let via_proxy = format!("s3://logs/pitr?endpoint=http://{}&{credentials}", proxy.endpoint());
+    let start = f.add_task_stored_in("t1", KeyRange::full(), &via_proxy);
+    let daemon = f.daemon();
+    let copy = StorageCopy::of(&format!("s3://logs/pitr?endpoint={}&{credentials}", server.endpoint()));
+    let failures = || daemon.metrics().counter(STORAGE_WRITE_FAILURES, &[("task", "t1")]);
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let mut copied = safety.copy_passes(start, "the first copy", &copy);
+
+    for fault in ["down", "hung", "refusing credentials"] {
+        match fault {
+            "down" => proxy.cut(),
+            "hung" => proxy.stall(),
+            _ => server.enforce_iam(true),
+        }
+        let before = failures();
+        safety.until(&format!("failed writes while S3 is {fault}"), || failures() >= before + 2);
+        let stored = safety.check();
+        let advanced = safety.advance_past(stored, &format!("etcd's checkpoint while S3 is {fault}"));
+        assert!(advanced > copied);
+        proxy.heal();
+        server.enforce_iam(false);
+        copied = safety.copy_passes(advanced - 1, &format!("the copy after S3 was {fault}"), &copy);
+    }
+    // The gauge shows a written value: at least the copy read last, at most etcd's.
+    let metrics = daemon.metrics().render();
+    let gauge: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tidb_log_backup_external_storage_checkpoint{task=\"t1\"} "))
+        .unwrap_or_else(|| panic!("no storage gauge: {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(copied as f64 <= gauge && gauge <= f.stored("t1") as f64, "{gauge} outside [{copied}, etcd]");
+}
+
+/// A checkpoint from the future that etcd holds (garbage, or written by a broken advancer)
+/// is kept there but never copied into the storage, where restore would trust it.
+#[test]
+fn a_checkpoint_from_the_future_in_etcd_never_reaches_the_storage() {
+    let f = Fixture::new(3, 12);
+    let (_dirs, urls) = local_storages(2);
+    f.add_task_stored_in("t1", KeyRange::full(), &urls[0]);
+    let start = f.add_task_stored_in("t2", KeyRange::full(), &urls[1]);
+    let an_hour_ahead = ts_add(f.sim.now_ts(), Duration::from_secs(3600));
+    f.ext.upload_global_checkpoint("t1", an_hour_ahead, None).unwrap();
+    let _daemon = f.daemon();
+    let (copy1, copy2) = (StorageCopy::of(&urls[0]), StorageCopy::of(&urls[1]));
+    let mut t2 = Safety::new(&f, "t2", KeyRange::full());
+    let mut copied = start;
+    for round in 0..3 {
+        copied = t2.copy_passes(copied, &format!("t2's copy, round {round}"), &copy2);
+        let truth = f.sim.true_checkpoint(&KeyRange::full());
+        let t1_copy = copy1.read();
+        assert!(t1_copy <= truth, "t1's storage holds {t1_copy}, above the true checkpoint {truth}");
+    }
 }

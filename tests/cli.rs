@@ -65,17 +65,13 @@ impl Cluster {
 #[test]
 fn task_commands_round_trip() {
     let c = Cluster::start();
-    let added = c.ok(&[
-        "add",
-        "t1",
-        "--storage",
-        "s3://bucket/logs",
-        "--start-ts",
-        "2026-05-11 01:42:23+0800",
-        "--range",
-        "t\\x80",
-        "u",
-    ]);
+    // `task status` reads the storage: it must be one on this machine (here, a dead port).
+    let dead_s3 = format!(
+        "s3://bucket/logs?endpoint=http://127.0.0.1:{}&force-path-style=true",
+        streamhelper::etcd::process::free_port().unwrap()
+    );
+    let added =
+        c.ok(&["add", "t1", "--storage", &dead_s3, "--start-ts", "2026-05-11 01:42:23+0800", "--range", "t\\x80", "u"]);
     assert!(added.contains("task t1 added") && added.contains("2026-05-10T17:42:23Z"), "{added}");
     assert!(c.fails(&["add", "t2", "--storage", "noop://"]).contains("one log backup task per cluster"));
     c.ok(&["add", "--task-name", "t2", "--storage", "noop://", "--allow-multiple"]);
@@ -92,17 +88,17 @@ fn task_commands_round_trip() {
 
     c.ok(&["pause", "t1", "--reason", "maintenance window"]);
     let status = c.ok(&["status", "--task-name", "t1"]);
+    assert!(status.starts_with("● Total 1 Tasks.\n> #1 <\n"), "{status}");
     for line in [
-        "● Total 1 Tasks.",
-        "> #1 <",
-        "              name: t1",
-        "            status: ● PAUSE",
-        "             start: 2026-05-11 01:42:23 +0800",
-        "           storage: s3://bucket/logs",
+        "name: t1",
+        "status: ● PAUSE",
+        "start: 2026-05-11 01:42:23 +0800",
+        "storage: s3://bucket/logs",
         "checkpoint[global]: 2026-05-11 01:42:23 +0800; gap=",
-        "     pause-payload: maintenance window",
+        "checkpoint[storage]: external storage s3://bucket/logs at http://127.0.0.1:",
+        "pause-payload: maintenance window",
     ] {
-        assert!(status.contains(line), "missing {line:?} in\n{status}");
+        assert!(status.lines().any(|l| l.trim_start().starts_with(line)), "missing {line:?} in\n{status}");
     }
     let all = c.ok(&["status"]);
     assert!(all.starts_with("● Total 2 Tasks.\n> #1 <\n") && all.contains("name: t2"), "{all}");
@@ -110,9 +106,27 @@ fn task_commands_round_trip() {
     assert_eq!(json[0]["status"], "PAUSE");
     assert_eq!(json[1]["status"], "NORMAL");
     assert_eq!(json[0]["storage"], "s3://bucket/logs");
+    assert!(json[0]["storage_checkpoint"].is_null() && json[0]["storage_checkpoint_note"].is_string(), "{json}");
 
     c.ok(&["resume", "t1"]);
     c.ok(&["delete", "t1"]);
+
+    // A storage holding a copy: shown next to etcd's checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let local = format!("local://{}", dir.path().display());
+    c.ok(&["add", "t3", "--storage", &local, "--allow-multiple"]);
+    let status: serde_json::Value = serde_json::from_str(&c.ok(&["status", "t3", "--json"])).unwrap();
+    assert_eq!(status[0]["storage_checkpoint_note"], "not written yet");
+    let storage = streamhelper::storage::LocalStorage::new(dir.path().to_str().unwrap()).unwrap();
+    streamhelper::storage::write_global_checkpoint(
+        &storage,
+        449_462_874_931_200_001,
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
+    let status = c.ok(&["status", "t3"]);
+    assert!(status.contains("checkpoint[storage]: 2024-05-01 20:00:00 +0800; gap="), "{status}");
+    assert!(c.fails(&["add", "t4", "--storage", "s3://b/p?colour=red"]).contains("unknown S3 option"));
     assert!(c.fails(&["status", "t1"]).contains("task t1 not found"));
     assert!(c.fails(&["pause", "nope"]).contains("task nope not found"));
     assert!(ok(&["task", "list", "--json", "--etcd", &c.etcd.endpoint()]).contains("t2"), "--etcd alone reads");

@@ -15,6 +15,8 @@ pub const REGION_REQUEST_FAILURE: &str = "tidb_log_backup_region_request_failure
 pub const CHECKPOINT_LAG: &str = "streamhelper_checkpoint_lag_seconds";
 pub const STORE_RPC_ERRORS: &str = "streamhelper_store_rpc_errors_total";
 pub const REGIONS_POLLED: &str = "streamhelper_regions_polled_total";
+pub const EXTERNAL_STORAGE_CHECKPOINT: &str = "tidb_log_backup_external_storage_checkpoint";
+pub const STORAGE_WRITE_FAILURES: &str = "streamhelper_external_storage_write_failures_total";
 pub const FUTURE_CHECKPOINTS: &str = "streamhelper_future_checkpoints_total";
 
 /// Upstream's tick histogram buckets: exponential from 10 ms, factor 3, 8 buckets.

@@ -3,13 +3,14 @@
 //! BR's field set. Rendering is pure so that golden tests pin it.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
 use crate::error::Result;
 use crate::meta::{describe_storage, CheckpointType, PausePayload, PauseState, Severity, Task};
 use crate::proto::brpb::StreamBackupError;
+use crate::storage;
 use crate::timefmt::{format_br_date, format_duration};
 use crate::types::{compose_ts, system_time_of, StoreId, Ts};
 
@@ -26,7 +27,13 @@ pub struct StatusView {
     pub store_checkpoints: Option<Vec<(StoreId, Ts)>>,
     pub pause: Option<PauseState>,
     pub last_errors: BTreeMap<StoreId, StreamBackupError>,
+    /// The copy in the task's external storage (`v1/global_checkpoint/central_global.ts`):
+    /// `Ok(None)` before the first write, `Err` when it cannot be read.
+    pub storage_copy: std::result::Result<Option<Ts>, String>,
 }
+
+/// Deadline of reading the checkpoint copy from a task's storage.
+const STORAGE_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl StatusView {
     pub fn read(task: &Task) -> Result<StatusView> {
@@ -45,6 +52,9 @@ impl StatusView {
             store_checkpoints,
             pause: task.pause_state()?,
             last_errors: task.last_error()?,
+            storage_copy: storage::open(task.info.get_storage())
+                .and_then(|s| storage::read_global_checkpoint(s.as_ref(), STORAGE_READ_TIMEOUT))
+                .map_err(|e| e.to_string()),
         })
     }
 
@@ -97,6 +107,12 @@ fn rows_of(view: &StatusView, clock: &Clock) -> Vec<(String, String)> {
     }
     rows.push(("storage".into(), view.storage.clone()));
     rows.push(("checkpoint[global]".into(), clock.date_and_gap(view.checkpoint)));
+    let copy = match &view.storage_copy {
+        Ok(Some(ts)) => clock.date_and_gap(*ts),
+        Ok(None) => "not written yet".into(),
+        Err(e) => e.clone(),
+    };
+    rows.push(("checkpoint[storage]".into(), copy));
     for (store, ts) in view.store_checkpoints.iter().flatten() {
         rows.push((format!("checkpoint[store={store}]"), clock.date_and_gap(*ts)));
     }
@@ -125,7 +141,8 @@ fn rows_of(view: &StatusView, clock: &Clock) -> Vec<(String, String)> {
     rows
 }
 
-/// The text `br log status` prints (without its colours and the `speed(est.)` line).
+/// The text `br log status` prints (without its colours and the `speed(est.)` line), plus
+/// `checkpoint[storage]`.
 pub fn render_text(views: &[StatusView], now: SystemTime, offset_secs: i64) -> String {
     let clock = Clock { now, offset_secs };
     if views.is_empty() {
@@ -168,7 +185,7 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// BR's JSON fields, then ours (`checkpoint_time`, `paused`).
+/// BR's JSON fields, then ours (`checkpoint_time`, `paused`, the storage copy).
 #[derive(Serialize)]
 struct JsonTask {
     name: String,
@@ -186,6 +203,9 @@ struct JsonTask {
     last_errors: Vec<StoreLastError>,
     checkpoint_time: String,
     paused: bool,
+    storage_checkpoint: Option<Ts>,
+    /// Why `storage_checkpoint` is missing, when it is.
+    storage_checkpoint_note: Option<String>,
 }
 
 /// The JSON `br log status --json` prints: always an array, on one line.
@@ -222,6 +242,12 @@ pub fn render_json(views: &[StatusView], offset_secs: i64) -> String {
                 .collect(),
             checkpoint_time: format_br_date(system_time_of(v.checkpoint), offset_secs),
             paused: v.pause.is_some(),
+            storage_checkpoint: v.storage_copy.clone().ok().flatten(),
+            storage_checkpoint_note: match &v.storage_copy {
+                Ok(Some(_)) => None,
+                Ok(None) => Some("not written yet".into()),
+                Err(e) => Some(e.clone()),
+            },
         })
         .collect();
     serde_json::to_string(&tasks).expect("JSON output")
@@ -250,6 +276,7 @@ mod tests {
             store_checkpoints: None,
             pause: None,
             last_errors: BTreeMap::new(),
+            storage_copy: Ok(Some(ts_from_system_time(at("2026-05-11 09:30:00+0800")))),
         }
     }
 
@@ -273,37 +300,42 @@ mod tests {
         pause.operation_pid = 4242;
         pause.operation_time = "2026-05-11T01:30:00Z".into();
         paused.pause = Some(PauseState::V2(pause));
+        paused.storage_copy = Ok(None);
         let mut failed = view("failed");
         failed.checkpoint = failed.start_ts;
         failed.store_checkpoints = Some(vec![(1, ts_from_system_time(at("2026-05-11 09:00:00+0800")))]);
         failed.pause = Some(PauseState::Legacy);
         failed.last_errors.insert(3, store_error());
+        failed.storage_copy = Err("external storage s3://b/p: connection refused".into());
         let text = render_text(&[normal, paused, failed], now, CST);
         let golden = "\
 ● Total 3 Tasks.
 > #1 <
-              name: pitr
-            status: ● NORMAL
-             start: 2026-05-11 01:42:23 +0800
-           storage: s3://backup-101/log-backup
-checkpoint[global]: 2026-05-11 09:31:47.2 +0800; gap=4m53s
+               name: pitr
+             status: ● NORMAL
+              start: 2026-05-11 01:42:23 +0800
+            storage: s3://backup-101/log-backup
+ checkpoint[global]: 2026-05-11 09:31:47.2 +0800; gap=4m53s
+checkpoint[storage]: 2026-05-11 09:30:00 +0800; gap=6m40s
 > #2 <
-              name: paused
-            status: ● PAUSE
-             start: 2026-05-11 01:42:23 +0800
-               end: 2035-01-01 00:00:00 +0800
-           storage: s3://backup-101/log-backup
-checkpoint[global]: 2026-05-11 09:31:47.2 +0800; gap=4m53s
-        pause-time: 2026-05-11 09:30:00 +0800
-    pause-operator: ops-1
-pause-operator-pid: 4242
-     pause-payload: maintenance
+               name: paused
+             status: ● PAUSE
+              start: 2026-05-11 01:42:23 +0800
+                end: 2035-01-01 00:00:00 +0800
+            storage: s3://backup-101/log-backup
+ checkpoint[global]: 2026-05-11 09:31:47.2 +0800; gap=4m53s
+checkpoint[storage]: not written yet
+         pause-time: 2026-05-11 09:30:00 +0800
+     pause-operator: ops-1
+ pause-operator-pid: 4242
+      pause-payload: maintenance
 > #3 <
                     name: failed
                   status: ○ ERROR
                    start: 2026-05-11 01:42:23 +0800
                  storage: s3://backup-101/log-backup
       checkpoint[global]: 2026-05-11 01:42:23 +0800; gap=7h54m17s
+     checkpoint[storage]: external storage s3://b/p: connection refused
      checkpoint[store=1]: 2026-05-11 09:00:00 +0800; gap=36m40s
           error[store=3]: KV:LogBackup:RaftReq
 error-happen-at[store=3]: 2026-05-11 09:30:00 +0800; gap=6m40s
@@ -319,6 +351,7 @@ error-happen-at[store=3]: 2026-05-11 09:30:00 +0800; gap=6m40s
         failed.store_checkpoints = Some(vec![(1, 449_000_000_000_000_000)]);
         failed.pause = Some(PauseState::V2(PauseV2::now(Severity::Error)));
         failed.last_errors.insert(3, store_error());
+        failed.storage_copy = Err("connection refused".into());
         let json = render_json(&[view("pitr"), failed], CST);
         let start = view("pitr").start_ts;
         let checkpoint = view("pitr").checkpoint;
@@ -326,17 +359,20 @@ error-happen-at[store=3]: 2026-05-11 09:30:00 +0800; gap=6m40s
             concat!(
                 r#"[{{"name":"pitr","start_ts":{start},"status":"NORMAL","table_filter":["*.*"],"progress":[],"#,
                 r#""storage":"s3://backup-101/log-backup","checkpoint":{cp},"estimate_qps":0,"last_errors":[],"#,
-                r#""checkpoint_time":"2026-05-11 09:31:47.2 +0800","paused":false}},"#,
+                r#""checkpoint_time":"2026-05-11 09:31:47.2 +0800","paused":false,"storage_checkpoint":{copy},"#,
+                r#""storage_checkpoint_note":null}},"#,
                 r#"{{"name":"failed","start_ts":{start},"status":"ERROR","table_filter":["*.*"],"#,
                 r#""progress":[{{"store_id":1,"checkpoint":449000000000000000}}],"#,
                 r#""storage":"s3://backup-101/log-backup","checkpoint":{cp},"estimate_qps":0,"#,
                 r#""last_errors":[{{"store_id":3,"last_error":{{"happen_at":{happen},"error_code":"KV:LogBackup:RaftReq","#,
                 r#""error_message":"retry time exhausted","store_id":3}}}}],"#,
-                r#""checkpoint_time":"2026-05-11 09:31:47.2 +0800","paused":true}}]"#
+                r#""checkpoint_time":"2026-05-11 09:31:47.2 +0800","paused":true,"storage_checkpoint":null,"#,
+                r#""storage_checkpoint_note":"connection refused"}}]"#
             ),
             start = start,
             cp = checkpoint,
             happen = store_error().get_happen_at(),
+            copy = view("pitr").storage_copy.unwrap().unwrap(),
         );
         assert_eq!(json, golden);
         assert_eq!(render_json(&[], CST), "[]");

@@ -32,6 +32,7 @@ use crate::locks::{LockResolver, ResolverSettings};
 use crate::meta::{AdvancerExt, MetaDataClient};
 use crate::security::Security;
 use crate::stop::{stop_pair, StopHandle, StopToken};
+use crate::storage::CheckpointCopier;
 use crate::types::{RegionId, StoreId, Ts};
 
 pub use owner::{is_our_owner_id, new_owner_id, random_uuid};
@@ -205,6 +206,10 @@ impl Daemon {
         let owner_thread = spawn("owner", move || owner.run())?;
         let resolver_settings =
             ResolverSettings { rpc_timeout: config.advancer.rpc_timeout, ..ResolverSettings::default() };
+        let storage = {
+            let shared = shared.clone();
+            CheckpointCopier::start(move |task, outcome| outcome.record(&shared.metrics, task))?
+        };
         let ticker = ticker::Ticker {
             shared: shared.clone(),
             locks: LockResolver::start(pd.clone(), kv, resolver_settings)?,
@@ -217,6 +222,7 @@ impl Daemon {
             stop,
             leadership: None,
             subscriber: None,
+            storage,
             last_tso: None,
             future_stores: Default::default(),
         };

@@ -22,6 +22,7 @@ use crate::etcd::Leadership;
 use crate::locks::LockResolver;
 use crate::meta::{AdvancerExt, TaskEvent, UploadOutcome};
 use crate::stop::StopToken;
+use crate::storage::CheckpointCopier;
 use crate::timefmt::{format_duration, format_rfc3339};
 use crate::types::{local_now_ts, system_time_of, ts_add, ts_distance, StoreId, Ts};
 
@@ -40,6 +41,8 @@ pub struct Ticker {
     pub stop: StopToken,
     pub leadership: Option<Leadership>,
     pub subscriber: Option<FlushSubscriber>,
+    /// Copies each uploaded checkpoint into the task's external storage.
+    pub storage: CheckpointCopier,
     /// PD's last TSO and when it came, to bound flush events between ticks.
     pub last_tso: Option<(Ts, Instant)>,
     /// Stores already reported for flushing from the future (logged once each).
@@ -132,10 +135,14 @@ impl Ticker {
         match event {
             TaskEvent::Add { info, ranges, paused } => {
                 let stored = self.stored_checkpoint(info.get_name());
+                self.storage.register(info.get_name(), info.get_storage());
                 self.shared.advancer.lock().add_task(info, &ranges, paused, stored);
             }
             TaskEvent::Del { name } => {
                 self.shared.advancer.lock().remove_task(&name);
+                // Forgotten first, so that no late write brings the storage gauge back.
+                self.storage.forget(&name);
+                self.metrics().remove_gauge(metrics::EXTERNAL_STORAGE_CHECKPOINT, &[("task", &name)]);
                 self.metrics().remove_gauge(metrics::LAST_CHECKPOINT, &[("task", &name)]);
                 self.metrics().remove_gauge(metrics::CHECKPOINT_LAG, &[("task", &name)]);
             }
@@ -177,6 +184,7 @@ impl Ticker {
         }
         self.leadership = None;
         self.subscriber = None;
+        self.storage.clear();
         self.metrics().set_gauge(metrics::OWNER, &[], 0.0);
     }
 
@@ -218,6 +226,9 @@ impl Ticker {
         self.apply(actions, now);
         // Starts a round for tasks stuck past the resolve interval; never waits for one.
         self.locks.after_tick(now, &mut self.shared.advancer.lock(), &self.shared.metrics);
+        // After the GC step, as upstream; the writes run on the copier's thread.
+        let write_timeout = self.shared.advancer.lock().config().tick_interval;
+        self.storage.submit(write_timeout);
         self.publish(Some(now));
         self.metrics().observe(metrics::TICK_DURATION, &[("step", "tick")], started.elapsed());
     }
@@ -314,6 +325,12 @@ impl Ticker {
                                 log::warn!("skipping upload global checkpoint of task {task}: stored {stored} > {ts}");
                             }
                             self.metrics().set_gauge(metrics::LAST_CHECKPOINT, &[("task", &task)], ts as f64);
+                            // The storage gets what etcd holds, unless that is from the future.
+                            match outcome {
+                                UploadOutcome::KeptHigher { stored } if stored > latest_believable(now) => {}
+                                UploadOutcome::KeptHigher { stored } => self.storage.stage(&task, stored),
+                                _ => self.storage.stage(&task, ts),
+                            }
                             let pause = self.shared.advancer.lock().on_uploaded(&task, outcome, now);
                             if let Some(pause) = pause {
                                 self.apply(vec![pause], now);

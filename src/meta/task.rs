@@ -92,9 +92,15 @@ pub fn check_task_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Parses a storage URL the way `br log start --storage` accepts them.
+/// Parses a storage URL the way `br log start --storage` accepts them, S3 options included
+/// as query parameters (`s3://bucket/prefix?endpoint=http://host:9000&access-key=…`).
 pub fn parse_storage_url(url: &str) -> Result<StorageBackend> {
-    let bad = |reason: &str| Error::Config(format!("storage URL {url:?}: {reason}"));
+    let shown = url.split_once('?').map_or(url, |(base, _)| base);
+    let bad = |reason: &str| Error::Config(format!("storage URL {shown:?}: {reason}"));
+    let (url, query) = url.split_once('?').unwrap_or((url, ""));
+    if !query.is_empty() && !url.starts_with("s3://") {
+        return Err(bad("only s3:// URLs take ?options"));
+    }
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| bad("expected scheme://..., e.g. local:///backup or s3://bucket/prefix"))?;
@@ -117,6 +123,9 @@ pub fn parse_storage_url(url: &str) -> Result<StorageBackend> {
             let mut s3 = S3::new();
             s3.set_bucket(bucket.into());
             s3.set_prefix(prefix.into());
+            // BR's default when the URL says nothing: most S3-compatible servers need it.
+            s3.set_force_path_style(true);
+            apply_s3_options(&mut s3, query).map_err(|reason| bad(&reason))?;
             backend.set_s3(s3);
         }
         "gcs" | "gs" => {
@@ -139,6 +148,50 @@ pub fn parse_storage_url(url: &str) -> Result<StorageBackend> {
         other => return Err(bad(&format!("unsupported scheme {other:?} (noop, local, s3, gcs, azure, hdfs)"))),
     }
     Ok(backend)
+}
+
+/// BR's S3 URL options (`S3BackendOptions` JSON names; `_` and `-` alike, any case).
+fn apply_s3_options(s3: &mut S3, query: &str) -> std::result::Result<(), String> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value).ok_or_else(|| format!("option {key}: bad %-escape"))?;
+        let flag = || value.parse::<bool>().map_err(|_| format!("option {key}: expected true or false"));
+        match key.to_ascii_lowercase().replace('_', "-").as_str() {
+            "endpoint" => s3.set_endpoint(value.trim_end_matches('/').to_string()),
+            "region" => s3.set_region(value),
+            "storage-class" => s3.set_storage_class(value),
+            "sse" => s3.set_sse(value),
+            "sse-kms-key-id" => s3.set_sse_kms_key_id(value),
+            "acl" => s3.set_acl(value),
+            "access-key" => s3.set_access_key(value),
+            "secret-access-key" => s3.set_secret_access_key(value),
+            "session-token" => s3.set_session_token(value),
+            "provider" => s3.set_provider(value),
+            "role-arn" => s3.set_role_arn(value),
+            "external-id" => s3.set_external_id(value),
+            "force-path-style" => s3.set_force_path_style(flag()?),
+            "object-lock-enabled" => s3.set_object_lock_enabled(flag()?),
+            _ => return Err(format!("unknown S3 option {key:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// `%XX` escapes of a URL query value (a secret key may hold `+`, `/` or `=`).
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            out.push(u8::from_str_radix(text.get(i + 1..i + 3)?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// A URL for display, without credentials.
@@ -262,6 +315,27 @@ mod tests {
         assert_eq!(describe_storage(&s3), "s3://bucket/some/prefix");
         for bad in ["s3://", "ftp://x", "nothing", "local://"] {
             assert!(parse_storage_url(bad).unwrap_err().to_string().contains(bad));
+        }
+    }
+
+    #[test]
+    fn s3_urls_take_brs_options() {
+        let url = "s3://logs/pitr?endpoint=http://127.0.0.1:9000/&Access_Key=AK&secret-access-key=a%2Fb+c\
+                   &region=eu-west-1&force-path-style=false&sse=aws:kms";
+        let backend = parse_storage_url(url).unwrap();
+        let s3 = backend.get_s3();
+        assert_eq!((s3.get_bucket(), s3.get_prefix(), s3.get_endpoint()), ("logs", "pitr", "http://127.0.0.1:9000"));
+        assert_eq!((s3.get_access_key(), s3.get_secret_access_key()), ("AK", "a/b+c"));
+        assert_eq!((s3.get_region(), s3.get_force_path_style(), s3.get_sse()), ("eu-west-1", false, "aws:kms"));
+        assert!(parse_storage_url("s3://logs/p").unwrap().get_s3().get_force_path_style(), "BR's default");
+        for (bad, wanted) in [
+            ("s3://b/p?colour=red", "unknown S3 option \"colour\""),
+            ("s3://b/p?force-path-style=yes", "expected true or false"),
+            ("s3://b/p?secret-access-key=SECRET%zz", "bad %-escape"),
+            ("local:///tmp?endpoint=x", "only s3:// URLs take ?options"),
+        ] {
+            let err = parse_storage_url(bad).unwrap_err().to_string();
+            assert!(err.contains(wanted) && !err.contains("SECRET"), "{err}");
         }
     }
 

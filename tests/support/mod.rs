@@ -1,7 +1,10 @@
 //! Shared test helpers: waiting with deadlines, a loopback TCP proxy that can cut a client
-//! off from its server (a network partition without touching the server), and the
-//! advancer's clients connected to the simulated cluster (also used by benches/locks.rs).
+//! off from its server (a network partition without touching the server) or stall it, an
+//! S3-compatible server, and the advancer's clients connected to the simulated cluster (also
+//! used by benches/locks.rs).
 #![allow(dead_code)]
+
+pub mod s3;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -30,6 +33,7 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 pub struct TcpProxy {
     port: u16,
     cut: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
     stopped: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<TcpStream>>>,
     acceptor: Option<JoinHandle<()>>,
@@ -41,11 +45,13 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicBool::new(false));
         let stopped = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(Vec::new()));
         let upstream = upstream.to_string();
         let acceptor = {
-            let (cut, stopped, connections) = (cut.clone(), stopped.clone(), connections.clone());
+            let (cut, stalled, stopped, connections) =
+                (cut.clone(), stalled.clone(), stopped.clone(), connections.clone());
             std::thread::spawn(move || {
                 for client in listener.incoming() {
                     if stopped.load(Ordering::SeqCst) {
@@ -54,6 +60,10 @@ impl TcpProxy {
                     let Ok(client) = client else { continue };
                     if cut.load(Ordering::SeqCst) {
                         continue; // dropped: the connection is refused in effect
+                    }
+                    if stalled.load(Ordering::SeqCst) {
+                        connections.lock().push(client); // held open, never answered
+                        continue;
                     }
                     let Ok(server) = TcpStream::connect(&upstream) else { continue };
                     let mut all = connections.lock();
@@ -64,7 +74,7 @@ impl TcpProxy {
                 }
             })
         };
-        TcpProxy { port, cut, stopped, connections, acceptor: Some(acceptor) }
+        TcpProxy { port, cut, stalled, stopped, connections, acceptor: Some(acceptor) }
     }
 
     pub fn endpoint(&self) -> String {
@@ -79,8 +89,18 @@ impl TcpProxy {
         }
     }
 
+    /// New connections are accepted but never forwarded nor answered: a server that hangs.
+    /// Connections already forwarded are dropped, so that clients reconnect into the stall.
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+        for stream in self.connections.lock().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
     pub fn heal(&self) {
         self.cut.store(false, Ordering::SeqCst);
+        self.stalled.store(false, Ordering::SeqCst);
     }
 }
 
