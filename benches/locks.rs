@@ -18,7 +18,7 @@ use streamhelper::cluster::{collect_checkpoints, ClusterMeta, CollectorConfig, K
 use streamhelper::locks::{run_round, target_bound, RoundEnv, RoundRequest};
 use streamhelper::proto::brpb::StreamBackupTaskInfo;
 use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
-use streamhelper::stop::StopToken;
+use streamhelper::worker::StopToken;
 use streamhelper::KeyRange;
 use support::InterceptedPd;
 

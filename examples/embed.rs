@@ -44,8 +44,8 @@ fn main() -> streamhelper::Result<()> {
             );
         }
     }
-    handle.update_config(Config { lag_limit: Duration::from_secs(72 * 3600), ..handle.config() })?;
-    println!("lag limit now {:?}", handle.config().lag_limit);
+    handle.update_config(Config { lag_limit: Duration::from_secs(72 * 3600), ..handle.config()? })?;
+    println!("lag limit now {:?}", handle.config()?.lag_limit);
     handle.stop();
     Ok(())
 }

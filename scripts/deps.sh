@@ -2,8 +2,8 @@
 # Installs what building and testing streamhelper needs, only when it is missing:
 # cmake and a C++ compiler (grpcio-sys), protoc (build.rs), OpenSSL headers (TLS),
 # the real etcd server (tests and the demo) and the openssl command (TLS tests, which
-# make their own certificates), and moto's S3 server from PyPI (storage tests) in a private
-# venv when the system Python lacks it. Debian/Ubuntu only.
+# make their own certificates), rustfmt and clippy for the gates, and moto's S3 server from
+# PyPI (storage tests) in a private venv when the system Python lacks it. Debian/Ubuntu only.
 set -euo pipefail
 
 missing=()
@@ -34,3 +34,10 @@ if ! has_moto python3 && ! has_moto "$moto_venv/bin/python3"; then
     python3 -m venv "$moto_venv"
     "$moto_venv/bin/python3" -m pip install --quiet 'moto[server]'
 fi
+
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 && command -v rustup >/dev/null 2>&1; then
+        echo "installing the $component component" >&2
+        rustup component add "$component"
+    fi
+done

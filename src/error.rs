@@ -60,9 +60,13 @@ pub enum Error {
     #[error("invalid task {task}: {reason}")]
     InvalidTask { task: String, reason: String },
 
-    /// PD answered with an application error or something inconsistent.
+    /// PD answered with something inconsistent.
     #[error("PD {endpoint}: {reason}")]
     Pd { endpoint: String, reason: String },
+
+    /// PD answered with an application error in its response header, kept as PD typed it.
+    #[error("PD {endpoint}: {kind:?}: {message}")]
+    PdHeader { endpoint: String, kind: crate::proto::pdpb::ErrorType, message: String },
 
     /// A TiKV store failed as a whole (dial, RPC, stream).
     #[error("store {store_id} ({address}): {reason}")]
@@ -75,6 +79,14 @@ pub enum Error {
     /// The regions PD returned for a key range do not tile it.
     #[error("regions of {range} are inconsistent: {reason}")]
     RegionScan { range: KeyRange, reason: String },
+
+    /// A program this crate runs is not installed.
+    #[error("the {program} binary was not found on PATH; {hint}")]
+    MissingProgram { program: &'static str, hint: &'static str },
+
+    /// A checkpoint claimed more than the truth or went backwards (the demo's check).
+    #[error("checkpoint safety violated: {0}")]
+    SafetyViolation(String),
 
     /// A bad flag, config file entry or argument.
     #[error("invalid configuration: {0}")]

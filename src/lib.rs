@@ -14,10 +14,10 @@ pub mod proto;
 pub mod security;
 pub mod sim;
 pub mod spans;
-pub mod stop;
 pub mod storage;
 pub mod timefmt;
 pub mod types;
+pub mod worker;
 
 #[cfg(test)]
 mod outside_input_tests;

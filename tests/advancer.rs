@@ -7,9 +7,8 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use streamhelper::advancer::metrics::STORAGE_WRITE_FAILURES;
-use streamhelper::advancer::status::http_get;
 use streamhelper::advancer::Config;
+use streamhelper::daemon::status::http_get;
 use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
 use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, MetaDataClient, PauseState, Severity, TaskInfo};
@@ -629,11 +628,11 @@ fn thresholds_follow_tikvs_flush_interval_unless_set_explicitly() {
     config.advancer.explicit.remove("resolve-lock-interval");
     let daemon = Daemon::start(config).unwrap();
     support::wait_until("the TiKV flush interval to be applied", || {
-        let config = daemon.config();
+        let config = daemon.config().unwrap();
         config.resolve_lock_interval == Duration::from_millis(1200)
             && config.try_advance_threshold == Duration::from_millis(1600)
     });
-    assert_eq!(daemon.config().degraded_threshold(), Duration::from_millis(720));
+    assert_eq!(daemon.config().unwrap().degraded_threshold(), Duration::from_millis(720));
 }
 
 #[test]
@@ -713,7 +712,7 @@ fn the_checkpoint_is_copied_to_local_storage_until_the_task_is_deleted() {
     let copied = t2.copy_passes(copied, "t2's copy, later", &copy2);
     t2.copy_passes(copied, "t2's copy, later again", &copy2);
     assert!(!file.exists(), "the deleted task's storage was written");
-    assert_eq!(daemon.metrics().counter(STORAGE_WRITE_FAILURES, &[("task", "t2")]), 0);
+    assert_eq!(daemon.metrics().storage_write_failures.get(["t2"]), 0);
 }
 
 /// Issue 13: while the task's S3 is down, hung or refusing the credentials, etcd's
@@ -729,7 +728,7 @@ fn the_s3_copy_catches_up_after_the_storage_was_down_hung_or_refusing() {
     let start = f.add_task_stored_in("t1", KeyRange::full(), &via_proxy);
     let daemon = f.daemon();
     let copy = StorageCopy::of(&format!("s3://logs/pitr?endpoint={}&{credentials}", server.endpoint()));
-    let failures = || daemon.metrics().counter(STORAGE_WRITE_FAILURES, &[("task", "t1")]);
+    let failures = || daemon.metrics().storage_write_failures.get(["t1"]);
     let mut safety = Safety::new(&f, "t1", KeyRange::full());
     let mut copied = safety.copy_passes(start, "the first copy", &copy);
 

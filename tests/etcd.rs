@@ -6,7 +6,7 @@ use streamhelper::etcd::{
     Cmp, CompareResult, Election, EtcdClient, EtcdProcess, EventKind, GetOptions, KeySpan, Txn, TxnOp, WatchBatch,
     WatchOptions, Watcher,
 };
-use streamhelper::stop::{stop_pair, StopToken};
+use streamhelper::worker::{stop_pair, StopToken};
 use streamhelper::Error;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -136,7 +136,7 @@ fn watch_delivers_history_from_a_revision() {
     let r2 = client.put("/w/b", "2", 0).unwrap();
     let r3 = client.delete(KeySpan::key("/w/a")).map(|_| r2 + 1).unwrap();
     client.put("/other", "x", 0).unwrap();
-    let watcher = client.watch(KeySpan::prefix("/w/"), WatchOptions { start_revision: r1, prev_kv: false });
+    let watcher = client.watch(KeySpan::prefix("/w/"), WatchOptions { start_revision: r1, prev_kv: false }).unwrap();
     let events = collect_events(&watcher, 3);
     assert_eq!(
         events,
@@ -154,7 +154,8 @@ fn watch_delivers_history_from_a_revision() {
 fn watch_survives_an_etcd_restart_without_loss_or_repeats() {
     let (mut etcd, client) = start_etcd();
     let base = client.put("/r/0", "base", 0).unwrap();
-    let watcher = client.watch(KeySpan::prefix("/r/"), WatchOptions { start_revision: base + 1, prev_kv: false });
+    let watcher =
+        client.watch(KeySpan::prefix("/r/"), WatchOptions { start_revision: base + 1, prev_kv: false }).unwrap();
     let mut expected = Vec::new();
     for i in 1..=5 {
         expected.push(client.put(format!("/r/{i}"), "v", 0).unwrap());
@@ -190,7 +191,7 @@ fn watch_on_a_compacted_revision_is_a_typed_error() {
     client.put("/c/a", "2", 0).unwrap();
     let last = client.put("/c/a", "3", 0).unwrap();
     client.compact(last).unwrap();
-    let watcher = client.watch(KeySpan::prefix("/c/"), WatchOptions { start_revision: first, prev_kv: false });
+    let watcher = client.watch(KeySpan::prefix("/c/"), WatchOptions { start_revision: first, prev_kv: false }).unwrap();
     match watcher.batches().recv_timeout(DEADLINE).expect("an answer") {
         Err(Error::Compacted { compact_revision, requested, .. }) => {
             assert_eq!(compact_revision, last);
@@ -208,7 +209,7 @@ fn lease_expiry_removes_keys_and_keep_alive_holds_them() {
     client.put("/l/short", "x", short).unwrap();
     let kept = client.grant_lease(ttl).unwrap();
     client.put("/l/kept", "x", kept).unwrap();
-    let keeper = client.keep_alive(kept, ttl);
+    let keeper = client.keep_alive(kept, ttl).unwrap();
 
     wait_until("the unrenewed key to expire", || client.get("/l/short").unwrap().is_none());
     std::thread::sleep(ttl);
@@ -231,14 +232,14 @@ fn election_fails_over_when_the_leaders_lease_dies() {
     let prefix = "/tidb/br-stream/owner";
 
     let lease_a = client_a.grant_lease(ttl).unwrap();
-    let keeper_a = client_a.keep_alive(lease_a, ttl);
+    let keeper_a = client_a.keep_alive(lease_a, ttl).unwrap();
     let election_a = Election::new(client_a.clone(), prefix);
     let leader_a = election_a.campaign(lease_a, b"advancer-a", &StopToken::never()).unwrap();
     assert_eq!(leader_a.key, format!("{prefix}/{lease_a:x}").into_bytes(), "owner keys are <prefix>/<lease hex>");
     assert_eq!(election_a.leader().unwrap().unwrap().get_value(), b"advancer-a");
 
     let lease_b = client_b.grant_lease(ttl).unwrap();
-    let keeper_b = client_b.keep_alive(lease_b, ttl);
+    let keeper_b = client_b.keep_alive(lease_b, ttl).unwrap();
     let (b_won_tx, b_won) = crossbeam_channel::bounded(1);
     let campaign_b = {
         let client_b = client_b.clone();
@@ -257,7 +258,7 @@ fn election_fails_over_when_the_leaders_lease_dies() {
     let fenced = client_a.txn(Txn::new().when([leader_a.fence()]).and_then([TxnOp::put("/fenced", "a", 0)])).unwrap();
     assert!(!fenced.succeeded, "a deposed owner's fenced write must not land");
 
-    let watch = Election::new(client_b.clone(), prefix).watch_leadership(&leader_b);
+    let watch = Election::new(client_b.clone(), prefix).watch_leadership(&leader_b).unwrap();
     Election::new(client_b.clone(), prefix).resign(&leader_b).unwrap();
     assert_eq!(collect_events(&watch, 1)[0].0, EventKind::Delete, "resigning is observable as lost leadership");
     assert!(election_a.leader().unwrap().is_none());
@@ -269,7 +270,7 @@ fn campaign_stops_when_asked() {
     let (_etcd, client) = start_etcd();
     let ttl = Duration::from_secs(5);
     let lease_a = client.grant_lease(ttl).unwrap();
-    let _keeper = client.keep_alive(lease_a, ttl);
+    let _keeper = client.keep_alive(lease_a, ttl).unwrap();
     let election = Election::new(client.clone(), "/owner");
     election.campaign(lease_a, b"a", &StopToken::never()).unwrap();
     let lease_b = client.grant_lease(ttl).unwrap();

@@ -14,7 +14,7 @@ use streamhelper::cluster::{ClusterMeta, KvClients, PdClient, TikvClients};
 use streamhelper::locks::thresholds::fetch_flush_interval;
 use streamhelper::locks::{run_round, RoundEnv, RoundReport, RoundRequest};
 use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
-use streamhelper::stop::StopToken;
+use streamhelper::worker::StopToken;
 use streamhelper::{KeyRange, StoreId, Ts};
 use support::InterceptedPd;
 

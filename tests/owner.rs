@@ -8,8 +8,8 @@ mod support;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use streamhelper::advancer::status::{http_get, http_request};
 use streamhelper::advancer::Config;
+use streamhelper::daemon::status::{http_get, http_request};
 use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{Cmp, Election, EtcdClient, EtcdProcess, KeySpan, Txn, TxnOp};
 use streamhelper::meta::keys::OWNER_PREFIX;

@@ -7,7 +7,7 @@ use streamhelper::sim::{SimCluster, SimConfig};
 
 /// The threads a sim starts itself (gRPC core starts and retires its own helper threads as
 /// it pleases, so the process's total is no measure).
-const SIM_THREADS: &[&str] = &["sim-replies", "sim-flusher"];
+const SIM_THREADS: &[&str] = &["sh-sim-replies", "sh-sim-flusher"];
 
 fn sim_threads() -> Vec<String> {
     std::fs::read_dir("/proc/self/task")

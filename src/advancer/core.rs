@@ -210,7 +210,11 @@ impl Advancer {
         } else {
             self.config.degraded_threshold()
         };
-        let below = ts_sub(now, threshold);
+        self.plan_polls_below(ts_sub(now, threshold))
+    }
+
+    /// The spans of running tasks older than `below`, as collapsed ranges per task.
+    pub fn plan_polls_below(&self, below: Ts) -> Vec<PollPlan> {
         self.active()
             .filter_map(|(name, task)| {
                 let lagging: Vec<KeyRange> =

@@ -1,10 +1,7 @@
-//! The checkpoint advancer: the deterministic core, its configuration, and the daemon that
-//! drives it with threads at the edges.
+//! The checkpoint advancer's deterministic core and its configuration; `daemon` drives it.
 
 pub mod config;
 pub mod core;
-pub mod metrics;
-pub mod status;
 #[cfg(test)]
 mod tests;
 

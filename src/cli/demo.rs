@@ -197,7 +197,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     }
     daemon.stop();
     match violation {
-        Some(v) => Err(Error::Config(format!("demo failed: {v}"))),
+        Some(v) => Err(Error::SafetyViolation(format!("demo failed: {v}"))),
         None => {
             println!("demo finished: the checkpoint advanced {advances} times, never above the truth, never backwards");
             Ok(())

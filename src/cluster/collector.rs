@@ -1,4 +1,5 @@
-//! Polling region checkpoints (upstream's cluster collector, spec 4.6.1): the regions of the
+//! Polling region checkpoints (upstream's cluster collector,
+//! tidb `br/pkg/streamhelper/collector.go`): the regions of the
 //! requested ranges are grouped by leader store and asked for in batches of
 //! GetLastFlushTSOfRegion; the answers become a list of span updates and failed ranges.
 //!

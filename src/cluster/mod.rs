@@ -6,7 +6,8 @@
 //! implementations and run against PD/TiKV or the simulated cluster alike.
 //!
 //! Keys are raw everywhere in this API: the PD client encodes them on the way out and decodes
-//! region boundaries on the way back, exactly as TiDB's codec PD client does (wire spec 5.2).
+//! region boundaries on the way back, exactly as TiDB's codec PD client does
+//! (client-go `internal/locate/pd_codec.go`).
 
 pub mod collector;
 pub mod pd;
@@ -158,6 +159,12 @@ pub(crate) mod testing {
         pub stores: Mutex<Vec<StoreInfo>>,
         pub scripted: Mutex<VecDeque<Result<Vec<RegionWithLeader>>>>,
         pub scans: Mutex<Vec<Scan>>,
+        /// GC safepoint calls in order: `Some(ts)` blocks GC until `ts`, `None` unblocks.
+        pub gc: Mutex<Vec<Option<Ts>>>,
+        /// What the TSO answers; unset, it fails.
+        pub now: Mutex<Option<Ts>>,
+        /// Makes the TSO call panic, to test what a panicking caller does.
+        pub tso_panics: bool,
     }
 
     impl MemMeta {
@@ -188,16 +195,19 @@ pub(crate) mod testing {
             Ok(self.stores.lock().clone())
         }
 
-        fn block_gc_until(&self, _: Ts) -> Result<Ts> {
-            unimplemented!("not used by these tests")
+        fn block_gc_until(&self, safe_point: Ts) -> Result<Ts> {
+            self.gc.lock().push(Some(safe_point));
+            Ok(safe_point)
         }
 
         fn unblock_gc(&self) -> Result<()> {
-            unimplemented!("not used by these tests")
+            self.gc.lock().push(None);
+            Ok(())
         }
 
         fn fetch_current_ts(&self) -> Result<Ts> {
-            unimplemented!("not used by these tests")
+            assert!(!self.tso_panics, "the test's TSO panics");
+            self.now.lock().ok_or_else(|| Error::Timeout("the test's TSO".into()))
         }
     }
 

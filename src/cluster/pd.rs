@@ -1,5 +1,5 @@
 //! The PD client: leader discovery and failover over several endpoints, and the calls the
-//! advancer makes (wire spec 5): ScanRegions, GetAllStores, GetStore, Tso and
+//! advancer makes (kvproto `proto/pdpb.proto`): ScanRegions, GetAllStores, GetStore, Tso and
 //! UpdateServiceGCSafePoint. Every call carries the cluster id and a deadline.
 
 use std::collections::HashMap;
@@ -354,9 +354,10 @@ fn check_header<Resp: PdResponse>(endpoint: &str, cluster_id: u64, resp: Resp) -
     let header = resp.response_header();
     let error = header.get_error();
     if error.get_field_type() != pdpb::ErrorType::OK {
-        return Err(Error::Pd {
+        return Err(Error::PdHeader {
             endpoint: endpoint.to_string(),
-            reason: format!("{:?}: {}", error.get_field_type(), error.get_message()),
+            kind: error.get_field_type(),
+            message: error.get_message().to_string(),
         });
     }
     if cluster_id != 0 && header.get_cluster_id() != 0 && header.get_cluster_id() != cluster_id {
@@ -376,7 +377,8 @@ fn calls_for_failover(e: &Error) -> bool {
             matches!(status.code(), RpcStatusCode::UNAVAILABLE | RpcStatusCode::DEADLINE_EXCEEDED)
         }
         (Some(grpcio::Error::RemoteStopped | grpcio::Error::RpcFinished(_)), _) => true,
-        (_, Error::Pd { reason, .. }) => reason.contains("not leader"),
+        // PD has no header error type for it: a follower says so in an UNKNOWN error.
+        (_, Error::PdHeader { kind: pdpb::ErrorType::UNKNOWN, message, .. }) => message.contains("not leader"),
         _ => false,
     }
 }
@@ -595,7 +597,12 @@ mod tests {
         assert!(calls_for_failover(&rpc(RpcStatusCode::UNAVAILABLE)));
         assert!(calls_for_failover(&rpc(RpcStatusCode::DEADLINE_EXCEEDED).context("scanning")));
         assert!(!calls_for_failover(&rpc(RpcStatusCode::INVALID_ARGUMENT)));
-        assert!(calls_for_failover(&Error::Pd { endpoint: "pd".into(), reason: "UNKNOWN: not leader".into() }));
+        let mut follower = pdpb::GetAllStoresResponse::default();
+        follower.mut_header().mut_error().set_field_type(pdpb::ErrorType::UNKNOWN);
+        follower.mut_header().mut_error().set_message("not leader".into());
+        let err = check_header("pd", 0, follower).err().unwrap();
+        assert!(calls_for_failover(&err));
+        assert!(!calls_for_failover(&Error::Pd { endpoint: "pd".into(), reason: "UNKNOWN: not leader".into() }));
     }
 
     #[test]

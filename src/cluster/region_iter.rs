@@ -1,4 +1,5 @@
-//! Paging through the regions of a key range (upstream's `RegionIter`, spec 6), with every
+//! Paging through the regions of a key range (upstream's `RegionIter`, tidb
+//! `br/pkg/streamhelper/regioniter.go`), with every
 //! page checked to tile its part of the range before it is used.
 
 use std::collections::HashSet;
@@ -231,7 +232,7 @@ mod tests {
         }
     }
 
-    // Upstream regioniter_test cases (spec 8.4).
+    // Upstream's cases, tidb `br/pkg/streamhelper/regioniter_test.go`.
     #[test]
     fn iterates_the_regions_overlapping_a_range() {
         let meta = MemMeta::new(regions_from_boundaries(&[b"0001", b"0003", b"0008", b"0078"], &[1]));

@@ -1,4 +1,5 @@
-//! The push side of checkpoint collection (upstream's `FlushSubscriber`, spec 5): one
+//! The push side of checkpoint collection (upstream's `FlushSubscriber`, tidb
+//! `br/pkg/streamhelper/flush_subscriber.go`): one
 //! SubscribeFlushEvent stream per store, each read by its own thread, all feeding one bounded
 //! channel of flush events.
 //!
@@ -10,11 +11,10 @@
 //! restarts.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-use std::thread::{self, JoinHandle, Thread};
+use std::thread::{self, Thread};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -27,8 +27,8 @@ use super::{ClusterMeta, LogBackupService, StoreInfo};
 use crate::codec::decode_boundary;
 use crate::error::{Error, Result, ResultExt};
 use crate::proto::logbackuppb::{self, SubscribeFlushEventRequest, SubscribeFlushEventResponse};
-use crate::stop::{stop_pair, StopHandle, StopToken};
 use crate::types::{DisplayKey, KeyRange, StoreId, Ts};
+use crate::worker::{catch_panic, StopToken, Worker};
 
 #[derive(Clone, Debug)]
 pub struct SubscriberConfig {
@@ -158,7 +158,7 @@ impl FlushSubscriber {
         // Signal every thread before joining any, so they wind down together.
         for subscription in subscriptions.values_mut() {
             if let Some(stream) = &mut subscription.stream {
-                stream.signal_stop();
+                stream.signal();
             }
         }
         for subscription in subscriptions.into_values() {
@@ -175,7 +175,7 @@ impl Drop for FlushSubscriber {
 
 struct Subscription {
     store: StoreInfo,
-    stream: Option<StreamThread>,
+    stream: Option<Worker>,
     /// Shared with the current stream thread; a fresh one per stream.
     status: Arc<Mutex<StreamStatus>>,
     /// Consecutive streams that failed before delivering anything: drives the backoff.
@@ -194,21 +194,6 @@ struct Failure {
     at: Instant,
 }
 
-struct StreamThread {
-    stop: Option<StopHandle>,
-    handle: JoinHandle<()>,
-}
-
-impl StreamThread {
-    fn signal_stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop.stop();
-        }
-        // The thread may be parked waiting for the stream.
-        self.handle.thread().unpark();
-    }
-}
-
 impl Subscription {
     fn new(store: StoreInfo) -> Self {
         Subscription { store, stream: None, status: Arc::default(), fruitless: 0 }
@@ -222,17 +207,13 @@ impl Subscription {
             self.store.id, self.store.address, self.store.boot_at
         );
         self.status = Arc::default();
-        let (stop_handle, stop) = stop_pair();
-        let listener = Listener {
-            store: self.store.clone(),
-            service: service.clone(),
-            events: events.clone(),
-            stop,
-            status: self.status.clone(),
-            idle_timeout: config.idle_timeout,
-        };
-        match thread::Builder::new().name(format!("sh-sub-{}", self.store.id)).spawn(move || listener.run()) {
-            Ok(handle) => self.stream = Some(StreamThread { stop: Some(stop_handle), handle }),
+        let (store, service, events) = (self.store.clone(), service.clone(), events.clone());
+        let (status, idle_timeout) = (self.status.clone(), config.idle_timeout);
+        let spawned = Worker::spawn(format!("sh-sub-{}", self.store.id), move |stop| {
+            Listener { store, service, events, stop, status, idle_timeout }.run()
+        });
+        match spawned {
+            Ok(worker) => self.stream = Some(worker),
             Err(e) => {
                 self.status.lock().failure = Some(Failure {
                     message: format!("cannot start a thread: {e}"),
@@ -244,10 +225,9 @@ impl Subscription {
     }
 
     fn stop_stream(&mut self) {
-        if let Some(mut stream) = self.stream.take() {
-            stream.signal_stop();
+        if let Some(stream) = self.stream.take() {
             // Panics are caught and recorded inside the thread.
-            let _ = stream.handle.join();
+            stream.join();
         }
     }
 
@@ -320,13 +300,13 @@ struct Listener {
 impl Listener {
     fn run(self) {
         info!("Listen starting. store={}", self.store.id);
-        let failure = match panic::catch_unwind(AssertUnwindSafe(|| self.listen())) {
+        let failure = match catch_panic(|| self.listen()) {
             Ok(Ok(())) => {
                 info!("Listen stopped on request. store={}", self.store.id);
                 return;
             }
             Ok(Err(e)) => e,
-            Err(panic) => self.store_error(format!("subscription thread panicked: {}", panic_message(&*panic))),
+            Err(panic) => self.store_error(format!("subscription thread panicked: {panic}")),
         };
         let retryable = failure.rpc_status() != Some(RpcStatusCode::UNIMPLEMENTED);
         if retryable {
@@ -386,14 +366,6 @@ impl Listener {
 fn client_id(store: StoreId) -> String {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
     format!("streamhelper-{}-store{store}-{nanos:x}", std::process::id())
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Decodes an event's memcomparable keys; an event whose keys do not decode is skipped.
@@ -510,7 +482,7 @@ mod tests {
         assert!(matches!(next_before(&mut stream::pending::<u8>(), &never_stopped, soon), Next::Idle));
         assert!(started.elapsed() >= Duration::from_millis(100));
 
-        let (stop_handle, stop) = stop_pair();
+        let (stop_handle, stop) = crate::worker::stop_pair();
         let waiter =
             thread::spawn(move || matches!(next_before(&mut stream::pending::<u8>(), &stop, far), Next::Stopped));
         stop_handle.stop();

@@ -1,40 +1,46 @@
-//! The advancer daemon: the design card's threads around the core.
+//! The advancer daemon: threads around a [`CheckpointAdvancer`].
 //!
 //! ```text
 //! owner thread    lease + election on /tidb/br-stream/owner ─ OwnerEvent ─┐
-//! task listener   AdvancerExt::begin (list, then watch) ─── TaskEvent ────┤ bounded
+//! task watcher    MetaStore::begin (list, then watch) ───── TaskEvent ────┤ bounded
 //! subscribers     one SubscribeFlushEvent stream per store ─ FlushEvent ──┤ channels
-//! ticker          select! { stop, tasks, owner, flushes, tick } ◄─────────┘
-//!                 Mutex<Advancer> (never held across I/O), rayon fan-out per store
+//! handle          update_config / config requests ────────── Request ─────┤
+//! ticker          select! { stop, tasks, owner, flushes, tick, requests } ◄┘
+//!                 owns the CheckpointAdvancer; rayon fan-out per store
 //! status          /metrics and /status from published snapshots
 //! ```
 //!
 //! Embedding: `Daemon::start(config)` returns a [`DaemonHandle`] with `status()`,
-//! `update_config()` and `stop()` (which resigns ownership and joins every thread).
+//! `update_config()` and `stop()` (which resigns ownership and joins every thread). A host
+//! program that wants its own thread drives a [`CheckpointAdvancer`] directly.
 
+mod checkpoint_advancer;
+pub mod metrics;
 mod owner;
+pub mod status;
+#[cfg(test)]
+mod tests;
 mod ticker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::advancer::metrics::Metrics;
-use crate::advancer::status::{Handler, StatusServer};
-use crate::advancer::{Advancer, Config};
-use crate::cluster::{ClusterMeta, KvClients, LogBackupService, PdClient, PdConfig, TikvClients, TikvConfig};
+use self::metrics::Metrics;
+use self::status::{Handler, StatusServer};
+use crate::advancer::Config;
+use crate::cluster::{ClusterMeta, PdClient, PdConfig, TikvClients, TikvConfig};
 use crate::error::{Error, Result};
 use crate::etcd::{EtcdClient, EtcdConfig};
-use crate::locks::{LockResolver, ResolverSettings};
 use crate::meta::{AdvancerExt, MetaDataClient};
 use crate::security::Security;
-use crate::stop::{stop_pair, StopHandle, StopToken};
-use crate::storage::CheckpointCopier;
-use crate::types::{RegionId, StoreId, Ts};
+use crate::types::{KeyRange, RegionId, StoreId, Ts};
+use crate::worker::{catch_panic, StopHandle, Worker};
 
+pub use checkpoint_advancer::{CheckpointAdvancer, Env};
 pub use owner::{is_our_owner_id, new_owner_id, random_uuid};
 
 /// Everything the daemon needs to run.
@@ -101,48 +107,85 @@ pub struct DaemonStatus {
     pub tasks: Vec<TaskView>,
 }
 
-/// State shared between the ticker, the handle and the status server.
-pub struct Shared {
-    pub advancer: Mutex<Advancer>,
-    pub owner: AtomicBool,
-    pub metrics: Metrics,
-    pub tasks: Mutex<Vec<TaskView>>,
-    pub id: String,
+/// A task as the ticker last published it, with the span holding its checkpoint back.
+#[derive(Clone)]
+struct PublishedTask {
+    view: TaskView,
+    slowest: Option<SlowestSpan>,
+}
+
+#[derive(Clone)]
+struct SlowestSpan {
+    range: KeyRange,
+    ts: Ts,
+}
+
+/// State shared between the ticker (the only writer), the handle and the status server.
+struct Shared {
+    id: String,
+    owner: AtomicBool,
+    metrics: Arc<Metrics>,
+    tasks: Mutex<Vec<PublishedTask>>,
+    /// For the region of each slowest span, looked up when the status is read.
+    cluster: Arc<dyn ClusterMeta>,
 }
 
 impl Shared {
     fn status(&self) -> DaemonStatus {
-        DaemonStatus {
-            id: self.id.clone(),
-            role: if self.owner.load(Ordering::SeqCst) { "owner" } else { "standby" },
-            tasks: self.tasks.lock().clone(),
-        }
+        let owner = self.owner.load(Ordering::SeqCst);
+        // Copied out first: the lookups must not hold up the ticker's next publish.
+        let published = self.tasks.lock().clone();
+        let tasks = published
+            .into_iter()
+            .map(|PublishedTask { mut view, slowest }| {
+                view.slowest = slowest.map(|s| RegionHint {
+                    range: s.range.to_string(),
+                    ts: s.ts,
+                    region: if owner { self.region_at(&s.range.start) } else { None },
+                });
+                view
+            })
+            .collect();
+        DaemonStatus { id: self.id.clone(), role: if owner { "owner" } else { "standby" }, tasks }
+    }
+
+    /// The region holding `key`, for the status page (best effort, one PD call).
+    fn region_at(&self, key: &[u8]) -> Option<RegionView> {
+        let mut end = key.to_vec();
+        end.push(0);
+        let region = self.cluster.region_scan(key, &end, 1).ok()?.into_iter().next()?;
+        Some(RegionView { id: region.id, leader_store: region.leader_store, epoch_version: region.epoch_version })
     }
 }
 
 pub struct Daemon;
 
-/// Threads stopped and joined together.
-struct Stage {
-    stop: StopHandle,
-    threads: Vec<JoinHandle<()>>,
-}
+/// How long the handle waits for the ticker to take and answer a request.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A running daemon. Dropping it stops it too.
 pub struct DaemonHandle {
     shared: Arc<Shared>,
-    /// Stopped in order: the ticker and listener first, so no tick runs while the owner
-    /// thread resigns; then the owner thread.
-    stages: Vec<Stage>,
+    requests: crossbeam_channel::Sender<ticker::Request>,
+    /// Stopped first, so no tick runs while the owner resigns.
+    ticker: Option<Worker>,
+    /// Stops when the ticker ends, however it ends: its stop handle is the ticker's.
+    owner: Option<Worker>,
     status_server: Option<StatusServer>,
-    resign: crossbeam_channel::Sender<()>,
+    /// Asks the owner loop to resign and campaign again (`POST /owner/resign`).
+    resign_requests: crossbeam_channel::Sender<()>,
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .map_err(|source| Error::Io { what: format!("spawning the {name} thread"), source })
+/// Runs the ticker. However it ends (stopped, or a panic), ownership is given up: `resign`
+/// is the owner loop's stop signal, so a standby takes over instead of this daemon staying an
+/// owner that never ticks.
+fn run_ticker(ticker: ticker::Ticker, resign: Option<StopHandle>) {
+    let shared = ticker.shared.clone();
+    if let Err(panic) = catch_panic(move || ticker.run()) {
+        log::error!("the ticker panicked: {panic}; resigning ownership so that a standby takes over");
+    }
+    shared.owner.store(false, Ordering::SeqCst);
+    drop(resign);
 }
 
 impl Daemon {
@@ -170,97 +213,54 @@ impl Daemon {
         let pd: Arc<dyn ClusterMeta> = Arc::new(pd);
         let tikv_config = TikvConfig { dial_timeout: config.advancer.dial_timeout, ..TikvConfig::default() };
         let clients = Arc::new(TikvClients::new(pd.clone(), config.security.clone(), tikv_config));
-        let service: Arc<dyn LogBackupService> = clients.clone();
-        let kv: Arc<dyn KvClients> = clients;
-        let ext = AdvancerExt::new(MetaDataClient::new(etcd.clone()));
+        let env = Env {
+            cluster: pd.clone(),
+            service: clients.clone(),
+            kv: clients,
+            meta: Arc::new(AdvancerExt::new(MetaDataClient::new(etcd.clone()))),
+        };
+        let mut advancer = CheckpointAdvancer::with_config(env, config.advancer.clone())?;
+        advancer.on_start()?;
         let id = config.owner_id.clone().unwrap_or_else(new_owner_id);
         let shared = Arc::new(Shared {
-            advancer: Mutex::new(Advancer::new(config.advancer.clone())),
-            owner: AtomicBool::new(false),
-            metrics: Metrics::default(),
-            tasks: Mutex::new(Vec::new()),
             id: id.clone(),
+            owner: AtomicBool::new(false),
+            metrics: advancer.metrics().clone(),
+            tasks: Mutex::new(Vec::new()),
+            cluster: pd,
         });
-        let (work_stop_handle, stop) = stop_pair();
-        let (owner_stop_handle, owner_stop) = stop_pair();
-        let (task_tx, task_rx) = crossbeam_channel::bounded(1024);
         let (owner_tx, owner_rx) = crossbeam_channel::bounded(16);
-        let (resign, resign_rx) = crossbeam_channel::bounded(1);
+        let (request_tx, request_rx) = crossbeam_channel::bounded(16);
+        let (resign_requests, resign_rx) = crossbeam_channel::bounded(1);
+        let status_etcd = etcd.clone();
 
-        let mut work = Vec::new();
-        let listener = {
-            let (ext, stop, backoff) = (ext.clone(), stop.clone(), config.advancer.backoff);
-            spawn("task-listener", move || listen_tasks(ext, task_tx, backoff, stop))?
-        };
-        work.push(listener);
-        let owner = owner::OwnerLoop {
-            etcd: etcd.clone(),
-            id,
-            ttl: config.advancer.owner_ttl,
-            backoff: config.advancer.backoff,
-            events: owner_tx,
-            resign: resign_rx,
-            take_over: config.take_over,
-            stop: owner_stop,
-        };
-        let owner_thread = spawn("owner", move || owner.run())?;
-        let resolver_settings =
-            ResolverSettings { rpc_timeout: config.advancer.rpc_timeout, ..ResolverSettings::default() };
-        let storage = {
-            let shared = shared.clone();
-            CheckpointCopier::start(move |task, outcome| outcome.record(&shared.metrics, task))?
-        };
-        let ticker = ticker::Ticker {
-            shared: shared.clone(),
-            locks: LockResolver::start(pd.clone(), kv, resolver_settings)?,
-            meta: pd,
-            service,
-            ext,
-            pool: ticker::fan_out_pool(),
-            tasks: task_rx,
-            owner: owner_rx,
-            stop,
-            leadership: None,
-            subscriber: None,
-            storage,
-            last_tso: None,
-            future_stores: Default::default(),
-        };
-        work.push(spawn("ticker", move || ticker.run())?);
+        let (ttl, backoff, take_over) = (config.advancer.owner_ttl, config.advancer.backoff, config.take_over);
+        let mut owner = Worker::spawn("sh-owner", move |stop| {
+            let resign = resign_rx;
+            owner::OwnerLoop { etcd, id, ttl, backoff, events: owner_tx, resign, take_over, stop }.run()
+        })?;
+        let resign = owner.take_stop();
+        let ticker_shared = shared.clone();
+        let ticker = Worker::spawn("sh-ticker", move |stop| {
+            let ticker =
+                ticker::Ticker { advancer, shared: ticker_shared, owner: owner_rx, requests: request_rx, stop };
+            run_ticker(ticker, resign)
+        })?;
         let status_server = match &config.status_addr {
-            Some(addr) => Some(StatusServer::start(addr, status_handler(shared.clone(), etcd, resign.clone()))?),
+            Some(addr) => {
+                Some(StatusServer::start(addr, status_handler(shared.clone(), status_etcd, resign_requests.clone()))?)
+            }
             None => None,
         };
         log::info!("begin advancer daemon {}", shared.id);
-        let stages = vec![
-            Stage { stop: work_stop_handle, threads: work },
-            Stage { stop: owner_stop_handle, threads: vec![owner_thread] },
-        ];
-        Ok(DaemonHandle { shared, stages, status_server, resign })
-    }
-}
-
-/// Lists and follows tasks, retrying the first listing with backoff until it works.
-fn listen_tasks(
-    ext: AdvancerExt,
-    events: crossbeam_channel::Sender<crate::meta::TaskEvent>,
-    backoff: std::time::Duration,
-    stop: StopToken,
-) {
-    loop {
-        match ext.begin(events.clone(), backoff) {
-            Ok(watcher) => {
-                let _ = stop.receiver().recv();
-                drop(watcher);
-                return;
-            }
-            Err(e) => {
-                log::warn!("failed to begin listening, retrying in {backoff:?}: {e}");
-                if stop.sleep(backoff) {
-                    return;
-                }
-            }
-        }
+        Ok(DaemonHandle {
+            shared,
+            requests: request_tx,
+            ticker: Some(ticker),
+            owner: Some(owner),
+            status_server,
+            resign_requests,
+        })
     }
 }
 
@@ -288,21 +288,33 @@ impl DaemonHandle {
         self.shared.owner.load(Ordering::SeqCst)
     }
 
-    pub fn config(&self) -> Config {
-        self.shared.advancer.lock().config().clone()
+    /// The configuration the advancer runs with, asked of the ticker.
+    pub fn config(&self) -> Result<Config> {
+        self.ask("config", ticker::Request::Config)
     }
 
     /// Replaces the configuration of the running advancer (for example a higher lag limit
-    /// so that a resumed task is not paused again).
+    /// so that a resumed task is not paused again); it applies from the next tick on.
     pub fn update_config(&self, config: Config) -> Result<()> {
         config.validate()?;
-        self.shared.advancer.lock().update_config(config);
-        Ok(())
+        self.ask("update-config", |reply| ticker::Request::UpdateConfig(config, reply))?
+    }
+
+    /// Sends a request to the ticker and waits for its answer: at most one tick, which is
+    /// bounded by the tick interval and a few RPC deadlines.
+    fn ask<T>(&self, what: &str, request: impl FnOnce(crossbeam_channel::Sender<T>) -> ticker::Request) -> Result<T> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let stopped = || Error::Stopped(format!("the advancer (asked for {what})"));
+        self.requests.send_timeout(request(reply), REQUEST_DEADLINE).map_err(|_| stopped())?;
+        answer.recv_timeout(REQUEST_DEADLINE).map_err(|e| match e {
+            crossbeam_channel::RecvTimeoutError::Timeout => Error::Timeout(format!("the advancer answering {what}")),
+            crossbeam_channel::RecvTimeoutError::Disconnected => stopped(),
+        })
     }
 
     /// Asks the owner thread to resign and campaign again; false when not the owner.
     pub fn resign_ownership(&self) -> bool {
-        owner::resign_reply(self.is_owner(), &self.resign).0 == 200
+        owner::resign_reply(self.is_owner(), &self.resign_requests).0 == 200
     }
 
     pub fn status_addr(&self) -> Option<std::net::SocketAddr> {
@@ -319,18 +331,12 @@ impl DaemonHandle {
     }
 
     fn shutdown(&mut self) {
-        if self.stages.is_empty() {
-            return;
-        }
+        let Some(ticker) = self.ticker.take() else { return };
         self.status_server.take();
-        for stage in self.stages.drain(..) {
-            stage.stop.stop();
-            for thread in stage.threads {
-                let name = thread.thread().name().unwrap_or("?").to_string();
-                if thread.join().is_err() {
-                    log::error!("daemon thread {name} panicked");
-                }
-            }
+        ticker.join();
+        // The ticker's end told the owner loop to resign; wait for it.
+        if let Some(owner) = self.owner.take() {
+            owner.join();
         }
         log::info!("daemon loop exits");
     }

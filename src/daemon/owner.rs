@@ -8,10 +8,10 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::json;
 
-use crate::error::Error;
-use crate::etcd::{Election, EtcdClient, EventKind, Leadership, TakeOver};
+use crate::error::{Error, Result};
+use crate::etcd::{Election, EtcdClient, EventKind, Leadership, LeaseKeeper, TakeOver};
 use crate::meta::keys::OWNER_PREFIX;
-use crate::stop::StopToken;
+use crate::worker::StopToken;
 
 pub enum OwnerEvent {
     Gained(Leadership),
@@ -53,7 +53,7 @@ pub fn new_owner_id() -> String {
 }
 
 /// Asks the owner thread to resign (`POST /owner/resign`); a standby has nothing to give up.
-pub fn resign_reply(owner: bool, resign: &Sender<()>) -> crate::advancer::status::Reply {
+pub fn resign_reply(owner: bool, resign: &Sender<()>) -> super::status::Reply {
     if !owner {
         return (
             409,
@@ -94,19 +94,31 @@ pub struct OwnerLoop {
     pub stop: StopToken,
 }
 
+/// How a term ended without an error.
+enum TermEnd {
+    /// Asked to stop (or the ticker is gone): resigned.
+    Stopped,
+    /// Ownership was lost; campaign again.
+    Lost,
+    /// Resigned on request (`POST /owner/resign`); campaign again at the back.
+    Resigned,
+}
+
 impl OwnerLoop {
     pub fn run(self) {
         let election = Election::new(self.etcd.clone(), OWNER_PREFIX);
         let mut take_over = self.take_over;
         while !self.stop.is_stopped() {
             match self.one_term(&election, take_over) {
+                Ok(TermEnd::Stopped) => return,
+                Ok(TermEnd::Lost) => {}
                 // Taking over again at once would undo the resignation.
-                Ok(Term::Resigned) if take_over => {
-                    log::warn!("resigned on request: --take-over is off until this process restarts");
-                    take_over = false;
+                Ok(TermEnd::Resigned) => {
+                    if take_over {
+                        log::warn!("resigned on request: --take-over is off until this process restarts");
+                        take_over = false;
+                    }
                 }
-                Ok(_) => {}
-                Err(Error::Stopped(_)) => return,
                 Err(e) => {
                     log::warn!("owner campaign of {} failed, retrying in {:?}: {e}", self.id, self.backoff);
                     if self.stop.sleep(self.backoff) {
@@ -117,78 +129,74 @@ impl OwnerLoop {
         }
     }
 
-    /// One lease: campaign, lead until something ends it, then clean up.
-    fn one_term(&self, election: &Election, take_over: bool) -> Result<Term, Error> {
+    /// One lease: campaign, lead until something ends it, then revoke the lease.
+    fn one_term(&self, election: &Election, take_over: bool) -> Result<TermEnd> {
         let lease = self.etcd.grant_lease(self.ttl)?;
-        let keeper = self.etcd.keep_alive(lease, self.ttl);
+        let end = self.hold_lease(election, lease, take_over);
+        let _ = self.etcd.revoke_lease(lease);
+        end
+    }
+
+    /// Campaigns under `lease`, kept alive meanwhile, and leads until something ends it.
+    fn hold_lease(&self, election: &Election, lease: i64, take_over: bool) -> Result<TermEnd> {
+        let keeper = self.etcd.keep_alive(lease, self.ttl)?;
         // Our own advancers queue among themselves; two taking over would evict each other.
         let take_over = take_over.then_some(TakeOver { backoff: self.backoff, evictable: |v| !is_our_owner_id(v) });
         let leadership = match election.campaign_with(lease, self.id.as_bytes(), &self.stop, take_over) {
             Ok(leadership) => leadership,
-            Err(e) => {
-                drop(keeper);
-                let _ = self.etcd.revoke_lease(lease);
-                return Err(e);
-            }
+            Err(Error::Stopped(_)) => return Ok(TermEnd::Stopped),
+            Err(e) => return Err(e),
         };
         log::info!("daemon became owner: {} holds {}", self.id, String::from_utf8_lossy(&leadership.key));
-        // A request made while we stood by is not for this term.
-        while self.resign.try_recv().is_ok() {}
-        let watch = election.watch_leadership(&leadership);
-        let mut resigning = false;
-        // Nobody to tell (the ticker is gone): we are shutting down.
-        let told = self.events.send(OwnerEvent::Gained(leadership.clone())).is_ok();
-        let stopped = !told
-            || loop {
-                crossbeam_channel::select! {
-                    recv(self.stop.receiver()) -> _ => break true,
-                    recv(self.resign) -> _ => {
-                        log::warn!("resigning ownership on request; campaigning again behind the other candidates");
-                        resigning = true;
-                        break false;
-                    }
-                    recv(keeper.lost()) -> lost => {
-                        log::warn!("ownership lost: {}", lost.map(|e| e.to_string()).unwrap_or_else(|_| "lease keeper ended".into()));
-                        break false;
-                    }
-                    recv(watch.batches()) -> batch => match batch {
-                        Ok(Ok(batch)) if batch.events.iter().any(|e| e.kind == EventKind::Delete) => {
-                            log::warn!("ownership lost: the owner key was deleted");
-                            break false;
-                        }
-                        Ok(Ok(_)) => {}
-                        // The watch ended (compaction): check directly.
-                        _ => {
-                            if !election.is_leader(&leadership).unwrap_or(false) {
-                                log::warn!("ownership lost: no longer the first candidate");
-                                break false;
-                            }
-                        }
-                    },
-                }
-            };
+        let end = self.lead(election, &leadership, &keeper);
         // Lost first, so the ticker stops uploading before anything else happens.
         let _ = self.events.send(OwnerEvent::Lost);
-        drop(watch);
-        if stopped || resigning {
+        if matches!(end, Ok(TermEnd::Stopped | TermEnd::Resigned)) {
             if let Err(e) = election.resign(&leadership) {
                 log::warn!("resigning ownership failed (the lease expiry will release it): {e}");
             }
         }
-        drop(keeper);
-        let _ = self.etcd.revoke_lease(lease);
-        match (stopped, resigning) {
-            (true, _) => Err(Error::Stopped("owner loop".into())),
-            (false, true) => Ok(Term::Resigned),
-            (false, false) => Ok(Term::Lost),
+        end
+    }
+
+    /// Tells the ticker, then waits for stop, a resign request, a lost lease or the loss of
+    /// our key.
+    fn lead(&self, election: &Election, leadership: &Leadership, keeper: &LeaseKeeper) -> Result<TermEnd> {
+        let watch = election.watch_leadership(leadership)?;
+        // A request made while we stood by is not for this term.
+        while self.resign.try_recv().is_ok() {}
+        if self.events.send(OwnerEvent::Gained(leadership.clone())).is_err() {
+            // Nobody to tell (the ticker is gone): we are shutting down.
+            return Ok(TermEnd::Stopped);
+        }
+        loop {
+            crossbeam_channel::select! {
+                recv(self.stop.receiver()) -> _ => return Ok(TermEnd::Stopped),
+                recv(self.resign) -> _ => {
+                    log::warn!("resigning ownership on request; campaigning again behind the other candidates");
+                    return Ok(TermEnd::Resigned);
+                }
+                recv(keeper.lost()) -> lost => {
+                    log::warn!("ownership lost: {}", lost.map(|e| e.to_string()).unwrap_or_else(|_| "lease keeper ended".into()));
+                    return Ok(TermEnd::Lost);
+                }
+                recv(watch.batches()) -> batch => match batch {
+                    Ok(Ok(batch)) if batch.events.iter().any(|e| e.kind == EventKind::Delete) => {
+                        log::warn!("ownership lost: the owner key was deleted");
+                        return Ok(TermEnd::Lost);
+                    }
+                    Ok(Ok(_)) => {}
+                    // The watch ended (compaction): check directly.
+                    _ => {
+                        if !election.is_leader(leadership).unwrap_or(false) {
+                            log::warn!("ownership lost: no longer the first candidate");
+                            return Ok(TermEnd::Lost);
+                        }
+                    }
+                },
+            }
         }
     }
-}
-
-/// How a term of ownership ended, when not by stopping.
-enum Term {
-    Lost,
-    Resigned,
 }
 
 #[cfg(test)]

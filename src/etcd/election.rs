@@ -9,7 +9,7 @@ use super::watch::{EventKind, WatchOptions, Watcher};
 use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::{Compare_CompareResult, RangeRequest_SortOrder, RangeRequest_SortTarget};
 use crate::proto::mvccpb::KeyValue;
-use crate::stop::StopToken;
+use crate::worker::StopToken;
 
 /// How often a waiting candidate re-checks for a stop or a lost key.
 const POLL: Duration = Duration::from_millis(200);
@@ -24,7 +24,7 @@ pub struct Election {
 }
 
 /// Proof of leadership: our key and its create revision.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leadership {
     pub key: Vec<u8>,
     pub create_revision: i64,
@@ -210,7 +210,7 @@ impl Election {
         let watcher: Watcher = self.client.watch(
             KeySpan::key(ahead.get_key().to_vec()),
             WatchOptions { start_revision: ahead.get_mod_revision() + 1, prev_kv: false },
-        );
+        )?;
         loop {
             if stop.is_stopped() {
                 return Err(Error::Stopped("owner campaign".into()));
@@ -254,7 +254,7 @@ impl Election {
     }
 
     /// Watches our key: a delete event means leadership is lost.
-    pub fn watch_leadership(&self, leadership: &Leadership) -> Watcher {
+    pub fn watch_leadership(&self, leadership: &Leadership) -> Result<Watcher> {
         self.client.watch(
             KeySpan::key(leadership.key.clone()),
             WatchOptions { start_revision: leadership.create_revision + 1, prev_kv: false },

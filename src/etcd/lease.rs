@@ -1,6 +1,5 @@
 //! Leases: grant, revoke, and a keep-alive thread that says clearly when a lease is lost.
 
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -12,15 +11,14 @@ use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest,
 };
-use crate::stop::{stop_pair, StopHandle, StopToken};
+use crate::worker::{StopToken, Worker};
 
 /// Renews a lease in the background until dropped. [`LeaseKeeper::lost`] yields one error
 /// when the lease can no longer be trusted (revoked, expired, or not renewed in time).
 pub struct LeaseKeeper {
     id: i64,
     lost: Receiver<Error>,
-    stop: Option<StopHandle>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Worker,
 }
 
 impl LeaseKeeper {
@@ -31,17 +29,6 @@ impl LeaseKeeper {
     /// Fires once when the lease is lost; the keeper stops renewing then.
     pub fn lost(&self) -> &Receiver<Error> {
         &self.lost
-    }
-}
-
-impl Drop for LeaseKeeper {
-    fn drop(&mut self) {
-        self.stop.take();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                log::error!("etcd lease keeper thread of {:x} panicked", self.id);
-            }
-        }
     }
 }
 
@@ -95,21 +82,18 @@ impl EtcdClient {
         }
     }
 
-    /// Keeps `id` (granted with `ttl`) alive, renewing every third of the TTL.
-    pub fn keep_alive(&self, id: i64, ttl: Duration) -> LeaseKeeper {
+    /// Keeps `id` (granted with `ttl`) alive on a thread, renewing every third of the TTL,
+    /// until the keeper is dropped.
+    pub fn keep_alive(&self, id: i64, ttl: Duration) -> Result<LeaseKeeper> {
         let (lost_tx, lost) = crossbeam_channel::bounded(1);
-        let (stop_handle, stop) = stop_pair();
         let client = self.clone();
-        let thread = std::thread::Builder::new()
-            .name("etcd-lease".into())
-            .spawn(move || {
-                if let Err(e) = client.renew_until_lost(id, ttl, &stop) {
-                    log::warn!("{e}");
-                    let _ = lost_tx.send(e);
-                }
-            })
-            .expect("spawn etcd lease thread");
-        LeaseKeeper { id, lost, stop: Some(stop_handle), thread: Some(thread) }
+        let worker = Worker::spawn(format!("sh-etcd-lease-{id:x}"), move |stop| {
+            if let Err(e) = client.renew_until_lost(id, ttl, &stop) {
+                log::warn!("{e}");
+                let _ = lost_tx.send(e);
+            }
+        })?;
+        Ok(LeaseKeeper { id, lost, _worker: worker })
     }
 
     /// Renews until stopped (`Ok`) or until the lease is lost (`Err`).

@@ -43,7 +43,7 @@ pub fn etcd_binary() -> Result<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join("etcd"))
         .find(|candidate| candidate.is_file())
-        .ok_or_else(|| Error::Config(format!("the etcd server binary was not found on PATH; {INSTALL_HINT}")))
+        .ok_or_else(|| Error::MissingProgram { program: "etcd server", hint: INSTALL_HINT })
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
@@ -78,16 +78,29 @@ impl EtcdProcess {
     }
 
     fn start_with(tls: Option<ServerTls>) -> Result<EtcdProcess> {
-        let mut process = EtcdProcess {
-            child: None,
-            binary: etcd_binary()?,
-            data_dir: unique_temp_dir("streamhelper-etcd")?,
-            client_port: free_port()?,
-            peer_port: free_port()?,
-            tls,
-        };
-        process.spawn()?;
-        Ok(process)
+        // A port found free can be taken by another process before etcd binds it; etcd then
+        // exits at once, and fresh ports are the cure.
+        const ATTEMPTS: usize = 3;
+        let binary = etcd_binary()?;
+        let mut attempt = 1;
+        loop {
+            let mut process = EtcdProcess {
+                child: None,
+                binary: binary.clone(),
+                data_dir: unique_temp_dir("streamhelper-etcd")?,
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                tls: tls.clone(),
+            };
+            match process.spawn() {
+                Ok(()) => return Ok(process),
+                Err(e @ Error::Etcd { .. }) if attempt < ATTEMPTS => {
+                    log::warn!("etcd did not start (attempt {attempt} of {ATTEMPTS}), trying other ports: {e}");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// `127.0.0.1:<port>`, the endpoint clients dial.

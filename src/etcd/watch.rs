@@ -4,7 +4,6 @@
 //! [`Error::Compacted`] so the caller can re-list.
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -17,8 +16,8 @@ use super::client::{EtcdClient, KeySpan};
 use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
 use crate::proto::mvccpb::{Event_EventType, KeyValue};
-use crate::stop::{stop_pair, StopHandle, StopToken};
 use crate::types::DisplayKey;
+use crate::worker::{StopToken, Worker};
 
 const CHANNEL_CAPACITY: usize = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(3);
@@ -56,9 +55,8 @@ type CurrentStream = Arc<Mutex<Option<AbortHandle>>>;
 /// A running watch. Dropping it cancels the stream and joins its thread.
 pub struct Watcher {
     batches: Receiver<Result<WatchBatch>>,
-    stop: Option<StopHandle>,
     current: CurrentStream,
-    thread: Option<JoinHandle<()>>,
+    worker: Worker,
 }
 
 impl Watcher {
@@ -72,15 +70,11 @@ impl Watcher {
 impl Drop for Watcher {
     fn drop(&mut self) {
         // Stop first, then abort under the lock: the thread either sees the stop when it
-        // registers a new stream, or registered it before and gets aborted here.
-        self.stop.take();
+        // registers a new stream, or registered it before and gets aborted here. The worker
+        // joins it when it drops.
+        self.worker.signal();
         if let Some(abort) = self.current.lock().take() {
             abort.abort();
-        }
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                log::error!("etcd watch thread panicked");
-            }
         }
     }
 }
@@ -107,24 +101,23 @@ struct WatchLoop {
 impl EtcdClient {
     /// Starts watching `span`. Returns once the thread is running; the first stream is
     /// opened by the thread, so an unreachable etcd delays events rather than failing here.
-    pub fn watch(&self, span: KeySpan, options: WatchOptions) -> Watcher {
+    pub fn watch(&self, span: KeySpan, options: WatchOptions) -> Result<Watcher> {
         let (out, batches) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
-        let (stop_handle, stop) = stop_pair();
         let current = CurrentStream::default();
-        let mut worker = WatchLoop {
-            client: self.clone(),
-            span,
-            prev_kv: options.prev_kv,
-            next_revision: options.start_revision,
-            out,
-            stop,
-            current: current.clone(),
-        };
-        let thread = std::thread::Builder::new()
-            .name("etcd-watch".into())
-            .spawn(move || worker.run())
-            .expect("spawn etcd watch thread");
-        Watcher { batches, stop: Some(stop_handle), current, thread: Some(thread) }
+        let (client, stream) = (self.clone(), current.clone());
+        let worker = Worker::spawn("sh-etcd-watch", move |stop| {
+            let mut watch = WatchLoop {
+                client,
+                span,
+                prev_kv: options.prev_kv,
+                next_revision: options.start_revision,
+                out,
+                stop,
+                current: stream,
+            };
+            watch.run();
+        })?;
+        Ok(Watcher { batches, current, worker })
     }
 }
 

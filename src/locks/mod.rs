@@ -1,4 +1,5 @@
-//! Lock resolution on lagging ranges (spec §4.8, §9.6). A transaction that crashed between
+//! Lock resolution on lagging ranges (tidb `br/pkg/streamhelper/advancer.go`, client-go
+//! `txnkv/txnlock/lock_resolver.go`). A transaction that crashed between
 //! prewrite and commit leaves locks that hold its regions' resolved ts, and so the task's
 //! checkpoint, back for good. When a task's checkpoint has not moved for the resolve
 //! interval, the frontier pieces that hold it back are scanned for locks, and each
@@ -14,27 +15,21 @@ mod round;
 pub mod thresholds;
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{after, bounded, Receiver, Sender};
 use parking_lot::Mutex;
 
 use crate::advancer::core::Advancer;
-use crate::advancer::metrics::{Metrics, TICK_DURATION};
 use crate::cluster::{ClusterMeta, KvClients};
+use crate::daemon::metrics::Metrics;
 use crate::error::{Error, Result};
-use crate::stop::{stop_pair, StopHandle, StopToken};
 use crate::timefmt::format_duration;
 use crate::types::Ts;
+use crate::worker::{StopToken, Worker as Thread};
 
 pub use plan::{target_bound, Schedule};
 pub use round::{run_round, RoundEnv, RoundReport, RoundRequest};
-
-pub const ROUNDS: &str = "streamhelper_resolve_lock_rounds_total";
-pub const LOCKS_FOUND: &str = "streamhelper_resolve_lock_locks_found_total";
-pub const LOCKS_SETTLED: &str = "streamhelper_resolve_lock_locks_total";
-pub const REGIONS_SCANNED: &str = "streamhelper_resolve_lock_regions_scanned_total";
 
 /// Upstream's resolve-lock pool size.
 pub const CONCURRENCY: usize = 8;
@@ -61,8 +56,7 @@ pub struct LockResolver {
     flush_interval: Arc<Mutex<Option<Duration>>>,
     schedule: Schedule,
     rpc_timeout: Duration,
-    stop: Option<StopHandle>,
-    thread: Option<JoinHandle<()>>,
+    _thread: Thread,
 }
 
 impl LockResolver {
@@ -70,25 +64,20 @@ impl LockResolver {
         let (rounds, requests) = bounded::<RoundRequest>(1);
         let (reporter, reports) = bounded::<RoundReport>(1);
         let flush_interval = Arc::new(Mutex::new(None));
-        let (stop_handle, stop) = stop_pair();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(CONCURRENCY)
-            .thread_name(|i| format!("resolve-locks-{i}"))
+            .thread_name(|i| format!("sh-resolve-locks-{i}"))
             .build()
             .map_err(|e| Error::Config(format!("building the resolve-lock pool: {e}")))?;
         let worker = Worker { meta, kv, settings: settings.clone(), pool, flush_interval: flush_interval.clone() };
-        let thread = std::thread::Builder::new()
-            .name("resolve-locks".into())
-            .spawn(move || worker.run(requests, reporter, stop))
-            .map_err(|source| Error::Io { what: "spawning the lock resolver thread".into(), source })?;
+        let thread = Thread::spawn("sh-resolve-locks", move |stop| worker.run(requests, reporter, stop))?;
         Ok(LockResolver {
             rounds,
             reports,
             flush_interval,
             schedule: Schedule::default(),
             rpc_timeout: settings.rpc_timeout,
-            stop: Some(stop_handle),
-            thread: Some(thread),
+            _thread: thread,
         })
     }
 
@@ -140,24 +129,15 @@ impl LockResolver {
     }
 }
 
-impl Drop for LockResolver {
-    fn drop(&mut self) {
-        self.stop.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 fn record(report: &RoundReport, metrics: &Metrics) {
     let result = if report.errors.is_empty() { "ok" } else { "failed" };
-    metrics.inc_counter(ROUNDS, &[("result", result)], 1);
-    metrics.inc_counter(LOCKS_FOUND, &[], report.locks_found as u64);
-    metrics.inc_counter(REGIONS_SCANNED, &[], report.regions_scanned as u64);
+    metrics.resolve_lock_rounds.inc_by([result], 1);
+    metrics.resolve_lock_locks_found.inc_by([], report.locks_found as u64);
+    metrics.resolve_lock_regions_scanned.inc_by([], report.regions_scanned as u64);
     for (outcome, count) in &report.locks {
-        metrics.inc_counter(LOCKS_SETTLED, &[("outcome", outcome)], *count as u64);
+        metrics.resolve_lock_locks.inc_by([outcome], *count as u64);
     }
-    metrics.observe(TICK_DURATION, &[("step", "resolve-locks")], report.elapsed);
+    metrics.tick_duration.observe(["resolve-locks"], report.elapsed);
     for error in &report.errors {
         log::warn!("resolve locks failed, wait for next tick: {error}");
     }

@@ -23,8 +23,8 @@ use crate::proto::kvrpcpb::{
 };
 use crate::proto::tikvpb_grpc::TikvClient;
 use crate::spans::collapse;
-use crate::stop::StopToken;
 use crate::types::{DisplayKey, KeyRange, Ts};
+use crate::worker::StopToken;
 
 /// A region error sends the request to a freshly located region at most this often.
 const REGION_ATTEMPTS: u32 = 4;

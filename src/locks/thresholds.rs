@@ -6,9 +6,9 @@
 use std::net::ToSocketAddrs;
 use std::time::Duration;
 
-use crate::advancer::status::http_get;
 use crate::advancer::Config;
 use crate::cluster::ClusterMeta;
+use crate::daemon::status::http_get;
 use crate::error::{Error, Result};
 use crate::timefmt::{format_duration, parse_duration};
 use crate::types::StoreId;

@@ -5,7 +5,6 @@
 //! upload never lowers the stored value, even with two advancers racing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
@@ -13,13 +12,14 @@ use crossbeam_channel::Sender;
 use super::client::{bad_meta, decode_ranges, decode_task_info, name_under, MetaDataClient};
 use super::keys;
 use super::pause::PauseV2;
+use super::store::{Fence, MetaStore};
 use crate::error::{Error, Result, ResultExt};
 use crate::etcd::{
-    prefix_end, Cmp, CompareResult, EventKind, GetOptions, KeySpan, Txn, TxnOp, WatchEvent, WatchOptions,
+    prefix_end, Cmp, CompareResult, EventKind, GetOptions, KeySpan, Leadership, Txn, TxnOp, WatchEvent, WatchOptions,
 };
 use crate::proto::brpb::StreamBackupTaskInfo;
-use crate::stop::{stop_pair, StopHandle, StopToken};
 use crate::types::{KeyRange, Ts};
+use crate::worker::{StopToken, Worker};
 
 const PAGE: i64 = 1024;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -111,18 +111,14 @@ struct Snapshot {
 
 /// The running task watcher. Dropping it stops and joins the thread.
 pub struct TaskWatcher {
-    stop: Option<StopHandle>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Option<Worker>,
 }
 
-impl Drop for TaskWatcher {
-    fn drop(&mut self) {
-        self.stop.take();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                log::error!("task watcher thread panicked");
-            }
-        }
+impl TaskWatcher {
+    /// A watcher with no thread, for stores whose task events are fed by hand.
+    #[cfg(test)]
+    pub(crate) fn idle() -> Self {
+        TaskWatcher { _worker: None }
     }
 }
 
@@ -140,23 +136,16 @@ impl AdvancerExt {
         &self.meta
     }
 
-    /// Lists the tasks (an error here means nothing was sent), emits one `Add` per task with
-    /// its pause state, then follows changes on a thread until the watcher is dropped or
-    /// `out` is closed.
+    /// Lists the tasks and emits one `Add` per task with its pause state, then follows
+    /// changes, all on a thread, until the watcher is dropped or `out` is closed. A listing
+    /// that fails becomes a `TaskEvent::Err` and is retried with backoff.
     pub fn begin(&self, out: Sender<TaskEvent>, backoff: Duration) -> Result<TaskWatcher> {
-        let snapshot = self.list()?;
-        let (stop_handle, stop) = stop_pair();
-        let mut follower =
-            Follower { ext: self.clone(), out, stop, backoff, known: BTreeMap::new(), paused: BTreeSet::new() };
-        let revision = snapshot.revision;
-        if !follower.apply_snapshot(snapshot) {
-            return Err(Error::Stopped("task listener".into()));
-        }
-        let thread = std::thread::Builder::new()
-            .name("task-watcher".into())
-            .spawn(move || follower.run(revision))
-            .map_err(|source| Error::Io { what: "spawning the task watcher thread".into(), source })?;
-        Ok(TaskWatcher { stop: Some(stop_handle), thread: Some(thread) })
+        let ext = self.clone();
+        let worker = Worker::spawn("sh-task-watcher", move |stop| {
+            let mut follower = Follower { ext, out, stop, backoff, known: BTreeMap::new(), paused: BTreeSet::new() };
+            follower.run();
+        })?;
+        Ok(TaskWatcher { _worker: Some(worker) })
     }
 
     /// Tasks, ranges and pause flags, all read at one revision.
@@ -266,6 +255,24 @@ impl AdvancerExt {
     }
 }
 
+impl MetaStore for AdvancerExt {
+    fn begin(&self, out: Sender<TaskEvent>, backoff: Duration) -> Result<TaskWatcher> {
+        AdvancerExt::begin(self, out, backoff)
+    }
+
+    fn global_checkpoint(&self, task: &str) -> Result<Ts> {
+        self.get_global_checkpoint(task)
+    }
+
+    fn upload_global_checkpoint(&self, task: &str, ts: Ts, fence: &Fence) -> Result<UploadOutcome> {
+        AdvancerExt::upload_global_checkpoint(self, task, ts, fence.owner.as_ref().map(Leadership::fence))
+    }
+
+    fn pause_task(&self, task: &str, pause: &PauseV2) -> Result<()> {
+        AdvancerExt::pause_task(self, task, pause)
+    }
+}
+
 /// The watcher thread's state: what it has told the consumer so far.
 struct Follower {
     ext: AdvancerExt,
@@ -314,34 +321,33 @@ impl Follower {
         snapshot.errors.into_iter().all(|(name, error)| self.emit(TaskEvent::Err { name, error }))
     }
 
-    fn run(&mut self, mut revision: i64) {
+    fn run(&mut self) {
+        loop {
+            let Some(revision) = self.list_until_done() else { return };
+            let Some(error) = self.follow(revision) else { return };
+            log::warn!("task watch ended ({error}); re-listing every task");
+            if self.stop.sleep(self.backoff) {
+                return;
+            }
+        }
+    }
+
+    /// Lists until a listing works and emits its differences; the revision it was read at,
+    /// or `None` when stopped.
+    fn list_until_done(&mut self) -> Option<i64> {
         let mut backoff = self.backoff;
         loop {
-            let error = match self.follow(revision) {
-                None => return,
-                Some(error) => error,
-            };
-            log::warn!("task watch ended ({error}); re-listing every task");
-            loop {
-                if self.stop.sleep(backoff) {
-                    return;
+            match self.ext.list() {
+                Ok(snapshot) => {
+                    let revision = snapshot.revision;
+                    return self.apply_snapshot(snapshot).then_some(revision);
                 }
-                match self.ext.list() {
-                    Ok(snapshot) => {
-                        revision = snapshot.revision;
-                        if !self.apply_snapshot(snapshot) {
-                            return;
-                        }
-                        backoff = self.backoff;
-                        break;
+                Err(e) => {
+                    log::warn!("listing tasks failed, retrying in {backoff:?}: {e}");
+                    if !self.emit(TaskEvent::Err { name: None, error: e }) || self.stop.sleep(backoff) {
+                        return None;
                     }
-                    Err(e) => {
-                        log::warn!("re-listing tasks failed, retrying in {backoff:?}: {e}");
-                        if !self.emit(TaskEvent::Err { name: None, error: e }) {
-                            return;
-                        }
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
@@ -352,7 +358,10 @@ impl Follower {
         let etcd = self.ext.meta.etcd().clone();
         // One watch over info/ .. pause/ keeps task and pause events in revision order.
         let span = KeySpan::Range(keys::prefix_of_task().into_bytes(), prefix_end(keys::prefix_of_pause().as_bytes()));
-        let watcher = etcd.watch(span, WatchOptions { start_revision: revision + 1, prev_kv: false });
+        let watcher = match etcd.watch(span, WatchOptions { start_revision: revision + 1, prev_kv: false }) {
+            Ok(watcher) => watcher,
+            Err(e) => return Some(e),
+        };
         loop {
             crossbeam_channel::select! {
                 recv(self.stop.receiver()) -> _ => return None,

@@ -2,8 +2,8 @@
 //! `--duration` passes or a `quit` control arrives, applying controls from a file (and
 //! from the terminal when stdin is one).
 //!
-//! Signals: the crate has no signal handling, so Ctrl-C ends the process without running
-//! destructors; the spawned etcd gets the same SIGINT from the terminal and exits, but its
+//! Signals: unlike `streamhelper advancer`, this command installs no signal handler, so
+//! Ctrl-C ends the process without running destructors; the spawned etcd gets the same SIGINT from the terminal and exits, but its
 //! temp data dir stays behind. `quit` (or `--duration`) is the clean way out.
 
 use std::fs::File;

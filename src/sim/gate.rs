@@ -7,13 +7,13 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::types::StoreId;
+use crate::worker::Worker;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -74,18 +74,16 @@ struct Shared {
 
 pub struct ReplyGate {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    worker: Mutex<Option<Worker>>,
 }
 
 impl ReplyGate {
     pub fn start() -> Result<ReplyGate> {
         let shared = Arc::new(Shared::default());
         let worker = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("sim-replies".into())
-            .spawn(move || run(&worker))
-            .map_err(|source| Error::Io { what: "spawning the sim's reply thread".into(), source })?;
-        Ok(ReplyGate { shared, thread: Mutex::new(Some(thread)) })
+        // It stops on `shutdown`, which it waits for on its condition variable.
+        let worker = Worker::spawn("sh-sim-replies", move |_| run(&worker))?;
+        Ok(ReplyGate { shared, worker: Mutex::new(Some(worker)) })
     }
 
     /// Runs `job` (which sends a reply of `store`) now, after the store's delay, or when the
@@ -156,8 +154,8 @@ impl ReplyGate {
             (std::mem::take(&mut state.parked), std::mem::take(&mut state.timers))
         };
         self.shared.wake.notify_all();
-        if let Some(thread) = self.thread.lock().take() {
-            let _ = thread.join();
+        if let Some(worker) = self.worker.lock().take() {
+            worker.join();
         }
         drop(pending);
     }

@@ -27,19 +27,18 @@ pub mod control;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{RecvTimeoutError, Sender};
 use grpcio::{RpcStatus, RpcStatusCode};
 use parking_lot::Mutex;
 
-use crate::advancer::status::{Handler, StatusServer};
+use crate::daemon::status::{Handler, StatusServer};
 use crate::error::{Error, Result};
 use crate::proto::logbackuppb_grpc::create_log_backup;
 use crate::proto::pdpb_grpc::create_pd;
 use crate::proto::tikvpb_grpc::create_tikv;
 use crate::types::{KeyRange, RegionId, StoreId, Ts};
+use crate::worker::Worker;
 
 pub use model::{record_key, table_prefix};
 pub use txn::{Outcome, TxnSpec};
@@ -97,18 +96,13 @@ struct Servers {
     status: HashMap<StoreId, StatusServer>,
 }
 
-struct Flusher {
-    stop: Sender<()>,
-    thread: JoinHandle<()>,
-}
-
 /// A running simulated cluster. Dropping it stops every server and thread it started.
 pub struct SimCluster {
     state: Arc<SimState>,
     servers: Mutex<Servers>,
     /// PD keeps its port across `stop_pd`/`start_pd` when it can.
     pd_port: Mutex<u16>,
-    flusher: Option<Flusher>,
+    flusher: Option<Worker>,
 }
 
 impl SimCluster {
@@ -492,26 +486,19 @@ fn no_store(store: StoreId) -> Error {
     Error::Store { store_id: store, address: String::new(), reason: "no such store in the sim".into() }
 }
 
-fn spawn_flusher(state: Arc<SimState>, interval: Duration) -> Result<Flusher> {
-    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+fn spawn_flusher(state: Arc<SimState>, interval: Duration) -> Result<Worker> {
     let stores: Vec<StoreId> = state.stores.iter().map(|s| s.id).collect();
-    let thread = std::thread::Builder::new()
-        .name("sim-flusher".into())
-        .spawn(move || loop {
-            match stopped.recv_timeout(interval) {
-                Err(RecvTimeoutError::Timeout) => state.flush(&stores, false),
-                _ => return,
-            }
-        })
-        .map_err(|source| Error::Io { what: "spawning the sim's flusher thread".into(), source })?;
-    Ok(Flusher { stop, thread })
+    Worker::spawn("sh-sim-flusher", move |stop| {
+        while !stop.sleep(interval) {
+            state.flush(&stores, false);
+        }
+    })
 }
 
 impl Drop for SimCluster {
     fn drop(&mut self) {
         if let Some(flusher) = self.flusher.take() {
-            drop(flusher.stop);
-            let _ = flusher.thread.join();
+            flusher.join();
         }
         for store in &self.state.stores {
             store.close_subscribers(None);

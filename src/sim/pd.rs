@@ -1,5 +1,6 @@
 //! The fake PD: `pdpb.PD` over the sim's region table, with memcomparable-encoded region
-//! keys like a real TiKV cluster's (wire spec §5, §6.1).
+//! keys like a real TiKV cluster's (kvproto `proto/pdpb.proto`; keys as client-go's
+//! `internal/locate/pd_codec.go` expects them).
 
 use std::sync::Arc;
 

@@ -25,7 +25,7 @@ pub const DEFAULT_MAX_FLUSH_INTERVAL: Duration = Duration::from_secs(180);
 const DELIVERY_WAIT: Duration = Duration::from_secs(1);
 
 /// A store's last completed flush: TiKV answers checkpoints from this map, which each flush
-/// replaces wholesale (wire spec §4.1).
+/// replaces wholesale (tikv `components/backup-stream/src/checkpoint_manager.rs`).
 #[derive(Debug, Default)]
 pub struct LastFlush {
     pub ts: Ts,

@@ -1,5 +1,6 @@
 //! The fake TiKV: `logbackup.LogBackup` of one store, answering from the store's last flush
-//! exactly as TiKV's backup-stream service does (wire spec §4.1-4.3).
+//! exactly as TiKV's backup-stream service does (tikv `components/backup-stream/src/service.rs`
+//! and `checkpoint_manager.rs`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -39,7 +40,8 @@ pub struct LogBackupService {
     pub store: StoreId,
 }
 
-/// TiKV's answer for each distinct requested `(id, version)` (wire spec §4.1).
+/// TiKV's answer for each distinct requested `(id, version)`, as its
+/// `GetLastFlushTSOfRegion` handler gives it.
 pub fn checkpoints(last: &LastFlush, request: &GetLastFlushTSOfRegionRequest) -> GetLastFlushTSOfRegionResponse {
     let mut seen = HashSet::new();
     let mut response = GetLastFlushTSOfRegionResponse::new();

@@ -3,7 +3,8 @@
 //! entry without a search; 7/8 of an 8-ary heap are leaves, so most raises touch nothing but
 //! the record itself. Entries are bare ids (4 bytes): the ts is read from the records.
 
-use super::{grow_push, prefetch, Rec, NIL};
+use super::mem::{grow_push, prefetch};
+use super::{Rec, NIL};
 
 const ARITY: usize = 8;
 

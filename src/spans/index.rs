@@ -10,9 +10,10 @@
 //! lookup stops at the first group with a zero count, and removals need no tombstones. The
 //! counts are only read when the key is not in its home group.
 
-use super::{prefetch_line, Rec, FREE};
+use super::mem::prefetch_line;
+use super::{Rec, FREE};
 
-/// Slots per group: 8 records of 48 bytes are 6 cache lines, all asked for at once.
+/// Slots per group: 4 records of 48 bytes are 3 cache lines, all asked for at once.
 pub(super) const GROUP: usize = 4;
 const SATURATED: u8 = u8::MAX;
 

@@ -28,6 +28,7 @@
 mod heap;
 mod index;
 mod key;
+mod mem;
 mod order;
 #[cfg(test)]
 mod tests;
@@ -40,6 +41,7 @@ use crate::types::{DisplayKey, KeyRange, Ts};
 use heap::TsHeap;
 use index::KeyIndex;
 use key::Key;
+use mem::huge_vec;
 use order::Order;
 
 /// The null record id.
@@ -192,8 +194,8 @@ impl SpanFrontier {
     /// raise of its piece would sift past (found through its by then cached group).
     /// Prefetches are only hints: a guess made stale by the merges in between costs time,
     /// never correctness. Any iterator works; items are buffered a few at a time and nothing
-    /// is allocated. On a frontier that fits in cache this costs ~15 ns per item more than
-    /// `merge_keys` (10^4 pieces); at 10^6 it cuts an exact-piece update ~2.8x.
+    /// is allocated. On a frontier that fits in cache the bookkeeping costs a little per
+    /// item; on one that does not, hiding the reads wins (figures in docs/benchmarks.md).
     pub fn merge_batch<'a>(&mut self, items: impl IntoIterator<Item = (&'a [u8], &'a [u8], Ts)>) {
         let mut items = items.into_iter();
         let mut window = [Pending::new(&[], &[], 0); LOOK_AHEAD];
@@ -518,69 +520,6 @@ impl<'a> Iterator for Below<'a> {
         Some(self.spans.span(self.spans.heap.id(pos)))
     }
 }
-
-/// Pushes onto a large, long-lived array growing it by 1/8 rather than doubling, so at most
-/// 1/9 of it is slack. Growing moves the items into a fresh [`huge_vec`] rather than
-/// `realloc`ing: a remapped block keeps the small pages it was faulted in with.
-fn grow_push<T>(v: &mut Vec<T>, item: T) {
-    if v.len() == v.capacity() {
-        let mut grown = huge_vec(v.len() + v.len() / 8 + 4);
-        grown.append(v);
-        *v = grown;
-    }
-    v.push(item);
-}
-
-/// An empty vector with room for exactly `capacity` items, backed by transparent huge pages
-/// where the kernel allows them (it must be asked before the memory is first touched). At
-/// 10^6 spans every update misses the caches twice, and with 4 KiB pages each miss also
-/// walks the page tables: huge pages cut the same-boundary update by about 10%.
-fn huge_vec<T>(capacity: usize) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(capacity);
-    advise_huge_pages(v.as_mut_ptr().cast(), v.capacity() * std::mem::size_of::<T>());
-    v
-}
-
-#[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
-fn advise_huge_pages(ptr: *mut u8, len: usize) {
-    const HUGE_PAGE: usize = 2 << 20;
-    const PAGE: usize = 4096;
-    const MADV_HUGEPAGE: i32 = 14;
-    extern "C" {
-        fn madvise(addr: *mut u8, len: usize, advice: i32) -> i32;
-    }
-    if len < HUGE_PAGE {
-        return;
-    }
-    // madvise takes whole pages; the block's partial first and last pages are left alone.
-    let start = (ptr as usize).next_multiple_of(PAGE);
-    let end = (ptr as usize + len) / PAGE * PAGE;
-    // SAFETY: the pages lie inside an allocation this process owns, and MADV_HUGEPAGE is
-    // only advice: it changes no contents, and failure (e.g. THP disabled) is harmless.
-    unsafe { madvise(start as *mut u8, end - start, MADV_HUGEPAGE) };
-}
-
-#[cfg(not(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64"))))]
-fn advise_huge_pages(_ptr: *mut u8, _len: usize) {}
-
-/// Asks for the cache line holding the start of `item` and the one holding its end (a
-/// 48-byte record may straddle two), without waiting for them.
-fn prefetch<T: ?Sized>(item: &T) {
-    let ptr: *const T = item;
-    prefetch_line(ptr.cast());
-    prefetch_line(ptr.cast::<u8>().wrapping_add(std::mem::size_of_val(item).saturating_sub(1)));
-}
-
-#[cfg(target_arch = "x86_64")]
-fn prefetch_line(ptr: *const u8) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    // SAFETY: SSE, which `_mm_prefetch` requires, is part of every x86-64 CPU. A prefetch
-    // reads nothing into the program and never faults, whatever the address.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.cast()) }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn prefetch_line(_ptr: *const u8) {}
 
 /// The union of `ranges` as sorted, disjoint ranges, with overlapping or touching ones
 /// joined and empty ones dropped.

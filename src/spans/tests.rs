@@ -1,3 +1,4 @@
+use super::mem::grow_push;
 use super::*;
 
 fn kr(start: &str, end: &str) -> KeyRange {

@@ -10,18 +10,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::{write_global_checkpoint, ExternalStorage};
-use crate::advancer::metrics::{self, Metrics};
+use crate::daemon::metrics::Metrics;
 use crate::error::{Error, Result};
 use crate::proto::brpb::StorageBackend;
-use crate::stop::{stop_pair, StopHandle, StopToken};
 use crate::types::Ts;
+use crate::worker::{StopToken, Worker as Thread};
 
 /// What one write did, for the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,10 +33,8 @@ impl CopyOutcome {
     /// The gauge moves only on success; failures are counted.
     pub fn record(self, metrics: &Metrics, task: &str) {
         match self {
-            CopyOutcome::Written(ts) => {
-                metrics.set_gauge(metrics::EXTERNAL_STORAGE_CHECKPOINT, &[("task", task)], ts as f64)
-            }
-            CopyOutcome::Failed => metrics.inc_counter(metrics::STORAGE_WRITE_FAILURES, &[("task", task)], 1),
+            CopyOutcome::Written(ts) => metrics.external_storage_checkpoint.set([task], ts as f64),
+            CopyOutcome::Failed => metrics.storage_write_failures.inc_by([task], 1),
         }
     }
 }
@@ -103,8 +100,7 @@ pub struct CheckpointCopier {
     /// Values uploaded during the current tick, handed over after its GC step.
     staged: Vec<(String, Ts)>,
     wake: Sender<()>,
-    stop: Option<StopHandle>,
-    worker: Option<JoinHandle<()>>,
+    _thread: Thread,
 }
 
 impl CheckpointCopier {
@@ -120,7 +116,6 @@ impl CheckpointCopier {
     ) -> Result<CheckpointCopier> {
         let state = Arc::new(Mutex::new(State::default()));
         let (wake, woken) = bounded(1);
-        let (stop, token) = stop_pair();
         let worker = Worker {
             state: state.clone(),
             open: Box::new(opener),
@@ -128,11 +123,8 @@ impl CheckpointCopier {
             handles: HashMap::new(),
             term: 0,
         };
-        let worker = std::thread::Builder::new()
-            .name("storage-copier".into())
-            .spawn(move || worker.run(woken, token))
-            .map_err(|source| Error::Io { what: "spawning the storage-copier thread".into(), source })?;
-        Ok(CheckpointCopier { state, staged: Vec::new(), wake, stop: Some(stop), worker: Some(worker) })
+        let thread = Thread::spawn("sh-storage-copier", move |stop| worker.run(woken, stop))?;
+        Ok(CheckpointCopier { state, staged: Vec::new(), wake, _thread: thread })
     }
 
     /// A task appeared or was redefined: its storage is opened at its first write (again,
@@ -190,17 +182,6 @@ impl CheckpointCopier {
 
     fn nudge(&self) {
         let _ = self.wake.try_send(());
-    }
-}
-
-impl Drop for CheckpointCopier {
-    fn drop(&mut self) {
-        self.stop.take();
-        if let Some(worker) = self.worker.take() {
-            if worker.join().is_err() {
-                log::error!("the storage-copier thread panicked");
-            }
-        }
     }
 }
 
@@ -470,7 +451,7 @@ mod tests {
         CopyOutcome::Failed.record(&m, "t1");
         let text = m.render();
         assert!(text.contains("tidb_log_backup_external_storage_checkpoint{task=\"t1\"} 42"), "{text}");
-        assert_eq!(m.counter(metrics::STORAGE_WRITE_FAILURES, &[("task", "t1")]), 2);
+        assert_eq!(m.storage_write_failures.get(["t1"]), 2);
         assert!(is_power_of_ten(1) && is_power_of_ten(10) && is_power_of_ten(1000) && !is_power_of_ten(20));
     }
 }

@@ -1,15 +1,15 @@
 //! The status endpoint: a tiny HTTP/1.0 server on its own thread serving `/metrics`
-//! (Prometheus text), `/status` (JSON) and `POST /owner/resign`. Metrics come from
-//! snapshots the ticker publishes, so a scrape never waits for a tick.
+//! (Prometheus text), `/status` (JSON) and `POST /owner/resign`. Requests are answered from
+//! what the ticker publishes (plus, for `/status`, a region lookup per task and the current
+//! owner), so a scrape never waits for a tick.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::stop::{stop_pair, StopHandle, StopToken};
+use crate::worker::{StopToken, Worker};
 
 /// An answer: `(status code, content type, body)`.
 pub type Reply = (u16, &'static str, String);
@@ -19,8 +19,7 @@ pub type Handler = Arc<dyn Fn(&str, &str) -> Option<Reply> + Send + Sync>;
 
 pub struct StatusServer {
     addr: SocketAddr,
-    stop: Option<StopHandle>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Worker,
 }
 
 impl StatusServer {
@@ -32,26 +31,13 @@ impl StatusServer {
         listener
             .set_nonblocking(true)
             .map_err(|source| Error::Io { what: "configuring the status listener".into(), source })?;
-        let (stop_handle, stop) = stop_pair();
-        let thread = std::thread::Builder::new()
-            .name("status".into())
-            .spawn(move || serve(listener, handler, stop))
-            .map_err(|source| Error::Io { what: "spawning the status thread".into(), source })?;
+        let worker = Worker::spawn("sh-status", move |stop| serve(listener, handler, stop))?;
         log::info!("status server listening on http://{bound} (/metrics, /status)");
-        Ok(StatusServer { addr: bound, stop: Some(stop_handle), thread: Some(thread) })
+        Ok(StatusServer { addr: bound, _worker: worker })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-}
-
-impl Drop for StatusServer {
-    fn drop(&mut self) {
-        self.stop.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -1,0 +1,481 @@
+//! `CheckpointAdvancer`: the core plus the I/O of a tick, driven by its caller (upstream's
+//! `CheckpointAdvancer` in `br/pkg/streamhelper/advancer.go`). A host program calls
+//! [`CheckpointAdvancer::on_start`], [`CheckpointAdvancer::on_become_owner`] and
+//! [`CheckpointAdvancer::on_tick`] on a thread of its own; the daemon's ticker is one such
+//! caller. Everything it touches goes through the three traits of [`Env`], so each effect of
+//! a tick is unit-tested with in-memory fakes (`daemon/tests.rs`).
+//!
+//! A tick while owner: TSO → subscriptions → poll lagging spans → the core decides →
+//! upload (fenced by the owner term) / pause / GC safepoint.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{never, Receiver, Sender};
+
+use super::metrics::Metrics;
+use crate::advancer::{latest_believable, Action, Advancer, Config, TaskStatus};
+use crate::cluster::{
+    collect_checkpoints, ClusterMeta, CollectResult, CollectorConfig, FailReason, FlushEvent, FlushSubscriber,
+    KvClients, LogBackupService, SubscriberConfig,
+};
+use crate::error::{Error, Result};
+use crate::etcd::Leadership;
+use crate::locks::{LockResolver, ResolverSettings};
+use crate::meta::{Fence, MetaStore, TaskEvent, TaskWatcher, UploadOutcome};
+use crate::storage::CheckpointCopier;
+use crate::timefmt::format_duration;
+use crate::types::{local_now_ts, ts_add, ts_distance, ts_sub, KeyRange, StoreId, Ts};
+
+/// Flush events merged into the frontier as one batch at most.
+const FLUSH_BATCH: usize = 4096;
+
+/// How much further than the elapsed time PD's clock may move between two readings before
+/// it counts as a jump.
+const CLOCK_JUMP_MARGIN: Duration = Duration::from_secs(30);
+
+/// What the advancer talks to (upstream's `Env`): region and store metadata, the stores'
+/// log-backup service, their transactional service (lock resolution, upstream's
+/// `GCLockResolver`) and the metadata store.
+#[derive(Clone)]
+pub struct Env {
+    pub cluster: Arc<dyn ClusterMeta>,
+    pub service: Arc<dyn LogBackupService>,
+    pub kv: Arc<dyn KvClients>,
+    pub meta: Arc<dyn MetaStore>,
+}
+
+pub struct CheckpointAdvancer {
+    env: Env,
+    core: Advancer,
+    pool: rayon::ThreadPool,
+    metrics: Arc<Metrics>,
+    task_tx: Sender<TaskEvent>,
+    task_rx: Receiver<TaskEvent>,
+    listener: Option<TaskWatcher>,
+    /// The owner term uploads are fenced by; `None` while standing by.
+    owner: Option<Leadership>,
+    subscriber: Option<FlushSubscriber>,
+    /// PD's last TSO and when it came, to bound flush events between ticks.
+    last_tso: Option<(Ts, Instant)>,
+    /// Stores already reported for flushing from the future (logged once each).
+    future_stores: HashSet<StoreId>,
+    /// Copies each uploaded checkpoint into the task's external storage.
+    storage: CheckpointCopier,
+    /// Resolves locks on stuck tasks' lagging ranges on its own thread.
+    locks: LockResolver,
+}
+
+impl CheckpointAdvancer {
+    /// An advancer with the default configuration, standing by with no task.
+    pub fn new(env: Env) -> Result<Self> {
+        Self::with_config(env, Config::default())
+    }
+
+    /// An advancer standing by with no task; its worker threads start here.
+    pub fn with_config(env: Env, config: Config) -> Result<Self> {
+        config.validate()?;
+        let (task_tx, task_rx) = crossbeam_channel::bounded(1024);
+        let metrics = Arc::new(Metrics::default());
+        let storage = {
+            let metrics = metrics.clone();
+            CheckpointCopier::start(move |task, outcome| outcome.record(&metrics, task))?
+        };
+        let resolver_settings = ResolverSettings { rpc_timeout: config.rpc_timeout, ..ResolverSettings::default() };
+        let locks = LockResolver::start(env.cluster.clone(), env.kv.clone(), resolver_settings)?;
+        Ok(CheckpointAdvancer {
+            env,
+            core: Advancer::new(config),
+            pool: fan_out_pool()?,
+            metrics,
+            storage,
+            locks,
+            task_tx,
+            task_rx,
+            listener: None,
+            owner: None,
+            subscriber: None,
+            last_tso: None,
+            future_stores: HashSet::new(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        self.core.config()
+    }
+
+    /// Replaces the configuration; it takes effect at the next tick.
+    pub fn update_config(&mut self, config: Config) -> Result<()> {
+        config.validate()?;
+        self.core.update_config(config);
+        Ok(())
+    }
+
+    pub fn update_config_with(&mut self, f: impl FnOnce(&mut Config)) -> Result<()> {
+        let mut config = self.config().clone();
+        f(&mut config);
+        self.update_config(config)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn is_owner(&self) -> bool {
+        self.owner.is_some()
+    }
+
+    /// Starts the task listener (upstream's `OnStart` and `StartTaskListener`): task events
+    /// arrive on [`CheckpointAdvancer::task_events`] and are applied by
+    /// [`CheckpointAdvancer::on_task_event`], or at the start of the next tick.
+    pub fn on_start(&mut self) -> Result<()> {
+        self.listener = Some(self.env.meta.begin(self.task_tx.clone(), self.config().backoff)?);
+        Ok(())
+    }
+
+    /// For `select!`: the task events not applied yet.
+    pub fn task_events(&self) -> &Receiver<TaskEvent> {
+        &self.task_rx
+    }
+
+    /// For `select!`: the flush events of the subscriptions (none while standing by).
+    pub fn flush_events(&self) -> Receiver<FlushEvent> {
+        self.subscriber.as_ref().map(|s| s.events().clone()).unwrap_or_else(never)
+    }
+
+    fn stored_checkpoint(&self, task: &str) -> Ts {
+        self.env.meta.global_checkpoint(task).unwrap_or_else(|e| {
+            log::warn!("failed to get the global checkpoint of task {task}, using its start ts: {e}");
+            0
+        })
+    }
+
+    pub fn on_task_event(&mut self, event: TaskEvent) {
+        log::info!("meet task event {event}");
+        match event {
+            TaskEvent::Add { info, ranges, paused } => {
+                let stored = self.stored_checkpoint(info.get_name());
+                self.storage.register(info.get_name(), info.get_storage());
+                self.core.add_task(info, &ranges, paused, stored);
+            }
+            TaskEvent::Del { name } => {
+                self.core.remove_task(&name);
+                // Forgotten first, so that no late write brings the storage gauge back.
+                self.storage.forget(&name);
+                self.metrics.external_storage_checkpoint.remove([&name]);
+                self.metrics.last_checkpoint.remove([&name]);
+                self.metrics.checkpoint_lag.remove([&name]);
+            }
+            TaskEvent::Pause { name } => self.core.set_paused(&name, true),
+            TaskEvent::Resume { name } => {
+                let stored = self.stored_checkpoint(&name);
+                self.core.resume_task(&name, stored);
+            }
+            TaskEvent::Err { name, error } => {
+                log::warn!("task listener: {}{error}", name.map(|n| format!("task {n}: ")).unwrap_or_default());
+            }
+        }
+    }
+
+    /// Flushed ranges from the subscriptions, merged as one batch. Events above the current
+    /// time are dropped, counted and logged once per store.
+    pub fn on_flush_events(&mut self, batch: &[FlushEvent]) {
+        let now = self.estimated_now();
+        let refused = self.core.on_flushes(batch.iter().map(|e| (&e.range, e.ts)), now);
+        if refused == 0 {
+            return;
+        }
+        self.metrics.future_checkpoints.inc_by(["flush"], refused as u64);
+        let latest = latest_believable(now);
+        let mut by_store: BTreeMap<StoreId, (usize, Ts)> = BTreeMap::new();
+        for event in batch.iter().filter(|e| e.ts > latest) {
+            let entry = by_store.entry(event.store).or_default();
+            entry.0 += 1;
+            entry.1 = entry.1.max(event.ts);
+        }
+        for (store, (count, max)) in by_store {
+            if self.future_stores.insert(store) {
+                log::warn!(
+                    "store {store} sent {count} flush events above the current time {now} (up to {max}); they are \
+                     ignored, and so are later ones (counted in streamhelper_future_checkpoints_total)"
+                );
+            }
+        }
+    }
+
+    /// PD's time as last seen plus the time since; the local clock before PD answered.
+    fn estimated_now(&self) -> Ts {
+        match self.last_tso {
+            Some((tso, at)) => ts_add(tso, at.elapsed()),
+            None => local_now_ts(),
+        }
+    }
+
+    /// Ownership gained: uploads are fenced by `leadership` from now on, and the flush
+    /// subscriptions open.
+    pub fn on_become_owner(&mut self, leadership: Leadership) {
+        self.owner = Some(leadership);
+        self.metrics.owner.set([], 1.0);
+        let mut subscriber =
+            FlushSubscriber::new(self.env.cluster.clone(), self.env.service.clone(), SubscriberConfig::default());
+        if let Err(e) = subscriber.update_store_topology() {
+            log::warn!("Error when updating store topology: {e}");
+        }
+        self.subscriber = Some(subscriber);
+        log::info!("became owner: ticking every {:?}", self.config().tick_interval);
+    }
+
+    /// Ownership lost (or given up): uploads stop at once and the subscriber's threads are
+    /// joined.
+    pub fn on_lose_owner(&mut self) {
+        if self.owner.take().is_some() {
+            log::info!("no longer owner: uploads stop");
+        }
+        self.subscriber = None;
+        self.storage.clear();
+        self.metrics.owner.set([], 0.0);
+    }
+
+    pub fn status(&self) -> Vec<TaskStatus> {
+        self.core.status()
+    }
+
+    /// Applies pending task and flush events, then, while owner, runs one tick and returns
+    /// the `now` it used. It returns only after the tick's writes are done.
+    pub fn on_tick(&mut self) -> Option<Ts> {
+        self.apply_pending_events();
+        self.owner.as_ref()?;
+        let metrics = self.metrics.clone();
+        let _timer = metrics.tick_duration.start_timer(["tick"]);
+        let started = Instant::now();
+        let now = self.now();
+        self.refresh_subscriptions();
+        let plans = self.core.plan_polls(now);
+        self.poll_lagging(&plans, now, started);
+        let actions = self.core.finish_tick(now);
+        self.apply(actions, now);
+        // Starts a round for tasks stuck past the resolve interval; never waits for one.
+        self.locks.after_tick(now, &mut self.core, &self.metrics);
+        // After the GC step, as upstream; the writes run on the copier's thread.
+        self.storage.submit(self.core.config().tick_interval);
+        Some(now)
+    }
+
+    /// Polls every running task's spans older than `threshold` and returns each task's
+    /// frontier minimum: the checkpoint the next tick would move to (upstream's
+    /// `CalculateGlobalCheckpointLight`). Uploads nothing.
+    pub fn calculate_global_checkpoint_light(&mut self, threshold: Duration) -> Vec<(String, Ts)> {
+        self.apply_pending_events();
+        let now = self.now();
+        let plans = self.core.plan_polls_below(ts_sub(now, threshold));
+        self.poll_lagging(&plans, now, Instant::now());
+        self.core.status().into_iter().filter(|s| !s.paused).filter_map(|s| Some((s.name, s.slowest?.1))).collect()
+    }
+
+    /// The last flushed ts of every region in `range`, as TiKV reports it now (upstream's
+    /// `GetCheckpointInRange`).
+    pub fn get_checkpoint_in_range(&mut self, range: &KeyRange) -> Result<CollectResult> {
+        let now = self.now();
+        let collector = self.collector_config(now);
+        collect_checkpoints(
+            self.env.cluster.as_ref(),
+            self.env.service.as_ref(),
+            &self.pool,
+            std::slice::from_ref(range),
+            &collector,
+        )
+    }
+
+    fn apply_pending_events(&mut self) {
+        while let Ok(event) = self.task_rx.try_recv() {
+            self.on_task_event(event);
+        }
+        let flushes = self.flush_events();
+        loop {
+            let batch: Vec<_> = flushes.try_iter().take(FLUSH_BATCH).collect();
+            if batch.is_empty() {
+                break;
+            }
+            self.on_flush_events(&batch);
+        }
+    }
+
+    /// PD's TSO, or the local clock when PD does not answer. A fallback reading, or a TSO
+    /// further ahead than the time that passed since the last one (at the first, than the
+    /// local clock), holds lag verdicts back: it would make a healthy task look lagging.
+    fn now(&mut self) -> Ts {
+        let expected = self.estimated_now();
+        let now = match self.env.cluster.fetch_current_ts() {
+            Ok(tso) => {
+                self.last_tso = Some((tso, Instant::now()));
+                if ts_distance(tso, expected) <= CLOCK_JUMP_MARGIN {
+                    return tso;
+                }
+                log::warn!(
+                    "PD's clock jumped {} ahead of the time that passed: no lag-limit pause until checkpoints catch up",
+                    format_duration(ts_distance(tso, expected))
+                );
+                tso
+            }
+            Err(e) => {
+                log::warn!("PD TSO unavailable, using the local clock (no lag-limit pause this tick): {e}");
+                local_now_ts()
+            }
+        };
+        self.core.hold_lag_verdicts(now);
+        now
+    }
+
+    fn refresh_subscriptions(&mut self) {
+        let Some(subscriber) = self.subscriber.as_mut() else { return };
+        if let Err(e) = subscriber.update_store_topology() {
+            log::warn!("Error when updating store topology: {e}");
+        }
+        subscriber.handle_errors();
+        let pending = subscriber.pending_errors();
+        if let Some(e) = &pending {
+            log::warn!("Subscriber meet error, would polling the checkpoint: {e}");
+        }
+        self.core.set_subscriptions_healthy(pending.is_none());
+    }
+
+    /// Answers above `latest_believable(now)` fail their region instead of advancing it.
+    fn collector_config(&self, now: Ts) -> CollectorConfig {
+        let config = self.config();
+        CollectorConfig {
+            rpc_timeout: config.rpc_timeout.min(config.tick_interval),
+            max_ts: latest_believable(now),
+            ..CollectorConfig::default()
+        }
+    }
+
+    /// Polls the planned spans within the tick interval: one hung store costs one RPC
+    /// deadline, not the tick.
+    fn poll_lagging(&mut self, plans: &[crate::advancer::PollPlan], now: Ts, started: Instant) {
+        let collector = self.collector_config(now);
+        let budget = self.config().tick_interval;
+        for plan in plans {
+            if started.elapsed() >= budget {
+                log::warn!("tick interval used up; polling of task {} waits for the next tick", plan.task);
+                break;
+            }
+            let metrics = self.metrics.clone();
+            let _timer = metrics.tick_duration.start_timer(["try-advance"]);
+            let collected = collect_checkpoints(
+                self.env.cluster.as_ref(),
+                self.env.service.as_ref(),
+                &self.pool,
+                &plan.ranges,
+                &collector,
+            );
+            match collected {
+                Ok(result) => {
+                    self.count_poll(&result);
+                    for error in &result.store_errors {
+                        log::warn!("task {}: {error}", plan.task);
+                    }
+                    self.core.on_poll_result(&plan.task, result.advanced.iter().map(|(r, ts)| (r, *ts)));
+                }
+                Err(e) => log::warn!("polling task {} failed: {e}", plan.task),
+            }
+        }
+    }
+
+    fn count_poll(&self, result: &CollectResult) {
+        let m = &self.metrics;
+        m.regions_polled.inc_by([], (result.advanced.len() + result.failed.len()) as u64);
+        m.region_request.inc_by(["success"], result.advanced.len() as u64);
+        m.region_request.inc_by(["fail"], result.failed.len() as u64);
+        let mut reasons: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut failed_stores = BTreeSet::new();
+        for failed in &result.failed {
+            *reasons.entry(failed.reason.label()).or_default() += 1;
+            if failed.reason == FailReason::StoreFailed {
+                failed_stores.extend(failed.store);
+            }
+        }
+        if let Some(&future) = reasons.get(FailReason::FromFuture(0).label()) {
+            m.future_checkpoints.inc_by(["poll"], future);
+        }
+        for (reason, regions) in reasons {
+            m.region_request_failure.inc_by([reason], regions);
+        }
+        for store in failed_stores {
+            m.store_failures.inc_by([&store.to_string()], 1);
+        }
+    }
+
+    /// Carries out the core's actions in order. A fenced upload means another advancer owns
+    /// the tasks: the rest of the list (the GC safepoint included) is dropped.
+    fn apply(&mut self, actions: Vec<Action>, now: Ts) {
+        for action in actions {
+            match action {
+                Action::Upload { task, ts } => {
+                    if !self.upload(&task, ts, now) {
+                        return;
+                    }
+                }
+                Action::BlockGc { safe_point } => match self.env.cluster.block_gc_until(safe_point) {
+                    Ok(_) => log::debug!("updated log backup GC safe point to {safe_point}"),
+                    Err(e) => log::warn!("failed to update service GC safe point to {safe_point}: {e}"),
+                },
+                Action::UnblockGc => {
+                    if let Err(e) = self.env.cluster.unblock_gc() {
+                        log::warn!("failed to remove service GC safepoint: {e}");
+                    }
+                }
+                Action::Pause { task, pause } => {
+                    if let Err(e) = self.env.meta.pause_task(&task, &pause) {
+                        log::warn!("failed to pause task {task}: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Uploads one checkpoint and hands the outcome to the core (which may pause the task
+    /// for lag). False when we are no longer the owner.
+    fn upload(&mut self, task: &str, ts: Ts, now: Ts) -> bool {
+        let Some(owner) = self.owner.clone() else { return false };
+        let outcome = match self.env.meta.upload_global_checkpoint(task, ts, &Fence::owner(owner)) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                log::warn!("failed to upload global checkpoint of task {task}: {e}");
+                return true;
+            }
+        };
+        let stored = match outcome {
+            UploadOutcome::Fenced => {
+                log::warn!("upload of task {task} fenced off: another advancer owns the tasks now");
+                self.on_lose_owner();
+                return false;
+            }
+            UploadOutcome::Written => ts,
+            UploadOutcome::KeptHigher { stored } => {
+                log::warn!("skipping upload global checkpoint of task {task}: stored {stored} > {ts}");
+                stored
+            }
+        };
+        self.metrics.last_checkpoint.set([task], stored as f64);
+        // The storage gets what etcd holds, unless that is from the future.
+        match outcome {
+            UploadOutcome::KeptHigher { stored } if stored > latest_believable(now) => {}
+            _ => self.storage.stage(task, stored),
+        }
+        if let Some(pause) = self.core.on_uploaded(task, outcome, now) {
+            self.apply(vec![pause], now);
+        }
+        true
+    }
+}
+
+/// Keeps the rayon pool for the per-store fan-out small: two threads per core at most.
+fn fan_out_pool() -> Result<rayon::ThreadPool> {
+    let threads = std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4).clamp(4, 32);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("sh-fanout-{i}"))
+        .build()
+        .map_err(|e| Error::Io { what: "building the fan-out pool".into(), source: std::io::Error::other(e) })
+}

@@ -1,0 +1,284 @@
+//! What a tick does, driven by hand against in-memory fakes: the cluster (`MemMeta`), the
+//! stores' service (`FixedDialer`) and the metadata store (`MemStore`). Milliseconds each, no
+//! etcd and no simulated cluster.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+
+use super::checkpoint_advancer::{CheckpointAdvancer, Env};
+use super::owner::OwnerEvent;
+use super::ticker::Ticker;
+use super::{run_ticker, Shared};
+use crate::advancer::Config;
+use crate::cluster::testing::{regions_from_boundaries, FixedDialer, MemMeta};
+use crate::cluster::{FlushEvent, KvClients, StoreInfo};
+use crate::etcd::Leadership;
+use crate::meta::testing::MemStore;
+use crate::meta::TaskEvent;
+use crate::proto::brpb::StreamBackupTaskInfo;
+use crate::proto::tikvpb_grpc::TikvClient;
+use crate::types::{compose_ts, KeyRange, StoreId, Ts};
+use crate::worker::{stop_pair, Worker};
+
+const MINUTE: u64 = 60_000;
+
+/// A TSO `minutes` after an arbitrary epoch.
+fn at(minutes: u64) -> Ts {
+    compose_ts(1_700_000_000_000 + minutes * MINUTE, 0)
+}
+
+fn term(revision: i64) -> Leadership {
+    Leadership { key: b"/tidb/br-stream/owner/1".to_vec(), create_revision: revision, lease: 1 }
+}
+
+/// Stores whose transactional service cannot be reached: no lock round gets anywhere.
+struct NoKv;
+
+impl KvClients for NoKv {
+    fn kv_client(&self, store: StoreId) -> crate::Result<TikvClient> {
+        Err(crate::Error::Store { store_id: store, address: String::new(), reason: "no kv service in tests".into() })
+    }
+
+    fn forget(&self, _: StoreId) {}
+}
+
+struct Fixture {
+    cluster: Arc<MemMeta>,
+    service: Arc<FixedDialer>,
+    store: Arc<MemStore>,
+    advancer: CheckpointAdvancer,
+}
+
+impl Fixture {
+    /// No polls (the threshold is far), no lag limit: ticks are about what gets written.
+    fn new() -> Fixture {
+        Fixture::with_config(Config {
+            try_advance_threshold: Duration::from_secs(3600),
+            lag_limit: Duration::ZERO,
+            ..Config::default()
+        })
+    }
+
+    fn with_config(config: Config) -> Fixture {
+        Fixture::with_cluster(config, MemMeta::default())
+    }
+
+    fn with_cluster(config: Config, cluster: MemMeta) -> Fixture {
+        let cluster = Arc::new(cluster);
+        let service = Arc::new(FixedDialer::default());
+        let store = Arc::new(MemStore::default());
+        let env = Env { cluster: cluster.clone(), service: service.clone(), kv: Arc::new(NoKv), meta: store.clone() };
+        let advancer = CheckpointAdvancer::with_config(env, config).unwrap();
+        Fixture { cluster, service, store, advancer }
+    }
+
+    fn add_task(&mut self, name: &str, start: Ts) {
+        let mut info = StreamBackupTaskInfo::new();
+        info.set_name(name.into());
+        info.set_start_ts(start);
+        self.advancer.on_task_event(TaskEvent::Add { info, ranges: vec![KeyRange::full()], paused: false });
+    }
+
+    /// Owner under term 1, which the store holds too.
+    fn own(&mut self) {
+        *self.store.owner.lock() = Some(term(1));
+        self.advancer.on_become_owner(term(1));
+    }
+
+    fn tick_at(&mut self, now: Ts) {
+        *self.cluster.now.lock() = Some(now);
+        assert_eq!(self.advancer.on_tick(), Some(now), "an owner ticks");
+    }
+
+    /// A flush event over every key; `ts` must not be above the last tick's `now`.
+    fn flushed(&mut self, ts: Ts) {
+        self.advancer.on_flush_events(&[FlushEvent { range: KeyRange::full(), ts, store: 1 }]);
+    }
+
+    fn uploads(&self) -> Vec<(String, Ts)> {
+        self.store.uploads.lock().clone()
+    }
+
+    fn checkpoint_gauge(&self, task: &str) -> Option<f64> {
+        self.advancer.metrics().last_checkpoint.get([task])
+    }
+}
+
+#[test]
+fn an_owner_uploads_under_its_term_and_holds_gc_below_the_checkpoint() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    *f.cluster.now.lock() = Some(at(1));
+    assert_eq!(f.advancer.on_tick(), None, "a standby does not tick");
+    assert!(f.uploads().is_empty() && f.cluster.gc.lock().is_empty());
+
+    f.own();
+    f.tick_at(at(1));
+    assert_eq!(f.store.stored("t1"), Some(at(0)), "the start ts is uploaded first");
+    f.flushed(at(1));
+    f.tick_at(at(3));
+    assert_eq!(f.store.stored("t1"), Some(at(1)));
+    assert_eq!(*f.cluster.gc.lock(), vec![Some(at(0) - 1), Some(at(1) - 1)]);
+    assert_eq!(f.checkpoint_gauge("t1"), Some(at(1) as f64));
+}
+
+#[test]
+fn a_fenced_upload_makes_the_advancer_stand_by_and_drops_the_rest_of_the_tick() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.own();
+    // Another advancer won a newer term.
+    *f.store.owner.lock() = Some(term(2));
+    f.tick_at(at(1));
+    assert!(!f.advancer.is_owner(), "fenced off: standing by");
+    assert_eq!(f.store.stored("t1"), None);
+    assert!(f.cluster.gc.lock().is_empty(), "no GC safepoint from a deposed owner");
+    *f.cluster.now.lock() = Some(at(2));
+    assert_eq!(f.advancer.on_tick(), None);
+    assert_eq!(f.uploads().len(), 1, "nothing more is attempted");
+}
+
+#[test]
+fn a_higher_stored_checkpoint_is_kept_adopted_and_shown() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.own();
+    // Another writer got further after the task was added.
+    f.store.checkpoints.lock().insert("t1".into(), at(5));
+    f.tick_at(at(6));
+    assert_eq!(f.store.stored("t1"), Some(at(5)), "never lowered");
+    assert_eq!(f.advancer.status()[0].checkpoint, at(5), "the stored value is a true checkpoint too");
+    assert_eq!(f.checkpoint_gauge("t1"), Some(at(5) as f64), "the gauge shows what etcd holds");
+}
+
+#[test]
+fn a_task_lagging_past_the_limit_is_paused_once_and_no_longer_uploaded() {
+    let mut f = Fixture::with_config(Config {
+        try_advance_threshold: Duration::from_secs(3600),
+        lag_limit: Duration::from_secs(60),
+        ..Config::default()
+    });
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(10));
+    let pauses = f.store.pauses.lock().clone();
+    assert_eq!(pauses.len(), 1, "{pauses:?}");
+    assert_eq!(pauses[0].0, "t1");
+    f.tick_at(at(11));
+    assert_eq!(f.store.pauses.lock().len(), 1, "paused once");
+    assert_eq!(f.uploads(), vec![("t1".to_string(), at(0))], "a paused task is not uploaded");
+}
+
+#[test]
+fn the_gc_safepoint_covers_every_task_and_is_released_with_the_last() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.add_task("t2", at(3));
+    f.advancer.on_task_event(TaskEvent::Pause { name: "t1".into() });
+    f.own();
+    f.tick_at(at(4));
+    assert_eq!(f.cluster.gc.lock().last(), Some(&Some(at(0) - 1)), "a paused task still holds GC");
+    f.advancer.on_task_event(TaskEvent::Del { name: "t1".into() });
+    f.tick_at(at(5));
+    assert_eq!(f.cluster.gc.lock().last(), Some(&Some(at(3) - 1)));
+    f.advancer.on_task_event(TaskEvent::Del { name: "t2".into() });
+    f.tick_at(at(6));
+    f.tick_at(at(7));
+    assert_eq!(f.cluster.gc.lock().iter().filter(|c| c.is_none()).count(), 1, "released once");
+    assert_eq!(f.cluster.gc.lock().last(), Some(&None));
+}
+
+#[test]
+fn a_deleted_task_is_never_written_again_and_its_gauge_goes() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.add_task("t2", at(0));
+    f.own();
+    f.tick_at(at(1));
+    assert!(f.checkpoint_gauge("t1").is_some());
+    f.advancer.on_task_event(TaskEvent::Del { name: "t1".into() });
+    f.flushed(at(1));
+    f.tick_at(at(3));
+    let t1: Vec<Ts> = f.uploads().into_iter().filter(|(t, _)| t == "t1").map(|(_, ts)| ts).collect();
+    assert_eq!(t1, vec![at(0)], "no upload for a task that is gone");
+    assert_eq!(f.store.stored("t2"), Some(at(1)), "the other task goes on");
+    assert_eq!(f.checkpoint_gauge("t1"), None);
+}
+
+#[test]
+fn losing_ownership_joins_the_subscription_threads() {
+    let mut f = Fixture::new();
+    // A store that accepts connections and never answers keeps its stream thread waiting.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = silent.local_addr().unwrap().to_string();
+    *f.cluster.stores.lock() = vec![StoreInfo { id: 1, address: address.clone(), boot_at: 1 }];
+    f.service.addresses.lock().insert(1, address);
+    let idle = Arc::strong_count(&f.service);
+    f.own();
+    assert!(Arc::strong_count(&f.service) > idle + 1, "the subscriber and its stream thread hold the service");
+    f.advancer.on_lose_owner();
+    assert_eq!(Arc::strong_count(&f.service), idle, "every stream thread has ended");
+    assert!(!f.advancer.is_owner());
+}
+
+#[test]
+fn a_poll_counts_failed_regions_once_per_reason_and_a_failed_store_once() {
+    let mut regions = regions_from_boundaries(&[b"b", b"c", b"d"], &[1]);
+    regions[3].leader_store = None;
+    let config =
+        Config { try_advance_threshold: Duration::from_secs(60), lag_limit: Duration::ZERO, ..Config::default() };
+    // Store 1 cannot be dialed: its three regions fail with it.
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions));
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(10));
+    let m = f.advancer.metrics();
+    assert_eq!(m.region_request_failure.get(["store-failed"]), 3);
+    assert_eq!(m.region_request_failure.get(["no-leader"]), 1);
+    assert_eq!(m.region_request.get(["fail"]), 4);
+    assert_eq!(m.store_failures.get(["1"]), 1, "one failed store, not one per region");
+    assert_eq!(f.store.stored("t1"), Some(at(0)), "nothing advanced past what was never answered");
+}
+
+#[test]
+fn a_flush_from_the_future_is_dropped_and_counted() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(1));
+    f.flushed(at(30));
+    f.tick_at(at(2));
+    assert_eq!(f.advancer.metrics().future_checkpoints.get(["flush"]), 1);
+    assert_eq!(f.store.stored("t1"), Some(at(0)), "a claim above now never becomes the checkpoint");
+}
+
+#[test]
+fn a_panicking_ticker_stands_down_and_makes_the_owner_resign() {
+    let cluster = MemMeta { tso_panics: true, ..MemMeta::default() };
+    let config = Config { tick_interval: Duration::from_millis(10), ..Config::default() };
+    let Fixture { cluster, advancer, .. } = Fixture::with_cluster(config, cluster);
+    let shared = Arc::new(Shared {
+        id: "test".into(),
+        owner: AtomicBool::new(false),
+        metrics: advancer.metrics().clone(),
+        tasks: Mutex::default(),
+        cluster,
+    });
+    let (owner_tx, owner) = crossbeam_channel::bounded(1);
+    let (_requests_tx, requests) = crossbeam_channel::bounded(1);
+    let (resign, resigned) = stop_pair();
+    owner_tx.send(OwnerEvent::Gained(term(1))).unwrap();
+    let ticker_shared = shared.clone();
+    let _ticker = Worker::spawn("sh-test-ticker", move |stop| {
+        run_ticker(Ticker { advancer, shared: ticker_shared, owner, requests, stop }, Some(resign))
+    })
+    .unwrap();
+    // Nothing asks the ticker to stop: only its panic at the first tick can end it.
+    assert!(resigned.sleep(Duration::from_secs(10)), "the owner loop is told to resign");
+    assert!(!shared.owner.load(Ordering::SeqCst), "the daemon no longer claims ownership");
+}
