@@ -1,10 +1,9 @@
-//! Every parser of outside input (etcd values and keys, region boundaries, times, durations,
-//! addresses)
+//! Every parser of outside input (etcd values and keys, region boundaries, times, addresses)
 //! over arbitrary bytes: never a panic, and every error names what it could not read.
 
 use proptest::prelude::*;
 
-use crate::advancer::Config;
+use crate::advancer::Settings;
 use crate::codec::{decode_boundary, encode_bytes};
 use crate::meta::client::{decode_ranges, decode_task_info, name_under};
 use crate::meta::keys::{self, decode_u64};
@@ -109,18 +108,30 @@ proptest! {
         }
     }
 
-    /// Durations come from flags, the config file and TiKV's `/config` page.
+    /// Durations come from flags, the config file and TiKV's `/config` page; long digit runs
+    /// reach past what `Instant` arithmetic takes.
     #[test]
-    fn durations(text in "[0-9.]{0,30}(ms|s|m|h|d|é|x)?([0-9.]{0,6}(ms|s|m|h|d))?|.{0,12}") {
+    fn durations(text in prop_oneof![
+        "[0-9.]{0,6}(ns|us|µs|ms|s|m|h|d|x|é)?[0-9.]{0,4}[a-zé]{0,2}",
+        "[0-9.]{0,30}(ms|s|m|h|d)?([0-9.]{0,6}(ms|s|m|h|d))?",
+        ".{0,8}",
+    ]) {
         match parse_duration(&text) {
             Ok(d) => {
                 prop_assert!(d <= MAX_DURATION);
-                // Whatever parses is a value `Config` takes or refuses by name, never a panic.
-                if let Err(e) = Config::default().set("check-point-lag-limit", &text) {
+                // Whatever parses is a value the settings take or refuse by name, never a panic.
+                if let Err(e) = Settings::default().set_by_key("check-point-lag-limit", &text) {
                     prop_assert!(e.to_string().contains("check-point-lag-limit"), "{e}");
                 }
             }
             Err(e) => prop_assert!(e.contains(&format!("{text:?}")), "{e}"),
+        }
+    }
+
+    #[test]
+    fn config_files(text in "(\\[[a-zé-]{0,9}\\]\n)?[a-zé-]{0,14} ?= ?(\"[0-9.a-zé]{0,5}\"|[0-9]{0,3}|\\[\\])\n.{0,12}") {
+        if let Err(e) = Settings::default().apply_toml(&text, "f.toml") {
+            prop_assert!(e.to_string().contains("f.toml"), "{e}");
         }
     }
 

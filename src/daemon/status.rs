@@ -1,6 +1,7 @@
-//! The status endpoint: a small HTTP/1.1 server serving `/metrics` (Prometheus text) and
-//! `/status` (JSON). Requests are answered from what the ticker publishes (plus, for
-//! `/status`, a region lookup per task), so a scrape never waits for a tick.
+//! The status endpoint: a small HTTP/1.1 server serving `/metrics` (Prometheus text),
+//! `/status` (JSON) and `POST /owner/resign`. Requests are answered from what the ticker
+//! publishes (plus, for `/status`, a region lookup per task and the current owner), so a
+//! scrape never waits for a tick.
 //!
 //! It has no authentication: bind it to a private address. Its clients are not trusted: the
 //! request head is parsed by `httparse` (hyper's parser) from at most [`MAX_HEAD`] bytes, a
@@ -37,6 +38,7 @@ const BUSY_WAIT: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     Page {
+        code: u16,
         content_type: &'static str,
         body: String,
     },
@@ -53,9 +55,17 @@ impl Reply {
         match method {
             "GET" | "HEAD" => {
                 let (content_type, body) = page();
-                Reply::Page { content_type, body }
+                Reply::Page { code: 200, content_type, body }
             }
             _ => Reply::MethodNotAllowed { allow: "GET, HEAD" },
+        }
+    }
+
+    /// An action that only answers POST.
+    pub fn post(method: &str, act: impl FnOnce() -> Reply) -> Reply {
+        match method {
+            "POST" => act(),
+            _ => Reply::MethodNotAllowed { allow: "POST" },
         }
     }
 }
@@ -162,10 +172,17 @@ fn answer(mut stream: &TcpStream, handler: &Handler) -> std::io::Result<()> {
         Ok((method, path)) => {
             let head_only = method == "HEAD";
             match handler(&method, &path) {
-                Reply::Page { content_type, body } => (200, "OK", None, content_type, body, head_only),
-                Reply::NotFound => {
-                    (404, "Not Found", None, "text/plain", "no such page; try /metrics or /status\n".into(), head_only)
+                Reply::Page { code, content_type, body } => {
+                    (code, reason_of(code), None, content_type, body, head_only)
                 }
+                Reply::NotFound => (
+                    404,
+                    "Not Found",
+                    None,
+                    "text/plain",
+                    "no such page; try /metrics, /status or POST /owner/resign\n".into(),
+                    head_only,
+                ),
                 Reply::MethodNotAllowed { allow } => {
                     (405, "Method Not Allowed", Some(allow), "text/plain", "method not allowed\n".into(), head_only)
                 }
@@ -187,6 +204,15 @@ fn answer(mut stream: &TcpStream, handler: &Handler) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The reason phrase of the codes routes answer.
+fn reason_of(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        409 => "Conflict",
+        _ => "",
+    }
 }
 
 fn remaining(deadline: Instant) -> Option<Duration> {
@@ -269,11 +295,16 @@ fn write_reply(
 
 /// A blocking GET for tests and the demo: returns (status code, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    http_request(addr, &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"))
+    http_request(addr, "GET", path)
+}
+
+/// A blocking request without a body: returns (status code, body).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_raw(addr, &format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"))
 }
 
 /// Sends `request` as is and returns (status code, body), for tests of odd requests.
-pub fn http_request(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
+pub fn http_raw(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.write_all(request.as_bytes())?;
@@ -291,6 +322,9 @@ mod tests {
     fn json_server() -> StatusServer {
         let handler: Handler = Arc::new(|method, path| match path {
             "/status" => Reply::get(method, || ("application/json", "{\"ok\":true}".to_string())),
+            "/poke" => {
+                Reply::post(method, || Reply::Page { code: 409, content_type: "text/plain", body: "no\n".into() })
+            }
             _ => Reply::NotFound,
         });
         StatusServer::start("127.0.0.1:0", handler).unwrap()
@@ -301,6 +335,8 @@ mod tests {
         let server = json_server();
         assert_eq!(http_get(server.addr(), "/status?x=1").unwrap(), (200, "{\"ok\":true}".to_string()));
         assert_eq!(http_get(server.addr(), "/nope").unwrap().0, 404);
+        assert_eq!(http_request(server.addr(), "POST", "/poke").unwrap(), (409, "no\n".to_string()));
+        assert_eq!(http_get(server.addr(), "/poke").unwrap().0, 405);
         assert!(StatusServer::start("256.0.0.1:1", Arc::new(|_, _| Reply::NotFound))
             .err()
             .unwrap()
@@ -312,16 +348,16 @@ mod tests {
     fn wrong_methods_get_405_and_paths_are_not_echoed() {
         let server = json_server();
         let addr = server.addr();
-        let (code, _) = http_request(addr, "POST /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").unwrap();
+        let (code, _) = http_raw(addr, "POST /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").unwrap();
         assert_eq!(code, 405);
         let (code, body) = http_get(addr, "/%1b[31mforged<script>").unwrap();
         assert_eq!(code, 404);
         assert!(!body.contains("forged") && !body.contains("script"), "{body}");
-        assert_eq!(http_request(addr, "BLAH\r\n\r\n").unwrap().0, 400);
-        let (code, body) = http_request(addr, "HEAD /status HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(http_raw(addr, "BLAH\r\n\r\n").unwrap().0, 400);
+        let (code, body) = http_raw(addr, "HEAD /status HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         assert_eq!((code, body.as_str()), (200, ""));
         let big = format!("POST /status HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1);
-        assert_eq!(http_request(addr, &big).unwrap().0, 413);
+        assert_eq!(http_raw(addr, &big).unwrap().0, 413);
     }
 
     #[test]
