@@ -246,6 +246,42 @@ fn a_poll_counts_failed_regions_once_per_reason_and_a_failed_store_once() {
 }
 
 #[test]
+fn the_region_holding_a_task_back_is_shown_with_its_store_and_reason_and_cleared_with_ownership() {
+    let regions = regions_from_boundaries(&[b"b"], &[1]);
+    let config =
+        Config { try_advance_threshold: Duration::from_secs(60), lag_limit: Duration::ZERO, ..Config::default() };
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions));
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(10));
+    let m = f.advancer.metrics().clone();
+    assert_eq!(m.task_blocker.series(), vec![(["t1", "1", "1", "store-failed"].map(String::from), 600.0)]);
+    assert_eq!(m.last_region_id.get([]), Some(1.0));
+    assert_eq!(m.last_region_leader_store_id.get([]), Some(1.0));
+    assert_eq!(m.tick_duration.count(["get-regions-in-range"]), 1, "one range scanned");
+    assert!(f.checkpoint_gauge("t1").is_some());
+
+    f.advancer.on_lose_owner();
+    assert_eq!(f.checkpoint_gauge("t1"), None, "a standby shows no checkpoint of its own");
+    assert!(m.task_blocker.series().is_empty());
+    assert_eq!(m.last_region_id.get([]), None);
+    assert_eq!(m.last_region_leader_store_id.get([]), None);
+    assert_eq!(m.owner.get([]), Some(0.0));
+}
+
+#[test]
+fn a_failed_upload_is_counted() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.own();
+    *f.store.failing.lock() = Some("etcd is down".into());
+    f.flushed(at(1));
+    f.tick_at(at(2));
+    assert_eq!(f.advancer.metrics().upload_failures.get(["t1"]), 1);
+    assert_eq!(f.checkpoint_gauge("t1"), None, "the gauge shows only what etcd holds");
+}
+
+#[test]
 fn a_flush_from_the_future_is_dropped_and_counted() {
     let mut f = Fixture::new();
     f.add_task("t1", at(0));
