@@ -206,6 +206,11 @@ impl Metrics {
     }
 }
 
+/// A label value as the text format wants it: backslash, quote and newline escaped.
+pub fn escape_label_value(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 enum Kind {
     Counter,
     Gauge,
@@ -251,12 +256,8 @@ impl<const N: usize> Family<N> {
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {kind}", self.name, self.help, self.name);
         for (values, series) in self.series.lock().iter() {
             let labels = |extra: Option<String>| {
-                let mut parts: Vec<String> = self
-                    .labels
-                    .iter()
-                    .zip(values)
-                    .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
-                    .collect();
+                let mut parts: Vec<String> =
+                    self.labels.iter().zip(values).map(|(k, v)| format!("{k}=\"{}\"", escape_label_value(v))).collect();
                 parts.extend(extra);
                 if parts.is_empty() {
                     String::new()

@@ -1,7 +1,7 @@
 //! Everything the fake servers read and the controls change, shared by the PD service,
 //! every store's service and the `SimCluster` handle. Services hold no state of their own.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -148,6 +148,16 @@ pub struct SimState {
     pub txns: Mutex<TxnTable>,
     /// `127.0.0.1:port` of PD, for `GetMembers`.
     pub pd_address: Mutex<String>,
+    /// What every store reports of each task in `tikv_log_backup_task_status`.
+    pub task_states: Mutex<BTreeMap<String, TaskState>>,
+}
+
+/// A log-backup task as TiKV reports it (`tikv_log_backup_task_status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskState {
+    Running = 0,
+    Paused = 1,
+    Error = 2,
 }
 
 impl SimState {
@@ -169,6 +179,7 @@ impl SimState {
             gc: Mutex::new(GcSafePoints::default()),
             txns: Mutex::new(TxnTable::default()),
             pd_address: Mutex::new(String::new()),
+            task_states: Mutex::default(),
         }
     }
 
