@@ -67,6 +67,8 @@ pub struct CheckpointAdvancer {
     locks: LockResolver,
     /// Why each region failed in its task's last poll: the reason a blocker is shown with.
     last_failures: HashMap<String, HashMap<RegionId, &'static str>>,
+    /// The subscription failure reported every tick while it lasts: logged once.
+    subscription_warning: RepeatedWarning,
 }
 
 impl CheckpointAdvancer {
@@ -101,6 +103,7 @@ impl CheckpointAdvancer {
             last_tso: None,
             future_stores: HashSet::new(),
             last_failures: HashMap::new(),
+            subscription_warning: RepeatedWarning::default(),
         })
     }
 
@@ -358,8 +361,9 @@ impl CheckpointAdvancer {
             }
         }
         let pending = subscriber.pending_errors();
-        if let Some(e) = &pending {
-            log::warn!("Subscriber meet error, would polling the checkpoint: {e}");
+        let message = pending.as_ref().map(|e| format!("Subscriber meet error, would polling the checkpoint: {e}"));
+        if let Some(line) = self.subscription_warning.observe(message) {
+            log::warn!("{line}");
         }
         self.core.set_subscriptions_healthy(pending.is_none());
     }
@@ -543,4 +547,30 @@ fn fan_out_pool() -> Result<rayon::ThreadPool> {
         .thread_name(|i| format!("sh-fanout-{i}"))
         .build()
         .map_err(|e| Error::Io { what: "building the fan-out pool".into(), source: std::io::Error::other(e) })
+}
+
+/// A warning that would repeat every tick: logged when it first appears, and when it changes
+/// or ends with how many ticks it lasted.
+#[derive(Default)]
+pub(crate) struct RepeatedWarning {
+    current: Option<(String, u64)>,
+}
+
+impl RepeatedWarning {
+    /// This tick's warning (`None`: all is well); returns the line to log, if any.
+    pub(crate) fn observe(&mut self, message: Option<String>) -> Option<String> {
+        if let (Some((current, repeats)), Some(new)) = (&mut self.current, &message) {
+            if current == new {
+                *repeats += 1;
+                return None;
+            }
+        }
+        let ended = self.current.take().map(|(old, repeats)| format!("{old} (seen in {repeats} ticks)"));
+        self.current = message.clone().map(|m| (m, 1));
+        match (ended, message) {
+            (Some(ended), Some(new)) => Some(format!("{new}; before: {ended}")),
+            (Some(ended), None) => Some(format!("resolved: {ended}")),
+            (None, new) => new,
+        }
+    }
 }

@@ -382,6 +382,11 @@ impl<const N: usize> HistogramVec<N> {
         });
     }
 
+    /// The sum of every observation of every series (e.g. all flush events received).
+    pub fn total(&self) -> f64 {
+        self.0.series.lock().values().map(|s| if let Series::Histogram { sum, .. } = s { *sum } else { 0.0 }).sum()
+    }
+
     /// How many observations the series has.
     pub fn count(&self, values: [&str; N]) -> u64 {
         match self.0.series.lock().get(&values.map(String::from)) {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
-use super::checkpoint_advancer::{CheckpointAdvancer, Env};
+use super::checkpoint_advancer::{CheckpointAdvancer, Env, RepeatedWarning};
 use super::owner::OwnerEvent;
 use super::ticker::Ticker;
 use super::{run_ticker, Shared};
@@ -317,4 +317,20 @@ fn a_panicking_ticker_stands_down_and_makes_the_owner_resign() {
     // Nothing asks the ticker to stop: only its panic at the first tick can end it.
     assert!(resigned.sleep(Duration::from_secs(10)), "the owner loop is told to resign");
     assert!(!shared.owner.load(Ordering::SeqCst), "the daemon no longer claims ownership");
+}
+
+#[test]
+fn a_warning_repeated_every_tick_is_logged_once_then_summarised() {
+    let mut w = RepeatedWarning::default();
+    let store_1 = || Some("store 1 has no subscription".to_string());
+    assert_eq!(w.observe(store_1()), store_1());
+    assert_eq!(w.observe(store_1()), None);
+    assert_eq!(w.observe(store_1()), None);
+    assert_eq!(w.observe(None).as_deref(), Some("resolved: store 1 has no subscription (seen in 3 ticks)"));
+    assert_eq!(w.observe(None), None);
+    assert_eq!(w.observe(store_1()), store_1());
+    assert_eq!(
+        w.observe(Some("store 2 down".into())).as_deref(),
+        Some("store 2 down; before: store 1 has no subscription (seen in 1 ticks)")
+    );
 }
