@@ -480,13 +480,13 @@ impl SimCluster {
 /// TiKV's status pages, reduced to what the advancer reads (`/config`) and what PingCAP's
 /// log-backup alerts read (`/metrics`).
 fn status_pages(state: Arc<SimState>, store: StoreId) -> Handler {
-    Arc::new(move |path: &str| match path {
-        "/config" => {
+    Arc::new(move |method: &str, path: &str| match (method, path) {
+        ("GET", "/config") => {
             let interval = state.store(store)?.run.lock().max_flush_interval;
             let body = serde_json::json!({ "log-backup": { "max-flush-interval": readable_duration(interval) } });
-            Some(("application/json", body.to_string()))
+            Some((200, "application/json", body.to_string()))
         }
-        "/metrics" => Some(("text/plain; version=0.0.4", tikv_metrics(&state))),
+        ("GET", "/metrics") => Some((200, "text/plain; version=0.0.4", tikv_metrics(&state))),
         _ => None,
     })
 }
