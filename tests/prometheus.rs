@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use streamhelper::advancer::Config;
 use streamhelper::daemon::{Daemon, DaemonConfig};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
 use streamhelper::meta::{parse_storage_url, AdvancerExt, MetaDataClient, PauseV2, Severity, TaskInfo};
@@ -174,21 +173,6 @@ fn dashboard_queries() -> Vec<(String, String)> {
     queries
 }
 
-fn fast_config() -> Config {
-    Config {
-        tick_interval: Duration::from_millis(200),
-        try_advance_threshold: Duration::from_millis(300),
-        backoff: Duration::from_millis(200),
-        owner_ttl: Duration::from_secs(2),
-        rpc_timeout: Duration::from_millis(500),
-        dial_timeout: Duration::from_millis(500),
-        upload_heartbeat: Duration::from_secs(1),
-        resolve_lock_interval: Duration::from_secs(1),
-        explicit: ["try-advance-threshold", "resolve-lock-interval"].map(String::from).into(),
-        ..Config::default()
-    }
-}
-
 #[test]
 fn the_shipped_rules_pass_promtool() {
     let dir = tempfile::tempdir().unwrap();
@@ -226,7 +210,7 @@ fn alerts_and_dashboard_queries_work_against_a_live_advancer() {
     }
     let daemon = Daemon::start(DaemonConfig {
         etcd_endpoints: vec![etcd.endpoint()],
-        advancer: fast_config(),
+        advancer: support::fast_config(),
         status_addr: Some("127.0.0.1:0".into()),
         ..DaemonConfig::new(vec![sim.pd_endpoint()])
     })
