@@ -1,7 +1,7 @@
 //! Everything the fake servers read and the controls change, shared by the PD service,
 //! every store's service and the `SimCluster` handle. Services hold no state of their own.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -149,6 +149,8 @@ pub struct SimState {
     /// `127.0.0.1:port` of PD, for `GetMembers`.
     pub pd_address: Mutex<String>,
     pub faults: Mutex<Faults>,
+    /// What every store reports of each task in `tikv_log_backup_task_status`.
+    pub task_states: Mutex<BTreeMap<String, TaskState>>,
 }
 
 /// Ways the simulated PD and TiKV misbehave on purpose; each is off by default.
@@ -167,6 +169,14 @@ pub struct Faults {
     /// not asked about (every other region first, then made-up ids), each claiming the
     /// latest TSO: a huge batch when large.
     pub unasked_answers: usize,
+}
+
+/// A log-backup task as TiKV reports it (`tikv_log_backup_task_status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskState {
+    Running = 0,
+    Paused = 1,
+    Error = 2,
 }
 
 impl SimState {
@@ -189,6 +199,7 @@ impl SimState {
             txns: Mutex::new(TxnTable::default()),
             pd_address: Mutex::new(String::new()),
             faults: Mutex::default(),
+            task_states: Mutex::default(),
         }
     }
 
