@@ -11,7 +11,7 @@ use streamhelper::advancer::Config;
 use streamhelper::daemon::status::http_get;
 use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
-use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, MetaDataClient, PauseState, Severity, TaskInfo};
+use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, Fence, MetaDataClient, PauseState, Severity, TaskInfo};
 use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
 use streamhelper::storage::{self, read_global_checkpoint, GLOBAL_CHECKPOINT_FILE};
 use streamhelper::types::ts_add;
@@ -767,7 +767,7 @@ fn a_checkpoint_from_the_future_in_etcd_never_reaches_the_storage() {
     f.add_task_stored_in("t1", KeyRange::full(), &urls[0]);
     let start = f.add_task_stored_in("t2", KeyRange::full(), &urls[1]);
     let an_hour_ahead = ts_add(f.sim.now_ts(), Duration::from_secs(3600));
-    f.ext.upload_global_checkpoint("t1", an_hour_ahead, None).unwrap();
+    f.ext.upload_global_checkpoint("t1", an_hour_ahead, &Fence::default()).unwrap();
     let _daemon = f.daemon();
     let (copy1, copy2) = (StorageCopy::of(&urls[0]), StorageCopy::of(&urls[1]));
     let mut t2 = Safety::new(&f, "t2", KeyRange::full());

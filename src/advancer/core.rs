@@ -29,6 +29,8 @@ pub fn latest_believable(now: Ts) -> Ts {
 /// One task's state.
 struct TaskState {
     info: StreamBackupTaskInfo,
+    /// The create revision of the task's info key; every write for the task is fenced by it.
+    incarnation: i64,
     ranges: Vec<KeyRange>,
     frontier: SpanFrontier,
     /// The global checkpoint we believe in; never decreases.
@@ -48,14 +50,15 @@ pub struct PollPlan {
 /// What the driver must do after a tick, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Write the task's global checkpoint (monotonic, fenced).
-    Upload { task: String, ts: Ts },
+    /// Write the task's global checkpoint (monotonic, fenced by the owner term and the
+    /// task's incarnation).
+    Upload { task: String, incarnation: i64, ts: Ts },
     /// Hold PD's GC safepoint for `log-backup-coordinator` at `safe_point`.
     BlockGc { safe_point: Ts },
     /// No task left: release the GC safepoint.
     UnblockGc,
-    /// Pause a task whose checkpoint lags too far behind.
-    Pause { task: String, pause: PauseV2 },
+    /// Pause a task whose checkpoint lags too far behind (fenced like an upload).
+    Pause { task: String, incarnation: i64, pause: PauseV2 },
 }
 
 /// A task's state for `/status` and metrics.
@@ -102,10 +105,18 @@ impl Advancer {
     }
 
     /// A task appeared or was redefined: its frontier starts over at its start ts and its
-    /// checkpoint at max(stored, start ts). `stored` is what etcd holds (0 if none); a value
-    /// above the current time is dropped at the next tick. A task without ranges is bad
-    /// metadata: it is refused and an earlier definition, if any, stays.
-    pub fn add_task(&mut self, info: StreamBackupTaskInfo, ranges: &[KeyRange], paused: bool, stored: Ts) {
+    /// checkpoint at max(stored, start ts). `incarnation` is the create revision of its info
+    /// key; `stored` is what etcd holds for that incarnation (0 if none); a value above the
+    /// current time is dropped at the next tick. A task without ranges is bad metadata: it
+    /// is refused and an earlier definition, if any, stays.
+    pub fn add_task(
+        &mut self,
+        info: StreamBackupTaskInfo,
+        incarnation: i64,
+        ranges: &[KeyRange],
+        paused: bool,
+        stored: Ts,
+    ) {
         let start_ts = info.get_start_ts();
         let ranges = collapse(ranges);
         if ranges.is_empty() {
@@ -122,6 +133,7 @@ impl Advancer {
             paused,
             ranges,
             info,
+            incarnation,
         };
         log::info!(
             "added task {} with {} ranges, start ts {start_ts}, checkpoint {}{}",
@@ -148,8 +160,13 @@ impl Advancer {
     /// than what TiKV reports now.
     pub fn resume_task(&mut self, name: &str, stored: Ts) {
         if let Some(task) = self.tasks.remove(name) {
-            self.add_task(task.info, &task.ranges, false, stored.max(task.checkpoint));
+            self.add_task(task.info, task.incarnation, &task.ranges, false, stored.max(task.checkpoint));
         }
+    }
+
+    /// The incarnation (info key create revision) of a tracked task.
+    pub fn incarnation(&self, name: &str) -> Option<i64> {
+        self.tasks.get(name).map(|t| t.incarnation)
     }
 
     /// This tick's `now` came from a fallback clock or jumped further than the time that
@@ -265,7 +282,7 @@ impl Advancer {
                 Some((value, at)) => task.checkpoint > value || ts_distance(now, at) >= heartbeat,
             };
             if due {
-                actions.push(Action::Upload { task: name.clone(), ts: task.checkpoint });
+                actions.push(Action::Upload { task: name.clone(), incarnation: task.incarnation, ts: task.checkpoint });
             }
         }
         // One service safepoint covers every task, paused ones included: a resumed task
@@ -291,7 +308,7 @@ impl Advancer {
         let lag_hold = self.lag_hold;
         let state = self.tasks.get_mut(task)?;
         let stored = match outcome {
-            UploadOutcome::Fenced => return None,
+            UploadOutcome::Fenced | UploadOutcome::TaskGone => return None,
             UploadOutcome::Written => state.checkpoint,
             UploadOutcome::KeptHigher { stored } if stored > latest_believable(now) => {
                 log::error!(
@@ -335,7 +352,11 @@ impl Advancer {
             format_rfc3339(system_time_of(now)),
             format_duration(lag)
         );
-        Some(Action::Pause { task: task.to_string(), pause: PauseV2::now(Severity::Error).with_message(&message) })
+        Some(Action::Pause {
+            task: task.to_string(),
+            incarnation: state.incarnation,
+            pause: PauseV2::now(Severity::Error).with_message(&message),
+        })
     }
 
     pub fn status(&self) -> Vec<TaskStatus> {

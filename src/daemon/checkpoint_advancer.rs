@@ -144,8 +144,8 @@ impl CheckpointAdvancer {
         self.subscriber.as_ref().map(|s| s.events().clone()).unwrap_or_else(never)
     }
 
-    fn stored_checkpoint(&self, task: &str) -> Ts {
-        self.env.meta.global_checkpoint(task).unwrap_or_else(|e| {
+    fn stored_checkpoint(&self, task: &str, incarnation: i64) -> Ts {
+        self.env.meta.global_checkpoint(task, incarnation).unwrap_or_else(|e| {
             log::warn!("failed to get the global checkpoint of task {task}, using its start ts: {e}");
             0
         })
@@ -154,10 +154,10 @@ impl CheckpointAdvancer {
     pub fn on_task_event(&mut self, event: TaskEvent) {
         log::info!("meet task event {event}");
         match event {
-            TaskEvent::Add { info, ranges, paused } => {
-                let stored = self.stored_checkpoint(info.get_name());
+            TaskEvent::Add { info, incarnation, ranges, paused } => {
+                let stored = self.stored_checkpoint(info.get_name(), incarnation);
                 self.storage.register(info.get_name(), info.get_storage());
-                self.core.add_task(info, &ranges, paused, stored);
+                self.core.add_task(info, incarnation, &ranges, paused, stored);
             }
             TaskEvent::Del { name } => {
                 self.core.remove_task(&name);
@@ -169,7 +169,8 @@ impl CheckpointAdvancer {
             }
             TaskEvent::Pause { name } => self.core.set_paused(&name, true),
             TaskEvent::Resume { name } => {
-                let stored = self.stored_checkpoint(&name);
+                let Some(incarnation) = self.core.incarnation(&name) else { return };
+                let stored = self.stored_checkpoint(&name, incarnation);
                 self.core.resume_task(&name, stored);
             }
             TaskEvent::Err { name, error } => {
@@ -411,8 +412,8 @@ impl CheckpointAdvancer {
     fn apply(&mut self, actions: Vec<Action>, now: Ts) {
         for action in actions {
             match action {
-                Action::Upload { task, ts } => {
-                    if !self.upload(&task, ts, now) {
+                Action::Upload { task, incarnation, ts } => {
+                    if !self.upload(&task, incarnation, ts, now) {
                         return;
                     }
                 }
@@ -425,20 +426,35 @@ impl CheckpointAdvancer {
                         log::warn!("failed to remove service GC safepoint: {e}");
                     }
                 }
-                Action::Pause { task, pause } => {
-                    if let Err(e) = self.env.meta.pause_task(&task, &pause) {
-                        log::warn!("failed to pause task {task}: {e}");
+                Action::Pause { task, incarnation, pause } => {
+                    let Some(owner) = self.owner.clone() else { return };
+                    fail::fail_point!("before-pause-write");
+                    match self.env.meta.pause_task(&task, &pause, &Fence::owner_of(owner, incarnation)) {
+                        Ok(UploadOutcome::Fenced) => {
+                            log::warn!("pause of task {task} fenced off: another advancer owns the tasks now");
+                            self.on_lose_owner();
+                            return;
+                        }
+                        Ok(UploadOutcome::TaskGone) => {
+                            log::info!("task {task} was deleted or re-created before its pause was written: not paused")
+                        }
+                        Ok(_) => {}
+                        Err(e) => log::warn!("failed to pause task {task}: {e}"),
                     }
                 }
             }
         }
     }
 
-    /// Uploads one checkpoint and hands the outcome to the core (which may pause the task
-    /// for lag). False when we are no longer the owner.
-    fn upload(&mut self, task: &str, ts: Ts, now: Ts) -> bool {
+    /// Uploads one checkpoint of one incarnation of the task and hands the outcome to the
+    /// core (which may pause the task for lag). False when we are no longer the owner.
+    fn upload(&mut self, task: &str, incarnation: i64, ts: Ts, now: Ts) -> bool {
         let Some(owner) = self.owner.clone() else { return false };
-        let outcome = match self.env.meta.upload_global_checkpoint(task, ts, &Fence::owner(owner)) {
+        // A task event (a deletion, a re-creation) may land here: the incarnation fence
+        // makes the write miss rather than resurrect the task's keys.
+        fail::fail_point!("before-upload-checkpoint");
+        let fence = Fence::owner_of(owner, incarnation);
+        let outcome = match self.env.meta.upload_global_checkpoint(task, ts, &fence) {
             Ok(outcome) => outcome,
             Err(e) => {
                 log::warn!("failed to upload global checkpoint of task {task}: {e}");
@@ -450,6 +466,10 @@ impl CheckpointAdvancer {
                 log::warn!("upload of task {task} fenced off: another advancer owns the tasks now");
                 self.on_lose_owner();
                 return false;
+            }
+            UploadOutcome::TaskGone => {
+                log::info!("task {task} was deleted or re-created while its upload was in flight: nothing written");
+                return true;
             }
             UploadOutcome::Written => ts,
             UploadOutcome::KeptHigher { stored } => {

@@ -81,7 +81,14 @@ impl Fixture {
         let mut info = StreamBackupTaskInfo::new();
         info.set_name(name.into());
         info.set_start_ts(start);
-        self.advancer.on_task_event(TaskEvent::Add { info, ranges: vec![KeyRange::full()], paused: false });
+        let incarnation = 1;
+        self.store.incarnations.lock().insert(name.to_string(), incarnation);
+        self.advancer.on_task_event(TaskEvent::Add {
+            info,
+            incarnation,
+            ranges: vec![KeyRange::full()],
+            paused: false,
+        });
     }
 
     /// Owner under term 1, which the store holds too.
@@ -281,4 +288,18 @@ fn a_panicking_ticker_stands_down_and_makes_the_owner_resign() {
     // Nothing asks the ticker to stop: only its panic at the first tick can end it.
     assert!(resigned.sleep(Duration::from_secs(10)), "the owner loop is told to resign");
     assert!(!shared.owner.load(Ordering::SeqCst), "the daemon no longer claims ownership");
+}
+
+#[test]
+fn an_upload_for_a_gone_incarnation_writes_nothing_and_keeps_ownership() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.add_task("t2", at(0));
+    f.own();
+    // t1 was deleted and re-created after the advancer last heard of it.
+    f.store.incarnations.lock().insert("t1".into(), 2);
+    f.tick_at(at(1));
+    assert_eq!(f.store.stored("t1"), None, "nothing written for the gone incarnation");
+    assert_eq!(f.store.stored("t2"), Some(at(0)), "the other task's upload still runs");
+    assert!(f.advancer.is_owner(), "a gone task is not a lost ownership");
 }
