@@ -38,6 +38,9 @@ struct TaskState {
     /// The last value we wrote (or found stored) and when (`now` of that tick).
     uploaded: Option<(Ts, Ts)>,
     paused: bool,
+    /// A lag pause was asked for and not confirmed written yet: it is asked for again every
+    /// tick (logged once).
+    pause_pending: bool,
 }
 
 /// Ranges of one task to poll from TiKV this tick.
@@ -131,6 +134,7 @@ impl Advancer {
             checkpoint: stored.max(start_ts),
             uploaded: None,
             paused,
+            pause_pending: false,
             ranges,
             info,
             incarnation,
@@ -153,6 +157,15 @@ impl Advancer {
     pub fn set_paused(&mut self, name: &str, paused: bool) {
         if let Some(task) = self.tasks.get_mut(name) {
             task.paused = paused;
+            task.pause_pending = false;
+        }
+    }
+
+    /// The lag pause of this incarnation of the task is written: it stops uploading now,
+    /// before the watch reports the pause.
+    pub fn on_paused(&mut self, name: &str, incarnation: i64) {
+        if self.incarnation(name) == Some(incarnation) {
+            self.set_paused(name, true);
         }
     }
 
@@ -253,9 +266,13 @@ impl Advancer {
     }
 
     /// Moves each running task's checkpoint to its frontier's minimum (never down, never
-    /// above `now`) and says what to upload, then where the GC safepoint goes.
+    /// above `now`) and says what to upload, then where the GC safepoint goes. A task not
+    /// uploaded this tick has its lag judged from the value etcd holds now (an uploaded one
+    /// in [`Advancer::on_uploaded`]), so a frozen checkpoint is paused on time, not at the
+    /// next heartbeat.
     pub fn finish_tick(&mut self, now: Ts) -> Vec<Action> {
         let heartbeat = self.config.upload_heartbeat;
+        let (limit, lag_hold) = (self.config.lag_limit, self.lag_hold);
         let latest = latest_believable(now);
         let mut actions = Vec::new();
         for (name, task) in self.tasks.iter_mut() {
@@ -283,6 +300,8 @@ impl Advancer {
             };
             if due {
                 actions.push(Action::Upload { task: name.clone(), incarnation: task.incarnation, ts: task.checkpoint });
+            } else if let Some((stored, _)) = task.uploaded {
+                actions.extend(judge_lag(name, task, stored, now, limit, lag_hold));
             }
         }
         // One service safepoint covers every task, paused ones included: a resumed task
@@ -302,7 +321,8 @@ impl Advancer {
     }
 
     /// Records an upload's outcome and judges lag from the value etcd now holds. Returns a
-    /// pause when the lag exceeds the limit; the task stops uploading at once.
+    /// pause when the lag exceeds the limit; the task stops uploading once the pause is
+    /// written ([`Advancer::on_paused`]), and until then the pause is asked for every tick.
     pub fn on_uploaded(&mut self, task: &str, outcome: UploadOutcome, now: Ts) -> Option<Action> {
         let limit = self.config.lag_limit;
         let lag_hold = self.lag_hold;
@@ -325,38 +345,7 @@ impl Advancer {
             }
         };
         state.uploaded = Some((stored, now));
-        if limit.is_zero() || stored < state.info.get_start_ts() {
-            return None;
-        }
-        let lag = ts_distance(now, stored);
-        if lag <= limit {
-            return None;
-        }
-        if let Some(held) = lag_hold.filter(|held| stored < *held && ts_distance(now, *held) < limit) {
-            log::warn!(
-                "task {task} lags {} by a clock that jumped or fell back at {held}: no pause until its checkpoint \
-                 passes that or the lag limit has passed since",
-                format_duration(lag)
-            );
-            return None;
-        }
-        log::warn!(
-            "checkpoint lag is too large: task {task} lags {} (limit {})",
-            format_duration(lag),
-            format_duration(limit)
-        );
-        state.paused = true;
-        let message = format!(
-            "The checkpoint is at {}, now it is {}, the lag is too huge ({}) hence pause the task to avoid impaction to the cluster",
-            format_rfc3339(system_time_of(stored)),
-            format_rfc3339(system_time_of(now)),
-            format_duration(lag)
-        );
-        Some(Action::Pause {
-            task: task.to_string(),
-            incarnation: state.incarnation,
-            pause: PauseV2::now(Severity::Error).with_message(&message),
-        })
+        judge_lag(task, state, stored, now, limit, lag_hold)
     }
 
     pub fn status(&self) -> Vec<TaskStatus> {
@@ -380,4 +369,50 @@ impl Advancer {
         let state = self.tasks.get(task)?;
         state.frontier.iter().filter(|s| KeyRange::new(s.start, s.end).overlaps(range)).map(|s| s.ts).min()
     }
+}
+
+/// A pause when `stored` (the value etcd holds) lags `now` by more than `limit`, unless the
+/// clock could not be trusted since (`lag_hold`). Marks the pause pending; the warning is
+/// logged once per pending pause.
+fn judge_lag(
+    task: &str,
+    state: &mut TaskState,
+    stored: Ts,
+    now: Ts,
+    limit: Duration,
+    lag_hold: Option<Ts>,
+) -> Option<Action> {
+    if limit.is_zero() || stored < state.info.get_start_ts() {
+        return None;
+    }
+    let lag = ts_distance(now, stored);
+    if lag <= limit {
+        return None;
+    }
+    if let Some(held) = lag_hold.filter(|held| stored < *held && ts_distance(now, *held) < limit) {
+        log::warn!(
+            "task {task} lags {} by a clock that jumped or fell back at {held}: no pause until its checkpoint passes \
+             that or the lag limit has passed since",
+            format_duration(lag)
+        );
+        return None;
+    }
+    if !std::mem::replace(&mut state.pause_pending, true) {
+        log::warn!(
+            "checkpoint lag is too large: task {task} lags {} (limit {})",
+            format_duration(lag),
+            format_duration(limit)
+        );
+    }
+    let message = format!(
+        "The checkpoint is at {}, now it is {}, the lag is too huge ({}) hence pause the task to avoid impaction to the cluster",
+        format_rfc3339(system_time_of(stored)),
+        format_rfc3339(system_time_of(now)),
+        format_duration(lag)
+    );
+    Some(Action::Pause {
+        task: task.to_string(),
+        incarnation: state.incarnation,
+        pause: PauseV2::now(Severity::Error).with_message(&message),
+    })
 }

@@ -49,14 +49,26 @@ fn gc(actions: &[Action]) -> Option<&Action> {
     actions.iter().find(|a| matches!(a, Action::BlockGc { .. } | Action::UnblockGc))
 }
 
-/// Runs `finish_tick` and acknowledges every upload as written.
+/// Runs `finish_tick`, acknowledges every upload as written and every pause (asked for at
+/// the tick or after an upload) as written; returns the tick's actions and the pauses.
 fn tick(adv: &mut Advancer, now: Ts) -> (Vec<Action>, Vec<Action>) {
     let actions = adv.finish_tick(now);
-    let pauses = uploads(&actions)
+    let pauses = pauses(&actions)
         .into_iter()
-        .filter_map(|(task, _)| adv.on_uploaded(&task, UploadOutcome::Written, now))
-        .collect();
+        .chain(
+            uploads(&actions).into_iter().filter_map(|(task, _)| adv.on_uploaded(&task, UploadOutcome::Written, now)),
+        )
+        .collect::<Vec<_>>();
+    for pause in &pauses {
+        if let Action::Pause { task, incarnation, .. } = pause {
+            adv.on_paused(task, *incarnation);
+        }
+    }
     (actions, pauses)
+}
+
+fn pauses(actions: &[Action]) -> Vec<Action> {
+    actions.iter().filter(|a| matches!(a, Action::Pause { .. })).cloned().collect()
 }
 
 #[test]
@@ -435,4 +447,41 @@ fn a_task_stuck_across_a_clock_jump_is_paused_one_lag_limit_later() {
     assert!(tick(&mut adv, jumped).1.is_empty());
     assert!(tick(&mut adv, at(600.5)).1.is_empty(), "within one lag limit of the jump");
     assert_eq!(tick(&mut adv, at(601.5)).1.len(), 1, "stuck for real: paused after the grace");
+}
+
+#[test]
+fn a_frozen_checkpoint_is_paused_at_the_first_tick_past_the_limit_not_at_the_heartbeat() {
+    let mut adv = Advancer::new(Config { lag_limit: Duration::from_secs(3), ..Config::default() });
+    adv.add_task(info("t", at(0.0)), 1, &[KeyRange::full()], false, 0);
+    let (actions, pauses) = tick(&mut adv, at(0.01));
+    assert_eq!(uploads(&actions).len(), 1);
+    assert!(pauses.is_empty());
+    // Ticks every second, nothing flushes, the heartbeat is a minute away.
+    for second in 1..=3 {
+        let (actions, pauses) = tick(&mut adv, at(second as f64 / 60.0));
+        assert!(uploads(&actions).is_empty() && pauses.is_empty(), "second {second}: within the limit");
+    }
+    let (actions, pauses) = tick(&mut adv, at(4.5 / 60.0));
+    assert!(uploads(&actions).is_empty(), "no heartbeat due yet");
+    assert_eq!(pauses.len(), 1, "judged from the stored checkpoint at every tick");
+    assert!(adv.status()[0].paused);
+}
+
+#[test]
+fn an_unwritten_pause_is_asked_for_every_tick_and_the_task_runs_until_written() {
+    let mut adv = Advancer::new(Config { lag_limit: Duration::from_secs(3), ..Config::default() });
+    adv.add_task(info("t", at(0.0)), 7, &[KeyRange::full()], false, 0);
+    let first = adv.finish_tick(at(0.1));
+    assert_eq!(adv.on_uploaded("t", UploadOutcome::Written, at(0.1)).map(|p| pauses(&[p]).len()), Some(1));
+    assert_eq!(uploads(&first).len(), 1);
+    for tick in 1..=3 {
+        let actions = adv.finish_tick(at(0.1 + tick as f64 / 60.0));
+        assert_eq!(pauses(&actions).len(), 1, "tick {tick}: the failed pause is asked for again");
+        assert!(!adv.status()[0].paused, "not paused in memory while etcd does not say so");
+    }
+    adv.on_paused("t", 6);
+    assert!(!adv.status()[0].paused, "another incarnation's pause does not count");
+    adv.on_paused("t", 7);
+    assert!(adv.status()[0].paused);
+    assert!(adv.finish_tick(at(1.0)).iter().all(|a| !matches!(a, Action::Pause { .. } | Action::Upload { .. })));
 }

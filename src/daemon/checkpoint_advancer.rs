@@ -65,6 +65,9 @@ pub struct CheckpointAdvancer {
     storage: CheckpointCopier,
     /// Resolves locks on stuck tasks' lagging ranges on its own thread.
     locks: LockResolver,
+    /// Lag pauses whose write failed, by task, and how often in a row: retried every tick,
+    /// warned about once, summarised when written.
+    failed_pauses: BTreeMap<String, u64>,
 }
 
 impl CheckpointAdvancer {
@@ -98,6 +101,7 @@ impl CheckpointAdvancer {
             subscriber: None,
             last_tso: None,
             future_stores: HashSet::new(),
+            failed_pauses: BTreeMap::new(),
         })
     }
 
@@ -427,23 +431,44 @@ impl CheckpointAdvancer {
                     }
                 }
                 Action::Pause { task, incarnation, pause } => {
-                    let Some(owner) = self.owner.clone() else { return };
-                    fail::fail_point!("before-pause-write");
-                    match self.env.meta.pause_task(&task, &pause, &Fence::owner_of(owner, incarnation)) {
-                        Ok(UploadOutcome::Fenced) => {
-                            log::warn!("pause of task {task} fenced off: another advancer owns the tasks now");
-                            self.on_lose_owner();
-                            return;
-                        }
-                        Ok(UploadOutcome::TaskGone) => {
-                            log::info!("task {task} was deleted or re-created before its pause was written: not paused")
-                        }
-                        Ok(_) => {}
-                        Err(e) => log::warn!("failed to pause task {task}: {e}"),
+                    if !self.pause(&task, incarnation, &pause) {
+                        return;
                     }
                 }
             }
         }
+    }
+
+    /// Writes a lag pause; the core stops the task only once it is written (a failed write
+    /// is asked for again at the next tick). False when we are no longer the owner.
+    fn pause(&mut self, task: &str, incarnation: i64, pause: &crate::meta::PauseV2) -> bool {
+        let Some(owner) = self.owner.clone() else { return false };
+        fail::fail_point!("before-pause-write");
+        let outcome = self.env.meta.pause_task(task, pause, &Fence::owner_of(owner, incarnation));
+        let failures = self.failed_pauses.remove(task).unwrap_or(0);
+        match outcome {
+            Ok(UploadOutcome::Fenced) => {
+                log::warn!("pause of task {task} fenced off: another advancer owns the tasks now");
+                self.on_lose_owner();
+                return false;
+            }
+            Ok(UploadOutcome::TaskGone) => {
+                log::info!("task {task} was deleted or re-created before its pause was written: not paused")
+            }
+            Ok(_) => {
+                if failures > 0 {
+                    log::info!("task {task} paused after {failures} failed attempts");
+                }
+                self.core.on_paused(task, incarnation);
+            }
+            Err(e) => {
+                if failures == 0 {
+                    log::warn!("failed to pause task {task}, retrying every tick: {e}");
+                }
+                self.failed_pauses.insert(task.to_string(), failures + 1);
+            }
+        }
+        true
     }
 
     /// Uploads one checkpoint of one incarnation of the task and hands the outcome to the

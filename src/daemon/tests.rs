@@ -303,3 +303,32 @@ fn an_upload_for_a_gone_incarnation_writes_nothing_and_keeps_ownership() {
     assert_eq!(f.store.stored("t2"), Some(at(0)), "the other task's upload still runs");
     assert!(f.advancer.is_owner(), "a gone task is not a lost ownership");
 }
+
+#[test]
+fn a_failed_lag_pause_is_retried_every_tick_until_written() {
+    let mut f = Fixture::with_config(Config {
+        try_advance_threshold: Duration::from_secs(3600),
+        lag_limit: Duration::from_secs(60),
+        ..Config::default()
+    });
+    let second = |s| crate::types::ts_add(at(0), Duration::from_secs(s));
+    f.add_task("t1", at(0));
+    f.own();
+    // Ticks 20 s apart: the first one's clock (a jump from the local clock) holds lag
+    // verdicts for one limit; the checkpoint stays at the start.
+    for s in [0, 20, 40, 60] {
+        f.tick_at(second(s));
+    }
+    assert!(!f.advancer.status()[0].paused, "within the limit");
+    *f.store.failing_pauses.lock() = 2;
+    f.tick_at(second(80));
+    assert!(f.store.pauses.lock().is_empty(), "the first pause write failed");
+    assert!(!f.advancer.status()[0].paused, "not paused in memory only");
+    f.tick_at(second(100));
+    assert!(f.store.pauses.lock().is_empty(), "the second failed too");
+    f.tick_at(second(120));
+    assert_eq!(f.store.pauses.lock().len(), 1, "retried at the next tick");
+    assert!(f.advancer.status()[0].paused);
+    f.tick_at(second(140));
+    assert_eq!(f.store.pauses.lock().len(), 1, "written once");
+}

@@ -77,6 +77,8 @@ pub(crate) mod testing {
         pub uploads: Mutex<Vec<(String, Ts)>>,
         /// When set, uploads and pauses fail with this reason.
         pub failing: Mutex<Option<String>>,
+        /// How many of the next pause writes fail.
+        pub failing_pauses: Mutex<usize>,
     }
 
     impl MemStore {
@@ -121,6 +123,11 @@ pub(crate) mod testing {
         }
 
         fn pause_task(&self, task: &str, pause: &PauseV2, fence: &Fence) -> Result<UploadOutcome> {
+            let mut failing = self.failing_pauses.lock();
+            if *failing > 0 {
+                *failing -= 1;
+                return Err(Error::Etcd { endpoint: "mem".into(), reason: "pause write failed".into() });
+            }
             if let Some(outcome) = self.refused(task, fence)? {
                 return Ok(outcome);
             }
