@@ -779,3 +779,16 @@ fn a_checkpoint_from_the_future_in_etcd_never_reaches_the_storage() {
         assert!(t1_copy <= truth, "t1's storage holds {t1_copy}, above the true checkpoint {truth}");
     }
 }
+
+#[test]
+fn a_safepoint_left_by_an_earlier_owner_is_removed_when_there_is_no_task() {
+    use streamhelper::cluster::ClusterMeta;
+    let f = Fixture::new(1, 4);
+    // An earlier advancer blocked GC and went away (a restart, a failed removal).
+    let (pd, _) = support::connect_clients(&f.sim);
+    pd.block_gc_until(f.sim.now_ts()).unwrap();
+    let ours = |f: &Fixture| f.sim.gc_safe_points().into_iter().any(|(id, _)| id == "log-backup-coordinator");
+    assert!(ours(&f));
+    let _daemon = f.daemon();
+    support::wait_until("the leftover safepoint to be removed", || !ours(&f));
+}

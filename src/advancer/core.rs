@@ -58,7 +58,7 @@ pub enum Action {
     Upload { task: String, incarnation: i64, ts: Ts },
     /// Hold PD's GC safepoint for `log-backup-coordinator` at `safe_point`.
     BlockGc { safe_point: Ts },
-    /// No task left: release the GC safepoint.
+    /// No task: release the GC safepoint (idempotent; asked for every tick until PD confirms).
     UnblockGc,
     /// Pause a task whose checkpoint lags too far behind (fenced like an upload).
     Pause { task: String, incarnation: i64, pause: PauseV2 },
@@ -81,8 +81,10 @@ pub struct Advancer {
     config: Config,
     tasks: BTreeMap<String, TaskState>,
     subscriptions_healthy: bool,
-    /// Whether PD currently holds a safepoint for us, so that `UnblockGc` is sent once.
-    gc_blocked: bool,
+    /// PD confirmed that no `log-backup-coordinator` safepoint is left, and none was set
+    /// since. Until then, with no task, every tick asks to remove it: whoever set it (an
+    /// earlier owner, an earlier run) and however often the call fails.
+    gc_released: bool,
     /// The time at which the clock last could not be trusted (a fallback or a jump): no lag
     /// verdict for a checkpoint below it until one lag limit has passed since.
     lag_hold: Option<Ts>,
@@ -90,7 +92,7 @@ pub struct Advancer {
 
 impl Advancer {
     pub fn new(config: Config) -> Self {
-        Advancer { config, tasks: BTreeMap::new(), subscriptions_healthy: true, gc_blocked: false, lag_hold: None }
+        Advancer { config, tasks: BTreeMap::new(), subscriptions_healthy: true, gc_released: false, lag_hold: None }
     }
 
     pub fn config(&self) -> &Config {
@@ -308,16 +310,24 @@ impl Advancer {
         // still needs its data.
         match self.tasks.values().map(|t| t.checkpoint).min() {
             Some(min) => {
-                self.gc_blocked = true;
+                self.gc_released = false;
                 actions.push(Action::BlockGc { safe_point: min.saturating_sub(1) });
             }
-            None if self.gc_blocked => {
-                self.gc_blocked = false;
-                actions.push(Action::UnblockGc);
-            }
+            None if !self.gc_released => actions.push(Action::UnblockGc),
             None => {}
         }
         actions
+    }
+
+    /// PD confirmed the removal of the GC safepoint (`UnblockGc` succeeded).
+    pub fn on_gc_released(&mut self) {
+        self.gc_released = true;
+    }
+
+    /// Another owner may have held the safepoint since it was last released (a new term):
+    /// with no task, the next tick removes it again.
+    pub fn forget_gc_release(&mut self) {
+        self.gc_released = false;
     }
 
     /// Records an upload's outcome and judges lag from the value etcd now holds. Returns a

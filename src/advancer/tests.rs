@@ -205,7 +205,21 @@ fn one_gc_safepoint_covers_every_task_and_is_released_with_the_last() {
     adv.remove_task("a");
     adv.remove_task("b");
     assert_eq!(gc(&adv.finish_tick(at(5.2))), Some(&Action::UnblockGc));
-    assert_eq!(gc(&adv.finish_tick(at(5.3))), None, "released once");
+    assert_eq!(gc(&adv.finish_tick(at(5.3))), Some(&Action::UnblockGc), "asked for again until PD confirms");
+    adv.on_gc_released();
+    assert_eq!(gc(&adv.finish_tick(at(5.4))), None, "released for sure: not asked again");
+}
+
+#[test]
+fn with_no_task_the_safepoint_is_removed_whoever_set_it() {
+    // A fresh advancer (a restart, a new owner) never blocked GC itself, yet an earlier run
+    // or owner may have left the safepoint behind.
+    let mut adv = Advancer::new(config());
+    assert_eq!(gc(&adv.finish_tick(at(1.0))), Some(&Action::UnblockGc));
+    adv.on_gc_released();
+    assert_eq!(gc(&adv.finish_tick(at(1.1))), None);
+    adv.forget_gc_release();
+    assert_eq!(gc(&adv.finish_tick(at(1.2))), Some(&Action::UnblockGc), "a new term checks again");
 }
 
 #[test]

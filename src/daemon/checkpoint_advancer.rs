@@ -221,6 +221,7 @@ impl CheckpointAdvancer {
     /// subscriptions open.
     pub fn on_become_owner(&mut self, leadership: Leadership) {
         self.owner = Some(leadership);
+        self.core.forget_gc_release();
         self.metrics.owner.set([], 1.0);
         let mut subscriber =
             FlushSubscriber::new(self.env.cluster.clone(), self.env.service.clone(), SubscriberConfig::default());
@@ -425,11 +426,13 @@ impl CheckpointAdvancer {
                     Ok(_) => log::debug!("updated log backup GC safe point to {safe_point}"),
                     Err(e) => log::warn!("failed to update service GC safe point to {safe_point}: {e}"),
                 },
-                Action::UnblockGc => {
-                    if let Err(e) = self.env.cluster.unblock_gc() {
-                        log::warn!("failed to remove service GC safepoint: {e}");
+                Action::UnblockGc => match self.env.cluster.unblock_gc() {
+                    Ok(()) => {
+                        log::info!("no task left: removed the log backup service GC safe point");
+                        self.core.on_gc_released();
                     }
-                }
+                    Err(e) => log::warn!("failed to remove service GC safepoint, retrying at the next tick: {e}"),
+                },
                 Action::Pause { task, incarnation, pause } => {
                     if !self.pause(&task, incarnation, &pause) {
                         return;

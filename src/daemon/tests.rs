@@ -194,10 +194,32 @@ fn the_gc_safepoint_covers_every_task_and_is_released_with_the_last() {
     f.tick_at(at(5));
     assert_eq!(f.cluster.gc.lock().last(), Some(&Some(at(3) - 1)));
     f.advancer.on_task_event(TaskEvent::Del { name: "t2".into() });
+    *f.cluster.failing_gc.lock() = 2;
     f.tick_at(at(6));
     f.tick_at(at(7));
-    assert_eq!(f.cluster.gc.lock().iter().filter(|c| c.is_none()).count(), 1, "released once");
+    assert_eq!(f.cluster.gc.lock().last(), Some(&Some(at(3) - 1)), "two failed removals");
+    f.tick_at(at(8));
+    f.tick_at(at(9));
+    assert_eq!(
+        f.cluster.gc.lock().iter().filter(|c| c.is_none()).count(),
+        1,
+        "retried until PD confirmed, then no more"
+    );
     assert_eq!(f.cluster.gc.lock().last(), Some(&None));
+}
+
+#[test]
+fn a_new_owner_with_no_task_removes_a_safepoint_it_never_set() {
+    let mut f = Fixture::new();
+    f.own();
+    f.tick_at(at(1));
+    assert_eq!(*f.cluster.gc.lock(), vec![None], "removed although this owner never blocked GC");
+    f.tick_at(at(2));
+    assert_eq!(*f.cluster.gc.lock(), vec![None], "once confirmed");
+    f.advancer.on_lose_owner();
+    f.own();
+    f.tick_at(at(3));
+    assert_eq!(*f.cluster.gc.lock(), vec![None, None], "checked again in a new term");
 }
 
 #[test]
