@@ -170,3 +170,76 @@ fn a_task_deleted_before_its_lag_pause_is_written_leaves_no_pause_behind() {
     assert_eq!(*paused_at.lock(), 1, "the lag pause was decided");
     assert!(f.meta.etcd().get(keys::pause_of("t")).unwrap().is_none(), "an orphan pause/<task> was written");
 }
+
+/// A watcher through a proxy, its first listing's events drained.
+fn relist_fixture(
+    names: &[&str],
+) -> (
+    EtcdProcess,
+    MetaDataClient,
+    support::TcpProxy,
+    streamhelper::meta::TaskWatcher,
+    crossbeam_channel::Receiver<TaskEvent>,
+) {
+    let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
+    let direct = MetaDataClient::new(EtcdClient::connect_plain([etcd.endpoint()]).unwrap());
+    let proxy = support::TcpProxy::start(&etcd.endpoint());
+    let proxied = MetaDataClient::new(EtcdClient::connect_plain([proxy.endpoint()]).unwrap());
+    for name in names {
+        Fixture::put_task(&direct, name, 1);
+    }
+    let (tx, events) = crossbeam_channel::bounded(64);
+    let watcher = AdvancerExt::new(proxied).begin(tx, Duration::from_millis(100)).unwrap();
+    for _ in names {
+        assert!(matches!(events.recv_timeout(DEADLINE).unwrap(), TaskEvent::Add { .. }));
+    }
+    (etcd, direct, proxy, watcher, events)
+}
+
+/// Breaks the watch and compacts the history it would resume from, so that it re-lists.
+fn force_relist(direct: &MetaDataClient, proxy: &support::TcpProxy) {
+    proxy.cut();
+    // Two revisions, so that the compaction passes the one the watch resumes from.
+    direct.etcd().put("/unrelated", "x", 0).unwrap();
+    let revision = direct.etcd().put("/unrelated", "y", 0).unwrap();
+    direct.etcd().compact(revision).unwrap();
+}
+
+/// Events until `until` (the re-list finished) or the deadline, as strings.
+fn events_until(events: &crossbeam_channel::Receiver<TaskEvent>, until: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    while !seen.iter().any(|e: &String| e.starts_with(until)) {
+        seen.push(events.recv_timeout(DEADLINE).unwrap_or_else(|_| panic!("no {until} after {seen:?}")).to_string());
+    }
+    seen
+}
+
+#[test]
+fn a_transient_error_in_a_relist_is_retried_not_a_deletion() {
+    let _scenario = fail::FailScenario::setup();
+    let (_etcd, direct, proxy, _watcher, events) = relist_fixture(&["t1", "t2"]);
+    force_relist(&direct, &proxy);
+    // The next two task reads fail as a flaky etcd would.
+    fail::cfg("read-task", "2*return").unwrap();
+    Fixture::put_task(&direct, "marker", 1);
+    proxy.heal();
+    let seen = events_until(&events, "Add(marker");
+    fail::remove("read-task");
+    assert!(seen.iter().all(|e| !e.starts_with("Del(")), "a read error became a deletion: {seen:?}");
+    assert!(seen.iter().all(|e| !e.starts_with("Add(t")), "unchanged tasks start over: {seen:?}");
+}
+
+#[test]
+fn bad_metadata_of_one_task_in_a_relist_keeps_its_last_good_state() {
+    let _scenario = fail::FailScenario::setup();
+    let (_etcd, direct, proxy, _watcher, events) = relist_fixture(&["t1", "t2"]);
+    force_relist(&direct, &proxy);
+    // A range that ends before it starts: t1's metadata is bad, t1 is not gone.
+    direct.etcd().put(format!("{}z", keys::ranges_of("t1")), "a".to_string(), 0).unwrap();
+    direct.pause_task("t2", &streamhelper::meta::PauseV2::now(streamhelper::meta::Severity::Manual)).unwrap();
+    proxy.heal();
+    // The re-list reports its differences, then its errors.
+    let seen = events_until(&events, "Err(t1");
+    assert!(seen.iter().all(|e| !e.starts_with("Del(") && !e.starts_with("Add(")), "t1 was dropped: {seen:?}");
+    assert!(seen.contains(&"Pause(t2)".to_string()), "the other task is unaffected: {seen:?}");
+}

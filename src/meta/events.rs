@@ -114,6 +114,8 @@ struct KnownTask {
 #[derive(Default)]
 struct Snapshot {
     tasks: BTreeMap<String, (StreamBackupTaskInfo, KnownTask)>,
+    /// Tasks whose info key exists but whose metadata is bad: not deleted, just unreadable.
+    unreadable: BTreeSet<String>,
     paused: BTreeSet<String>,
     errors: Vec<(Option<String>, Error)>,
     revision: i64,
@@ -158,7 +160,8 @@ impl AdvancerExt {
         Ok(TaskWatcher { _worker: Some(worker) })
     }
 
-    /// Tasks, ranges and pause flags, all read at one revision.
+    /// Tasks, ranges and pause flags, all read at one revision. Any error but bad metadata
+    /// of one task fails the whole listing: a read error is not a deletion.
     fn list(&self) -> Result<Snapshot> {
         let etcd = self.meta.etcd();
         let info_prefix = keys::prefix_of_task();
@@ -175,7 +178,11 @@ impl AdvancerExt {
                 Ok(entry) => {
                     snapshot.tasks.insert(name.to_string(), entry);
                 }
-                Err(e) => snapshot.errors.push((Some(name.to_string()), e)),
+                Err(e @ Error::BadMeta { .. }) => {
+                    snapshot.unreadable.insert(name.to_string());
+                    snapshot.errors.push((Some(name.to_string()), e));
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(snapshot)
@@ -184,6 +191,10 @@ impl AdvancerExt {
     /// Decodes a task's info and reads its ranges at `revision` (the ranges are written in
     /// the same transaction as the info).
     fn read_task(&self, name: &str, kv: &KeyValue, revision: i64) -> Result<(StreamBackupTaskInfo, KnownTask)> {
+        fail::fail_point!("read-task", |_| Err(Error::Etcd {
+            endpoint: "failpoint".into(),
+            reason: format!("reading task {name} failed (failpoint read-task)")
+        }));
         let info = decode_task_info(name, kv.get_key(), kv.get_value())?;
         let (kvs, _) = self.meta.etcd().scan_prefix_at(keys::ranges_of(name).as_bytes(), PAGE, revision)?;
         let ranges = decode_ranges(name, &kvs)?;
@@ -333,9 +344,15 @@ impl Follower {
         self.stop.send(&self.out, event)
     }
 
-    /// Emits the difference between what the consumer knows and `snapshot`.
+    /// Emits the difference between what the consumer knows and `snapshot`. A task whose
+    /// metadata is unreadable keeps its last good state (an `Err` event says why).
     fn apply_snapshot(&mut self, snapshot: Snapshot) -> bool {
-        let removed: Vec<String> = self.known.keys().filter(|n| !snapshot.tasks.contains_key(*n)).cloned().collect();
+        let removed: Vec<String> = self
+            .known
+            .keys()
+            .filter(|n| !snapshot.tasks.contains_key(*n) && !snapshot.unreadable.contains(*n))
+            .cloned()
+            .collect();
         for name in removed {
             self.known.remove(&name);
             if !self.emit(TaskEvent::Del { name }) {
@@ -360,7 +377,17 @@ impl Follower {
                 return false;
             }
         }
-        self.paused = snapshot.paused;
+        // An unreadable task's pause flag stays as last reported, so that a change is still
+        // reported once the task reads again.
+        let mut paused = snapshot.paused;
+        for name in &snapshot.unreadable {
+            if self.paused.contains(name) {
+                paused.insert(name.clone());
+            } else {
+                paused.remove(name);
+            }
+        }
+        self.paused = paused;
         snapshot.errors.into_iter().all(|(name, error)| self.emit(TaskEvent::Err { name, error }))
     }
 
