@@ -792,3 +792,44 @@ fn a_safepoint_left_by_an_earlier_owner_is_removed_when_there_is_no_task() {
     let _daemon = f.daemon();
     support::wait_until("the leftover safepoint to be removed", || !ours(&f));
 }
+
+/// etcd's own count of started gRPC calls of `method` (its `/metrics`).
+fn etcd_calls(etcd: &EtcdProcess, method: &str) -> u64 {
+    let addr = etcd.endpoint().parse().unwrap();
+    let (_, metrics) = http_get(addr, "/metrics").unwrap();
+    let label = format!("grpc_method=\"{method}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("grpc_server_started_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn after_a_compaction_and_an_etcd_restart_nobody_spins_on_etcd() {
+    let mut f = Fixture::new(1, 4);
+    let start = f.add_task("t1", KeyRange::full());
+    let _owner = f.daemon();
+    let _standby = Daemon::start(f.daemon_config()).unwrap();
+    let first = Safety::new(&f, "t1", KeyRange::full()).advance_past(start, "before the compaction");
+    // History moves past every revision a watch started from, then is compacted away (PD
+    // compacts hourly), and the restart breaks every stream.
+    let mut revision = 0;
+    for i in 0..20 {
+        revision = f.meta.etcd().put("/unrelated", format!("{i}"), 0).unwrap();
+    }
+    f.meta.etcd().compact(revision).unwrap();
+    f.etcd.kill();
+    f.etcd.restart().unwrap();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    safety.last = first;
+    safety.advance_past(first, "after the etcd restart");
+    let window = Duration::from_secs(3);
+    let before = (etcd_calls(&f.etcd, "Range"), etcd_calls(&f.etcd, "Watch"));
+    std::thread::sleep(window);
+    let after = (etcd_calls(&f.etcd, "Range"), etcd_calls(&f.etcd, "Watch"));
+    let per_second = |a: u64, b: u64| (b - a) as f64 / window.as_secs_f64();
+    let (ranges, watches) = (per_second(before.0, after.0), per_second(before.1, after.1));
+    println!("etcd calls per second after the restart: Range {ranges:.1}, Watch {watches:.1}");
+    assert!(ranges < 50.0 && watches < 20.0, "spinning on etcd: {ranges:.1} Range/s, {watches:.1} Watch/s");
+}
