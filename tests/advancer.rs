@@ -833,3 +833,31 @@ fn after_a_compaction_and_an_etcd_restart_nobody_spins_on_etcd() {
     println!("etcd calls per second after the restart: Range {ranges:.1}, Watch {watches:.1}");
     assert!(ranges < 50.0 && watches < 20.0, "spinning on etcd: {ranges:.1} Range/s, {watches:.1} Watch/s");
 }
+
+#[test]
+fn tasks_deleted_while_slow_ticks_are_in_flight_leave_nothing_behind() {
+    let f = Fixture::new(1, 4);
+    let daemon = f.daemon();
+    // No subscription, so every tick polls, and every poll waits on the store: deletions
+    // keep landing inside a tick.
+    let store = f.sim.store_ids()[0];
+    f.sim.set_subscription_supported(store, false);
+    f.sim.set_store_delay(store, Duration::from_millis(150));
+    let tracked = |name: &str| daemon.status().tasks.iter().any(|t| t.name == name);
+    for round in 0..8 {
+        let start = f.add_task("t", KeyRange::full());
+        support::wait_until("the task's first upload", || {
+            f.sim.flush_all();
+            f.stored("t") > start
+        });
+        // A flush the tick in flight polls: its checkpoint rises, so it means to upload.
+        f.sim.flush_all();
+        f.meta.delete_task("t").unwrap();
+        support::wait_until("the advancer to drop the task", || !tracked("t"));
+        // Two more ticks for any write decided before the deletion.
+        std::thread::sleep(fast_config().tick_interval * 2);
+        let orphan = f.meta.etcd().get(keys::global_checkpoint_of("t")).unwrap();
+        assert!(orphan.is_none(), "round {round}: a deleted task's checkpoint was written again");
+        assert!(f.meta.etcd().get(keys::pause_of("t")).unwrap().is_none(), "round {round}: an orphan pause");
+    }
+}
