@@ -3,13 +3,14 @@
 
 use proptest::prelude::*;
 
+use crate::advancer::Settings;
 use crate::codec::{decode_boundary, encode_bytes};
 use crate::meta::client::{decode_ranges, decode_task_info, name_under};
 use crate::meta::keys::{self, decode_u64};
 use crate::meta::{PauseState, PauseV2};
 use crate::proto::mvccpb::KeyValue;
 use crate::security::strip_scheme;
-use crate::timefmt::parse_rfc3339;
+use crate::timefmt::{parse_duration, parse_rfc3339};
 
 fn bytes() -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec(any::<u8>(), 0..96)
@@ -104,6 +105,20 @@ proptest! {
     fn times(text in time_like()) {
         if let Err(e) = parse_rfc3339(&text) {
             prop_assert!(e.contains(&format!("{text:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn durations(text in prop_oneof!["[0-9.]{0,6}(ns|us|µs|ms|s|m|h|d|x|é)?[0-9.]{0,4}[a-zé]{0,2}", ".{0,8}"]) {
+        if let Err(e) = parse_duration(&text) {
+            prop_assert!(e.contains(&format!("{text:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn config_files(text in "(\\[[a-zé-]{0,9}\\]\n)?[a-zé-]{0,14} ?= ?(\"[0-9.a-zé]{0,5}\"|[0-9]{0,3}|\\[\\])\n.{0,12}") {
+        if let Err(e) = Settings::default().apply_toml(&text, "f.toml") {
+            prop_assert!(e.to_string().contains("f.toml"), "{e}");
         }
     }
 

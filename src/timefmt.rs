@@ -1,5 +1,6 @@
-//! Text forms of times and durations: RFC 3339 (what TiDB writes in pause values and what
-//! users type for task start times) and Go-style durations (`12s`, `4m`, `1h30m`, `48h`).
+//! Text forms of times and durations: RFC 3339 (what TiDB writes in pause values), the dates
+//! BR prints and accepts (`2026-05-11 01:42:23.5 +0800`) and Go-style durations (`12s`,
+//! `1.5h`, `1h30m`, `300us`): the one parser every command and the config file use.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,9 +36,15 @@ pub fn format_rfc3339(t: SystemTime) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// Parses RFC 3339 with `Z` or a `±HH:MM` offset and optional fractional seconds.
+/// Parses a date-time with a mandatory zone: RFC 3339 (`2024-05-01T12:00:00Z`,
+/// `+08:00`) and the forms BR prints and accepts (`2024-05-01 12:00:00.5+0800`, a space or
+/// `T` between date and time, a space before the zone, `±HHMM` or `±HH:MM`).
 pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
-    let bad = |why: &str| format!("{text:?} is not an RFC 3339 time ({why}); example: 2024-05-01T12:00:00+08:00");
+    let bad = |why: &str| {
+        format!(
+            "{text:?} is not a date-time with a zone ({why}); examples: 2024-05-01T12:00:00Z, 2024-05-01 20:00:00+0800"
+        )
+    };
     let b = text.as_bytes();
     if b.len() < 20
         || b[4] != b'-'
@@ -46,7 +53,7 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
         || b[13] != b':'
         || b[16] != b':'
     {
-        return Err(bad("expected YYYY-MM-DDTHH:MM:SS"));
+        return Err(bad("expected YYYY-MM-DD HH:MM:SS and a zone"));
     }
     let num = |range: std::ops::Range<usize>| -> Result<i64, String> {
         text.get(range).and_then(|s| s.parse::<i64>().ok()).ok_or_else(|| bad("bad number"))
@@ -69,20 +76,7 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
         nanos = scaled.parse().map_err(|_| bad("bad fraction"))?;
         rest = &frac[digits..];
     }
-    let offset_secs = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) && rest.get(3..4) == Some(":") => {
-            let sign = if rest.starts_with('-') { -1 } else { 1 };
-            let digits = |range: std::ops::Range<usize>| -> Result<i64, String> {
-                rest.get(range)
-                    .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|d| d.parse().ok())
-                    .ok_or_else(|| bad("bad offset"))
-            };
-            sign * (digits(1..3)? * 3600 + digits(4..6)? * 60)
-        }
-        _ => return Err(bad("expected Z or ±HH:MM at the end")),
-    };
+    let offset_secs = parse_zone(rest.trim_start()).ok_or_else(|| bad("expected Z, ±HH:MM or ±HHMM at the end"))?;
     let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
     if secs < 0 {
         return Err(bad("before 1970"));
@@ -90,33 +84,99 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, String> {
     Ok(UNIX_EPOCH + Duration::new(secs as u64, nanos))
 }
 
-/// Parses `1h30m`, `12s`, `500ms`, `2d`, or a bare number of seconds.
+/// `Z`, `±HH:MM` or `±HHMM` → seconds east of UTC (byte offsets through `get` only).
+fn parse_zone(zone: &str) -> Option<i64> {
+    if zone.eq_ignore_ascii_case("z") {
+        return Some(0);
+    }
+    let sign = match zone.as_bytes().first()? {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let (hours, minutes) = match zone.len() {
+        6 if zone.get(3..4) == Some(":") => (zone.get(1..3)?, zone.get(4..6)?),
+        5 => (zone.get(1..3)?, zone.get(3..5)?),
+        _ => return None,
+    };
+    let number = |digits: &str| digits.bytes().all(|b| b.is_ascii_digit()).then(|| digits.parse::<i64>().ok())?;
+    let (hours, minutes) = (number(hours)?, number(minutes)?);
+    (hours <= 23 && minutes <= 59).then_some(sign * (hours * 3600 + minutes * 60))
+}
+
+/// The local zone's offset east of UTC at `t`, in seconds (what `TZ` or /etc/localtime says).
+pub fn local_offset_secs(t: SystemTime) -> i64 {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as libc::time_t).unwrap_or(0);
+    // SAFETY: localtime_r only reads `secs` and writes the `tm` we own.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&secs, &mut tm).is_null() {
+            return 0;
+        }
+        tm
+    };
+    #[allow(clippy::useless_conversion)] // c_long is i64 on 64-bit targets only
+    i64::from(tm.tm_gmtoff)
+}
+
+/// A time the way BR prints dates (Go layout `2006-01-02 15:04:05.999999999 -0700`) in the
+/// zone `offset_secs` east of UTC: trailing zeros of the fraction dropped.
+pub fn format_br_date(t: SystemTime, offset_secs: i64) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs() as i64 + offset_secs;
+    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    let fraction = format!("{:09}", since.subsec_nanos());
+    let fraction = fraction.trim_end_matches('0');
+    let dot = if fraction.is_empty() { "" } else { "." };
+    let (sign, abs) = if offset_secs < 0 { ('-', -offset_secs) } else { ('+', offset_secs) };
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}{dot}{fraction} {sign}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        abs / 3600,
+        abs % 3600 / 60
+    )
+}
+
+/// Parses a duration the way Go's `time.ParseDuration` does (what BR's flags take): a
+/// sequence of numbers with units `ns`, `us`/`µs`, `ms`, `s`, `m`, `h` and fractions, as in
+/// `1h30m`, `1.5h`, `500ms`, `300us`. Extensions: `d` for days and a bare number of seconds.
+/// Every duration of every command and of the config file goes through here.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration; examples: 12s, 500ms, 4m, 1h30m, 48h, 2d");
+    let bad = |why: &str| format!("{text:?} is not a duration ({why}); examples: 12s, 500ms, 1.5h, 1h30m, 300us");
     let text = text.trim();
     if let Ok(secs) = text.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
+    if text.is_empty() {
+        return Err(bad("empty"));
+    }
     let mut total = Duration::ZERO;
     let mut rest = text;
-    if rest.is_empty() {
-        return Err(bad());
-    }
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(|c| c.is_ascii_digit() || *c == b'.').count();
-        let value: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        let value: f64 = rest[..digits].parse().map_err(|_| bad("expected a number"))?;
         rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-        let unit = match &rest[..unit_len] {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            "d" => 86_400.0,
-            _ => return Err(bad()),
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let nanos_per_unit: f64 = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            "d" => 86_400e9,
+            "" => return Err(bad("a unit is missing")),
+            _ => return Err(bad("unknown unit")),
         };
         rest = &rest[unit_len..];
-        total += Duration::from_secs_f64(value * unit);
+        let nanos = value * nanos_per_unit;
+        if !nanos.is_finite() || nanos > u64::MAX as f64 {
+            return Err(bad("too long"));
+        }
+        total = total.checked_add(Duration::from_nanos(nanos.round() as u64)).ok_or_else(|| bad("too long"))?;
     }
     Ok(total)
 }
@@ -144,9 +204,25 @@ mod tests {
         assert_eq!(parse_rfc3339("2024-05-01T20:00:00+08:00").unwrap(), t);
         assert_eq!(parse_rfc3339("2024-05-01T12:00:00.5Z").unwrap(), t + Duration::from_millis(500));
         assert_eq!(format_rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
-        for bad in ["2024-05-01", "2024-13-01T00:00:00Z", "2024-05-01T12:00:00", "2024-05-01T12:00:00+0800"] {
+        for bad in ["2024-05-01", "2024-13-01T00:00:00Z", "2024-05-01T12:00:00", "2024-05-01T12:00:00+08"] {
             assert!(parse_rfc3339(bad).unwrap_err().contains(bad));
         }
+    }
+
+    #[test]
+    fn br_date_forms_parse_and_print() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_778_435_000) + Duration::from_millis(500);
+        for text in [
+            "2026-05-11 01:43:20.5+0800",
+            "2026-05-11 01:43:20.5 +0800",
+            "2026-05-11T01:43:20.5+08:00",
+            "2026-05-10 17:43:20.5Z",
+        ] {
+            assert_eq!(parse_rfc3339(text).unwrap(), t, "{text}");
+        }
+        assert_eq!(format_br_date(t, 8 * 3600), "2026-05-11 01:43:20.5 +0800");
+        assert_eq!(format_br_date(t - Duration::from_millis(500), -5 * 3600 - 1800), "2026-05-10 12:13:20 -0530");
+        assert_eq!(local_offset_secs(t).abs() % 60, 0);
     }
 
     #[test]
@@ -156,7 +232,16 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("48h").unwrap(), Duration::from_secs(172_800));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("12 parsecs").is_err() && parse_duration("").is_err());
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("2h45m30.5s").unwrap(), Duration::from_millis(9_930_500));
+        assert_eq!(parse_duration("300us").unwrap(), Duration::from_micros(300));
+        assert_eq!(parse_duration("300\u{b5}s").unwrap(), Duration::from_micros(300));
+        assert_eq!(parse_duration("42ns").unwrap(), Duration::from_nanos(42));
+        assert_eq!(parse_duration("1m0.001s").unwrap(), Duration::from_millis(60_001));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        for bad in ["12 parsecs", "", "1h30", "h", "1.2.3s", "-5s", "1y"] {
+            assert!(parse_duration(bad).unwrap_err().contains(&format!("{bad:?}")), "{bad}");
+        }
         assert_eq!(format_duration(Duration::from_secs(3723)), "1h2m3s");
     }
 }

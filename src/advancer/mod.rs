@@ -5,5 +5,5 @@ pub mod core;
 #[cfg(test)]
 mod tests;
 
-pub use config::Config;
+pub use config::{Config, Settings, SETTINGS};
 pub use core::{latest_believable, Action, Advancer, PollPlan, TaskStatus, FUTURE_TOLERANCE};

@@ -1,80 +1,102 @@
-//! `streamhelper advancer`: the daemon in the foreground until SIGINT or SIGTERM.
+//! `streamhelper advancer`: the daemon in the foreground until SIGINT or SIGTERM. Its
+//! options are the rows of [`crate::advancer::SETTINGS`], as flags and as `--config` keys.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 
-use super::ClusterArgs;
-use crate::advancer::Config;
+use crate::advancer::config::Kind;
+use crate::advancer::{Settings, SETTINGS};
 use crate::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use crate::error::{Error, Result};
+use crate::security::Security;
 
-#[derive(Args, Debug)]
+const TAKE_OVER_HELP: &str = "Evict the TiDB owner candidates ahead of this advancer (they campaign \
+                              again behind it), with backoff, until it leads; other streamhelper \
+                              advancers ahead are waited for. Without this flag the advancer waits its \
+                              turn, which next to TiDB can be forever";
+
+/// The `advancer` command line: `--config FILE`, `--take-over` and one flag per setting.
+#[derive(Debug, Default)]
 pub struct AdvancerArgs {
-    #[command(flatten)]
-    cluster: ClusterArgs,
-    #[command(flatten)]
-    tuning: TuningArgs,
-    /// Serve /metrics and /status on this address.
-    #[arg(long)]
-    status_addr: Option<String>,
-}
-
-/// Advancer options, as flags or `name = value` lines in `--config FILE` (flags win).
-#[derive(Args, Debug, Default)]
-pub struct TuningArgs {
-    /// A config file of `name = value` lines (TOML subset), e.g. `tick-interval = "12s"`.
-    #[arg(long)]
     config: Option<PathBuf>,
-    /// How often to tick (default 12s).
-    #[arg(long)]
-    tick_interval: Option<String>,
-    /// Poll spans older than this (default 4m).
-    #[arg(long)]
-    try_advance_threshold: Option<String>,
-    /// Pause a task lagging more than this; 0 disables (default 48h).
-    #[arg(long)]
-    check_point_lag_limit: Option<String>,
-    /// Wait before retrying a failed listener or subscription (default 5s).
-    #[arg(long)]
-    backoff_time: Option<String>,
-    /// TTL of the owner lease (default 60s).
-    #[arg(long)]
-    owner_ttl: Option<String>,
-    /// Deadline for dialing a TiKV store (default 8s).
-    #[arg(long)]
-    dial_timeout: Option<String>,
-    /// Deadline of one RPC (default 10s).
-    #[arg(long)]
-    rpc_timeout: Option<String>,
+    take_over: bool,
+    /// `(setting key, value)` for every setting given as a flag.
+    flags: Vec<(&'static str, String)>,
 }
 
-impl TuningArgs {
-    pub fn config(&self) -> Result<Config> {
-        let mut config = Config::default();
-        if let Some(path) = &self.config {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| Error::Io { what: format!("reading config file {}", path.display()), source })?;
-            config.apply_file_text(&text, &path.display().to_string())?;
-        }
-        let flags = [
-            ("tick-interval", &self.tick_interval),
-            ("try-advance-threshold", &self.try_advance_threshold),
-            ("check-point-lag-limit", &self.check_point_lag_limit),
-            ("backoff-time", &self.backoff_time),
-            ("owner-ttl", &self.owner_ttl),
-            ("dial-timeout", &self.dial_timeout),
-            ("rpc-timeout", &self.rpc_timeout),
-        ];
-        for (name, value) in flags {
-            if let Some(value) = value {
-                config.set(name, value).map_err(|e| Error::Config(format!("--{name}: {e}")))?;
+impl FromArgMatches for AdvancerArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let flags = SETTINGS
+            .iter()
+            .filter_map(|s| {
+                let values = matches.get_many::<String>(s.key)?;
+                Some((s.key, values.cloned().collect::<Vec<_>>().join(",")))
+            })
+            .collect();
+        Ok(AdvancerArgs {
+            config: matches.get_one::<PathBuf>("config").cloned(),
+            take_over: matches.get_flag("take-over"),
+            flags,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl Args for AdvancerArgs {
+    fn augment_args(cmd: Command) -> Command {
+        let cmd = cmd
+            .arg(Arg::new("config").long("config").value_name("FILE").value_parser(clap::value_parser!(PathBuf)).help(
+                "A TOML file with the options below as kebab-case keys (flags win); see docs/advancer.example.toml",
+            ))
+            .arg(Arg::new("take-over").long("take-over").action(ArgAction::SetTrue).help(TAKE_OVER_HELP));
+        SETTINGS.iter().fold(cmd, |cmd, s| {
+            let help =
+                if s.default.is_empty() { s.help.to_string() } else { format!("{} [default: {}]", s.help, s.default) };
+            let mut arg = Arg::new(s.key).long(s.flag).help(help).action(ArgAction::Append);
+            if let Some(short) = s.short {
+                arg = arg.short(short);
             }
+            arg = match s.kind {
+                Kind::Duration(_) => arg.value_name("DURATION").value_parser(check_duration),
+                Kind::Endpoints(_) => arg.value_name("HOST:PORT").value_delimiter(','),
+                Kind::Address(_) => arg.value_name("HOST:PORT"),
+                Kind::Path(_) => arg.value_name("FILE"),
+            };
+            cmd.arg(arg)
+        })
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// Rejects a bad duration at parse time, naming the flag (clap adds it).
+fn check_duration(text: &str) -> Result<String, String> {
+    crate::timefmt::parse_duration(text).map(|_| text.to_string())
+}
+
+impl AdvancerArgs {
+    /// Defaults, then the file, then the flags.
+    pub fn settings(&self) -> Result<Settings> {
+        let mut settings = Settings::default();
+        if let Some(path) = &self.config {
+            settings.load_file(path)?;
         }
-        Ok(config)
+        for (key, value) in &self.flags {
+            let setting = SETTINGS.iter().find(|s| s.key == *key).expect("flags come from SETTINGS");
+            settings.set(setting, value).map_err(|e| Error::Config(format!("--{}: {e}", setting.flag)))?;
+        }
+        settings.validate()?;
+        Ok(settings)
     }
 }
 
@@ -99,13 +121,21 @@ pub fn run_until_signal(handle: DaemonHandle, terminate: &AtomicBool) {
 
 pub fn run(args: AdvancerArgs) -> Result<()> {
     let terminate = termination_flag()?;
+    let settings = args.settings()?;
+    if args.take_over {
+        log::warn!(
+            "--take-over: this advancer will evict the TiDB owner candidates ahead of it under {}",
+            crate::meta::keys::OWNER_PREFIX
+        );
+    }
     let config = DaemonConfig {
-        pd_endpoints: if args.cluster.pd.is_empty() { args.cluster.etcd.clone() } else { args.cluster.pd.clone() },
-        etcd_endpoints: args.cluster.etcd.clone(),
-        security: args.cluster.security()?,
-        advancer: args.tuning.config()?,
-        status_addr: args.status_addr.clone(),
+        pd_endpoints: if settings.pd.is_empty() { settings.etcd.clone() } else { settings.pd.clone() },
+        etcd_endpoints: settings.etcd.clone(),
+        security: Security::load(&settings.security)?,
+        advancer: settings.advancer.clone(),
+        status_addr: settings.status_addr.clone(),
         owner_id: None,
+        take_over: args.take_over,
     };
     let handle = Daemon::start(config)?;
     if let Some(addr) = handle.status_addr() {
@@ -113,4 +143,37 @@ pub fn run(args: AdvancerArgs) -> Result<()> {
     }
     run_until_signal(handle, &terminate);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command as Verb};
+
+    fn settings(args: &[&str]) -> Result<Settings> {
+        let cli = Cli::try_parse_from(["streamhelper", "advancer"].iter().chain(args))
+            .map_err(|e| Error::Config(e.to_string()))?;
+        match cli.command {
+            Verb::Advancer(args) => args.settings(),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.toml");
+        std::fs::write(&file, "pd = \"127.0.0.1:1\"\ntick-interval = \"3s\"\n[advancer]\nowner-ttl = \"9s\"\n")
+            .unwrap();
+        let path = file.to_str().unwrap();
+        let s = settings(&["--config", path, "--tick-interval", "1.5s", "-u", "127.0.0.2:2,127.0.0.3:3"]).unwrap();
+        assert_eq!(s.advancer.tick_interval, Duration::from_millis(1500));
+        assert_eq!(s.advancer.owner_ttl, Duration::from_secs(9));
+        assert_eq!(s.advancer.backoff, Duration::from_secs(5));
+        assert_eq!(s.pd, ["127.0.0.2:2", "127.0.0.3:3"]);
+        assert!(settings(&["--config", path, "--owner-ttl", "0s"]).unwrap_err().to_string().contains("owner-ttl"));
+        assert!(settings(&["--tick-interval", "1x"]).unwrap_err().to_string().contains("--tick-interval"));
+    }
 }

@@ -1,15 +1,18 @@
-//! The `streamhelper` command line: `task` (BR-style task management), `advancer` (the
-//! daemon in the foreground), `sim` (the simulated cluster) and `demo` (all of it at once).
+//! The `streamhelper` command line: `task` (BR-style task management), `owner` (who runs
+//! the advancer), `advancer` (the daemon in the foreground), `sim` (the simulated cluster)
+//! and `demo` (all of it at once).
 
 mod advancer;
 mod demo;
+mod owner;
+mod status;
 mod task;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::etcd::{EtcdClient, EtcdConfig};
 use crate::security::{Security, SecurityConfig};
 
@@ -24,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Manage log-backup tasks, like `br log`.
     Task(task::TaskArgs),
+    /// Show or evict the advancer owner candidates (TiDB servers and streamhelper daemons).
+    Owner(owner::OwnerArgs),
     /// Run the checkpoint advancer in the foreground (stops on SIGINT/SIGTERM).
     Advancer(advancer::AdvancerArgs),
     /// Run a simulated TiKV/PD cluster on 127.0.0.1 (with a real etcd unless --etcd).
@@ -32,23 +37,24 @@ pub enum Command {
     Demo(demo::DemoArgs),
 }
 
-/// Where the cluster is and how to reach it securely.
+/// Where the cluster is and how to reach it securely. Global, so that they go before or
+/// after the verb, as in `br log status --pd ...`.
 #[derive(Args, Debug, Clone)]
 pub struct ClusterArgs {
     /// PD endpoints (host:port, comma separated). PD serves its etcd on the same ports.
-    #[arg(long, value_delimiter = ',', required_unless_present = "etcd")]
+    #[arg(short = 'u', long, value_delimiter = ',', global = true)]
     pub pd: Vec<String>,
     /// etcd endpoints of the metadata store, when not the PD ones.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', global = true)]
     pub etcd: Vec<String>,
     /// CA certificate (PEM) for TLS.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub ca: Option<PathBuf>,
     /// Client certificate (PEM) for TLS.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub cert: Option<PathBuf>,
     /// Client key (PEM) for TLS.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub key: Option<PathBuf>,
 }
 
@@ -61,6 +67,14 @@ impl ClusterArgs {
         })
     }
 
+    /// A PD client, for the commands that need PD itself (GC safe points), not only its etcd.
+    pub fn pd_client(&self) -> Result<crate::cluster::PdClient> {
+        if self.pd.is_empty() {
+            return Err(Error::Config("this command needs PD: give --pd (-u)".into()));
+        }
+        crate::cluster::PdClient::connect(crate::cluster::PdConfig::new(self.pd.clone()), self.security()?)
+    }
+
     pub fn etcd_endpoints(&self) -> Vec<String> {
         if self.etcd.is_empty() {
             self.pd.clone()
@@ -70,6 +84,9 @@ impl ClusterArgs {
     }
 
     pub fn etcd_client(&self) -> Result<EtcdClient> {
+        if self.pd.is_empty() && self.etcd.is_empty() {
+            return Err(Error::Config("no cluster given: --pd (-u) or --etcd is required".into()));
+        }
         let mut config = EtcdConfig::new(self.etcd_endpoints());
         config.security = self.security()?;
         EtcdClient::new(config)
@@ -79,6 +96,7 @@ impl ClusterArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Task(args) => task::run(args),
+        Command::Owner(args) => owner::run(args),
         Command::Advancer(args) => advancer::run(args),
         Command::Sim(args) => crate::sim::cli::run_sim_command(args),
         Command::Demo(args) => demo::run(args),

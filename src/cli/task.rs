@@ -1,18 +1,25 @@
-//! `streamhelper task ...`: add, list, status, pause, resume, delete, clean-error.
+//! `streamhelper task ...`: add, list, status, pause, resume, delete, clean-error, with
+//! BR's GC-safepoint protocol (`<task>_pause_safepoint`, `br-<uuid>`) so that `br log` and
+//! this command can undo each other's work.
 
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
+use super::status::{render_json, render_text, StatusView};
 use super::ClusterArgs;
+use crate::cluster::PdClient;
 use crate::error::{Error, Result};
 use crate::meta::{
     check_task_name, describe_storage, parse_storage_url, MetaDataClient, PauseState, PauseV2, Severity, Task, TaskInfo,
 };
-use crate::storage;
-use crate::timefmt::{format_duration, format_rfc3339, parse_rfc3339};
+use crate::timefmt::{format_duration, format_rfc3339, local_offset_secs, parse_duration, parse_rfc3339};
 use crate::types::{local_now_ts, system_time_of, ts_distance, ts_from_system_time, KeyRange, Ts};
+
+/// BR's `DefaultStreamStartSafePointTTL`: the start safe point's TTL, and the pause safe
+/// point's after a resume.
+const START_SAFE_POINT_TTL: &str = "30m";
 
 #[derive(Args, Debug)]
 pub struct TaskArgs {
@@ -25,18 +32,48 @@ pub struct TaskArgs {
     action: TaskAction,
 }
 
+/// A task name, positional or as BR's `--task-name`.
+#[derive(Args, Debug)]
+struct TaskName {
+    /// The task name.
+    #[arg(value_name = "NAME")]
+    name: Option<String>,
+    /// The task name (as in `br log ... --task-name`).
+    #[arg(long = "task-name", conflicts_with = "name")]
+    task_name: Option<String>,
+}
+
+impl TaskName {
+    fn get(&self) -> Option<&str> {
+        self.name.as_deref().or(self.task_name.as_deref())
+    }
+
+    fn required(&self) -> Result<String> {
+        self.get()
+            .map(String::from)
+            .ok_or_else(|| Error::Config("a task name is required (NAME or --task-name)".into()))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum TaskAction {
-    /// Create a task.
+    /// Create a task: its etcd metadata and BR's start GC safe point, nothing else.
+    ///
+    /// Unlike `br log start`, this writes no lock file and no schema snapshot (backupmeta)
+    /// to the storage and does not check TiKV's `log-backup.enable`: the logs of such a task
+    /// alone are not a backup `br restore point` can use. For real backups use `br log
+    /// start`; this is for tests, development and re-creating metadata.
+    #[command(visible_alias = "start")]
     Add {
-        name: String,
+        #[command(flatten)]
+        name: TaskName,
         /// Where the log files go: noop://, local:///path, s3://bucket/prefix, gcs://..., azure://..., hdfs://...
         #[arg(long)]
         storage: String,
-        /// Start timestamp: a TSO or an RFC 3339 time. Default: now.
+        /// Start timestamp: a TSO or a date-time with a zone (2026-05-11 01:42:23+0800). Default: now.
         #[arg(long)]
         start_ts: Option<String>,
-        /// End timestamp: a TSO or an RFC 3339 time. Default: none.
+        /// End timestamp: a TSO or a date-time with a zone. Default: none.
         #[arg(long)]
         end_ts: Option<String>,
         /// A key range START END (raw keys, `\xNN` escapes allowed; an empty END means to the end).
@@ -49,31 +86,87 @@ enum TaskAction {
         /// Create the task paused.
         #[arg(long)]
         paused: bool,
+        /// Allow a task while others exist (BR allows one task per cluster).
+        #[arg(long)]
+        allow_multiple: bool,
+        /// TTL of the start GC safe point `br-<uuid>` (BR's default: 30m).
+        #[arg(long, default_value = START_SAFE_POINT_TTL, value_parser = parse_duration)]
+        gc_ttl: Duration,
     },
     /// List every task.
     List,
-    /// Show one task in detail.
-    Status { name: String },
-    /// Pause a task.
-    Pause {
-        name: String,
-        #[arg(long)]
-        reason: Option<String>,
+    /// Show tasks as `br log status` does (no name: every task).
+    Status {
+        #[command(flatten)]
+        name: TaskName,
     },
-    /// Resume a paused task.
-    Resume { name: String },
-    /// Delete a task and all of its metadata.
-    Delete { name: String },
+    /// Pause a task and hold GC at its checkpoint (service safe point `<task>_pause_safepoint`).
+    Pause {
+        #[command(flatten)]
+        name: TaskName,
+        /// Why (stored in the pause record as text).
+        #[arg(long, visible_alias = "message")]
+        reason: Option<String>,
+        /// How long PD keeps the pause safe point (BR: --gc-ttl, 24h).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        gc_ttl: Duration,
+    },
+    /// Resume a paused task: checks its data was not garbage-collected, clears the stores'
+    /// last errors, and shortens the pause safe point to 30m as BR does.
+    Resume {
+        #[command(flatten)]
+        name: TaskName,
+    },
+    /// Delete a task and all of its metadata, and remove its pause safe point.
+    #[command(visible_alias = "stop")]
+    Delete {
+        #[command(flatten)]
+        name: TaskName,
+    },
     /// Remove the last errors stores reported for a task.
-    CleanError { name: String },
+    CleanError {
+        #[command(flatten)]
+        name: TaskName,
+    },
 }
 
-/// A timestamp given as a TSO number or an RFC 3339 time.
+/// A timestamp given as a TSO number or a date-time with a zone (RFC 3339 or BR's forms).
 pub fn parse_ts(text: &str) -> Result<Ts> {
     if let Ok(ts) = text.parse::<u64>() {
         return Ok(ts);
     }
     parse_rfc3339(text).map(ts_from_system_time).map_err(|e| Error::Config(format!("{e}; or give a TSO number")))
+}
+
+/// BR's service safe point id for a paused task.
+pub fn pause_safe_point_id(task: &str) -> String {
+    format!("{task}_pause_safepoint")
+}
+
+/// BR's `UpdateServiceSafePoint`: GC keeps everything from `ts` on (PD gets `ts − 1`).
+fn hold_gc_at(pd: &PdClient, service_id: &str, ttl: Duration, ts: Ts) -> Result<()> {
+    let min = pd.update_service_safe_point(service_id, ttl.as_secs().max(1) as i64, ts.saturating_sub(1))?;
+    if min > ts.saturating_sub(1) {
+        log::warn!("service GC safe point {service_id} did not take: PD's minimum {min} is already past {ts}");
+    }
+    Ok(())
+}
+
+/// BR's `CheckGCSafePoint`: data at `ts` is gone once the GC safe point reached it.
+fn check_not_collected(pd: &PdClient, task: &str, what: &str, ts: Ts) -> Result<()> {
+    let gc = pd.gc_safe_point()?;
+    if ts <= gc {
+        return Err(Error::InvalidTask {
+            task: task.into(),
+            reason: format!(
+                "its {what} {ts} ({}) has been garbage-collected: PD's GC safe point is {gc} ({}); the logs from \
+                 there on cannot be produced any more",
+                format_rfc3339(system_time_of(ts)),
+                format_rfc3339(system_time_of(gc))
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Raw key text with `\xNN` escapes.
@@ -109,22 +202,6 @@ struct TaskRow {
     storage: String,
 }
 
-/// Deadline of reading the checkpoint copy from the task's storage.
-const STORAGE_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Serialize)]
-struct TaskDetail {
-    #[serde(flatten)]
-    row: TaskRow,
-    /// The copy in the task's external storage (`v1/global_checkpoint/central_global.ts`).
-    storage_checkpoint: Option<Ts>,
-    /// Why `storage_checkpoint` is missing, when it is.
-    storage_checkpoint_note: Option<String>,
-    table_filter: Vec<String>,
-    ranges: Vec<String>,
-    last_errors: Vec<String>,
-}
-
 fn row_of(task: &Task) -> Result<TaskRow> {
     let checkpoint = task.get_global_checkpoint_ts()?;
     let pause = task.pause_state()?;
@@ -145,7 +222,7 @@ fn print_json(value: &impl Serialize) {
     println!("{}", serde_json::to_string_pretty(value).expect("JSON output"));
 }
 
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let widths: Vec<usize> = (0..header.len())
         .map(|c| rows.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0))
         .collect();
@@ -162,7 +239,8 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 pub fn run(args: TaskArgs) -> Result<()> {
     let client = MetaDataClient::new(args.cluster.etcd_client()?);
     match args.action {
-        TaskAction::Add { name, storage, start_ts, end_ts, ranges, filters, paused } => {
+        TaskAction::Add { name, storage, start_ts, end_ts, ranges, filters, paused, allow_multiple, gc_ttl } => {
+            let name = name.required()?;
             check_task_name(&name)?;
             let start = match start_ts {
                 Some(t) => parse_ts(&t)?,
@@ -190,6 +268,19 @@ pub fn run(args: TaskArgs) -> Result<()> {
                     reason: "a task with this name exists; delete it first".into(),
                 });
             }
+            let existing = client.get_task_count()?;
+            if existing > 0 && !allow_multiple {
+                return Err(Error::InvalidTask {
+                    task: name,
+                    reason: format!(
+                        "{existing} task(s) exist and BR allows one log backup task per cluster; pass \
+                         --allow-multiple to add it anyway"
+                    ),
+                });
+            }
+            let pd = args.cluster.pd_client()?;
+            check_not_collected(&pd, &name, "start-ts", start)?;
+            hold_gc_at(&pd, &format!("br-{}", crate::daemon::random_uuid()), gc_ttl, start)?;
             client.put_task(&info)?;
             println!("task {name} added, starting at {start} ({})", format_rfc3339(system_time_of(start)));
         }
@@ -214,77 +305,81 @@ pub fn run(args: TaskArgs) -> Result<()> {
                     .collect();
                 print_table(&["NAME", "CHECKPOINT", "CHECKPOINT TIME", "LAG", "STATE", "STORAGE"], &cells);
             }
-            for e in errors {
-                eprintln!("warning: {e}");
-            }
+            warn_skipped(errors);
         }
         TaskAction::Status { name } => {
-            let task = client.get_task(&name)?;
-            let storage_checkpoint = storage::open(task.info.get_storage())
-                .and_then(|s| storage::read_global_checkpoint(s.as_ref(), STORAGE_READ_TIMEOUT));
-            let (storage_checkpoint, storage_checkpoint_note) = match storage_checkpoint {
-                Ok(Some(ts)) => (Some(ts), None),
-                Ok(None) => (None, Some("not written yet".to_string())),
-                Err(e) => (None, Some(e.to_string())),
+            let tasks = match name.get().filter(|n| *n != "*") {
+                Some(name) => vec![client.get_task(name)?],
+                None => {
+                    let (tasks, errors, _) = client.get_all_tasks_with_revision()?;
+                    warn_skipped(errors);
+                    tasks
+                }
             };
-            let detail = TaskDetail {
-                row: row_of(&task)?,
-                storage_checkpoint,
-                storage_checkpoint_note,
-                table_filter: task.info.get_table_filter().to_vec(),
-                ranges: task.ranges()?.iter().map(ToString::to_string).collect(),
-                last_errors: task
-                    .last_error()?
-                    .into_iter()
-                    .map(|(store, e)| format!("store {store}: [{}] {}", e.get_error_code(), e.get_error_message()))
-                    .collect(),
-            };
+            let views = tasks.iter().map(StatusView::read).collect::<Result<Vec<_>>>()?;
+            let now = SystemTime::now();
             if args.json {
-                print_json(&detail);
+                println!("{}", render_json(&views, local_offset_secs(now)));
             } else {
-                let r = &detail.row;
-                println!("name:         {}", r.name);
-                println!("state:        {}", r.pause.as_deref().unwrap_or("running"));
-                println!("checkpoint:   {} ({}), lag {}", r.checkpoint, r.checkpoint_time, r.lag);
-                match (detail.storage_checkpoint, &detail.storage_checkpoint_note) {
-                    (Some(ts), _) => println!("in storage:   {ts} ({})", format_rfc3339(system_time_of(ts))),
-                    (None, note) => println!("in storage:   {}", note.as_deref().unwrap_or("-")),
-                }
-                println!("start ts:     {}", r.start_ts);
-                println!("end ts:       {}", if r.end_ts == 0 { "none".to_string() } else { r.end_ts.to_string() });
-                println!("storage:      {}", r.storage);
-                println!("table filter: {}", detail.table_filter.join(", "));
-                println!("ranges:       {}", detail.ranges.join(" "));
-                for e in &detail.last_errors {
-                    println!("last error:   {e}");
-                }
+                print!("{}", render_text(&views, now, local_offset_secs(now)));
             }
         }
-        TaskAction::Pause { name, reason } => {
-            client.get_task(&name)?;
+        TaskAction::Pause { name, reason, gc_ttl } => {
+            let name = name.required()?;
+            let (task, paused) = client.get_task_with_pause_status(&name)?;
+            if paused {
+                return Err(Error::InvalidTask { task: name, reason: "it is paused already".into() });
+            }
+            let checkpoint = task.get_global_checkpoint_ts()?;
+            hold_gc_at(&args.cluster.pd_client()?, &pause_safe_point_id(&name), gc_ttl, checkpoint)?;
             let mut pause = PauseV2::now(Severity::Manual);
             if let Some(reason) = &reason {
                 pause = pause.with_message(reason);
             }
             client.pause_task(&name, &pause)?;
-            println!("task {name} paused");
+            println!("task {name} paused; GC holds at its checkpoint {checkpoint} for {}", format_duration(gc_ttl));
         }
         TaskAction::Resume { name } => {
-            client.get_task(&name)?;
+            let name = name.required()?;
+            let (task, paused) = client.get_task_with_pause_status(&name)?;
+            if !paused {
+                return Err(Error::InvalidTask { task: name, reason: "it is not paused".into() });
+            }
+            let checkpoint = task.get_global_checkpoint_ts()?;
+            let pd = args.cluster.pd_client()?;
+            check_not_collected(&pd, &name, "checkpoint", checkpoint)?;
             client.resume_task(&name)?;
+            client.clean_last_error_of_task(&name)?;
+            let ttl = parse_duration(START_SAFE_POINT_TTL).expect("a valid constant");
+            if let Err(e) = hold_gc_at(&pd, &pause_safe_point_id(&name), ttl, checkpoint) {
+                log::warn!("task {name} resumed, but shortening its pause safe point failed (it expires anyway): {e}");
+            }
             println!("task {name} resumed");
         }
         TaskAction::Delete { name } => {
+            let name = name.required()?;
             client.get_task(&name)?;
+            let pd = args.cluster.pd_client()?;
             client.delete_task(&name)?;
+            // tidb#52082: a pause safe point left behind blocks GC for up to its TTL.
+            if let Err(e) = pd.update_service_safe_point(&pause_safe_point_id(&name), 0, u64::MAX) {
+                log::warn!("task {name} deleted, but removing its pause safe point failed: {e}");
+            }
             println!("task {name} deleted");
         }
         TaskAction::CleanError { name } => {
+            let name = name.required()?;
             client.clean_last_error_of_task(&name)?;
             println!("last errors of task {name} cleaned");
         }
     }
     Ok(())
+}
+
+fn warn_skipped(errors: Vec<Error>) {
+    for e in errors {
+        eprintln!("warning: {e}");
+    }
 }
 
 #[cfg(test)]
@@ -295,6 +390,7 @@ mod tests {
     fn timestamps_and_keys_parse() {
         assert_eq!(parse_ts("449842954436739073").unwrap(), 449842954436739073);
         assert_eq!(crate::types::physical_ms(parse_ts("2024-05-01T12:00:00Z").unwrap()), 1_714_564_800_000);
+        assert_eq!(parse_ts("2024-05-01 20:00:00+0800").unwrap(), parse_ts("2024-05-01T12:00:00Z").unwrap());
         assert!(parse_ts("yesterday").unwrap_err().to_string().contains("yesterday"));
         assert_eq!(parse_key("t\\x00\\xffa").unwrap(), b"t\x00\xffa");
         assert!(parse_key("\\xZZ").is_err());

@@ -226,12 +226,26 @@ impl PdClient {
         Err(failed_on_old_leader.expect("the loop body ran"))
     }
 
-    fn update_gc_safe_point(&self, ttl: i64, safe_point: Ts) -> Result<pdpb::UpdateServiceGCSafePointResponse> {
+    /// PD's `UpdateServiceGCSafePoint` for any service id (BR's `<task>_pause_safepoint`,
+    /// `br-<uuid>`); TTL ≤ 0 removes it. Returns the minimal service safe point afterwards.
+    pub fn update_service_safe_point(&self, service_id: &str, ttl: i64, safe_point: Ts) -> Result<Ts> {
         let mut req = pdpb::UpdateServiceGCSafePointRequest::default();
-        req.set_service_id(GC_SERVICE_ID.as_bytes().to_vec());
+        req.set_service_id(service_id.as_bytes().to_vec());
         req.set_TTL(ttl);
         req.set_safe_point(safe_point);
-        self.call("UpdateServiceGCSafePoint", req, |c, r, o| c.update_service_gc_safe_point_opt(r, o))
+        let resp = self
+            .call("UpdateServiceGCSafePoint", req, |c, r, o| c.update_service_gc_safe_point_opt(r, o))
+            .with_context(|| {
+                format!("failed to set service GC safe point {service_id} to {safe_point} (TTL {ttl}s)")
+            })?;
+        Ok(resp.get_min_safe_point())
+    }
+
+    /// The cluster's GC safe point: versions below it may already be collected.
+    pub fn gc_safe_point(&self) -> Result<Ts> {
+        let resp = self
+            .call("GetGCSafePoint", pdpb::GetGCSafePointRequest::default(), |c, r, o| c.get_gc_safe_point_opt(r, o))?;
+        Ok(resp.get_safe_point())
     }
 }
 
@@ -282,10 +296,7 @@ impl ClusterMeta for PdClient {
     }
 
     fn block_gc_until(&self, safe_point: Ts) -> Result<Ts> {
-        let resp = self
-            .update_gc_safe_point(GC_TTL_SECONDS, safe_point)
-            .with_context(|| format!("failed to block GC until {safe_point}"))?;
-        let min = resp.get_min_safe_point();
+        let min = self.update_service_safe_point(GC_SERVICE_ID, GC_TTL_SECONDS, safe_point)?;
         if min > safe_point {
             return Err(Error::Pd {
                 endpoint: self.leader_url().unwrap_or_default(),
@@ -299,7 +310,7 @@ impl ClusterMeta for PdClient {
 
     fn unblock_gc(&self) -> Result<()> {
         // TTL 0 removes the service safe point; PD wants the maximal value with it.
-        self.update_gc_safe_point(0, u64::MAX).context("failed to unblock GC")?;
+        self.update_service_safe_point(GC_SERVICE_ID, 0, u64::MAX).context("failed to unblock GC")?;
         Ok(())
     }
 
@@ -453,6 +464,7 @@ pd_messages! {
     ScanRegionsRequest => ScanRegionsResponse,
     TsoRequest => TsoResponse,
     UpdateServiceGCSafePointRequest => UpdateServiceGCSafePointResponse,
+    GetGCSafePointRequest => GetGCSafePointResponse,
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ use crate::types::{KeyRange, RegionId, StoreId, Ts};
 use crate::worker::{catch_panic, StopHandle, Worker};
 
 pub use checkpoint_advancer::{CheckpointAdvancer, Env};
-pub use owner::new_owner_id;
+pub use owner::{is_our_owner_id, new_owner_id, random_uuid};
 
 /// Everything the daemon needs to run.
 #[derive(Clone)]
@@ -55,6 +55,8 @@ pub struct DaemonConfig {
     pub status_addr: Option<String>,
     /// Written under the owner key; a fresh UUID when `None`.
     pub owner_id: Option<String>,
+    /// Evict older owner candidates (TiDB's included) until this daemon leads.
+    pub take_over: bool,
 }
 
 impl DaemonConfig {
@@ -66,6 +68,7 @@ impl DaemonConfig {
             advancer: Config::default(),
             status_addr: None,
             owner_id: None,
+            take_over: false,
         }
     }
 }
@@ -169,6 +172,8 @@ pub struct DaemonHandle {
     /// Stops when the ticker ends, however it ends: its stop handle is the ticker's.
     owner: Option<Worker>,
     status_server: Option<StatusServer>,
+    /// Asks the owner loop to resign and campaign again (`POST /owner/resign`).
+    resign_requests: crossbeam_channel::Sender<()>,
 }
 
 /// Runs the ticker. However it ends (stopped, or a panic), ownership is given up: `resign`
@@ -226,10 +231,13 @@ impl Daemon {
         });
         let (owner_tx, owner_rx) = crossbeam_channel::bounded(16);
         let (request_tx, request_rx) = crossbeam_channel::bounded(16);
+        let (resign_requests, resign_rx) = crossbeam_channel::bounded(1);
+        let status_etcd = etcd.clone();
 
-        let (ttl, backoff) = (config.advancer.owner_ttl, config.advancer.backoff);
+        let (ttl, backoff, take_over) = (config.advancer.owner_ttl, config.advancer.backoff, config.take_over);
         let mut owner = Worker::spawn("sh-owner", move |stop| {
-            owner::OwnerLoop { etcd, id, ttl, backoff, events: owner_tx, stop }.run()
+            let resign = resign_rx;
+            owner::OwnerLoop { etcd, id, ttl, backoff, events: owner_tx, resign, take_over, stop }.run()
         })?;
         let resign = owner.take_stop();
         let ticker_shared = shared.clone();
@@ -239,18 +247,34 @@ impl Daemon {
             run_ticker(ticker, resign)
         })?;
         let status_server = match &config.status_addr {
-            Some(addr) => Some(StatusServer::start(addr, status_handler(shared.clone()))?),
+            Some(addr) => {
+                Some(StatusServer::start(addr, status_handler(shared.clone(), status_etcd, resign_requests.clone()))?)
+            }
             None => None,
         };
         log::info!("begin advancer daemon {}", shared.id);
-        Ok(DaemonHandle { shared, requests: request_tx, ticker: Some(ticker), owner: Some(owner), status_server })
+        Ok(DaemonHandle {
+            shared,
+            requests: request_tx,
+            ticker: Some(ticker),
+            owner: Some(owner),
+            status_server,
+            resign_requests,
+        })
     }
 }
 
-fn status_handler(shared: Arc<Shared>) -> Handler {
-    Arc::new(move |path| match path {
-        "/metrics" => Some(("text/plain; version=0.0.4", shared.metrics.render())),
-        "/status" => Some(("application/json", serde_json::to_string_pretty(&shared.status()).unwrap_or_default())),
+fn status_handler(shared: Arc<Shared>, etcd: EtcdClient, resign: crossbeam_channel::Sender<()>) -> Handler {
+    let election = crate::etcd::Election::new(etcd, crate::meta::keys::OWNER_PREFIX);
+    Arc::new(move |method, path| match (method, path) {
+        ("GET", "/metrics") => Some((200, "text/plain; version=0.0.4", shared.metrics.render())),
+        ("GET", "/status") => {
+            let mut status = serde_json::to_value(shared.status()).unwrap_or_default();
+            status["owner"] = owner::owner_view(&election, &shared.id);
+            Some((200, "application/json", serde_json::to_string_pretty(&status).unwrap_or_default()))
+        }
+        ("POST", "/owner/resign") => Some(owner::resign_reply(shared.owner.load(Ordering::SeqCst), &resign)),
+        (_, "/metrics" | "/status" | "/owner/resign") => Some((405, "text/plain", format!("{method} {path}?\n"))),
         _ => None,
     })
 }
@@ -286,6 +310,11 @@ impl DaemonHandle {
             crossbeam_channel::RecvTimeoutError::Timeout => Error::Timeout(format!("the advancer answering {what}")),
             crossbeam_channel::RecvTimeoutError::Disconnected => stopped(),
         })
+    }
+
+    /// Asks the owner thread to resign and campaign again; false when not the owner.
+    pub fn resign_ownership(&self) -> bool {
+        owner::resign_reply(self.is_owner(), &self.resign_requests).0 == 200
     }
 
     pub fn status_addr(&self) -> Option<std::net::SocketAddr> {

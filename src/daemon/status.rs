@@ -1,7 +1,7 @@
 //! The status endpoint: a tiny HTTP/1.0 server on its own thread serving `/metrics`
-//! (Prometheus text) and `/status` (JSON). Requests are answered from what the ticker
-//! publishes (plus, for `/status`, a region lookup per task), so a scrape never waits for a
-//! tick.
+//! (Prometheus text), `/status` (JSON) and `POST /owner/resign`. Requests are answered from
+//! what the ticker publishes (plus, for `/status`, a region lookup per task and the current
+//! owner), so a scrape never waits for a tick.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -11,8 +11,11 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::worker::{StopToken, Worker};
 
-/// Answers a path with `(content type, body)`, or `None` for 404.
-pub type Handler = Arc<dyn Fn(&str) -> Option<(&'static str, String)> + Send + Sync>;
+/// An answer: `(status code, content type, body)`.
+pub type Reply = (u16, &'static str, String);
+
+/// Answers `(method, path)`, or `None` for 404.
+pub type Handler = Arc<dyn Fn(&str, &str) -> Option<Reply> + Send + Sync>;
 
 pub struct StatusServer {
     addr: SocketAddr,
@@ -77,15 +80,23 @@ fn answer(stream: TcpStream, handler: &Handler) -> std::io::Result<()> {
             break;
         }
     }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
-    let (status, content_type, body) = match handler(&path) {
-        Some((content_type, body)) => ("200 OK", content_type, body),
-        None => ("404 Not Found", "text/plain", format!("no such page {path}; try /metrics or /status\n")),
+    let mut words = request_line.split_whitespace();
+    let method = words.next().unwrap_or("GET").to_string();
+    let path = words.next().unwrap_or("/").split('?').next().unwrap_or("/").to_string();
+    let (code, content_type, body) = handler(&method, &path).unwrap_or_else(|| {
+        (404, "text/plain", format!("no such page {path}; try /metrics, /status or POST /owner/resign\n"))
+    });
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        _ => "",
     };
     let mut stream = stream;
     write!(
         stream,
-        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.0 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     stream.flush()
@@ -93,10 +104,15 @@ fn answer(stream: TcpStream, handler: &Handler) -> std::io::Result<()> {
 
 /// A blocking GET for tests and the demo: returns (status code, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path)
+}
+
+/// A blocking request without a body: returns (status code, body).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::Read;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(stream, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -110,12 +126,16 @@ mod tests {
 
     #[test]
     fn serves_pages_and_404() {
-        let handler: Handler =
-            Arc::new(|path| (path == "/status").then(|| ("application/json", "{\"ok\":true}".to_string())));
+        let handler: Handler = Arc::new(|method, path| match (method, path) {
+            ("GET", "/status") => Some((200, "application/json", "{\"ok\":true}".to_string())),
+            ("POST", "/poke") => Some((409, "text/plain", "no\n".to_string())),
+            _ => None,
+        });
         let server = StatusServer::start("127.0.0.1:0", handler).unwrap();
         assert_eq!(http_get(server.addr(), "/status").unwrap(), (200, "{\"ok\":true}".to_string()));
+        assert_eq!(http_request(server.addr(), "POST", "/poke").unwrap(), (409, "no\n".to_string()));
         assert_eq!(http_get(server.addr(), "/nope").unwrap().0, 404);
-        assert!(StatusServer::start("256.0.0.1:1", Arc::new(|_| None))
+        assert!(StatusServer::start("256.0.0.1:1", Arc::new(|_, _| None))
             .err()
             .unwrap()
             .to_string()

@@ -14,6 +14,9 @@ use crate::worker::StopToken;
 /// How often a waiting candidate re-checks for a stop or a lost key.
 const POLL: Duration = Duration::from_millis(200);
 
+/// The longest wait between two take-over rounds.
+const MAX_TAKE_OVER_BACKOFF: Duration = Duration::from_secs(30);
+
 pub struct Election {
     client: EtcdClient,
     /// The directory of candidate keys, with a trailing `/` so `owner` never matches `owner2`.
@@ -36,6 +39,42 @@ impl Leadership {
     }
 }
 
+/// One candidate key under the election prefix, whoever wrote it (TiDB or us).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub lease: i64,
+    pub create_revision: i64,
+}
+
+impl Candidate {
+    fn of(mut kv: KeyValue) -> Self {
+        Candidate {
+            lease: kv.get_lease(),
+            create_revision: kv.get_create_revision(),
+            key: kv.take_key(),
+            value: kv.take_value(),
+        }
+    }
+}
+
+/// How a campaign takes over instead of waiting its turn.
+#[derive(Clone, Copy)]
+pub struct TakeOver {
+    /// Wait before evicting again while someone evictable is still ahead (doubles).
+    pub backoff: Duration,
+    /// Which candidates' values may be evicted. Candidates it spares are waited for as
+    /// usual, so that two taking-over advancers of the same kind queue instead of
+    /// evicting each other forever.
+    pub evictable: fn(&[u8]) -> bool,
+}
+
+/// The candidates a take-over deletes: older than ours and evictable.
+fn to_evict(candidates: Vec<Candidate>, our_create_revision: i64, evictable: fn(&[u8]) -> bool) -> Vec<Candidate> {
+    candidates.into_iter().filter(|c| c.create_revision < our_create_revision && evictable(&c.value)).collect()
+}
+
 impl Election {
     pub fn new(client: EtcdClient, prefix: &str) -> Self {
         let prefix = format!("{}/", prefix.trim_end_matches('/'));
@@ -46,11 +85,34 @@ impl Election {
         &self.prefix
     }
 
+    pub fn client(&self) -> &EtcdClient {
+        &self.client
+    }
+
     /// The first candidate in `options`' order and the revision it was read at (a watch
     /// from the next one misses nothing and is not compacted away yet).
-    fn candidates(&self, options: GetOptions) -> Result<(Option<KeyValue>, i64)> {
+    fn first_candidate(&self, options: GetOptions) -> Result<(Option<KeyValue>, i64)> {
         let mut result = self.client.range(KeySpan::prefix(self.prefix.as_bytes()), &options)?;
         Ok((result.kvs.pop(), result.revision))
+    }
+
+    /// Every candidate, the leader first (ascending create revision).
+    pub fn candidates(&self) -> Result<Vec<Candidate>> {
+        let options = GetOptions {
+            sort: Some((RangeRequest_SortTarget::CREATE, RangeRequest_SortOrder::ASCEND)),
+            ..Default::default()
+        };
+        let kvs = self.client.range(KeySpan::prefix(self.prefix.as_bytes()), &options)?.kvs;
+        Ok(kvs.into_iter().map(Candidate::of).collect())
+    }
+
+    /// Deletes a candidate's key, but only the incarnation given (same create revision), so
+    /// a candidate that has already re-campaigned is left alone. False if it was gone.
+    pub fn evict(&self, candidate: &Candidate) -> Result<bool> {
+        let txn = Txn::new()
+            .when([Cmp::create_revision(&candidate.key, Compare_CompareResult::EQUAL, candidate.create_revision)])
+            .and_then([TxnOp::delete(KeySpan::key(candidate.key.clone()))]);
+        Ok(self.client.txn(txn)?.succeeded)
     }
 
     /// The current leader's key and value, if any candidate exists.
@@ -59,7 +121,7 @@ impl Election {
     }
 
     fn leader_at(&self) -> Result<(Option<KeyValue>, i64)> {
-        self.candidates(GetOptions {
+        self.first_candidate(GetOptions {
             limit: 1,
             sort: Some((RangeRequest_SortTarget::CREATE, RangeRequest_SortOrder::ASCEND)),
             ..Default::default()
@@ -69,6 +131,19 @@ impl Election {
     /// Blocks until this candidate leads, `stop` fires (`Error::Stopped`), or its key
     /// disappears (the lease died: `Error::LeaseLost`).
     pub fn campaign(&self, lease: i64, value: &[u8], stop: &StopToken) -> Result<Leadership> {
+        self.campaign_with(lease, value, stop, None)
+    }
+
+    /// [`Election::campaign`]; with a [`TakeOver`] it does not wait behind older evictable
+    /// candidates but deletes their keys (a TiDB re-campaigns behind us), again after a
+    /// doubling backoff while one is still ahead.
+    pub fn campaign_with(
+        &self,
+        lease: i64,
+        value: &[u8],
+        stop: &StopToken,
+        mut take_over: Option<TakeOver>,
+    ) -> Result<Leadership> {
         let key = format!("{}{:x}", self.prefix, lease).into_bytes();
         let txn = Txn::new()
             .when([Cmp::absent(&key)])
@@ -87,11 +162,12 @@ impl Election {
             existing.get_create_revision()
         };
         let leadership = Leadership { key, create_revision, lease };
+        let mut take_over_rounds = 0;
         loop {
             if stop.is_stopped() {
                 return Err(Error::Stopped("owner campaign".into()));
             }
-            let (ahead, read_at) = self.candidates(GetOptions {
+            let (ahead, read_at) = self.first_candidate(GetOptions {
                 limit: 1,
                 max_create_revision: create_revision - 1,
                 sort: Some((RangeRequest_SortTarget::CREATE, RangeRequest_SortOrder::DESCEND)),
@@ -101,9 +177,39 @@ impl Election {
                 // Nobody older: we lead, provided our own key survived the wait.
                 return if self.is_leader(&leadership)? { Ok(leadership) } else { Err(self.key_lost(lease)) };
             };
+            if let Some(policy) = &mut take_over {
+                let targets = to_evict(self.candidates()?, create_revision, policy.evictable);
+                if !targets.is_empty() {
+                    if take_over_rounds > 0 {
+                        if stop.sleep(policy.backoff) {
+                            return Err(Error::Stopped("owner take-over".into()));
+                        }
+                        policy.backoff = (policy.backoff * 2).min(MAX_TAKE_OVER_BACKOFF);
+                    }
+                    take_over_rounds += 1;
+                    self.evict_loudly(&targets, &leadership)?;
+                    continue;
+                }
+            }
             log::info!("waiting for the owner key {} to go away", String::from_utf8_lossy(ahead.get_key()));
             self.wait_deleted(&ahead, read_at, &leadership, stop)?;
         }
+    }
+
+    /// Take-over: deletes the candidates ahead of ours, each with a warning.
+    fn evict_loudly(&self, targets: &[Candidate], ours: &Leadership) -> Result<()> {
+        for candidate in targets {
+            if self.evict(candidate)? {
+                log::warn!(
+                    "TAKE-OVER: evicted owner candidate {} (value {:?}, lease {:x}) so that {} leads",
+                    String::from_utf8_lossy(&candidate.key),
+                    String::from_utf8_lossy(&candidate.value),
+                    candidate.lease,
+                    String::from_utf8_lossy(&ours.key),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Waits until `ahead` (seen at revision `read_at`) is deleted, our own key vanishes,
@@ -172,5 +278,28 @@ impl Election {
     /// event means leadership is lost.
     pub fn watch_leadership(&self, leadership: &Leadership, start_revision: i64) -> Result<Watcher> {
         self.client.watch(KeySpan::key(leadership.key.clone()), WatchOptions { start_revision, prev_kv: false })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(create_revision: i64, value: &str) -> Candidate {
+        Candidate {
+            key: format!("/o/{create_revision:x}").into_bytes(),
+            value: value.into(),
+            lease: 1,
+            create_revision,
+        }
+    }
+
+    #[test]
+    fn take_over_evicts_only_older_evictable_candidates() {
+        let all = vec![candidate(5, "tidb"), candidate(7, "ours"), candidate(9, "tidb"), candidate(12, "tidb")];
+        let not_ours = |v: &[u8]| v != b"ours";
+        let revisions = |c: Vec<Candidate>| c.iter().map(|c| c.create_revision).collect::<Vec<_>>();
+        assert_eq!(revisions(to_evict(all.clone(), 10, not_ours)), [5, 9], "an older advancer of ours is waited for");
+        assert_eq!(revisions(to_evict(all, 5, not_ours)), Vec::<i64>::new(), "nobody older");
     }
 }

@@ -8,7 +8,9 @@ use grpcio::WriteFlags;
 
 use super::client::EtcdClient;
 use crate::error::{Error, Result};
-use crate::proto::etcdserverpb::{LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest};
+use crate::proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest,
+};
 use crate::worker::{StopToken, Worker};
 
 /// Renews a lease in the background until dropped. [`LeaseKeeper::lost`] yields one error
@@ -47,6 +49,14 @@ impl EtcdClient {
         let mut req = LeaseRevokeRequest::new();
         req.set_ID(id);
         self.call("etcd LeaseRevoke", |c, opt| c.lease.lease_revoke_opt(&req, opt)).map(drop)
+    }
+
+    /// Seconds left on a lease; `None` once it has expired or been revoked.
+    pub fn lease_time_to_live(&self, id: i64) -> Result<Option<i64>> {
+        let mut req = LeaseTimeToLiveRequest::new();
+        req.set_ID(id);
+        let resp = self.call("etcd LeaseTimeToLive", |c, opt| c.lease.lease_time_to_live_opt(&req, opt))?;
+        Ok((resp.get_TTL() >= 0).then_some(resp.get_TTL()))
     }
 
     /// One keep-alive round trip; returns the TTL etcd now grants (≤ 0: the lease is gone).

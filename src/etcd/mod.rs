@@ -8,7 +8,7 @@ pub mod process;
 mod watch;
 
 pub use client::{prefix_end, Cmp, EtcdClient, EtcdConfig, GetOptions, KeySpan, RangeResult, Txn, TxnOp, TxnResult};
-pub use election::{Election, Leadership};
+pub use election::{Candidate, Election, Leadership, TakeOver};
 pub use lease::LeaseKeeper;
 pub use process::{EtcdProcess, ServerTls};
 pub use watch::{EventKind, WatchBatch, WatchEvent, WatchOptions, Watcher};

@@ -128,9 +128,10 @@ mod tests {
         assert_eq!(config.degraded_threshold(), Duration::from_millis(108));
         assert!(!apply(&mut config, Duration::from_millis(180)), "unchanged");
 
-        let mut config = Config::default();
-        config.set("try-advance-threshold", "10m").unwrap();
-        config.set(RESOLVE_INTERVAL_OPTION, "5m").unwrap();
+        let mut settings = crate::advancer::Settings::default();
+        settings.set_by_key("try-advance-threshold", "10m").unwrap();
+        settings.set_by_key(RESOLVE_INTERVAL_OPTION, "5m").unwrap();
+        let mut config = settings.advancer;
         assert!(!apply(&mut config, Duration::from_secs(60)));
         assert_eq!(config.try_advance_threshold, Duration::from_secs(600));
         assert_eq!(config.resolve_lock_interval, Duration::from_secs(300));

@@ -16,8 +16,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use crate::error::{Error, Result};
 use crate::etcd::EtcdProcess;
 
-use super::control::{parse_duration, parse_line, Control};
+use super::control::{parse_line, Control};
 use super::{rss_bytes, SimCluster, SimConfig};
+use crate::timefmt::parse_duration;
 
 /// How often the control file is checked for new lines.
 const CONTROL_POLL: Duration = Duration::from_millis(200);

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::timefmt::parse_duration;
 use crate::types::{DisplayKey, KeyRange, RegionId, StoreId, Ts};
 
 use super::{record_key, table_prefix, SimCluster};
@@ -48,19 +49,6 @@ pub enum Control {
     Status,
     Help,
     Quit,
-}
-
-/// `500ms`, `2s`, `1m`, or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration> {
-    let bad = || Error::Config(format!("bad duration {text:?}: use e.g. 500ms, 2s, 1m"));
-    let (number, unit) = text.find(|c: char| !c.is_ascii_digit()).map_or((text, ""), |i| text.split_at(i));
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(bad()),
-    }
 }
 
 /// A split key: `t<table>`, `t<table>_r<row>` (TiDB's encoding), `0x<hex>`, or the text.
@@ -126,7 +114,8 @@ pub fn parse_line(line: &str) -> Result<Option<Control>> {
         "reset-subscriptions" => Control::ResetSubscriptions(number(next(), "a store id", line)?),
         "delay-store" => Control::DelayStore(
             number(next(), "a store id", line)?,
-            parse_duration(next().ok_or_else(|| Error::Config(format!("{line:?}: expected a duration")))?)?,
+            parse_duration(next().ok_or_else(|| Error::Config(format!("{line:?}: expected a duration")))?)
+                .map_err(Error::Config)?,
         ),
         "stop-pd" => Control::StopPd,
         "start-pd" => Control::StartPd,
@@ -252,7 +241,6 @@ mod tests {
         assert!(parse_line("split 0x6").is_err());
         assert!(parse_line("stop-store x").unwrap_err().to_string().contains("store id"));
         assert!(parse_line("frobnicate").unwrap_err().to_string().contains("frobnicate"));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert!(parse_duration("2h").is_err());
+        assert!(parse_line("delay-store 3 soon").unwrap_err().to_string().contains("soon"));
     }
 }

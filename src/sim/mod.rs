@@ -463,10 +463,10 @@ impl SimCluster {
 
 /// TiKV's status `/config` page, reduced to what the advancer reads.
 fn config_page(state: Arc<SimState>, store: StoreId) -> Handler {
-    Arc::new(move |path: &str| {
+    Arc::new(move |method: &str, path: &str| {
         let interval = state.store(store)?.run.lock().max_flush_interval;
         let body = serde_json::json!({ "log-backup": { "max-flush-interval": readable_duration(interval) } });
-        (path == "/config").then(|| ("application/json", body.to_string()))
+        (method == "GET" && path == "/config").then(|| (200, "application/json", body.to_string()))
     })
 }
 
