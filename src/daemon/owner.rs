@@ -160,7 +160,8 @@ impl OwnerLoop {
     /// Tells the ticker, then waits for stop, a resign request, a lost lease or the loss of
     /// our key.
     fn lead(&self, election: &Election, leadership: &Leadership, keeper: &LeaseKeeper) -> Result<TermEnd> {
-        let watch = election.watch_leadership(leadership)?;
+        let Some(read_at) = election.leading_at(leadership)? else { return Ok(TermEnd::Lost) };
+        let mut watch = election.watch_leadership(leadership, read_at + 1)?;
         // A request made while we stood by is not for this term.
         while self.resign.try_recv().is_ok() {}
         if self.events.send(OwnerEvent::Gained(leadership.clone())).is_err() {
@@ -184,11 +185,19 @@ impl OwnerLoop {
                         return Ok(TermEnd::Lost);
                     }
                     Ok(Ok(_)) => {}
-                    // The watch ended (compaction): check directly.
+                    // The watch ended (a compaction, a closed stream): after a backoff, check
+                    // directly and watch again from that read. Never poll a finished watch.
                     _ => {
-                        if !election.is_leader(leadership).unwrap_or(false) {
-                            log::warn!("ownership lost: no longer the first candidate");
-                            return Ok(TermEnd::Lost);
+                        if self.stop.sleep(self.backoff) {
+                            return Ok(TermEnd::Stopped);
+                        }
+                        match election.leading_at(leadership) {
+                            Ok(Some(read_at)) => watch = election.watch_leadership(leadership, read_at + 1)?,
+                            Ok(None) => {
+                                log::warn!("ownership lost: no longer the first candidate");
+                                return Ok(TermEnd::Lost);
+                            }
+                            Err(e) => log::warn!("checking ownership after the owner watch ended failed: {e}"),
                         }
                     }
                 },
