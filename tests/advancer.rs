@@ -381,6 +381,23 @@ fn a_pd_clock_jumping_days_ahead_does_not_pause_a_healthy_task() {
     assert!(safety.last > before);
 }
 
+#[test]
+fn a_crashed_owner_is_replaced_once_its_lease_expires() {
+    let f = Fixture::new(3, 8);
+    let start = f.add_task("t1", KeyRange::full());
+    let owner = f.daemon();
+    let standby = Daemon::start(f.daemon_config()).unwrap();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let before = safety.advance_past(start, "before the crash");
+    let owner_keys = || f.meta.etcd().scan_prefix(b"/tidb/br-stream/owner/", 10).unwrap().0.len();
+    assert_eq!(owner_keys(), 2);
+    owner.crash();
+    assert_eq!(owner_keys(), 2, "a crashed owner does not resign: its key stays until the lease expires");
+    safety.until("the standby to take over", || standby.is_owner());
+    assert_eq!(owner_keys(), 1, "the crashed owner's lease expired");
+    safety.advance_past(before.max(safety.last), "after the takeover");
+}
+
 fn spawn_advancer(f: &Fixture, status_port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_streamhelper"))
         .args(["advancer", "--pd", &f.sim.pd_endpoint(), "--etcd", &f.etcd.endpoint()])

@@ -3,6 +3,8 @@
 //! resigns and revokes its lease so that a standby takes over at once; on a resign request
 //! it does the same and campaigns again at the back of the queue.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -89,6 +91,8 @@ pub struct OwnerLoop {
     pub resign: Receiver<()>,
     /// Evict older candidates instead of waiting behind them (`--take-over`).
     pub take_over: bool,
+    /// Leave like a killed process: neither resign nor revoke the lease (`DaemonHandle::crash`).
+    pub crashed: Arc<AtomicBool>,
     pub stop: StopToken,
 }
 
@@ -131,7 +135,9 @@ impl OwnerLoop {
     fn one_term(&self, election: &Election, take_over: bool) -> Result<TermEnd> {
         let lease = self.etcd.grant_lease(self.ttl)?;
         let end = self.hold_lease(election, lease, take_over);
-        let _ = self.etcd.revoke_lease(lease);
+        if !self.crashed.load(Ordering::SeqCst) {
+            let _ = self.etcd.revoke_lease(lease);
+        }
         end
     }
 
@@ -149,7 +155,7 @@ impl OwnerLoop {
         let end = self.lead(election, &leadership, &keeper);
         // Lost first, so the ticker stops uploading before anything else happens.
         let _ = self.events.send(OwnerEvent::Lost);
-        if matches!(end, Ok(TermEnd::Stopped | TermEnd::Resigned)) {
+        if matches!(end, Ok(TermEnd::Stopped | TermEnd::Resigned)) && !self.crashed.load(Ordering::SeqCst) {
             if let Err(e) = election.resign(&leadership) {
                 log::warn!("resigning ownership failed (the lease expiry will release it): {e}");
             }
