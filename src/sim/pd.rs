@@ -268,6 +268,7 @@ impl Pd for PdService {
                 response.mut_region_metas().push(region_proto(s, meta));
                 response.mut_leaders().push(leader_proto(meta));
             }
+            state.pd_scans.count(response.get_regions().len());
             Ok(response)
         });
     }
@@ -299,6 +300,7 @@ impl Pd for PdService {
                     break;
                 }
             }
+            state.pd_scans.count(response.get_regions().len());
             Ok(response)
         });
     }

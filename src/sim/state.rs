@@ -2,6 +2,7 @@
 //! every store's service and the `SimCluster` handle. Services hold no state of their own.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -148,6 +149,27 @@ pub struct SimState {
     pub txns: Mutex<TxnTable>,
     /// `127.0.0.1:port` of PD, for `GetMembers`.
     pub pd_address: Mutex<String>,
+    /// What PD was asked to scan, for benchmarks that measure an advancer's PD load.
+    pub pd_scans: PdScanCounters,
+}
+
+/// `ScanRegions` and `BatchScanRegions` calls answered, and the regions they returned.
+#[derive(Debug, Default)]
+pub struct PdScanCounters {
+    pub calls: AtomicU64,
+    pub regions: AtomicU64,
+}
+
+impl PdScanCounters {
+    pub fn count(&self, regions: usize) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.regions.fetch_add(regions as u64, Ordering::Relaxed);
+    }
+
+    /// (calls, regions) so far.
+    pub fn read(&self) -> (u64, u64) {
+        (self.calls.load(Ordering::Relaxed), self.regions.load(Ordering::Relaxed))
+    }
 }
 
 impl SimState {
@@ -169,6 +191,7 @@ impl SimState {
             gc: Mutex::new(GcSafePoints::default()),
             txns: Mutex::new(TxnTable::default()),
             pd_address: Mutex::new(String::new()),
+            pd_scans: PdScanCounters::default(),
         }
     }
 
