@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing streamhelper needs, only when it is missing:
 # cmake and a C++ compiler (grpcio-sys), protoc (build.rs), OpenSSL headers (TLS),
-# the real etcd server (tests and the demo) and the openssl command (TLS tests, which
+# the real etcd server (tests and the demo), Prometheus with promtool (tests of the shipped
+# alerts and dashboard), tmux (the demo's full-screen view under test) and the openssl command (TLS tests, which
 # make their own certificates), rustfmt and clippy for the gates, and moto's S3 server from
 # PyPI (storage tests) in a private venv when the system Python lacks it. Debian/Ubuntu only.
 set -euo pipefail
@@ -10,6 +11,8 @@ missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)

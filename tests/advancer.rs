@@ -17,30 +17,13 @@ use streamhelper::storage::{self, read_global_checkpoint, GLOBAL_CHECKPOINT_FILE
 use streamhelper::types::ts_add;
 use streamhelper::{KeyRange, Ts};
 use support::s3::MotoServer;
-use support::{TcpProxy, DEADLINE};
+use support::{fast_config, TcpProxy, DEADLINE};
 
 struct Fixture {
     etcd: EtcdProcess,
     sim: SimCluster,
     meta: MetaDataClient,
     ext: AdvancerExt,
-}
-
-/// Fast settings so that stories play out in seconds. The thresholds are explicit, so the
-/// sim's TiKV config (180 s flushes) does not replace them.
-fn fast_config() -> Config {
-    Config {
-        tick_interval: Duration::from_millis(200),
-        try_advance_threshold: Duration::from_millis(300),
-        backoff: Duration::from_millis(200),
-        owner_ttl: Duration::from_secs(2),
-        rpc_timeout: Duration::from_millis(500),
-        dial_timeout: Duration::from_millis(500),
-        upload_heartbeat: Duration::from_secs(1),
-        resolve_lock_interval: Duration::from_secs(1),
-        explicit: ["try-advance-threshold", "resolve-lock-interval"].map(String::from).into(),
-        ..Config::default()
-    }
 }
 
 impl Fixture {

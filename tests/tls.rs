@@ -17,26 +17,16 @@ fn openssl(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A self-signed CA: `<name>.key` and `<name>.pem`.
+fn make_ca(dir: &Path, name: &str, common_name: &str) {
+    let (key, pem, subject) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN={common_name}"));
+    let args = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem, "-days", "2"];
+    openssl(dir, &[&args[..], &["-subj", &subject]].concat());
+}
+
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, signed by the CA.
 fn make_pki(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=streamhelper-test-ca",
-        ],
-    );
+    make_ca(dir, "ca", "streamhelper-test-ca");
     std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
         .unwrap();
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
@@ -126,24 +116,7 @@ fn tls_failures_say_what_failed() {
     let dir = tempfile::tempdir().unwrap();
     make_pki(dir.path());
     let path = |f: &str| dir.path().join(f);
-    openssl(
-        dir.path(),
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "other.key",
-            "-out",
-            "other.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=another-ca",
-        ],
-    );
+    make_ca(dir.path(), "other", "another-ca");
     let etcd = EtcdProcess::start_tls(ServerTls {
         cert: path("server.pem"),
         key: path("server.key"),

@@ -8,6 +8,8 @@ mod owner;
 mod status;
 mod task;
 
+pub(crate) use advancer::termination_flag;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -90,6 +92,14 @@ impl ClusterArgs {
         let mut config = EtcdConfig::new(self.etcd_endpoints());
         config.security = self.security()?;
         EtcdClient::new(config)
+    }
+}
+
+/// Where logs go instead of stderr: the demo's view owns the terminal.
+pub fn log_file(cli: &Cli) -> Option<PathBuf> {
+    match &cli.command {
+        Command::Demo(args) => Some(args.log_file()),
+        _ => None,
     }
 }
 

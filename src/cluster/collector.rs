@@ -101,6 +101,10 @@ pub struct CollectResult {
     pub failed: Vec<FailedRange>,
     /// One error per store that failed as a whole.
     pub store_errors: Vec<Error>,
+    /// Regions per request sent (upstream's `batch_size{type="checkpoint"}`).
+    pub batch_sizes: Vec<usize>,
+    /// How long listing each range's regions took (upstream's `get-regions-in-range` step).
+    pub range_scans: Vec<Duration>,
 }
 
 /// Asks the leaders of all regions overlapping `ranges` for their last flushed checkpoint.
@@ -127,9 +131,9 @@ pub fn collect_checkpoints_cached(
     ranges: &[KeyRange],
     config: &CollectorConfig,
 ) -> Result<CollectResult> {
-    let regions = scan_regions(meta, cache, ranges, config)?;
-    let region_count = regions.len();
     let mut result = CollectResult::default();
+    let regions = scan_regions(meta, cache, ranges, config, &mut result.range_scans)?;
+    let region_count = regions.len();
     let plans = plan_requests(regions, config.batch_size, &mut result.failed);
     let dialed: Vec<(StorePlan, Result<LogBackupClient>)> = pool.install(|| {
         plans
@@ -143,6 +147,11 @@ pub fn collect_checkpoints_cached(
 
     let deadline = Instant::now() + config.rpc_timeout;
     let in_flight: Vec<_> = dialed.into_iter().map(|(plan, client)| send_batches(plan, client, deadline)).collect();
+    for store in &in_flight {
+        if let Ok(sent) = &store.sent {
+            result.batch_sizes.extend(sent.calls.iter().map(|(batch, _)| batch.len()));
+        }
+    }
     for store in in_flight {
         store.wait_into(service, config.max_ts, &mut result);
     }
@@ -168,9 +177,11 @@ fn scan_regions(
     cache: &mut RegionCache,
     ranges: &[KeyRange],
     config: &CollectorConfig,
+    timings: &mut Vec<Duration>,
 ) -> Result<Vec<RegionWithLeader>> {
     let mut by_id: HashMap<RegionId, RegionWithLeader> = HashMap::new();
     for range in ranges {
+        let started = Instant::now();
         let (mut regions, gaps) = cache.cover(range);
         for gap in gaps {
             let mut iter = RegionIter::new(meta, &gap);
@@ -186,6 +197,7 @@ fn scan_regions(
                 by_id.insert(region.id, region);
             }
         }
+        timings.push(started.elapsed());
     }
     let mut regions: Vec<_> = by_id.into_values().collect();
     regions.sort_by(|a, b| a.range.cmp(&b.range));
@@ -619,7 +631,9 @@ mod tests {
     fn a_region_inside_two_ranges_is_asked_about_once() {
         let meta = MemMeta::new(regions_from_boundaries(&[b"b", b"d"], &[1]));
         let ranges = [KeyRange::new("a", "c"), KeyRange::new("c", "e")];
-        let regions = scan_regions(&meta, &mut RegionCache::default(), &ranges, &CollectorConfig::default()).unwrap();
+        let regions =
+            scan_regions(&meta, &mut RegionCache::default(), &ranges, &CollectorConfig::default(), &mut Vec::new())
+                .unwrap();
         let got: Vec<_> = regions.iter().map(|r| (r.id, r.range.clone())).collect();
         assert_eq!(got, vec![(1, KeyRange::new("", "b")), (2, KeyRange::new("b", "d")), (3, KeyRange::new("d", ""))]);
     }

@@ -139,6 +139,20 @@ impl FlushSubscriber {
             .collect()
     }
 
+    /// Each subscribed store and whether its stream is up (running and not failed).
+    pub fn store_states(&self) -> Vec<(StoreId, bool)> {
+        self.subscriptions
+            .values()
+            .map(|s| (s.store.id, s.stream.is_some() && s.status.lock().failure.is_none()))
+            .collect()
+    }
+
+    /// Events per message received from each store since the last call (upstream's
+    /// `region_checkpoint_event` observations).
+    pub fn take_message_sizes(&self) -> Vec<(StoreId, Vec<usize>)> {
+        self.subscriptions.values().map(|s| (s.store.id, std::mem::take(&mut s.status.lock().message_sizes))).collect()
+    }
+
     /// `None` when every stream is up; else the failures, so that the advancer polls more.
     pub fn pending_errors(&self) -> Option<Error> {
         let mut errors = self.store_errors();
@@ -185,8 +199,14 @@ struct Subscription {
 #[derive(Default)]
 struct StreamStatus {
     messages: u64,
+    /// Events per message since the last [`FlushSubscriber::take_message_sizes`]; the
+    /// oldest are dropped past `MESSAGE_SIZES_KEPT`.
+    message_sizes: Vec<usize>,
     failure: Option<Failure>,
 }
+
+/// Message sizes kept per store between two reads: a tick's worth many times over.
+const MESSAGE_SIZES_KEPT: usize = 1024;
 
 struct Failure {
     message: String,
@@ -344,7 +364,14 @@ impl Listener {
                 Next::Item(Some(Err(e))) => return Err(self.rpc_error(e)),
                 Next::Item(Some(Ok(message))) => message,
             };
-            self.status.lock().messages += 1;
+            {
+                let mut status = self.status.lock();
+                status.messages += 1;
+                if status.message_sizes.len() == MESSAGE_SIZES_KEPT {
+                    status.message_sizes.remove(0);
+                }
+                status.message_sizes.push(message.get_events().len());
+            }
             for event in message.get_events().iter().filter_map(|e| decode_event(self.store.id, e)) {
                 if !self.stop.send(&self.events, event) {
                     return Ok(());

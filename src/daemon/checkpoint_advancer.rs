@@ -8,7 +8,7 @@
 //! A tick while owner: TSO → subscriptions → poll lagging spans → the core decides →
 //! upload (fenced by the owner term) / pause / GC safepoint.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use crate::locks::{LockResolver, ResolverSettings};
 use crate::meta::{Fence, MetaStore, TaskEvent, TaskWatcher, UploadOutcome};
 use crate::storage::CheckpointCopier;
 use crate::timefmt::format_duration;
-use crate::types::{local_now_ts, ts_add, ts_distance, ts_sub, KeyRange, StoreId, Ts};
+use crate::types::{local_now_ts, ts_add, ts_distance, ts_sub, KeyRange, RegionId, StoreId, Ts};
 
 /// Flush events merged into the frontier as one batch at most.
 const FLUSH_BATCH: usize = 4096;
@@ -68,6 +68,10 @@ pub struct CheckpointAdvancer {
     /// The regions polls saw, so that a poll asks PD only about regions not seen or failed;
     /// kept while owner.
     regions: RegionCache,
+    /// Why each region failed in its task's last poll: the reason a blocker is shown with.
+    last_failures: HashMap<String, HashMap<RegionId, &'static str>>,
+    /// The subscription failure reported every tick while it lasts: logged once.
+    subscription_warning: RepeatedWarning,
 }
 
 impl CheckpointAdvancer {
@@ -102,6 +106,8 @@ impl CheckpointAdvancer {
             last_tso: None,
             future_stores: HashSet::new(),
             regions: RegionCache::default(),
+            last_failures: HashMap::new(),
+            subscription_warning: RepeatedWarning::default(),
         })
     }
 
@@ -170,6 +176,8 @@ impl CheckpointAdvancer {
                 self.metrics.external_storage_checkpoint.remove([&name]);
                 self.metrics.last_checkpoint.remove([&name]);
                 self.metrics.checkpoint_lag.remove([&name]);
+                self.metrics.task_blocker.remove_prefixed(&name);
+                self.last_failures.remove(&name);
             }
             TaskEvent::Pause { name } => self.core.set_paused(&name, true),
             TaskEvent::Resume { name } => {
@@ -239,7 +247,16 @@ impl CheckpointAdvancer {
         self.subscriber = None;
         self.regions = RegionCache::default();
         self.storage.clear();
-        self.metrics.owner.set([], 0.0);
+        self.last_failures.clear();
+        // A standby's values would go stale next to the new owner's (upstream resets too).
+        let m = &self.metrics;
+        m.owner.set([], 0.0);
+        for gauge in [&m.last_checkpoint, &m.checkpoint_lag, &m.external_storage_checkpoint, &m.subscription_up] {
+            gauge.clear();
+        }
+        m.last_region_id.clear();
+        m.last_region_leader_store_id.clear();
+        m.task_blocker.clear();
     }
 
     pub fn status(&self) -> Vec<TaskStatus> {
@@ -260,6 +277,7 @@ impl CheckpointAdvancer {
         self.poll_lagging(&plans, now, started);
         let actions = self.core.finish_tick(now);
         self.apply(actions, now);
+        self.show_blockers(now);
         // Starts a round for tasks stuck past the resolve interval; never waits for one.
         self.locks.after_tick(now, &mut self.core, &self.metrics);
         // After the GC step, as upstream; the writes run on the copier's thread.
@@ -338,9 +356,19 @@ impl CheckpointAdvancer {
             log::warn!("Error when updating store topology: {e}");
         }
         subscriber.handle_errors();
+        for (store, up) in subscriber.store_states() {
+            self.metrics.subscription_up.set([&store.to_string()], if up { 1.0 } else { 0.0 });
+        }
+        for (store, sizes) in subscriber.take_message_sizes() {
+            let store = store.to_string();
+            for size in sizes {
+                self.metrics.region_checkpoint_event.observe_value([&store], size as f64);
+            }
+        }
         let pending = subscriber.pending_errors();
-        if let Some(e) = &pending {
-            log::warn!("Subscriber meet error, would polling the checkpoint: {e}");
+        let message = pending.as_ref().map(|e| format!("Subscriber meet error, would polling the checkpoint: {e}"));
+        if let Some(line) = self.subscription_warning.observe(message) {
+            log::warn!("{line}");
         }
         self.core.set_subscriptions_healthy(pending.is_none());
     }
@@ -378,6 +406,8 @@ impl CheckpointAdvancer {
             match collected {
                 Ok(result) => {
                     self.count_poll(&result);
+                    let failures = result.failed.iter().filter_map(|f| Some((f.region?, f.reason.label()))).collect();
+                    self.last_failures.insert(plan.task.clone(), failures);
                     for error in &result.store_errors {
                         log::warn!("task {}: {error}", plan.task);
                     }
@@ -390,6 +420,12 @@ impl CheckpointAdvancer {
 
     fn count_poll(&self, result: &CollectResult) {
         let m = &self.metrics;
+        for &size in &result.batch_sizes {
+            m.batch_size.observe_value(["checkpoint"], size as f64);
+        }
+        for &scan in &result.range_scans {
+            m.tick_duration.observe(["get-regions-in-range"], scan);
+        }
         m.regions_polled.inc_by([], (result.advanced.len() + result.failed.len()) as u64);
         m.region_request.inc_by(["success"], result.advanced.len() as u64);
         m.region_request.inc_by(["fail"], result.failed.len() as u64);
@@ -409,6 +445,38 @@ impl CheckpointAdvancer {
         }
         for store in failed_stores {
             m.store_failures.inc_by([&store.to_string()], 1);
+        }
+    }
+
+    /// Shows, per running task, the region its slowest span starts in, that region's leader
+    /// store and why it lags (its failure in the task's last poll, else `slow-flush`); and,
+    /// as upstream's region hint, the region of the most lagging task. One PD lookup per task.
+    fn show_blockers(&mut self, now: Ts) {
+        let m = self.metrics.clone();
+        let mut most_lagging: Option<(Ts, RegionId, StoreId)> = None;
+        for status in self.core.status().into_iter().filter(|s| !s.paused) {
+            m.task_blocker.remove_prefixed(&status.name);
+            let Some((span, ts)) = status.slowest else { continue };
+            let region = match self.env.cluster.region_scan(&span.start, &span.end, 1) {
+                Ok(regions) => regions.into_iter().next(),
+                Err(e) => {
+                    log::debug!("cannot find the region of task {}'s slowest span {span}: {e}", status.name);
+                    None
+                }
+            };
+            let Some(region) = region else { continue };
+            let store = region.leader_store.unwrap_or(0);
+            let reason =
+                self.last_failures.get(&status.name).and_then(|f| f.get(&region.id)).copied().unwrap_or("slow-flush");
+            let lag = ts_distance(now, ts).as_secs_f64();
+            m.task_blocker.set([&status.name, &region.id.to_string(), &store.to_string(), reason], lag);
+            if most_lagging.map_or(true, |(lowest, ..)| ts < lowest) {
+                most_lagging = Some((ts, region.id, store));
+            }
+        }
+        if let Some((_, region, store)) = most_lagging {
+            m.last_region_id.set([], region as f64);
+            m.last_region_leader_store_id.set([], store as f64);
         }
     }
 
@@ -448,6 +516,7 @@ impl CheckpointAdvancer {
             Ok(outcome) => outcome,
             Err(e) => {
                 log::warn!("failed to upload global checkpoint of task {task}: {e}");
+                self.metrics.upload_failures.inc_by([task], 1);
                 return true;
             }
         };
@@ -484,4 +553,30 @@ fn fan_out_pool() -> Result<rayon::ThreadPool> {
         .thread_name(|i| format!("sh-fanout-{i}"))
         .build()
         .map_err(|e| Error::Io { what: "building the fan-out pool".into(), source: std::io::Error::other(e) })
+}
+
+/// A warning that would repeat every tick: logged when it first appears, and when it changes
+/// or ends with how many ticks it lasted.
+#[derive(Default)]
+pub(crate) struct RepeatedWarning {
+    current: Option<(String, u64)>,
+}
+
+impl RepeatedWarning {
+    /// This tick's warning (`None`: all is well); returns the line to log, if any.
+    pub(crate) fn observe(&mut self, message: Option<String>) -> Option<String> {
+        if let (Some((current, repeats)), Some(new)) = (&mut self.current, &message) {
+            if current == new {
+                *repeats += 1;
+                return None;
+            }
+        }
+        let ended = self.current.take().map(|(old, repeats)| format!("{old} (seen in {repeats} ticks)"));
+        self.current = message.clone().map(|m| (m, 1));
+        match (ended, message) {
+            (Some(ended), Some(new)) => Some(format!("{new}; before: {ended}")),
+            (Some(ended), None) => Some(format!("resolved: {ended}")),
+            (None, new) => new,
+        }
+    }
 }

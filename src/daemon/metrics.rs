@@ -11,6 +11,10 @@ use parking_lot::Mutex;
 
 /// Upstream's tick histogram buckets: exponential from 10 ms, factor 3, 8 buckets.
 const TICK_BUCKETS: &[f64] = &[0.01, 0.03, 0.09, 0.27, 0.81, 2.43, 7.29, 21.87];
+/// Upstream's batch-size buckets: 1 × 2ⁿ, 12 buckets.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
+/// Upstream's subscription-event buckets: 8 × 2ⁿ, 12 buckets.
+const EVENT_BUCKETS: &[f64] = &[8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0];
 /// Handling one message: from 100 µs (a flush batch) to tens of seconds (a tick with a hung
 /// store), factor 4.
 const MESSAGE_BUCKETS: &[f64] = &[0.0001, 0.0004, 0.0016, 0.0064, 0.0256, 0.1024, 0.4096, 1.6384, 6.5536, 26.2144];
@@ -20,6 +24,18 @@ pub struct Metrics {
     pub last_checkpoint: GaugeVec<1>,
     pub owner: GaugeVec<0>,
     pub tick_duration: HistogramVec<1>,
+    /// Regions per GetLastFlushTSOfRegion request.
+    pub batch_size: HistogramVec<1>,
+    /// Flush events per subscription message, by store.
+    pub region_checkpoint_event: HistogramVec<1>,
+    /// The region (and its leader's store) holding back the most lagging task.
+    pub last_region_id: GaugeVec<0>,
+    pub last_region_leader_store_id: GaugeVec<0>,
+    /// Per task: the region, its leader's store and why it is the slowest; the value is its
+    /// lag in seconds.
+    pub task_blocker: GaugeVec<4>,
+    pub upload_failures: CounterVec<1>,
+    pub subscription_up: GaugeVec<1>,
     pub region_request: CounterVec<1>,
     pub region_request_failure: CounterVec<1>,
     pub checkpoint_lag: GaugeVec<1>,
@@ -51,6 +67,43 @@ impl Default for Metrics {
                 "Duration of a tick, of each task's polling within it and of lock-resolution rounds, in seconds.",
                 ["step"],
                 TICK_BUCKETS,
+            ),
+            batch_size: HistogramVec::new(
+                "tidb_log_backup_advancer_batch_size",
+                "Regions per checkpoint request sent to a store.",
+                ["type"],
+                BATCH_BUCKETS,
+            ),
+            region_checkpoint_event: HistogramVec::new(
+                "tidb_log_backup_region_checkpoint_event",
+                "Flush events per subscription message, by store.",
+                ["store"],
+                EVENT_BUCKETS,
+            ),
+            last_region_id: GaugeVec::new(
+                "tidb_log_backup_current_last_region_id",
+                "The region whose checkpoint is the lowest of the most lagging task.",
+                [],
+            ),
+            last_region_leader_store_id: GaugeVec::new(
+                "tidb_log_backup_current_last_region_leader_store_id",
+                "The store leading the region whose checkpoint is the lowest of the most lagging task.",
+                [],
+            ),
+            task_blocker: GaugeVec::new(
+                "streamhelper_task_blocker_lag_seconds",
+                "The region holding each task back, its leader's store and why (its last poll failure, or slow-flush), with its lag in seconds.",
+                ["task", "region", "store", "reason"],
+            ),
+            upload_failures: CounterVec::new(
+                "streamhelper_checkpoint_upload_failures_total",
+                "Failed uploads of a task's global checkpoint to etcd.",
+                ["task"],
+            ),
+            subscription_up: GaugeVec::new(
+                "streamhelper_subscription_up",
+                "1 while the flush subscription to the store is up, 0 while it is down (its regions are polled).",
+                ["store"],
             ),
             region_request: CounterVec::new(
                 "tidb_log_backup_region_request",
@@ -129,6 +182,13 @@ impl Metrics {
         self.last_checkpoint.0.render(&mut out);
         self.owner.0.render(&mut out);
         self.tick_duration.0.render(&mut out);
+        self.batch_size.0.render(&mut out);
+        self.region_checkpoint_event.0.render(&mut out);
+        self.last_region_id.0.render(&mut out);
+        self.last_region_leader_store_id.0.render(&mut out);
+        self.task_blocker.0.render(&mut out);
+        self.upload_failures.0.render(&mut out);
+        self.subscription_up.0.render(&mut out);
         self.region_request.0.render(&mut out);
         self.region_request_failure.0.render(&mut out);
         self.checkpoint_lag.0.render(&mut out);
@@ -144,6 +204,11 @@ impl Metrics {
         self.message_duration.0.render(&mut out);
         out
     }
+}
+
+/// A label value as the text format wants it: backslash, quote and newline escaped.
+pub fn escape_label_value(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 enum Kind {
@@ -191,12 +256,8 @@ impl<const N: usize> Family<N> {
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {kind}", self.name, self.help, self.name);
         for (values, series) in self.series.lock().iter() {
             let labels = |extra: Option<String>| {
-                let mut parts: Vec<String> = self
-                    .labels
-                    .iter()
-                    .zip(values)
-                    .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
-                    .collect();
+                let mut parts: Vec<String> =
+                    self.labels.iter().zip(values).map(|(k, v)| format!("{k}=\"{}\"", escape_label_value(v))).collect();
                 parts.extend(extra);
                 if parts.is_empty() {
                     String::new()
@@ -265,11 +326,33 @@ impl<const N: usize> GaugeVec<N> {
         self.0.series.lock().remove(&values.map(String::from));
     }
 
+    /// Drops every series, e.g. when ownership is lost.
+    pub fn clear(&self) {
+        self.0.series.lock().clear();
+    }
+
+    /// Drops the series whose first label is `first` (a task's series of a multi-label gauge).
+    pub fn remove_prefixed(&self, first: &str) {
+        self.0.series.lock().retain(|values, _| values.first().map_or(true, |v| v != first));
+    }
+
     pub fn get(&self, values: [&str; N]) -> Option<f64> {
         match self.0.series.lock().get(&values.map(String::from)) {
             Some(Series::Gauge(v)) => Some(*v),
             _ => None,
         }
+    }
+
+    /// Every series with its label values.
+    pub fn series(&self) -> Vec<([String; N], f64)> {
+        let series = self.0.series.lock();
+        series
+            .iter()
+            .filter_map(|(k, s)| match s {
+                Series::Gauge(v) => Some((k.clone(), *v)),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -281,19 +364,35 @@ impl<const N: usize> HistogramVec<N> {
     }
 
     pub fn observe(&self, values: [&str; N], value: Duration) {
-        let secs = value.as_secs_f64();
+        self.observe_value(values, value.as_secs_f64());
+    }
+
+    pub fn observe_value(&self, values: [&str; N], value: f64) {
         let Kind::Histogram(buckets) = self.0.kind else { return };
         self.0.update(values, |s| {
             if let Series::Histogram { counts, count, sum } = s {
                 for (bucket, n) in buckets.iter().zip(counts.iter_mut()) {
-                    if secs <= *bucket {
+                    if value <= *bucket {
                         *n += 1;
                     }
                 }
                 *count += 1;
-                *sum += secs;
+                *sum += value;
             }
         });
+    }
+
+    /// The sum of every observation of every series (e.g. all flush events received).
+    pub fn total(&self) -> f64 {
+        self.0.series.lock().values().map(|s| if let Series::Histogram { sum, .. } = s { *sum } else { 0.0 }).sum()
+    }
+
+    /// How many observations the series has.
+    pub fn count(&self, values: [&str; N]) -> u64 {
+        match self.0.series.lock().get(&values.map(String::from)) {
+            Some(Series::Histogram { count, .. }) => *count,
+            _ => 0,
+        }
     }
 
     /// Observes the time until the returned guard is dropped.
@@ -337,6 +436,12 @@ mod tests {
         assert!(text.contains("tidb_log_backup_advancer_tick_duration_sec_bucket{step=\"tick\",le=\"0.03\"} 0"));
         assert!(text.contains("tidb_log_backup_advancer_tick_duration_sec_bucket{step=\"tick\",le=\"0.09\"} 1"));
         assert!(text.contains("tidb_log_backup_advancer_tick_duration_sec_count{step=\"tick\"} 1"));
+        m.batch_size.observe_value(["checkpoint"], 1024.0);
+        let text = m.render();
+        assert!(text.contains("tidb_log_backup_advancer_batch_size_bucket{type=\"checkpoint\",le=\"512\"} 0"));
+        assert!(text.contains("tidb_log_backup_advancer_batch_size_bucket{type=\"checkpoint\",le=\"1024\"} 1"));
+        assert!(text.contains("tidb_log_backup_advancer_batch_size_bucket{type=\"checkpoint\",le=\"2048\"} 1"));
+        assert!(text.contains("# TYPE tidb_log_backup_region_checkpoint_event histogram"));
         m.last_checkpoint.remove(["t1"]);
         assert!(!m.render().contains("last_checkpoint{"));
     }
@@ -346,7 +451,7 @@ mod tests {
         let doc = include_str!("../../docs/architecture.md");
         let text = Metrics::default().render();
         let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
-        assert_eq!(names.len(), 16);
+        assert_eq!(names.len(), 23);
         for name in names {
             assert!(doc.contains(&format!("| `{name}` |")), "docs/architecture.md does not list {name}");
         }

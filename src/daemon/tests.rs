@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
-use super::checkpoint_advancer::{CheckpointAdvancer, Env};
+use super::checkpoint_advancer::{CheckpointAdvancer, Env, RepeatedWarning};
 use super::owner::OwnerEvent;
 use super::ticker::Ticker;
 use super::{run_ticker, Shared};
@@ -246,6 +246,42 @@ fn a_poll_counts_failed_regions_once_per_reason_and_a_failed_store_once() {
 }
 
 #[test]
+fn the_region_holding_a_task_back_is_shown_with_its_store_and_reason_and_cleared_with_ownership() {
+    let regions = regions_from_boundaries(&[b"b"], &[1]);
+    let config =
+        Config { try_advance_threshold: Duration::from_secs(60), lag_limit: Duration::ZERO, ..Config::default() };
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions));
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(10));
+    let m = f.advancer.metrics().clone();
+    assert_eq!(m.task_blocker.series(), vec![(["t1", "1", "1", "store-failed"].map(String::from), 600.0)]);
+    assert_eq!(m.last_region_id.get([]), Some(1.0));
+    assert_eq!(m.last_region_leader_store_id.get([]), Some(1.0));
+    assert_eq!(m.tick_duration.count(["get-regions-in-range"]), 1, "one range scanned");
+    assert!(f.checkpoint_gauge("t1").is_some());
+
+    f.advancer.on_lose_owner();
+    assert_eq!(f.checkpoint_gauge("t1"), None, "a standby shows no checkpoint of its own");
+    assert!(m.task_blocker.series().is_empty());
+    assert_eq!(m.last_region_id.get([]), None);
+    assert_eq!(m.last_region_leader_store_id.get([]), None);
+    assert_eq!(m.owner.get([]), Some(0.0));
+}
+
+#[test]
+fn a_failed_upload_is_counted() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.own();
+    *f.store.failing.lock() = Some("etcd is down".into());
+    f.flushed(at(1));
+    f.tick_at(at(2));
+    assert_eq!(f.advancer.metrics().upload_failures.get(["t1"]), 1);
+    assert_eq!(f.checkpoint_gauge("t1"), None, "the gauge shows only what etcd holds");
+}
+
+#[test]
 fn a_flush_from_the_future_is_dropped_and_counted() {
     let mut f = Fixture::new();
     f.add_task("t1", at(0));
@@ -318,4 +354,20 @@ fn a_new_owner_ticks_at_once_instead_of_after_an_interval() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(store.stored("t1"), Some(at(0)), "the first upload came without waiting an hour-long interval");
+}
+
+#[test]
+fn a_warning_repeated_every_tick_is_logged_once_then_summarised() {
+    let mut w = RepeatedWarning::default();
+    let store_1 = || Some("store 1 has no subscription".to_string());
+    assert_eq!(w.observe(store_1()), store_1());
+    assert_eq!(w.observe(store_1()), None);
+    assert_eq!(w.observe(store_1()), None);
+    assert_eq!(w.observe(None).as_deref(), Some("resolved: store 1 has no subscription (seen in 3 ticks)"));
+    assert_eq!(w.observe(None), None);
+    assert_eq!(w.observe(store_1()), store_1());
+    assert_eq!(
+        w.observe(Some("store 2 down".into())).as_deref(),
+        Some("store 2 down; before: store 1 has no subscription (seen in 1 ticks)")
+    );
 }

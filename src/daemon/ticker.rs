@@ -136,7 +136,8 @@ impl Ticker {
     /// Refreshes the role, the snapshot `/status` and the handle read, and the lag gauges.
     /// No I/O: the region of each slowest span is looked up when the status is read.
     fn publish(&self, now: Option<Ts>) {
-        self.shared.owner.store(self.advancer.is_owner(), Ordering::SeqCst);
+        let owner = self.advancer.is_owner();
+        self.shared.owner.store(owner, Ordering::SeqCst);
         let now = now.unwrap_or_else(local_now_ts);
         let tasks = self
             .advancer
@@ -144,7 +145,10 @@ impl Ticker {
             .into_iter()
             .map(|s| {
                 let lag = ts_distance(now, s.uploaded.unwrap_or(s.checkpoint));
-                self.shared.metrics.checkpoint_lag.set([&s.name], lag.as_secs_f64());
+                // Only the owner's lag is a fact; a standby's series would go stale.
+                if owner {
+                    self.shared.metrics.checkpoint_lag.set([&s.name], lag.as_secs_f64());
+                }
                 let slowest = s.slowest.map(|(range, ts)| SlowestSpan { range, ts });
                 let view = TaskView {
                     name: s.name,

@@ -2,14 +2,15 @@
 //! `--duration` passes or a `quit` control arrives, applying controls from a file (and
 //! from the terminal when stdin is one).
 //!
-//! Signals: unlike `streamhelper advancer`, this command installs no signal handler, so
-//! Ctrl-C ends the process without running destructors; the spawned etcd gets the same SIGINT from the terminal and exits, but its
-//! temp data dir stays behind. `quit` (or `--duration`) is the clean way out.
+//! Ctrl-C (SIGINT) and SIGTERM end it like `quit`: the private etcd is killed and its
+//! temporary data directory removed.
 
 use std::fs::File;
 use std::io::{BufRead, IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use std::sync::atomic::Ordering;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
@@ -116,6 +117,7 @@ fn run_line(sim: &SimCluster, line: &str, source: &Path) -> bool {
 }
 
 pub fn run_sim_command(args: SimArgs) -> Result<()> {
+    let terminate = crate::cli::termination_flag()?;
     let etcd_process = match &args.etcd {
         Some(_) => None,
         None => Some(EtcdProcess::start()?),
@@ -133,6 +135,9 @@ pub fn run_sim_command(args: SimArgs) -> Result<()> {
     let sim = SimCluster::start(config)?;
     println!("pd: {}", sim.pd_endpoint());
     println!("etcd: {etcd_endpoint}");
+    if let Some(etcd) = &etcd_process {
+        println!("etcd data: {}", etcd.data_dir().display());
+    }
     for store in sim.store_ids() {
         println!("store {store}: {}", sim.store_address(store));
     }
@@ -147,6 +152,10 @@ pub fn run_sim_command(args: SimArgs) -> Result<()> {
     let stdin_path = Path::new("stdin");
     loop {
         if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(());
+        }
+        if terminate.load(Ordering::SeqCst) {
+            println!("signal received: stopping");
             return Ok(());
         }
         if let Some(file) = control_file.as_mut() {

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use grpcio::{RpcStatus, RpcStatusCode};
 use parking_lot::Mutex;
 
+use crate::daemon::metrics::escape_label_value;
 use crate::daemon::status::{Handler, StatusServer};
 use crate::error::{Error, Result};
 use crate::proto::logbackuppb_grpc::create_log_backup;
@@ -41,6 +42,7 @@ use crate::types::{KeyRange, RegionId, StoreId, Ts};
 use crate::worker::Worker;
 
 pub use model::{record_key, table_prefix};
+pub use state::TaskState;
 pub use txn::{Outcome, TxnSpec};
 
 /// Region boundaries travel as TiKV stores them: memcomparable-encoded, except that the
@@ -432,6 +434,20 @@ impl SimCluster {
         self.state.txns.lock().set_memory_lock(key, ts);
     }
 
+    /// What every store's status `/metrics` reports of `task` (`None`: the task is gone).
+    pub fn set_task_state(&self, task: &str, state: Option<TaskState>) {
+        let mut states = self.state.task_states.lock();
+        match state {
+            Some(state) => states.insert(task.to_string(), state),
+            None => states.remove(task),
+        };
+    }
+
+    /// Where the store's status HTTP server (`/config`, `/metrics`) listens.
+    pub fn store_status_address(&self, store: StoreId) -> String {
+        self.state.store(store).map(|s| s.run.lock().status_address.clone()).unwrap_or_default()
+    }
+
     /// What the store's status `/config` reports as `log-backup.max-flush-interval`.
     pub fn set_store_flush_interval(&self, store: StoreId, interval: Duration) {
         if let Some(store_state) = self.state.store(store) {
@@ -452,7 +468,7 @@ impl SimCluster {
         ];
         let server = RunningServer::start(services, 0, &format!("store {store}"))?;
         let address = format!("127.0.0.1:{}", server.port());
-        let status = StatusServer::start("127.0.0.1:0", config_page(self.state.clone(), store))?;
+        let status = StatusServer::start("127.0.0.1:0", status_pages(self.state.clone(), store))?;
         {
             let mut run = store_state.run.lock();
             run.address = address.clone();
@@ -466,13 +482,35 @@ impl SimCluster {
     }
 }
 
-/// TiKV's status `/config` page, reduced to what the advancer reads.
-fn config_page(state: Arc<SimState>, store: StoreId) -> Handler {
-    Arc::new(move |method: &str, path: &str| {
-        let interval = state.store(store)?.run.lock().max_flush_interval;
-        let body = serde_json::json!({ "log-backup": { "max-flush-interval": readable_duration(interval) } });
-        (method == "GET" && path == "/config").then(|| (200, "application/json", body.to_string()))
+/// TiKV's status pages, reduced to what the advancer reads (`/config`) and what PingCAP's
+/// log-backup alerts read (`/metrics`).
+fn status_pages(state: Arc<SimState>, store: StoreId) -> Handler {
+    Arc::new(move |method: &str, path: &str| match (method, path) {
+        ("GET", "/config") => {
+            let interval = state.store(store)?.run.lock().max_flush_interval;
+            let body = serde_json::json!({ "log-backup": { "max-flush-interval": readable_duration(interval) } });
+            Some((200, "application/json", body.to_string()))
+        }
+        ("GET", "/metrics") => Some((200, "text/plain; version=0.0.4", tikv_metrics(&state))),
+        _ => None,
     })
+}
+
+fn tikv_metrics(state: &SimState) -> String {
+    let mut out = String::from(
+        "# HELP tikv_log_backup_task_status The status of tasks: 0 running, 1 paused, 2 error.\n\
+         # TYPE tikv_log_backup_task_status gauge\n",
+    );
+    for (task, task_state) in state.task_states.lock().iter() {
+        out += &format!("tikv_log_backup_task_status{{task=\"{}\"}} {}\n", escape_label_value(task), *task_state as u8);
+    }
+    out += &format!(
+        "# HELP tikv_gcworker_autogc_safe_point The GC safe point the store's GC worker uses.\n\
+         # TYPE tikv_gcworker_autogc_safe_point gauge\n\
+         tikv_gcworker_autogc_safe_point {}\n",
+        state.gc.lock().gc_safe_point()
+    );
+    out
 }
 
 /// A duration as TiKV's `ReadableDuration` prints it: `3m`, `1m30s`, `500ms`, `0s`.

@@ -1,7 +1,7 @@
 //! Everything the fake servers read and the controls change, shared by the PD service,
 //! every store's service and the `SimCluster` handle. Services hold no state of their own.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -151,6 +151,16 @@ pub struct SimState {
     pub pd_address: Mutex<String>,
     /// What PD was asked to scan, for benchmarks that measure an advancer's PD load.
     pub pd_scans: PdScanCounters,
+    /// What every store reports of each task in `tikv_log_backup_task_status`.
+    pub task_states: Mutex<BTreeMap<String, TaskState>>,
+}
+
+/// A log-backup task as TiKV reports it (`tikv_log_backup_task_status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskState {
+    Running = 0,
+    Paused = 1,
+    Error = 2,
 }
 
 /// `ScanRegions` and `BatchScanRegions` calls answered, and the regions they returned.
@@ -192,6 +202,7 @@ impl SimState {
             txns: Mutex::new(TxnTable::default()),
             pd_address: Mutex::new(String::new()),
             pd_scans: PdScanCounters::default(),
+            task_states: Mutex::default(),
         }
     }
 

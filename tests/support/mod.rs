@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use streamhelper::advancer::Config;
 use streamhelper::cluster::{ClusterMeta, PdClient, PdConfig, RegionWithLeader, StoreInfo, TikvClients, TikvConfig};
 use streamhelper::security::Security;
 use streamhelper::sim::SimCluster;
@@ -165,5 +166,22 @@ where
     }
     fn fetch_current_ts(&self) -> Result<Ts> {
         self.pd.fetch_current_ts()
+    }
+}
+
+/// Fast settings so that stories play out in seconds. The thresholds are explicit, so the
+/// sim's TiKV config (180 s flushes) does not replace them.
+pub fn fast_config() -> Config {
+    Config {
+        tick_interval: Duration::from_millis(200),
+        try_advance_threshold: Duration::from_millis(300),
+        backoff: Duration::from_millis(200),
+        owner_ttl: Duration::from_secs(2),
+        rpc_timeout: Duration::from_millis(500),
+        dial_timeout: Duration::from_millis(500),
+        upload_heartbeat: Duration::from_secs(1),
+        resolve_lock_interval: Duration::from_secs(1),
+        explicit: ["try-advance-threshold", "resolve-lock-interval"].map(String::from).into(),
+        ..Config::default()
     }
 }
