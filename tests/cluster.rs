@@ -430,6 +430,31 @@ fn cached_regions_ask_pd_nothing_and_a_split_or_moved_one_fails_until_its_gap_is
 }
 
 #[test]
+fn a_flush_during_a_slow_poll_is_believed_up_to_the_time_that_passed() {
+    let c = Cluster::start(2, 8);
+    c.sim.flush_all();
+    for store in c.sim.store_ids() {
+        c.sim.set_store_delay(store, Duration::from_millis(800));
+    }
+    // The bound a tick computes, without its slack: only the time that passes can lift it.
+    let config = CollectorConfig { max_ts: c.sim.now_ts(), rpc_timeout: Duration::from_secs(5), ..collector_config() };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let result = std::thread::scope(|scope| {
+        let poll = scope.spawn(|| {
+            collect_checkpoints(c.pd.as_ref(), c.clients.as_ref(), &pool, &[KeyRange::full()], &config).unwrap()
+        });
+        // Inside the stores' delay: the answers carry this flush, above the bound at the start.
+        std::thread::sleep(Duration::from_millis(200));
+        c.sim.flush_all();
+        poll.join().unwrap()
+    });
+    assert!(result.failed.is_empty(), "{:?}", result.failed);
+    assert_eq!(result.advanced, c.at_last_flush(&c.sim.regions()));
+    assert!(result.advanced.iter().all(|(_, ts)| *ts > config.max_ts), "the answers came from the later flush");
+    c.assert_never_ahead_of_truth(&result);
+}
+
+#[test]
 fn a_restarted_store_is_dialed_at_its_new_address() {
     let c = Cluster::start(3, 20);
     c.sim.flush_all();

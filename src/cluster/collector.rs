@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::proto::errorpb;
 use crate::proto::logbackuppb::{GetLastFlushTSOfRegionRequest, GetLastFlushTSOfRegionResponse, RegionIdentity};
 use crate::proto::logbackuppb_grpc::LogBackupClient;
-use crate::types::{KeyRange, RegionId, StoreId, Ts};
+use crate::types::{ts_add, KeyRange, RegionId, StoreId, Ts};
 
 #[derive(Clone, Debug)]
 pub struct CollectorConfig {
@@ -131,6 +131,7 @@ pub fn collect_checkpoints_cached(
     ranges: &[KeyRange],
     config: &CollectorConfig,
 ) -> Result<CollectResult> {
+    let began = Instant::now();
     let mut result = CollectResult::default();
     let regions = scan_regions(meta, cache, ranges, config, &mut result.range_scans)?;
     let region_count = regions.len();
@@ -153,7 +154,7 @@ pub fn collect_checkpoints_cached(
         }
     }
     for store in in_flight {
-        store.wait_into(service, config.max_ts, &mut result);
+        store.wait_into(service, config.max_ts, began, &mut result);
     }
     for failed in &result.failed {
         cache.forget(failed);
@@ -361,7 +362,7 @@ fn send_batches(plan: StorePlan, client: Result<LogBackupClient>, deadline: Inst
 impl StoreCalls {
     /// Waits for every answer of the store and merges it. The first failure becomes the
     /// store's error and drops its connection, so that the next use dials again.
-    fn wait_into(self, service: &dyn LogBackupService, max_ts: Ts, result: &mut CollectResult) {
+    fn wait_into(self, service: &dyn LogBackupService, max_ts: Ts, began: Instant, result: &mut CollectResult) {
         let store = self.store;
         let first_error = match self.sent {
             Err((batches, e)) => {
@@ -372,7 +373,7 @@ impl StoreCalls {
                 let mut first_error = None;
                 for (batch, call) in in_flight.calls {
                     match call.and_then(|receiver| block_on(receiver).map_err(|e| rpc_error(store, e))) {
-                        Ok(answer) => apply_answer(store, batch, &answer, max_ts, result),
+                        Ok(answer) => apply_answer(store, batch, &answer, believable_after(max_ts, began), result),
                         Err(e) => {
                             fail_batch(store, batch, result);
                             first_error.get_or_insert(e);
@@ -388,6 +389,16 @@ impl StoreCalls {
             result.store_errors.push(e);
         }
     }
+}
+
+/// `max_ts` was the current time (plus slack) when the poll began; a store may answer with
+/// a flush that happened since, so the bound moves on with the time that passed. A poll of a
+/// million regions takes seconds: a fixed bound failed every region flushed meanwhile.
+fn believable_after(max_ts: Ts, began: Instant) -> Ts {
+    if max_ts == Ts::MAX {
+        return max_ts;
+    }
+    ts_add(max_ts, began.elapsed()).max(max_ts)
 }
 
 fn request_for(batch: &[RegionWithLeader]) -> GetLastFlushTSOfRegionRequest {
