@@ -47,7 +47,7 @@ fn main() {
     info.set_name("bench".into());
     info.set_start_ts(sim.start_ts());
     let mut advancer = Advancer::new(Config::default());
-    advancer.add_task(info, &[KeyRange::full()], false, 0);
+    advancer.add_task(info, 1, &[KeyRange::full()], false, 0);
     let collector = CollectorConfig { rpc_timeout: Duration::from_secs(60), ..CollectorConfig::default() };
 
     println!("advancer benchmark: {regions} regions over {stores} stores (RSS {} MiB)", rss_bytes().unwrap_or(0) >> 20);

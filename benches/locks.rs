@@ -52,7 +52,7 @@ fn main() {
     info.set_name("bench".into());
     info.set_start_ts(sim.start_ts());
     let mut core = Advancer::new(Config { resolve_lock_interval: interval, ..Config::default() });
-    core.add_task(info, &[KeyRange::full()], false, 0);
+    core.add_task(info, 1, &[KeyRange::full()], false, 0);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(8).build().expect("pool");
     let collector = CollectorConfig { rpc_timeout: Duration::from_secs(60), ..CollectorConfig::default() };
     let polled =

@@ -11,7 +11,7 @@ use streamhelper::advancer::Config;
 use streamhelper::daemon::status::http_get;
 use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
-use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, MetaDataClient, PauseState, Severity, TaskInfo};
+use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, Fence, MetaDataClient, PauseState, Severity, TaskInfo};
 use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
 use streamhelper::storage::{self, read_global_checkpoint, GLOBAL_CHECKPOINT_FILE};
 use streamhelper::types::ts_add;
@@ -379,6 +379,23 @@ fn a_pd_clock_jumping_days_ahead_does_not_pause_a_healthy_task() {
     safety.hold_for(Duration::from_secs(4));
     assert!(!f.meta.get_task("t1").unwrap().is_paused().unwrap(), "a healthy task was paused after the jump");
     assert!(safety.last > before);
+}
+
+#[test]
+fn a_crashed_owner_is_replaced_once_its_lease_expires() {
+    let f = Fixture::new(3, 8);
+    let start = f.add_task("t1", KeyRange::full());
+    let owner = f.daemon();
+    let standby = Daemon::start(f.daemon_config()).unwrap();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let before = safety.advance_past(start, "before the crash");
+    let owner_keys = || f.meta.etcd().scan_prefix(b"/tidb/br-stream/owner/", 10).unwrap().0.len();
+    assert_eq!(owner_keys(), 2);
+    owner.crash();
+    assert_eq!(owner_keys(), 2, "a crashed owner does not resign: its key stays until the lease expires");
+    safety.until("the standby to take over", || standby.is_owner());
+    assert_eq!(owner_keys(), 1, "the crashed owner's lease expired");
+    safety.advance_past(before.max(safety.last), "after the takeover");
 }
 
 fn spawn_advancer(f: &Fixture, status_port: u16) -> Child {
@@ -750,7 +767,7 @@ fn a_checkpoint_from_the_future_in_etcd_never_reaches_the_storage() {
     f.add_task_stored_in("t1", KeyRange::full(), &urls[0]);
     let start = f.add_task_stored_in("t2", KeyRange::full(), &urls[1]);
     let an_hour_ahead = ts_add(f.sim.now_ts(), Duration::from_secs(3600));
-    f.ext.upload_global_checkpoint("t1", an_hour_ahead, None).unwrap();
+    f.ext.upload_global_checkpoint("t1", an_hour_ahead, &Fence::default()).unwrap();
     let _daemon = f.daemon();
     let (copy1, copy2) = (StorageCopy::of(&urls[0]), StorageCopy::of(&urls[1]));
     let mut t2 = Safety::new(&f, "t2", KeyRange::full());
@@ -760,5 +777,87 @@ fn a_checkpoint_from_the_future_in_etcd_never_reaches_the_storage() {
         let truth = f.sim.true_checkpoint(&KeyRange::full());
         let t1_copy = copy1.read();
         assert!(t1_copy <= truth, "t1's storage holds {t1_copy}, above the true checkpoint {truth}");
+    }
+}
+
+#[test]
+fn a_safepoint_left_by_an_earlier_owner_is_removed_when_there_is_no_task() {
+    use streamhelper::cluster::ClusterMeta;
+    let f = Fixture::new(1, 4);
+    // An earlier advancer blocked GC and went away (a restart, a failed removal).
+    let (pd, _) = support::connect_clients(&f.sim);
+    pd.block_gc_until(f.sim.now_ts()).unwrap();
+    let ours = |f: &Fixture| f.sim.gc_safe_points().into_iter().any(|(id, _)| id == "log-backup-coordinator");
+    assert!(ours(&f));
+    let _daemon = f.daemon();
+    support::wait_until("the leftover safepoint to be removed", || !ours(&f));
+}
+
+/// etcd's own count of started gRPC calls of `method` (its `/metrics`).
+fn etcd_calls(etcd: &EtcdProcess, method: &str) -> u64 {
+    let addr = etcd.endpoint().parse().unwrap();
+    let (_, metrics) = http_get(addr, "/metrics").unwrap();
+    let label = format!("grpc_method=\"{method}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("grpc_server_started_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn after_a_compaction_and_an_etcd_restart_nobody_spins_on_etcd() {
+    let mut f = Fixture::new(1, 4);
+    let start = f.add_task("t1", KeyRange::full());
+    let _owner = f.daemon();
+    let _standby = Daemon::start(f.daemon_config()).unwrap();
+    let first = Safety::new(&f, "t1", KeyRange::full()).advance_past(start, "before the compaction");
+    // History moves past every revision a watch started from, then is compacted away (PD
+    // compacts hourly), and the restart breaks every stream.
+    let mut revision = 0;
+    for i in 0..20 {
+        revision = f.meta.etcd().put("/unrelated", format!("{i}"), 0).unwrap();
+    }
+    f.meta.etcd().compact(revision).unwrap();
+    f.etcd.kill();
+    f.etcd.restart().unwrap();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    safety.last = first;
+    safety.advance_past(first, "after the etcd restart");
+    let window = Duration::from_secs(3);
+    let before = (etcd_calls(&f.etcd, "Range"), etcd_calls(&f.etcd, "Watch"));
+    std::thread::sleep(window);
+    let after = (etcd_calls(&f.etcd, "Range"), etcd_calls(&f.etcd, "Watch"));
+    let per_second = |a: u64, b: u64| (b - a) as f64 / window.as_secs_f64();
+    let (ranges, watches) = (per_second(before.0, after.0), per_second(before.1, after.1));
+    println!("etcd calls per second after the restart: Range {ranges:.1}, Watch {watches:.1}");
+    assert!(ranges < 50.0 && watches < 20.0, "spinning on etcd: {ranges:.1} Range/s, {watches:.1} Watch/s");
+}
+
+#[test]
+fn tasks_deleted_while_slow_ticks_are_in_flight_leave_nothing_behind() {
+    let f = Fixture::new(1, 4);
+    let daemon = f.daemon();
+    // No subscription, so every tick polls, and every poll waits on the store: deletions
+    // keep landing inside a tick.
+    let store = f.sim.store_ids()[0];
+    f.sim.set_subscription_supported(store, false);
+    f.sim.set_store_delay(store, Duration::from_millis(150));
+    let tracked = |name: &str| daemon.status().tasks.iter().any(|t| t.name == name);
+    for round in 0..8 {
+        let start = f.add_task("t", KeyRange::full());
+        support::wait_until("the task's first upload", || {
+            f.sim.flush_all();
+            f.stored("t") > start
+        });
+        // A flush the tick in flight polls: its checkpoint rises, so it means to upload.
+        f.sim.flush_all();
+        f.meta.delete_task("t").unwrap();
+        support::wait_until("the advancer to drop the task", || !tracked("t"));
+        // Two more ticks for any write decided before the deletion.
+        std::thread::sleep(fast_config().tick_interval * 2);
+        let orphan = f.meta.etcd().get(keys::global_checkpoint_of("t")).unwrap();
+        assert!(orphan.is_none(), "round {round}: a deleted task's checkpoint was written again");
+        assert!(f.meta.etcd().get(keys::pause_of("t")).unwrap().is_none(), "round {round}: an orphan pause");
     }
 }

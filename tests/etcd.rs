@@ -258,7 +258,8 @@ fn election_fails_over_when_the_leaders_lease_dies() {
     let fenced = client_a.txn(Txn::new().when([leader_a.fence()]).and_then([TxnOp::put("/fenced", "a", 0)])).unwrap();
     assert!(!fenced.succeeded, "a deposed owner's fenced write must not land");
 
-    let watch = Election::new(client_b.clone(), prefix).watch_leadership(&leader_b).unwrap();
+    let watch =
+        Election::new(client_b.clone(), prefix).watch_leadership(&leader_b, leader_b.create_revision + 1).unwrap();
     Election::new(client_b.clone(), prefix).resign(&leader_b).unwrap();
     assert_eq!(collect_events(&watch, 1)[0].0, EventKind::Delete, "resigning is observable as lost leadership");
     assert!(election_a.leader().unwrap().is_none());

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use protobuf::Message;
-use streamhelper::etcd::{Cmp, CompareResult, EtcdClient, EtcdProcess};
+use streamhelper::etcd::{EtcdClient, EtcdProcess, Leadership};
 use streamhelper::meta::{
-    keys, parse_storage_url, AdvancerExt, CheckpointType, MetaDataClient, PausePayload, PauseState, PauseV2, Severity,
-    TaskEvent, TaskInfo, UploadOutcome,
+    keys, parse_storage_url, AdvancerExt, CheckpointType, Fence, MetaDataClient, PausePayload, PauseState, PauseV2,
+    Severity, TaskEvent, TaskInfo, UploadOutcome,
 };
 use streamhelper::proto::brpb::StreamBackupError;
 use streamhelper::{Error, KeyRange};
@@ -70,7 +70,7 @@ fn keys_and_values_are_byte_for_byte_brs() {
     client.etcd().put(keys::global_checkpoint_of("t1"), 0x0102u64.to_be_bytes().to_vec(), 0).unwrap();
     let ext = AdvancerExt::new(client.clone());
     assert_eq!(ext.get_global_checkpoint("t1").unwrap(), 0x0102);
-    assert_eq!(ext.upload_global_checkpoint("t1", 0x0103, None).unwrap(), UploadOutcome::Written);
+    assert_eq!(ext.upload_global_checkpoint("t1", 0x0103, &Fence::default()).unwrap(), UploadOutcome::Written);
     assert_eq!(raw(&client, "/tidb/br-stream/checkpoint/t1/central_global").unwrap(), vec![0, 0, 0, 0, 0, 0, 1, 3]);
 }
 
@@ -137,20 +137,24 @@ fn global_checkpoint_upload_never_lowers_and_respects_the_fence() {
     let (_etcd, client) = start();
     let ext = AdvancerExt::new(client.clone());
     assert_eq!(ext.get_global_checkpoint("t").unwrap(), 0);
-    assert_eq!(ext.upload_global_checkpoint("t", 100, None).unwrap(), UploadOutcome::Written);
-    assert_eq!(ext.upload_global_checkpoint("t", 50, None).unwrap(), UploadOutcome::KeptHigher { stored: 100 });
-    assert_eq!(ext.upload_global_checkpoint("t", 100, None).unwrap(), UploadOutcome::Written, "equal = heartbeat");
-    assert_eq!(ext.upload_global_checkpoint("t", 1 << 40, None).unwrap(), UploadOutcome::Written);
+    let none = Fence::default();
+    assert_eq!(ext.upload_global_checkpoint("t", 100, &none).unwrap(), UploadOutcome::Written);
+    assert_eq!(ext.upload_global_checkpoint("t", 50, &none).unwrap(), UploadOutcome::KeptHigher { stored: 100 });
+    assert_eq!(ext.upload_global_checkpoint("t", 100, &none).unwrap(), UploadOutcome::Written, "equal = heartbeat");
+    assert_eq!(ext.upload_global_checkpoint("t", 1 << 40, &none).unwrap(), UploadOutcome::Written);
     assert_eq!(ext.get_global_checkpoint("t").unwrap(), 1 << 40, "byte order compares like numbers");
 
-    client.etcd().put("/owner/me", "x", 0).unwrap();
-    let holds = Cmp::value("/owner/me", CompareResult::EQUAL, "x");
-    let broken = Cmp::value("/owner/me", CompareResult::EQUAL, "someone else");
-    assert_eq!(ext.upload_global_checkpoint("t", (1 << 40) + 1, Some(broken)).unwrap(), UploadOutcome::Fenced);
+    let created = client.etcd().put("/owner/me", "x", 0).unwrap();
+    let term = |create_revision| Fence {
+        owner: Some(Leadership { key: b"/owner/me".to_vec(), create_revision, lease: 0 }),
+        incarnation: None,
+    };
+    let (holds, broken) = (term(created), term(created - 1));
+    assert_eq!(ext.upload_global_checkpoint("t", (1 << 40) + 1, &broken).unwrap(), UploadOutcome::Fenced);
     assert_eq!(ext.get_global_checkpoint("t").unwrap(), 1 << 40);
-    assert_eq!(ext.upload_global_checkpoint("t", (1 << 40) + 1, Some(holds.clone())).unwrap(), UploadOutcome::Written);
+    assert_eq!(ext.upload_global_checkpoint("t", (1 << 40) + 1, &holds).unwrap(), UploadOutcome::Written);
     assert_eq!(
-        ext.upload_global_checkpoint("t", 7, Some(holds)).unwrap(),
+        ext.upload_global_checkpoint("t", 7, &holds).unwrap(),
         UploadOutcome::KeptHigher { stored: (1 << 40) + 1 }
     );
 
@@ -167,7 +171,7 @@ fn next_events(events: &Receiver<TaskEvent>, n: usize) -> Vec<String> {
         .map(|i| {
             let event = events.recv_timeout(DEADLINE).unwrap_or_else(|_| panic!("event {i} of {n} did not arrive"));
             match event {
-                TaskEvent::Add { info, ranges, paused } => {
+                TaskEvent::Add { info, ranges, paused, .. } => {
                     format!(
                         "Add({},{},{}{})",
                         info.get_name(),
@@ -247,12 +251,12 @@ fn a_compacted_watch_relists_and_reports_only_what_changed() {
     let (etcd, direct) = start();
     let proxy = TcpProxy::start(&etcd.endpoint());
     let proxied = MetaDataClient::new(EtcdClient::connect_plain([proxy.endpoint()]).unwrap());
-    for (name, ts) in [("keep", 1), ("gone", 2), ("flip", 3), ("redefined", 4)] {
+    for (name, ts) in [("keep", 1), ("gone", 2), ("flip", 3), ("redefined", 4), ("reborn", 7)] {
         direct.put_task(&task(name, ts)).unwrap();
     }
     let (tx, events) = crossbeam_channel::bounded(64);
     let _watcher = AdvancerExt::new(proxied).begin(tx, Duration::from_millis(100)).unwrap();
-    assert_eq!(next_events(&events, 4).len(), 4);
+    assert_eq!(next_events(&events, 5).len(), 5);
 
     // Partition the watcher away, change things and compact the history it would need.
     proxy.cut();
@@ -260,6 +264,9 @@ fn a_compacted_watch_relists_and_reports_only_what_changed() {
     direct.pause_task("flip", &PauseV2::now(Severity::Manual)).unwrap();
     direct.put_task(&task("redefined", 40)).unwrap();
     direct.put_task(&task("new", 5)).unwrap();
+    // Same name, same bytes, a new incarnation: its old checkpoint and frontier are not its.
+    direct.delete_task("reborn").unwrap();
+    direct.put_task(&task("reborn", 7)).unwrap();
     // Replaying history would report these; a re-list sees no difference.
     direct.put_task(&task("keep", 1)).unwrap();
     direct.put_task(&task("temp", 6)).unwrap();
@@ -268,12 +275,12 @@ fn a_compacted_watch_relists_and_reports_only_what_changed() {
     direct.etcd().compact(revision).unwrap();
     proxy.heal();
 
-    let mut got = next_events(&events, 4);
+    let mut got = next_events(&events, 5);
     got.sort();
     assert_eq!(
         got,
-        ["Add(new,5,2)", "Add(redefined,40,2)", "Del(gone)", "Pause(flip)"],
-        "nothing for the unchanged task"
+        ["Add(new,5,2)", "Add(reborn,7,2)", "Add(redefined,40,2)", "Del(gone)", "Pause(flip)"],
+        "nothing for the unchanged task, a re-created one is new"
     );
     assert_quiet(&events);
     // Still following after the re-list.

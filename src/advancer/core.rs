@@ -29,6 +29,8 @@ pub fn latest_believable(now: Ts) -> Ts {
 /// One task's state.
 struct TaskState {
     info: StreamBackupTaskInfo,
+    /// The create revision of the task's info key; every write for the task is fenced by it.
+    incarnation: i64,
     ranges: Vec<KeyRange>,
     frontier: SpanFrontier,
     /// The global checkpoint we believe in; never decreases.
@@ -36,6 +38,9 @@ struct TaskState {
     /// The last value we wrote (or found stored) and when (`now` of that tick).
     uploaded: Option<(Ts, Ts)>,
     paused: bool,
+    /// A lag pause was asked for and not confirmed written yet: it is asked for again every
+    /// tick (logged once).
+    pause_pending: bool,
 }
 
 /// Ranges of one task to poll from TiKV this tick.
@@ -48,14 +53,15 @@ pub struct PollPlan {
 /// What the driver must do after a tick, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Write the task's global checkpoint (monotonic, fenced).
-    Upload { task: String, ts: Ts },
+    /// Write the task's global checkpoint (monotonic, fenced by the owner term and the
+    /// task's incarnation).
+    Upload { task: String, incarnation: i64, ts: Ts },
     /// Hold PD's GC safepoint for `log-backup-coordinator` at `safe_point`.
     BlockGc { safe_point: Ts },
-    /// No task left: release the GC safepoint.
+    /// No task: release the GC safepoint (idempotent; asked for every tick until PD confirms).
     UnblockGc,
-    /// Pause a task whose checkpoint lags too far behind.
-    Pause { task: String, pause: PauseV2 },
+    /// Pause a task whose checkpoint lags too far behind (fenced like an upload).
+    Pause { task: String, incarnation: i64, pause: PauseV2 },
 }
 
 /// A task's state for `/status` and metrics.
@@ -75,8 +81,10 @@ pub struct Advancer {
     config: Config,
     tasks: BTreeMap<String, TaskState>,
     subscriptions_healthy: bool,
-    /// Whether PD currently holds a safepoint for us, so that `UnblockGc` is sent once.
-    gc_blocked: bool,
+    /// PD confirmed that no `log-backup-coordinator` safepoint is left, and none was set
+    /// since. Until then, with no task, every tick asks to remove it: whoever set it (an
+    /// earlier owner, an earlier run) and however often the call fails.
+    gc_released: bool,
     /// The time at which the clock last could not be trusted (a fallback or a jump): no lag
     /// verdict for a checkpoint below it until one lag limit has passed since.
     lag_hold: Option<Ts>,
@@ -84,7 +92,7 @@ pub struct Advancer {
 
 impl Advancer {
     pub fn new(config: Config) -> Self {
-        Advancer { config, tasks: BTreeMap::new(), subscriptions_healthy: true, gc_blocked: false, lag_hold: None }
+        Advancer { config, tasks: BTreeMap::new(), subscriptions_healthy: true, gc_released: false, lag_hold: None }
     }
 
     pub fn config(&self) -> &Config {
@@ -102,10 +110,18 @@ impl Advancer {
     }
 
     /// A task appeared or was redefined: its frontier starts over at its start ts and its
-    /// checkpoint at max(stored, start ts). `stored` is what etcd holds (0 if none); a value
-    /// above the current time is dropped at the next tick. A task without ranges is bad
-    /// metadata: it is refused and an earlier definition, if any, stays.
-    pub fn add_task(&mut self, info: StreamBackupTaskInfo, ranges: &[KeyRange], paused: bool, stored: Ts) {
+    /// checkpoint at max(stored, start ts). `incarnation` is the create revision of its info
+    /// key; `stored` is what etcd holds for that incarnation (0 if none); a value above the
+    /// current time is dropped at the next tick. A task without ranges is bad metadata: it
+    /// is refused and an earlier definition, if any, stays.
+    pub fn add_task(
+        &mut self,
+        info: StreamBackupTaskInfo,
+        incarnation: i64,
+        ranges: &[KeyRange],
+        paused: bool,
+        stored: Ts,
+    ) {
         let start_ts = info.get_start_ts();
         let ranges = collapse(ranges);
         if ranges.is_empty() {
@@ -120,8 +136,10 @@ impl Advancer {
             checkpoint: stored.max(start_ts),
             uploaded: None,
             paused,
+            pause_pending: false,
             ranges,
             info,
+            incarnation,
         };
         log::info!(
             "added task {} with {} ranges, start ts {start_ts}, checkpoint {}{}",
@@ -141,6 +159,15 @@ impl Advancer {
     pub fn set_paused(&mut self, name: &str, paused: bool) {
         if let Some(task) = self.tasks.get_mut(name) {
             task.paused = paused;
+            task.pause_pending = false;
+        }
+    }
+
+    /// The lag pause of this incarnation of the task is written: it stops uploading now,
+    /// before the watch reports the pause.
+    pub fn on_paused(&mut self, name: &str, incarnation: i64) {
+        if self.incarnation(name) == Some(incarnation) {
+            self.set_paused(name, true);
         }
     }
 
@@ -148,8 +175,13 @@ impl Advancer {
     /// than what TiKV reports now.
     pub fn resume_task(&mut self, name: &str, stored: Ts) {
         if let Some(task) = self.tasks.remove(name) {
-            self.add_task(task.info, &task.ranges, false, stored.max(task.checkpoint));
+            self.add_task(task.info, task.incarnation, &task.ranges, false, stored.max(task.checkpoint));
         }
+    }
+
+    /// The incarnation (info key create revision) of a tracked task.
+    pub fn incarnation(&self, name: &str) -> Option<i64> {
+        self.tasks.get(name).map(|t| t.incarnation)
     }
 
     /// This tick's `now` came from a fallback clock or jumped further than the time that
@@ -236,9 +268,13 @@ impl Advancer {
     }
 
     /// Moves each running task's checkpoint to its frontier's minimum (never down, never
-    /// above `now`) and says what to upload, then where the GC safepoint goes.
+    /// above `now`) and says what to upload, then where the GC safepoint goes. A task not
+    /// uploaded this tick has its lag judged from the value etcd holds now (an uploaded one
+    /// in [`Advancer::on_uploaded`]), so a frozen checkpoint is paused on time, not at the
+    /// next heartbeat.
     pub fn finish_tick(&mut self, now: Ts) -> Vec<Action> {
         let heartbeat = self.config.upload_heartbeat;
+        let (limit, lag_hold) = (self.config.lag_limit, self.lag_hold);
         let latest = latest_believable(now);
         let mut actions = Vec::new();
         for (name, task) in self.tasks.iter_mut() {
@@ -265,33 +301,44 @@ impl Advancer {
                 Some((value, at)) => task.checkpoint > value || ts_distance(now, at) >= heartbeat,
             };
             if due {
-                actions.push(Action::Upload { task: name.clone(), ts: task.checkpoint });
+                actions.push(Action::Upload { task: name.clone(), incarnation: task.incarnation, ts: task.checkpoint });
+            } else if let Some((stored, _)) = task.uploaded {
+                actions.extend(judge_lag(name, task, stored, now, limit, lag_hold));
             }
         }
         // One service safepoint covers every task, paused ones included: a resumed task
         // still needs its data.
         match self.tasks.values().map(|t| t.checkpoint).min() {
             Some(min) => {
-                self.gc_blocked = true;
+                self.gc_released = false;
                 actions.push(Action::BlockGc { safe_point: min.saturating_sub(1) });
             }
-            None if self.gc_blocked => {
-                self.gc_blocked = false;
-                actions.push(Action::UnblockGc);
-            }
+            None if !self.gc_released => actions.push(Action::UnblockGc),
             None => {}
         }
         actions
     }
 
+    /// PD confirmed the removal of the GC safepoint (`UnblockGc` succeeded).
+    pub fn on_gc_released(&mut self) {
+        self.gc_released = true;
+    }
+
+    /// Another owner may have held the safepoint since it was last released (a new term):
+    /// with no task, the next tick removes it again.
+    pub fn forget_gc_release(&mut self) {
+        self.gc_released = false;
+    }
+
     /// Records an upload's outcome and judges lag from the value etcd now holds. Returns a
-    /// pause when the lag exceeds the limit; the task stops uploading at once.
+    /// pause when the lag exceeds the limit; the task stops uploading once the pause is
+    /// written ([`Advancer::on_paused`]), and until then the pause is asked for every tick.
     pub fn on_uploaded(&mut self, task: &str, outcome: UploadOutcome, now: Ts) -> Option<Action> {
         let limit = self.config.lag_limit;
         let lag_hold = self.lag_hold;
         let state = self.tasks.get_mut(task)?;
         let stored = match outcome {
-            UploadOutcome::Fenced => return None,
+            UploadOutcome::Fenced | UploadOutcome::TaskGone => return None,
             UploadOutcome::Written => state.checkpoint,
             UploadOutcome::KeptHigher { stored } if stored > latest_believable(now) => {
                 log::error!(
@@ -308,34 +355,7 @@ impl Advancer {
             }
         };
         state.uploaded = Some((stored, now));
-        if limit.is_zero() || stored < state.info.get_start_ts() {
-            return None;
-        }
-        let lag = ts_distance(now, stored);
-        if lag <= limit {
-            return None;
-        }
-        if let Some(held) = lag_hold.filter(|held| stored < *held && ts_distance(now, *held) < limit) {
-            log::warn!(
-                "task {task} lags {} by a clock that jumped or fell back at {held}: no pause until its checkpoint \
-                 passes that or the lag limit has passed since",
-                format_duration(lag)
-            );
-            return None;
-        }
-        log::warn!(
-            "checkpoint lag is too large: task {task} lags {} (limit {})",
-            format_duration(lag),
-            format_duration(limit)
-        );
-        state.paused = true;
-        let message = format!(
-            "The checkpoint is at {}, now it is {}, the lag is too huge ({}) hence pause the task to avoid impaction to the cluster",
-            format_rfc3339(system_time_of(stored)),
-            format_rfc3339(system_time_of(now)),
-            format_duration(lag)
-        );
-        Some(Action::Pause { task: task.to_string(), pause: PauseV2::now(Severity::Error).with_message(&message) })
+        judge_lag(task, state, stored, now, limit, lag_hold)
     }
 
     pub fn status(&self) -> Vec<TaskStatus> {
@@ -359,4 +379,50 @@ impl Advancer {
         let state = self.tasks.get(task)?;
         state.frontier.iter().filter(|s| KeyRange::new(s.start, s.end).overlaps(range)).map(|s| s.ts).min()
     }
+}
+
+/// A pause when `stored` (the value etcd holds) lags `now` by more than `limit`, unless the
+/// clock could not be trusted since (`lag_hold`). Marks the pause pending; the warning is
+/// logged once per pending pause.
+fn judge_lag(
+    task: &str,
+    state: &mut TaskState,
+    stored: Ts,
+    now: Ts,
+    limit: Duration,
+    lag_hold: Option<Ts>,
+) -> Option<Action> {
+    if limit.is_zero() || stored < state.info.get_start_ts() {
+        return None;
+    }
+    let lag = ts_distance(now, stored);
+    if lag <= limit {
+        return None;
+    }
+    if let Some(held) = lag_hold.filter(|held| stored < *held && ts_distance(now, *held) < limit) {
+        log::warn!(
+            "task {task} lags {} by a clock that jumped or fell back at {held}: no pause until its checkpoint passes \
+             that or the lag limit has passed since",
+            format_duration(lag)
+        );
+        return None;
+    }
+    if !std::mem::replace(&mut state.pause_pending, true) {
+        log::warn!(
+            "checkpoint lag is too large: task {task} lags {} (limit {})",
+            format_duration(lag),
+            format_duration(limit)
+        );
+    }
+    let message = format!(
+        "The checkpoint is at {}, now it is {}, the lag is too huge ({}) hence pause the task to avoid impaction to the cluster",
+        format_rfc3339(system_time_of(stored)),
+        format_rfc3339(system_time_of(now)),
+        format_duration(lag)
+    );
+    Some(Action::Pause {
+        task: task.to_string(),
+        incarnation: state.incarnation,
+        pause: PauseV2::now(Severity::Error).with_message(&message),
+    })
 }

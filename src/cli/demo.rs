@@ -272,9 +272,9 @@ impl Demo {
                 let owner = self.owner.ok_or_else(|| Error::Stopped("no owner to kill".into()))?;
                 if let Some(daemon) = self.advancers[owner].take() {
                     self.activity[owner] = Activity::default();
-                    daemon.stop();
+                    daemon.crash();
                 }
-                format!("owner {} stopped; the standby takes over", NAMES[owner])
+                format!("owner {} killed (no resignation); the standby takes over when its lease expires", NAMES[owner])
             }
             Fault::RestartAdvancer => {
                 let down = self.advancers.iter().position(Option::is_none).unwrap_or(0);

@@ -164,6 +164,8 @@ pub(crate) mod testing {
         pub scans: Mutex<Vec<Scan>>,
         /// GC safepoint calls in order: `Some(ts)` blocks GC until `ts`, `None` unblocks.
         pub gc: Mutex<Vec<Option<Ts>>>,
+        /// How many of the next GC safepoint calls fail (not recorded in `gc`).
+        pub failing_gc: Mutex<usize>,
         /// What the TSO answers; unset, it fails.
         pub now: Mutex<Option<Ts>>,
         /// Makes the TSO call panic, to test what a panicking caller does.
@@ -182,6 +184,15 @@ pub(crate) mod testing {
         pub fn script(&self, answer: Result<Vec<RegionWithLeader>>) {
             self.scripted.lock().push_back(answer);
         }
+
+        fn gc_call_fails(&self) -> Result<()> {
+            let mut failing = self.failing_gc.lock();
+            if *failing == 0 {
+                return Ok(());
+            }
+            *failing -= 1;
+            Err(crate::Error::Pd { endpoint: "mem".into(), reason: "GC safepoint call failed".into() })
+        }
     }
 
     impl ClusterMeta for MemMeta {
@@ -199,11 +210,13 @@ pub(crate) mod testing {
         }
 
         fn block_gc_until(&self, safe_point: Ts) -> Result<Ts> {
+            self.gc_call_fails()?;
             self.gc.lock().push(Some(safe_point));
             Ok(safe_point)
         }
 
         fn unblock_gc(&self) -> Result<()> {
+            self.gc_call_fails()?;
             self.gc.lock().push(None);
             Ok(())
         }

@@ -72,6 +72,9 @@ pub struct CheckpointAdvancer {
     last_failures: HashMap<String, HashMap<RegionId, &'static str>>,
     /// The subscription failure reported every tick while it lasts: logged once.
     subscription_warning: RepeatedWarning,
+    /// Lag pauses whose write failed, by task, and how often in a row: retried every tick,
+    /// warned about once, summarised when written.
+    failed_pauses: BTreeMap<String, u64>,
 }
 
 impl CheckpointAdvancer {
@@ -108,6 +111,7 @@ impl CheckpointAdvancer {
             regions: RegionCache::default(),
             last_failures: HashMap::new(),
             subscription_warning: RepeatedWarning::default(),
+            failed_pauses: BTreeMap::new(),
         })
     }
 
@@ -154,8 +158,8 @@ impl CheckpointAdvancer {
         self.subscriber.as_ref().map(|s| s.events().clone()).unwrap_or_else(never)
     }
 
-    fn stored_checkpoint(&self, task: &str) -> Ts {
-        self.env.meta.global_checkpoint(task).unwrap_or_else(|e| {
+    fn stored_checkpoint(&self, task: &str, incarnation: i64) -> Ts {
+        self.env.meta.global_checkpoint(task, incarnation).unwrap_or_else(|e| {
             log::warn!("failed to get the global checkpoint of task {task}, using its start ts: {e}");
             0
         })
@@ -164,10 +168,10 @@ impl CheckpointAdvancer {
     pub fn on_task_event(&mut self, event: TaskEvent) {
         log::info!("meet task event {event}");
         match event {
-            TaskEvent::Add { info, ranges, paused } => {
-                let stored = self.stored_checkpoint(info.get_name());
+            TaskEvent::Add { info, incarnation, ranges, paused } => {
+                let stored = self.stored_checkpoint(info.get_name(), incarnation);
                 self.storage.register(info.get_name(), info.get_storage());
-                self.core.add_task(info, &ranges, paused, stored);
+                self.core.add_task(info, incarnation, &ranges, paused, stored);
             }
             TaskEvent::Del { name } => {
                 self.core.remove_task(&name);
@@ -181,7 +185,8 @@ impl CheckpointAdvancer {
             }
             TaskEvent::Pause { name } => self.core.set_paused(&name, true),
             TaskEvent::Resume { name } => {
-                let stored = self.stored_checkpoint(&name);
+                let Some(incarnation) = self.core.incarnation(&name) else { return };
+                let stored = self.stored_checkpoint(&name, incarnation);
                 self.core.resume_task(&name, stored);
             }
             TaskEvent::Err { name, error } => {
@@ -228,6 +233,7 @@ impl CheckpointAdvancer {
     /// subscriptions open.
     pub fn on_become_owner(&mut self, leadership: Leadership) {
         self.owner = Some(leadership);
+        self.core.forget_gc_release();
         self.metrics.owner.set([], 1.0);
         let mut subscriber =
             FlushSubscriber::new(self.env.cluster.clone(), self.env.service.clone(), SubscriberConfig::default());
@@ -485,8 +491,8 @@ impl CheckpointAdvancer {
     fn apply(&mut self, actions: Vec<Action>, now: Ts) {
         for action in actions {
             match action {
-                Action::Upload { task, ts } => {
-                    if !self.upload(&task, ts, now) {
+                Action::Upload { task, incarnation, ts } => {
+                    if !self.upload(&task, incarnation, ts, now) {
                         return;
                     }
                 }
@@ -494,25 +500,63 @@ impl CheckpointAdvancer {
                     Ok(_) => log::debug!("updated log backup GC safe point to {safe_point}"),
                     Err(e) => log::warn!("failed to update service GC safe point to {safe_point}: {e}"),
                 },
-                Action::UnblockGc => {
-                    if let Err(e) = self.env.cluster.unblock_gc() {
-                        log::warn!("failed to remove service GC safepoint: {e}");
+                Action::UnblockGc => match self.env.cluster.unblock_gc() {
+                    Ok(()) => {
+                        log::info!("no task left: removed the log backup service GC safe point");
+                        self.core.on_gc_released();
                     }
-                }
-                Action::Pause { task, pause } => {
-                    if let Err(e) = self.env.meta.pause_task(&task, &pause) {
-                        log::warn!("failed to pause task {task}: {e}");
+                    Err(e) => log::warn!("failed to remove service GC safepoint, retrying at the next tick: {e}"),
+                },
+                Action::Pause { task, incarnation, pause } => {
+                    if !self.pause(&task, incarnation, &pause) {
+                        return;
                     }
                 }
             }
         }
     }
 
-    /// Uploads one checkpoint and hands the outcome to the core (which may pause the task
-    /// for lag). False when we are no longer the owner.
-    fn upload(&mut self, task: &str, ts: Ts, now: Ts) -> bool {
+    /// Writes a lag pause; the core stops the task only once it is written (a failed write
+    /// is asked for again at the next tick). False when we are no longer the owner.
+    fn pause(&mut self, task: &str, incarnation: i64, pause: &crate::meta::PauseV2) -> bool {
         let Some(owner) = self.owner.clone() else { return false };
-        let outcome = match self.env.meta.upload_global_checkpoint(task, ts, &Fence::owner(owner)) {
+        fail::fail_point!("before-pause-write");
+        let outcome = self.env.meta.pause_task(task, pause, &Fence::owner_of(owner, incarnation));
+        let failures = self.failed_pauses.remove(task).unwrap_or(0);
+        match outcome {
+            Ok(UploadOutcome::Fenced) => {
+                log::warn!("pause of task {task} fenced off: another advancer owns the tasks now");
+                self.on_lose_owner();
+                return false;
+            }
+            Ok(UploadOutcome::TaskGone) => {
+                log::info!("task {task} was deleted or re-created before its pause was written: not paused")
+            }
+            Ok(_) => {
+                if failures > 0 {
+                    log::info!("task {task} paused after {failures} failed attempts");
+                }
+                self.core.on_paused(task, incarnation);
+            }
+            Err(e) => {
+                if failures == 0 {
+                    log::warn!("failed to pause task {task}, retrying every tick: {e}");
+                }
+                self.failed_pauses.insert(task.to_string(), failures + 1);
+            }
+        }
+        true
+    }
+
+    /// Uploads one checkpoint of one incarnation of the task and hands the outcome to the
+    /// core (which may pause the task for lag). False when we are no longer the owner.
+    fn upload(&mut self, task: &str, incarnation: i64, ts: Ts, now: Ts) -> bool {
+        let Some(owner) = self.owner.clone() else { return false };
+        // A task event (a deletion, a re-creation) may land here: the incarnation fence
+        // makes the write miss rather than resurrect the task's keys.
+        fail::fail_point!("before-upload-checkpoint");
+        let fence = Fence::owner_of(owner, incarnation);
+        let outcome = match self.env.meta.upload_global_checkpoint(task, ts, &fence) {
             Ok(outcome) => outcome,
             Err(e) => {
                 log::warn!("failed to upload global checkpoint of task {task}: {e}");
@@ -525,6 +569,10 @@ impl CheckpointAdvancer {
                 log::warn!("upload of task {task} fenced off: another advancer owns the tasks now");
                 self.on_lose_owner();
                 return false;
+            }
+            UploadOutcome::TaskGone => {
+                log::info!("task {task} was deleted or re-created while its upload was in flight: nothing written");
+                return true;
             }
             UploadOutcome::Written => ts,
             UploadOutcome::KeptHigher { stored } => {

@@ -174,6 +174,8 @@ pub struct DaemonHandle {
     status_server: Option<StatusServer>,
     /// Asks the owner loop to resign and campaign again (`POST /owner/resign`).
     resign_requests: crossbeam_channel::Sender<()>,
+    /// Set by `crash`: the owner loop leaves without resigning or revoking its lease.
+    crashed: Arc<AtomicBool>,
 }
 
 /// Runs the ticker. However it ends (stopped, or a panic), ownership is given up: `resign`
@@ -235,9 +237,11 @@ impl Daemon {
         let status_etcd = etcd.clone();
 
         let (ttl, backoff, take_over) = (config.advancer.owner_ttl, config.advancer.backoff, config.take_over);
+        let crashed = Arc::new(AtomicBool::new(false));
+        let owner_crashed = crashed.clone();
         let mut owner = Worker::spawn("sh-owner", move |stop| {
-            let resign = resign_rx;
-            owner::OwnerLoop { etcd, id, ttl, backoff, events: owner_tx, resign, take_over, stop }.run()
+            let (resign, crashed) = (resign_rx, owner_crashed);
+            owner::OwnerLoop { etcd, id, ttl, backoff, events: owner_tx, resign, take_over, crashed, stop }.run()
         })?;
         let resign = owner.take_stop();
         let ticker_shared = shared.clone();
@@ -260,6 +264,7 @@ impl Daemon {
             owner: Some(owner),
             status_server,
             resign_requests,
+            crashed,
         })
     }
 }
@@ -327,6 +332,14 @@ impl DaemonHandle {
 
     /// Resigns ownership (a standby takes over at once) and joins every thread.
     pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    /// Stops the way a killed process does, as far as the cluster can tell: no resignation,
+    /// and the lease left to expire, so a standby takes over only after the owner TTL. For
+    /// demos and failover tests.
+    pub fn crash(mut self) {
+        self.crashed.store(true, Ordering::SeqCst);
         self.shutdown();
     }
 

@@ -3,6 +3,8 @@
 //! resigns and revokes its lease so that a standby takes over at once; on a resign request
 //! it does the same and campaigns again at the back of the queue.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -91,6 +93,8 @@ pub struct OwnerLoop {
     pub resign: Receiver<()>,
     /// Evict older candidates instead of waiting behind them (`--take-over`).
     pub take_over: bool,
+    /// Leave like a killed process: neither resign nor revoke the lease (`DaemonHandle::crash`).
+    pub crashed: Arc<AtomicBool>,
     pub stop: StopToken,
 }
 
@@ -133,7 +137,9 @@ impl OwnerLoop {
     fn one_term(&self, election: &Election, take_over: bool) -> Result<TermEnd> {
         let lease = self.etcd.grant_lease(self.ttl)?;
         let end = self.hold_lease(election, lease, take_over);
-        let _ = self.etcd.revoke_lease(lease);
+        if !self.crashed.load(Ordering::SeqCst) {
+            let _ = self.etcd.revoke_lease(lease);
+        }
         end
     }
 
@@ -151,7 +157,7 @@ impl OwnerLoop {
         let end = self.lead(election, &leadership, &keeper);
         // Lost first, so the ticker stops uploading before anything else happens.
         let _ = self.events.send(OwnerEvent::Lost);
-        if matches!(end, Ok(TermEnd::Stopped | TermEnd::Resigned)) {
+        if matches!(end, Ok(TermEnd::Stopped | TermEnd::Resigned)) && !self.crashed.load(Ordering::SeqCst) {
             if let Err(e) = election.resign(&leadership) {
                 log::warn!("resigning ownership failed (the lease expiry will release it): {e}");
             }
@@ -162,7 +168,8 @@ impl OwnerLoop {
     /// Tells the ticker, then waits for stop, a resign request, a lost lease or the loss of
     /// our key.
     fn lead(&self, election: &Election, leadership: &Leadership, keeper: &LeaseKeeper) -> Result<TermEnd> {
-        let watch = election.watch_leadership(leadership)?;
+        let Some(read_at) = election.leading_at(leadership)? else { return Ok(TermEnd::Lost) };
+        let mut watch = election.watch_leadership(leadership, read_at + 1)?;
         // A request made while we stood by is not for this term.
         while self.resign.try_recv().is_ok() {}
         if self.events.send(OwnerEvent::Gained(leadership.clone())).is_err() {
@@ -186,11 +193,19 @@ impl OwnerLoop {
                         return Ok(TermEnd::Lost);
                     }
                     Ok(Ok(_)) => {}
-                    // The watch ended (compaction): check directly.
+                    // The watch ended (a compaction, a closed stream): after a backoff, check
+                    // directly and watch again from that read. Never poll a finished watch.
                     _ => {
-                        if !election.is_leader(leadership).unwrap_or(false) {
-                            log::warn!("ownership lost: no longer the first candidate");
-                            return Ok(TermEnd::Lost);
+                        if self.stop.sleep(self.backoff) {
+                            return Ok(TermEnd::Stopped);
+                        }
+                        match election.leading_at(leadership) {
+                            Ok(Some(read_at)) => watch = election.watch_leadership(leadership, read_at + 1)?,
+                            Ok(None) => {
+                                log::warn!("ownership lost: no longer the first candidate");
+                                return Ok(TermEnd::Lost);
+                            }
+                            Err(e) => log::warn!("checking ownership after the owner watch ended failed: {e}"),
                         }
                     }
                 },

@@ -81,7 +81,14 @@ impl Fixture {
         let mut info = StreamBackupTaskInfo::new();
         info.set_name(name.into());
         info.set_start_ts(start);
-        self.advancer.on_task_event(TaskEvent::Add { info, ranges: vec![KeyRange::full()], paused: false });
+        let incarnation = 1;
+        self.store.incarnations.lock().insert(name.to_string(), incarnation);
+        self.advancer.on_task_event(TaskEvent::Add {
+            info,
+            incarnation,
+            ranges: vec![KeyRange::full()],
+            paused: false,
+        });
     }
 
     /// Owner under term 1, which the store holds too.
@@ -187,10 +194,32 @@ fn the_gc_safepoint_covers_every_task_and_is_released_with_the_last() {
     f.tick_at(at(5));
     assert_eq!(f.cluster.gc.lock().last(), Some(&Some(at(3) - 1)));
     f.advancer.on_task_event(TaskEvent::Del { name: "t2".into() });
+    *f.cluster.failing_gc.lock() = 2;
     f.tick_at(at(6));
     f.tick_at(at(7));
-    assert_eq!(f.cluster.gc.lock().iter().filter(|c| c.is_none()).count(), 1, "released once");
+    assert_eq!(f.cluster.gc.lock().last(), Some(&Some(at(3) - 1)), "two failed removals");
+    f.tick_at(at(8));
+    f.tick_at(at(9));
+    assert_eq!(
+        f.cluster.gc.lock().iter().filter(|c| c.is_none()).count(),
+        1,
+        "retried until PD confirmed, then no more"
+    );
     assert_eq!(f.cluster.gc.lock().last(), Some(&None));
+}
+
+#[test]
+fn a_new_owner_with_no_task_removes_a_safepoint_it_never_set() {
+    let mut f = Fixture::new();
+    f.own();
+    f.tick_at(at(1));
+    assert_eq!(*f.cluster.gc.lock(), vec![None], "removed although this owner never blocked GC");
+    f.tick_at(at(2));
+    assert_eq!(*f.cluster.gc.lock(), vec![None], "once confirmed");
+    f.advancer.on_lose_owner();
+    f.own();
+    f.tick_at(at(3));
+    assert_eq!(*f.cluster.gc.lock(), vec![None, None], "checked again in a new term");
 }
 
 #[test]
@@ -370,4 +399,47 @@ fn a_warning_repeated_every_tick_is_logged_once_then_summarised() {
         w.observe(Some("store 2 down".into())).as_deref(),
         Some("store 2 down; before: store 1 has no subscription (seen in 1 ticks)")
     );
+}
+
+#[test]
+fn an_upload_for_a_gone_incarnation_writes_nothing_and_keeps_ownership() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.add_task("t2", at(0));
+    f.own();
+    // t1 was deleted and re-created after the advancer last heard of it.
+    f.store.incarnations.lock().insert("t1".into(), 2);
+    f.tick_at(at(1));
+    assert_eq!(f.store.stored("t1"), None, "nothing written for the gone incarnation");
+    assert_eq!(f.store.stored("t2"), Some(at(0)), "the other task's upload still runs");
+    assert!(f.advancer.is_owner(), "a gone task is not a lost ownership");
+}
+
+#[test]
+fn a_failed_lag_pause_is_retried_every_tick_until_written() {
+    let mut f = Fixture::with_config(Config {
+        try_advance_threshold: Duration::from_secs(3600),
+        lag_limit: Duration::from_secs(60),
+        ..Config::default()
+    });
+    let second = |s| crate::types::ts_add(at(0), Duration::from_secs(s));
+    f.add_task("t1", at(0));
+    f.own();
+    // Ticks 20 s apart: the first one's clock (a jump from the local clock) holds lag
+    // verdicts for one limit; the checkpoint stays at the start.
+    for s in [0, 20, 40, 60] {
+        f.tick_at(second(s));
+    }
+    assert!(!f.advancer.status()[0].paused, "within the limit");
+    *f.store.failing_pauses.lock() = 2;
+    f.tick_at(second(80));
+    assert!(f.store.pauses.lock().is_empty(), "the first pause write failed");
+    assert!(!f.advancer.status()[0].paused, "not paused in memory only");
+    f.tick_at(second(100));
+    assert!(f.store.pauses.lock().is_empty(), "the second failed too");
+    f.tick_at(second(120));
+    assert_eq!(f.store.pauses.lock().len(), 1, "retried at the next tick");
+    assert!(f.advancer.status()[0].paused);
+    f.tick_at(second(140));
+    assert_eq!(f.store.pauses.lock().len(), 1, "written once");
 }

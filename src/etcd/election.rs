@@ -89,8 +89,11 @@ impl Election {
         &self.client
     }
 
-    fn first_candidate(&self, options: GetOptions) -> Result<Option<KeyValue>> {
-        Ok(self.client.range(KeySpan::prefix(self.prefix.as_bytes()), &options)?.kvs.pop())
+    /// The first candidate in `options`' order and the revision it was read at (a watch
+    /// from the next one misses nothing and is not compacted away yet).
+    fn first_candidate(&self, options: GetOptions) -> Result<(Option<KeyValue>, i64)> {
+        let mut result = self.client.range(KeySpan::prefix(self.prefix.as_bytes()), &options)?;
+        Ok((result.kvs.pop(), result.revision))
     }
 
     /// Every candidate, the leader first (ascending create revision).
@@ -114,6 +117,10 @@ impl Election {
 
     /// The current leader's key and value, if any candidate exists.
     pub fn leader(&self) -> Result<Option<KeyValue>> {
+        Ok(self.leader_at()?.0)
+    }
+
+    fn leader_at(&self) -> Result<(Option<KeyValue>, i64)> {
         self.first_candidate(GetOptions {
             limit: 1,
             sort: Some((RangeRequest_SortTarget::CREATE, RangeRequest_SortOrder::ASCEND)),
@@ -160,7 +167,7 @@ impl Election {
             if stop.is_stopped() {
                 return Err(Error::Stopped("owner campaign".into()));
             }
-            let ahead = self.first_candidate(GetOptions {
+            let (ahead, read_at) = self.first_candidate(GetOptions {
                 limit: 1,
                 max_create_revision: create_revision - 1,
                 sort: Some((RangeRequest_SortTarget::CREATE, RangeRequest_SortOrder::DESCEND)),
@@ -185,7 +192,7 @@ impl Election {
                 }
             }
             log::info!("waiting for the owner key {} to go away", String::from_utf8_lossy(ahead.get_key()));
-            self.wait_deleted(&ahead, &leadership, stop)?;
+            self.wait_deleted(&ahead, read_at, &leadership, stop)?;
         }
     }
 
@@ -205,11 +212,13 @@ impl Election {
         Ok(())
     }
 
-    /// Waits until `ahead` is deleted, our own key vanishes, or stop fires.
-    fn wait_deleted(&self, ahead: &KeyValue, ours: &Leadership, stop: &StopToken) -> Result<()> {
+    /// Waits until `ahead` (seen at revision `read_at`) is deleted, our own key vanishes,
+    /// or stop fires. The watch starts after the read, not after `ahead`'s last change: that
+    /// one may be compacted long ago.
+    fn wait_deleted(&self, ahead: &KeyValue, read_at: i64, ours: &Leadership, stop: &StopToken) -> Result<()> {
         let watcher: Watcher = self.client.watch(
             KeySpan::key(ahead.get_key().to_vec()),
-            WatchOptions { start_revision: ahead.get_mod_revision() + 1, prev_kv: false },
+            WatchOptions { start_revision: read_at + 1, prev_kv: false },
         )?;
         loop {
             if stop.is_stopped() {
@@ -221,8 +230,11 @@ impl Election {
                         return Ok(());
                     }
                 }
-                // A compaction or a closed watch: re-check from scratch.
-                Ok(Err(_)) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+                // A compaction or a closed watch: re-check from scratch after a pause, so that
+                // a watch that keeps failing is not re-created in a loop.
+                Ok(Err(_)) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return if stop.sleep(POLL) { Err(Error::Stopped("owner campaign".into())) } else { Ok(()) };
+                }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     if !self.exists(&ours.key, ours.create_revision)? {
                         return Err(self.key_lost(ours.lease));
@@ -242,9 +254,18 @@ impl Election {
 
     /// True while `leadership` is still the oldest live candidate.
     pub fn is_leader(&self, leadership: &Leadership) -> Result<bool> {
-        Ok(self.leader()?.is_some_and(|kv| {
-            kv.get_key() == leadership.key.as_slice() && kv.get_create_revision() == leadership.create_revision
-        }))
+        Ok(self.leading_at(leadership)?.is_some())
+    }
+
+    /// The revision of a read that found `leadership` still the oldest live candidate;
+    /// `None` when it no longer is.
+    pub fn leading_at(&self, leadership: &Leadership) -> Result<Option<i64>> {
+        let (leader, revision) = self.leader_at()?;
+        Ok(leader
+            .is_some_and(|kv| {
+                kv.get_key() == leadership.key.as_slice() && kv.get_create_revision() == leadership.create_revision
+            })
+            .then_some(revision))
     }
 
     /// Gives up leadership (or candidacy) so that the next candidate takes over at once.
@@ -253,12 +274,10 @@ impl Election {
         self.client.txn(txn).map(drop)
     }
 
-    /// Watches our key: a delete event means leadership is lost.
-    pub fn watch_leadership(&self, leadership: &Leadership) -> Result<Watcher> {
-        self.client.watch(
-            KeySpan::key(leadership.key.clone()),
-            WatchOptions { start_revision: leadership.create_revision + 1, prev_kv: false },
-        )
+    /// Watches our key from `start_revision` (after a read that found us leading): a delete
+    /// event means leadership is lost.
+    pub fn watch_leadership(&self, leadership: &Leadership, start_revision: i64) -> Result<Watcher> {
+        self.client.watch(KeySpan::key(leadership.key.clone()), WatchOptions { start_revision, prev_kv: false })
     }
 }
 

@@ -226,6 +226,11 @@ impl WatchLoop {
                 self.next_revision = response.get_header().get_revision() + 1;
             }
             if response.get_events().is_empty() {
+                if !response.get_created() {
+                    // A progress notification: every later event is above its revision, so an
+                    // idle watch resumes from there, not from a past compacted long ago.
+                    self.next_revision = self.next_revision.max(response.get_header().get_revision() + 1);
+                }
                 continue;
             }
             let batch = self.take_batch(response);

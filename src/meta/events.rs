@@ -15,7 +15,8 @@ use super::pause::PauseV2;
 use super::store::{Fence, MetaStore};
 use crate::error::{Error, Result, ResultExt};
 use crate::etcd::{
-    prefix_end, Cmp, CompareResult, EventKind, GetOptions, KeySpan, Leadership, Txn, TxnOp, WatchEvent, WatchOptions,
+    prefix_end, Cmp, CompareResult, EventKind, GetOptions, KeySpan, KeyValue, Leadership, Txn, TxnOp, WatchEvent,
+    WatchOptions,
 };
 use crate::proto::brpb::StreamBackupTaskInfo;
 use crate::types::{KeyRange, Ts};
@@ -30,6 +31,10 @@ pub enum TaskEvent {
     /// A task appeared or was redefined: start it over from these ranges.
     Add {
         info: StreamBackupTaskInfo,
+        /// The create revision of the task's info key: which incarnation of the name this
+        /// is. Every write for the task is fenced by it, and a stored checkpoint older than
+        /// it belongs to an earlier incarnation.
+        incarnation: i64,
         ranges: Vec<KeyRange>,
         paused: bool,
     },
@@ -63,10 +68,10 @@ impl TaskEvent {
 impl std::fmt::Display for TaskEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            TaskEvent::Add { info, ranges, paused } => {
+            TaskEvent::Add { info, incarnation, ranges, paused } => {
                 write!(
                     f,
-                    "Add({}, start_ts={}, {} ranges{})",
+                    "Add({}, start_ts={}, incarnation={incarnation}, {} ranges{})",
                     info.get_name(),
                     info.get_start_ts(),
                     ranges.len(),
@@ -91,11 +96,16 @@ pub enum UploadOutcome {
     },
     /// The fence condition failed: we are no longer the owner.
     Fenced,
+    /// The task was deleted or re-created since the write was decided: nothing was
+    /// written for an incarnation that no longer exists.
+    TaskGone,
 }
 
-/// A task as the watcher last saw it.
+/// A task as the watcher last saw it. The incarnation is part of the identity: a task
+/// deleted and re-created with the same bytes in a watch gap is a new task.
 #[derive(Clone, PartialEq)]
 struct KnownTask {
+    incarnation: i64,
     info_bytes: Vec<u8>,
     ranges: Vec<KeyRange>,
 }
@@ -104,6 +114,8 @@ struct KnownTask {
 #[derive(Default)]
 struct Snapshot {
     tasks: BTreeMap<String, (StreamBackupTaskInfo, KnownTask)>,
+    /// Tasks whose info key exists but whose metadata is bad: not deleted, just unreadable.
+    unreadable: BTreeSet<String>,
     paused: BTreeSet<String>,
     errors: Vec<(Option<String>, Error)>,
     revision: i64,
@@ -148,7 +160,8 @@ impl AdvancerExt {
         Ok(TaskWatcher { _worker: Some(worker) })
     }
 
-    /// Tasks, ranges and pause flags, all read at one revision.
+    /// Tasks, ranges and pause flags, all read at one revision. Any error but bad metadata
+    /// of one task fails the whole listing: a read error is not a deletion.
     fn list(&self) -> Result<Snapshot> {
         let etcd = self.meta.etcd();
         let info_prefix = keys::prefix_of_task();
@@ -161,11 +174,15 @@ impl AdvancerExt {
             pauses.iter().filter_map(|kv| name_under(&pause_prefix, kv.get_key())).map(String::from).collect();
         for kv in infos {
             let Some(name) = name_under(&info_prefix, kv.get_key()) else { continue };
-            match self.read_task(name, kv.get_value(), kv.get_key(), revision) {
+            match self.read_task(name, &kv, revision) {
                 Ok(entry) => {
                     snapshot.tasks.insert(name.to_string(), entry);
                 }
-                Err(e) => snapshot.errors.push((Some(name.to_string()), e)),
+                Err(e @ Error::BadMeta { .. }) => {
+                    snapshot.unreadable.insert(name.to_string());
+                    snapshot.errors.push((Some(name.to_string()), e));
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(snapshot)
@@ -173,27 +190,40 @@ impl AdvancerExt {
 
     /// Decodes a task's info and reads its ranges at `revision` (the ranges are written in
     /// the same transaction as the info).
-    fn read_task(
-        &self,
-        name: &str,
-        value: &[u8],
-        key: &[u8],
-        revision: i64,
-    ) -> Result<(StreamBackupTaskInfo, KnownTask)> {
-        let info = decode_task_info(name, key, value)?;
+    fn read_task(&self, name: &str, kv: &KeyValue, revision: i64) -> Result<(StreamBackupTaskInfo, KnownTask)> {
+        fail::fail_point!("read-task", |_| Err(Error::Etcd {
+            endpoint: "failpoint".into(),
+            reason: format!("reading task {name} failed (failpoint read-task)")
+        }));
+        let info = decode_task_info(name, kv.get_key(), kv.get_value())?;
         let (kvs, _) = self.meta.etcd().scan_prefix_at(keys::ranges_of(name).as_bytes(), PAGE, revision)?;
         let ranges = decode_ranges(name, &kvs)?;
         if ranges.is_empty() {
             let prefix = keys::ranges_of(name);
             return Err(bad_meta(name, prefix.as_bytes(), "the task has no key ranges"));
         }
-        Ok((info, KnownTask { info_bytes: value.to_vec(), ranges }))
+        Ok((info, KnownTask { incarnation: kv.get_create_revision(), info_bytes: kv.get_value().to_vec(), ranges }))
     }
 
     /// The stored global checkpoint, 0 when there is none.
     pub fn get_global_checkpoint(&self, task: &str) -> Result<Ts> {
+        self.global_checkpoint_since(task, 0)
+    }
+
+    /// The stored global checkpoint written at or after revision `incarnation`, 0 when
+    /// there is none: an older value is an earlier incarnation's (a task deleted and
+    /// re-created under the same name) and says nothing about this one's data.
+    pub fn global_checkpoint_since(&self, task: &str, incarnation: i64) -> Result<Ts> {
         let key = keys::global_checkpoint_of(task);
         match self.meta.etcd().get(key.clone())? {
+            Some(kv) if kv.get_mod_revision() < incarnation => {
+                log::warn!(
+                    "task {task}: the stored checkpoint was written at revision {}, before this incarnation of the \
+                     task (created at {incarnation}): ignored",
+                    kv.get_mod_revision()
+                );
+                Ok(0)
+            }
             None => Ok(0),
             Some(kv) => keys::decode_u64(kv.get_value()).ok_or_else(|| Error::BadMeta {
                 task: task.to_string(),
@@ -203,30 +233,48 @@ impl AdvancerExt {
         }
     }
 
+    /// Runs `ops` in one transaction, only while every condition of `fence` holds. When one
+    /// fails: `TaskGone` if the task's info key no longer has the fenced create revision,
+    /// `Fenced` otherwise (the owner term).
+    fn fenced_txn(&self, task: &str, fence: &Fence, ops: Vec<TxnOp>, what: &str) -> Result<FencedResult> {
+        let info_key = keys::task_of(task);
+        let mut conditions: Vec<Cmp> = fence.owner.iter().map(Leadership::fence).collect();
+        conditions.extend(fence.incarnation.map(|rev| Cmp::create_revision(&info_key, CompareResult::EQUAL, rev)));
+        let txn = Txn::new()
+            .when(conditions)
+            .and_then(ops)
+            .or_else([TxnOp::get(KeySpan::key(info_key), &GetOptions { keys_only: true, ..Default::default() })]);
+        let result = self.meta.etcd().txn(txn).with_context(|| format!("{what} of task {task}"))?;
+        if result.succeeded {
+            return Ok(Ok(result));
+        }
+        let current = result.ranges.first().and_then(|r| r.kvs.first()).map_or(0, |kv| kv.get_create_revision());
+        Ok(Err(match fence.incarnation {
+            Some(incarnation) if incarnation != current => UploadOutcome::TaskGone,
+            _ => UploadOutcome::Fenced,
+        }))
+    }
+
     /// Writes `ts` unless the stored value is higher, atomically (big-endian bytes compare
-    /// like the numbers). With a fence, writes only while the fence holds.
-    pub fn upload_global_checkpoint(&self, task: &str, ts: Ts, fence: Option<Cmp>) -> Result<UploadOutcome> {
+    /// like the numbers), only while `fence` holds. A stored value older than the fenced
+    /// incarnation is an earlier incarnation's and is overwritten, never kept.
+    pub fn upload_global_checkpoint(&self, task: &str, ts: Ts, fence: &Fence) -> Result<UploadOutcome> {
         let key = keys::global_checkpoint_of(task);
+        let mut higher = vec![Cmp::value(&key, CompareResult::GREATER, keys::encode_u64(ts))];
+        higher.extend(fence.incarnation.map(|rev| Cmp::mod_revision(&key, CompareResult::GREATER, rev - 1)));
         let monotonic = Txn::new()
-            .when([Cmp::value(&key, CompareResult::GREATER, keys::encode_u64(ts))])
+            .when(higher)
             .and_then([TxnOp::get(KeySpan::key(key.clone()), &GetOptions::default())])
             .or_else([TxnOp::put(key.clone(), keys::encode_u64(ts), 0)]);
-        let etcd = self.meta.etcd();
-        let context = || format!("uploading the global checkpoint of task {task}");
-        let result = match fence {
-            None => etcd.txn(monotonic).with_context(context)?,
-            Some(fence) => {
-                let outer =
-                    etcd.txn(Txn::new().when([fence]).and_then([TxnOp::txn(monotonic)])).with_context(context)?;
-                if !outer.succeeded {
-                    return Ok(UploadOutcome::Fenced);
-                }
-                outer.txns.into_iter().next().ok_or_else(|| Error::Etcd {
-                    endpoint: etcd.config().endpoints.join(","),
-                    reason: "a nested transaction returned no result".into(),
-                })?
-            }
-        };
+        let outer =
+            match self.fenced_txn(task, fence, vec![TxnOp::txn(monotonic)], "uploading the global checkpoint")? {
+                Ok(outer) => outer,
+                Err(outcome) => return Ok(outcome),
+            };
+        let result = outer.txns.into_iter().next().ok_or_else(|| Error::Etcd {
+            endpoint: self.meta.etcd().config().endpoints.join(","),
+            reason: "a nested transaction returned no result".into(),
+        })?;
         if !result.succeeded {
             return Ok(UploadOutcome::Written);
         }
@@ -250,26 +298,32 @@ impl AdvancerExt {
         Ok(())
     }
 
-    pub fn pause_task(&self, task: &str, pause: &PauseV2) -> Result<()> {
-        self.meta.pause_task(task, pause)
+    /// Writes the pause record `pause/<task>` only while `fence` holds: `Written`, `Fenced`
+    /// or `TaskGone`.
+    pub fn pause_task(&self, task: &str, pause: &PauseV2, fence: &Fence) -> Result<UploadOutcome> {
+        let put = TxnOp::put(keys::pause_of(task), pause.to_json(), 0);
+        Ok(self.fenced_txn(task, fence, vec![put], "pausing")?.err().unwrap_or(UploadOutcome::Written))
     }
 }
+
+/// A fenced transaction's result, or why it did not run.
+type FencedResult = std::result::Result<crate::etcd::TxnResult, UploadOutcome>;
 
 impl MetaStore for AdvancerExt {
     fn begin(&self, out: Sender<TaskEvent>, backoff: Duration) -> Result<TaskWatcher> {
         AdvancerExt::begin(self, out, backoff)
     }
 
-    fn global_checkpoint(&self, task: &str) -> Result<Ts> {
-        self.get_global_checkpoint(task)
+    fn global_checkpoint(&self, task: &str, incarnation: i64) -> Result<Ts> {
+        self.global_checkpoint_since(task, incarnation)
     }
 
     fn upload_global_checkpoint(&self, task: &str, ts: Ts, fence: &Fence) -> Result<UploadOutcome> {
-        AdvancerExt::upload_global_checkpoint(self, task, ts, fence.owner.as_ref().map(Leadership::fence))
+        AdvancerExt::upload_global_checkpoint(self, task, ts, fence)
     }
 
-    fn pause_task(&self, task: &str, pause: &PauseV2) -> Result<()> {
-        AdvancerExt::pause_task(self, task, pause)
+    fn pause_task(&self, task: &str, pause: &PauseV2, fence: &Fence) -> Result<UploadOutcome> {
+        AdvancerExt::pause_task(self, task, pause, fence)
     }
 }
 
@@ -290,9 +344,15 @@ impl Follower {
         self.stop.send(&self.out, event)
     }
 
-    /// Emits the difference between what the consumer knows and `snapshot`.
+    /// Emits the difference between what the consumer knows and `snapshot`. A task whose
+    /// metadata is unreadable keeps its last good state (an `Err` event says why).
     fn apply_snapshot(&mut self, snapshot: Snapshot) -> bool {
-        let removed: Vec<String> = self.known.keys().filter(|n| !snapshot.tasks.contains_key(*n)).cloned().collect();
+        let removed: Vec<String> = self
+            .known
+            .keys()
+            .filter(|n| !snapshot.tasks.contains_key(*n) && !snapshot.unreadable.contains(*n))
+            .cloned()
+            .collect();
         for name in removed {
             self.known.remove(&name);
             if !self.emit(TaskEvent::Del { name }) {
@@ -302,7 +362,7 @@ impl Follower {
         for (name, (info, task)) in snapshot.tasks {
             let paused = snapshot.paused.contains(&name);
             let event = if self.known.get(&name) != Some(&task) {
-                Some(TaskEvent::Add { info, ranges: task.ranges.clone(), paused })
+                Some(TaskEvent::Add { info, incarnation: task.incarnation, ranges: task.ranges.clone(), paused })
             } else if paused != self.paused.contains(&name) {
                 Some(if paused {
                     TaskEvent::Pause { name: name.clone() }
@@ -317,7 +377,17 @@ impl Follower {
                 return false;
             }
         }
-        self.paused = snapshot.paused;
+        // An unreadable task's pause flag stays as last reported, so that a change is still
+        // reported once the task reads again.
+        let mut paused = snapshot.paused;
+        for name in &snapshot.unreadable {
+            if self.paused.contains(name) {
+                paused.insert(name.clone());
+            } else {
+                paused.remove(name);
+            }
+        }
+        self.paused = paused;
         snapshot.errors.into_iter().all(|(name, error)| self.emit(TaskEvent::Err { name, error }))
     }
 
@@ -389,17 +459,16 @@ impl Follower {
             let name = name.to_string();
             return Ok(match event.kind {
                 EventKind::Delete => self.known.remove(&name).is_none() || self.emit(TaskEvent::Del { name }),
-                EventKind::Put => {
-                    match self.ext.read_task(&name, event.kv.get_value(), key, event.kv.get_mod_revision()) {
-                        Ok((info, task)) => {
-                            let paused = self.paused.contains(&name);
-                            self.known.insert(name, task.clone());
-                            self.emit(TaskEvent::Add { info, ranges: task.ranges, paused })
-                        }
-                        Err(e @ Error::BadMeta { .. }) => self.emit(TaskEvent::Err { name: Some(name), error: e }),
-                        Err(e) => return Err(e),
+                EventKind::Put => match self.ext.read_task(&name, &event.kv, event.kv.get_mod_revision()) {
+                    Ok((info, task)) => {
+                        let paused = self.paused.contains(&name);
+                        self.known.insert(name, task.clone());
+                        let incarnation = task.incarnation;
+                        self.emit(TaskEvent::Add { info, incarnation, ranges: task.ranges, paused })
                     }
-                }
+                    Err(e @ Error::BadMeta { .. }) => self.emit(TaskEvent::Err { name: Some(name), error: e }),
+                    Err(e) => return Err(e),
+                },
             });
         }
         if let Some(name) = name_under(&keys::prefix_of_pause(), key) {
