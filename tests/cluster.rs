@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use streamhelper::cluster::{
-    collect_checkpoints, ClusterMeta, CollectResult, CollectorConfig, FailReason, FailedRange, FlushEvent,
-    FlushSubscriber, LogBackupService, PdClient, PdConfig, RegionIter, RegionWithLeader, ScanRetry, StoreInfo,
-    SubscriberConfig, TikvClients, GC_SERVICE_ID,
+    collect_checkpoints, collect_checkpoints_cached, ClusterMeta, CollectResult, CollectorConfig, FailReason,
+    FailedRange, FlushEvent, FlushSubscriber, LogBackupService, PdClient, PdConfig, RegionCache, RegionIter,
+    RegionWithLeader, ScanRetry, StoreInfo, SubscriberConfig, TikvClients, GC_SERVICE_ID,
 };
 use streamhelper::security::Security;
 use streamhelper::sim::{SimCluster, SimConfig, SimRegion};
@@ -378,6 +378,80 @@ fn a_region_split_between_the_scan_and_the_request() {
         assert_eq!(c.sim.regions().len(), before.len() + 1);
         assert_eq!(c.collect().advanced, c.at_last_flush(&c.sim.regions()));
     }
+}
+
+#[test]
+fn cached_regions_ask_pd_nothing_and_a_split_or_moved_one_fails_until_its_gap_is_scanned() {
+    let c = Cluster::start(3, 20);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let mut cache = RegionCache::default();
+    let mut collect = || {
+        let full = [KeyRange::full()];
+        let result = collect_checkpoints_cached(
+            c.pd.as_ref(),
+            c.clients.as_ref(),
+            &pool,
+            &mut cache,
+            &full,
+            &collector_config(),
+        )
+        .unwrap();
+        c.assert_never_ahead_of_truth(&result);
+        result
+    };
+    c.sim.flush_all();
+    assert_eq!(collect().advanced, c.at_last_flush(&c.sim.regions()));
+    let (calls, scanned) = c.sim.pd_scans();
+    c.sim.flush_all();
+    assert_eq!(collect().advanced, c.at_last_flush(&c.sim.regions()));
+    assert_eq!(c.sim.pd_scans(), (calls, scanned), "a cached key space asks PD nothing");
+
+    // One region splits, another's leader moves, and every store flushes.
+    let before = c.sim.regions();
+    let (split, moved) = (before[7].clone(), before[12].clone());
+    let mut split_at = split.range.start.clone();
+    split_at.push(0);
+    c.sim.split(&split_at).unwrap();
+    let to = c.sim.store_ids().into_iter().find(|&s| Some(s) != moved.leader_store).unwrap();
+    c.sim.transfer_leader(moved.id, to).unwrap();
+    c.sim.flush_all();
+    let stale = collect();
+    let others: Vec<SimRegion> = before.iter().filter(|r| r.id != split.id && r.id != moved.id).cloned().collect();
+    assert_eq!(stale.advanced, c.at_last_flush(&others));
+    let failed: Vec<_> = stale.failed.iter().map(|f| (f.region, f.reason.clone())).collect();
+    assert_eq!(failed, vec![(Some(split.id), FailReason::EpochNotMatch), (Some(moved.id), FailReason::NotLeader)]);
+    assert_eq!(c.sim.pd_scans(), (calls, scanned), "stale entries are found out by the stores, not PD");
+
+    let fresh = collect();
+    assert!(fresh.failed.is_empty(), "{:?}", fresh.failed);
+    assert_eq!(fresh.advanced, c.at_last_flush(&c.sim.regions()));
+    let rescanned = c.sim.pd_scans().1 - scanned;
+    assert!((3..=5).contains(&rescanned), "only the gaps are scanned again: {rescanned} regions");
+}
+
+#[test]
+fn a_flush_during_a_slow_poll_is_believed_up_to_the_time_that_passed() {
+    let c = Cluster::start(2, 8);
+    c.sim.flush_all();
+    for store in c.sim.store_ids() {
+        c.sim.set_store_delay(store, Duration::from_millis(800));
+    }
+    // The bound a tick computes, without its slack: only the time that passes can lift it.
+    let config = CollectorConfig { max_ts: c.sim.now_ts(), rpc_timeout: Duration::from_secs(5), ..collector_config() };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let result = std::thread::scope(|scope| {
+        let poll = scope.spawn(|| {
+            collect_checkpoints(c.pd.as_ref(), c.clients.as_ref(), &pool, &[KeyRange::full()], &config).unwrap()
+        });
+        // Inside the stores' delay: the answers carry this flush, above the bound at the start.
+        std::thread::sleep(Duration::from_millis(200));
+        c.sim.flush_all();
+        poll.join().unwrap()
+    });
+    assert!(result.failed.is_empty(), "{:?}", result.failed);
+    assert_eq!(result.advanced, c.at_last_flush(&c.sim.regions()));
+    assert!(result.advanced.iter().all(|(_, ts)| *ts > config.max_ts), "the answers came from the later flush");
+    c.assert_never_ahead_of_truth(&result);
 }
 
 #[test]

@@ -122,8 +122,11 @@ fn a_task_recreated_with_an_earlier_start_during_an_upload_starts_from_its_own_s
             Fixture::put_task(&meta, "t", earlier);
         })
         .unwrap();
-        // A heartbeat upload of the old incarnation, decided before the re-creation.
-        f.advancer.update_config_with(|c| c.upload_heartbeat = Duration::ZERO).unwrap();
+        // A heartbeat upload of the old incarnation, decided before the re-creation: the
+        // shortest heartbeat allowed, waited out.
+        let heartbeat = Duration::from_millis(100);
+        f.advancer.update_config_with(|c| c.upload_heartbeat = heartbeat).unwrap();
+        std::thread::sleep(heartbeat + Duration::from_millis(20));
         f.advancer.on_tick();
         fail::remove(UPLOAD);
         assert_eq!(f.stored("t"), None, "round {round}: the old incarnation's upload landed on the new one");

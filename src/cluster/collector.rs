@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::proto::errorpb;
 use crate::proto::logbackuppb::{GetLastFlushTSOfRegionRequest, GetLastFlushTSOfRegionResponse, RegionIdentity};
 use crate::proto::logbackuppb_grpc::LogBackupClient;
-use crate::types::{KeyRange, RegionId, StoreId, Ts};
+use crate::types::{ts_add, KeyRange, RegionId, StoreId, Ts};
 
 #[derive(Clone, Debug)]
 pub struct CollectorConfig {
@@ -118,8 +118,22 @@ pub fn collect_checkpoints(
     ranges: &[KeyRange],
     config: &CollectorConfig,
 ) -> Result<CollectResult> {
+    collect_checkpoints_cached(meta, service, pool, &mut RegionCache::default(), ranges, config)
+}
+
+/// [`collect_checkpoints`] that asks PD only about the parts of `ranges` the cache does not
+/// tile, and drops every region that failed from the cache (see [`RegionCache`]).
+pub fn collect_checkpoints_cached(
+    meta: &dyn ClusterMeta,
+    service: &dyn LogBackupService,
+    pool: &rayon::ThreadPool,
+    cache: &mut RegionCache,
+    ranges: &[KeyRange],
+    config: &CollectorConfig,
+) -> Result<CollectResult> {
+    let began = Instant::now();
     let mut result = CollectResult::default();
-    let regions = scan_regions(meta, ranges, config, &mut result.range_scans)?;
+    let regions = scan_regions(meta, cache, ranges, config, &mut result.range_scans)?;
     let region_count = regions.len();
     let plans = plan_requests(regions, config.batch_size, &mut result.failed);
     let dialed: Vec<(StorePlan, Result<LogBackupClient>)> = pool.install(|| {
@@ -140,7 +154,10 @@ pub fn collect_checkpoints(
         }
     }
     for store in in_flight {
-        store.wait_into(service, config.max_ts, &mut result);
+        store.wait_into(service, config.max_ts, began, &mut result);
+    }
+    for failed in &result.failed {
+        cache.forget(failed);
     }
     result.advanced.sort();
     result.failed.sort();
@@ -158,6 +175,7 @@ pub fn collect_checkpoints(
 /// region that changed between pages) is asked about in its newest epoch.
 fn scan_regions(
     meta: &dyn ClusterMeta,
+    cache: &mut RegionCache,
     ranges: &[KeyRange],
     config: &CollectorConfig,
     timings: &mut Vec<Duration>,
@@ -165,10 +183,16 @@ fn scan_regions(
     let mut by_id: HashMap<RegionId, RegionWithLeader> = HashMap::new();
     for range in ranges {
         let started = Instant::now();
-        let mut iter = RegionIter::new(meta, range);
-        iter.page_size = config.page_size;
-        iter.retry = config.scan_retry.clone();
-        for region in iter.collect_all()? {
+        let (mut regions, gaps) = cache.cover(range);
+        for gap in gaps {
+            let mut iter = RegionIter::new(meta, &gap);
+            iter.page_size = config.page_size;
+            iter.retry = config.scan_retry.clone();
+            let scanned = iter.collect_all()?;
+            cache.insert(&scanned);
+            regions.extend(scanned);
+        }
+        for region in regions {
             let newer = by_id.get(&region.id).map_or(true, |seen| seen.epoch_version < region.epoch_version);
             if newer {
                 by_id.insert(region.id, region);
@@ -179,6 +203,89 @@ fn scan_regions(
     let mut regions: Vec<_> = by_id.into_values().collect();
     regions.sort_by(|a, b| a.range.cmp(&b.range));
     Ok(regions)
+}
+
+/// The regions earlier polls saw, by start key, so that a steady tick asks PD nothing.
+///
+/// A stale entry cannot advance a range wrongly: every request carries the region's epoch
+/// and TiKV fails a region that split or merged since (epoch not match, or not found), a
+/// moved leader answers not-leader, a dead store fails its regions. Every region that
+/// failed, for whatever reason, is dropped, so the next poll scans its range afresh.
+/// Holds at most one entry per region of the ranges polled.
+#[derive(Debug, Default)]
+pub struct RegionCache {
+    by_start: BTreeMap<Vec<u8>, RegionWithLeader>,
+}
+
+impl RegionCache {
+    /// The cached regions overlapping `range`, in key order, and the parts of it no cached
+    /// region covers.
+    fn cover(&self, range: &KeyRange) -> (Vec<RegionWithLeader>, Vec<KeyRange>) {
+        let (mut regions, mut gaps) = (Vec::new(), Vec::new());
+        let mut cursor = range.start.clone();
+        loop {
+            let containing = self.by_start.range(..=cursor.clone()).next_back().map(|(_, r)| r);
+            let end = match containing.filter(|r| r.range.end.is_empty() || r.range.end > cursor) {
+                Some(region) => {
+                    regions.push(region.clone());
+                    region.range.end.clone()
+                }
+                None => {
+                    let next = self.by_start.range(cursor.clone()..).next().map(|(start, _)| start.clone());
+                    let end = match next {
+                        Some(next) if range.end.is_empty() || next < range.end => next,
+                        _ => range.end.clone(),
+                    };
+                    gaps.push(KeyRange { start: cursor, end: end.clone() });
+                    end
+                }
+            };
+            if end.is_empty() || (!range.end.is_empty() && end >= range.end) {
+                return (regions, gaps);
+            }
+            cursor = end;
+        }
+    }
+
+    /// Adds a fresh scan (regions in key order, tiling their span), replacing every entry
+    /// that overlaps it: PD's answer is newer than anything cached.
+    fn insert(&mut self, scanned: &[RegionWithLeader]) {
+        let (Some(first), Some(last)) = (scanned.first(), scanned.last()) else { return };
+        let span = KeyRange { start: first.range.start.clone(), end: last.range.end.clone() };
+        if let Some((start, before)) = self.by_start.range(..span.start.clone()).next_back() {
+            if before.range.end.is_empty() || before.range.end > span.start {
+                let start = start.clone();
+                self.by_start.remove(&start);
+            }
+        }
+        let inside: Vec<Vec<u8>> = self
+            .by_start
+            .range(span.start.clone()..)
+            .take_while(|(start, _)| span.end.is_empty() || **start < span.end)
+            .map(|(start, _)| start.clone())
+            .collect();
+        for start in inside {
+            self.by_start.remove(&start);
+        }
+        for region in scanned {
+            self.by_start.insert(region.range.start.clone(), region.clone());
+        }
+    }
+
+    /// Drops the failed region, so that its range is scanned again.
+    fn forget(&mut self, failed: &FailedRange) {
+        if self.by_start.get(&failed.range.start).is_some_and(|r| Some(r.id) == failed.region) {
+            self.by_start.remove(&failed.range.start);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_start.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_start.is_empty()
+    }
 }
 
 /// The batches to send to one store.
@@ -264,7 +371,7 @@ fn send_batches(plan: StorePlan, client: Result<LogBackupClient>, deadline: Inst
 impl StoreCalls {
     /// Waits for every answer of the store and merges it. The first failure becomes the
     /// store's error and drops its connection, so that the next use dials again.
-    fn wait_into(self, service: &dyn LogBackupService, max_ts: Ts, result: &mut CollectResult) {
+    fn wait_into(self, service: &dyn LogBackupService, max_ts: Ts, began: Instant, result: &mut CollectResult) {
         let store = self.store;
         let first_error = match self.sent {
             Err((batches, e)) => {
@@ -275,7 +382,7 @@ impl StoreCalls {
                 let mut first_error = None;
                 for (batch, call) in in_flight.calls {
                     match call.and_then(|receiver| block_on(receiver).map_err(|e| rpc_error(store, e))) {
-                        Ok(answer) => apply_answer(store, batch, &answer, max_ts, result),
+                        Ok(answer) => apply_answer(store, batch, &answer, believable_after(max_ts, began), result),
                         Err(e) => {
                             fail_batch(store, batch, result);
                             first_error.get_or_insert(e);
@@ -291,6 +398,16 @@ impl StoreCalls {
             result.store_errors.push(e);
         }
     }
+}
+
+/// `max_ts` was the current time (plus slack) when the poll began; a store may answer with
+/// a flush that happened since, so the bound moves on with the time that passed. A poll of a
+/// million regions takes seconds: a fixed bound failed every region flushed meanwhile.
+fn believable_after(max_ts: Ts, began: Instant) -> Ts {
+    if max_ts == Ts::MAX {
+        return max_ts;
+    }
+    ts_add(max_ts, began.elapsed()).max(max_ts)
 }
 
 fn request_for(batch: &[RegionWithLeader]) -> GetLastFlushTSOfRegionRequest {
@@ -561,10 +678,39 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_covers_what_it_holds_and_names_the_gaps() {
+        let mut cache = RegionCache::default();
+        cache.insert(&[region(1, "b", "d", Some(1)), region(2, "d", "f", Some(1))]);
+        cache.insert(&[region(3, "h", "", Some(1))]);
+        let ids = |regions: Vec<RegionWithLeader>| regions.iter().map(|r| r.id).collect::<Vec<_>>();
+
+        let (regions, gaps) = cache.cover(&KeyRange::new("c", "e"));
+        assert_eq!((ids(regions), gaps), (vec![1, 2], vec![]));
+        let (regions, gaps) = cache.cover(&KeyRange::full());
+        assert_eq!(
+            (ids(regions), gaps),
+            (vec![1, 2, 3], vec![KeyRange::new("", "b"), KeyRange::new("f", "h")]),
+            "regions reaching +∞ end the cover"
+        );
+        let (regions, gaps) = cache.cover(&KeyRange::new("e", "g"));
+        assert_eq!((ids(regions), gaps), (vec![2], vec![KeyRange::new("f", "g")]));
+
+        // A fresh scan replaces every entry it overlaps; a failed region is forgotten.
+        cache.insert(&[region(4, "c", "e", Some(2))]);
+        let (regions, gaps) = cache.cover(&KeyRange::new("b", "f"));
+        assert_eq!((ids(regions), gaps), (vec![4], vec![KeyRange::new("b", "c"), KeyRange::new("e", "f")]));
+        cache.forget(&failed(&region(3, "h", "", Some(1)), Some(1), FailReason::EpochNotMatch));
+        cache.forget(&failed(&region(9, "c", "e", Some(1)), Some(1), FailReason::NotLeader));
+        assert_eq!(cache.len(), 1, "only region 3 went: region 9 is not what the cache holds at c");
+    }
+
+    #[test]
     fn a_region_inside_two_ranges_is_asked_about_once() {
         let meta = MemMeta::new(regions_from_boundaries(&[b"b", b"d"], &[1]));
         let ranges = [KeyRange::new("a", "c"), KeyRange::new("c", "e")];
-        let regions = scan_regions(&meta, &ranges, &CollectorConfig::default(), &mut Vec::new()).unwrap();
+        let regions =
+            scan_regions(&meta, &mut RegionCache::default(), &ranges, &CollectorConfig::default(), &mut Vec::new())
+                .unwrap();
         let got: Vec<_> = regions.iter().map(|r| (r.id, r.range.clone())).collect();
         assert_eq!(got, vec![(1, KeyRange::new("", "b")), (2, KeyRange::new("b", "d")), (3, KeyRange::new("d", ""))]);
     }

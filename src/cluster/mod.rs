@@ -20,7 +20,10 @@ use crate::proto::logbackuppb_grpc::LogBackupClient;
 use crate::proto::tikvpb_grpc::TikvClient;
 use crate::types::{KeyRange, RegionId, StoreId, Ts};
 
-pub use collector::{collect_checkpoints, CollectResult, CollectorConfig, FailReason, FailedRange};
+pub use collector::{
+    collect_checkpoints, collect_checkpoints_cached, CollectResult, CollectorConfig, FailReason, FailedRange,
+    RegionCache,
+};
 pub use pd::{PdClient, PdConfig};
 pub use region_iter::{check_region_consistency, RegionIter, ScanRetry};
 pub use subscriber::{FlushEvent, FlushSubscriber, SubscriberConfig};

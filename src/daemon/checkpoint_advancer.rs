@@ -17,8 +17,8 @@ use crossbeam_channel::{never, Receiver, Sender};
 use super::metrics::Metrics;
 use crate::advancer::{latest_believable, Action, Advancer, Config, TaskStatus};
 use crate::cluster::{
-    collect_checkpoints, ClusterMeta, CollectResult, CollectorConfig, FailReason, FlushEvent, FlushSubscriber,
-    KvClients, LogBackupService, SubscriberConfig,
+    collect_checkpoints, collect_checkpoints_cached, ClusterMeta, CollectResult, CollectorConfig, FailReason,
+    FlushEvent, FlushSubscriber, KvClients, LogBackupService, RegionCache, SubscriberConfig,
 };
 use crate::error::{Error, Result};
 use crate::etcd::Leadership;
@@ -65,6 +65,9 @@ pub struct CheckpointAdvancer {
     storage: CheckpointCopier,
     /// Resolves locks on stuck tasks' lagging ranges on its own thread.
     locks: LockResolver,
+    /// The regions polls saw, so that a poll asks PD only about regions not seen or failed;
+    /// kept while owner.
+    regions: RegionCache,
     /// Why each region failed in its task's last poll: the reason a blocker is shown with.
     last_failures: HashMap<String, HashMap<RegionId, &'static str>>,
     /// The subscription failure reported every tick while it lasts: logged once.
@@ -105,6 +108,7 @@ impl CheckpointAdvancer {
             subscriber: None,
             last_tso: None,
             future_stores: HashSet::new(),
+            regions: RegionCache::default(),
             last_failures: HashMap::new(),
             subscription_warning: RepeatedWarning::default(),
             failed_pauses: BTreeMap::new(),
@@ -247,6 +251,7 @@ impl CheckpointAdvancer {
             log::info!("no longer owner: uploads stop");
         }
         self.subscriber = None;
+        self.regions = RegionCache::default();
         self.storage.clear();
         self.last_failures.clear();
         // A standby's values would go stale next to the new owner's (upstream resets too).
@@ -402,10 +407,11 @@ impl CheckpointAdvancer {
             }
             let metrics = self.metrics.clone();
             let _timer = metrics.tick_duration.start_timer(["try-advance"]);
-            let collected = collect_checkpoints(
+            let collected = collect_checkpoints_cached(
                 self.env.cluster.as_ref(),
                 self.env.service.as_ref(),
                 &self.pool,
+                &mut self.regions,
                 &plan.ranges,
                 &collector,
             );

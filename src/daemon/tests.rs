@@ -23,7 +23,7 @@ use crate::meta::TaskEvent;
 use crate::proto::brpb::StreamBackupTaskInfo;
 use crate::proto::tikvpb_grpc::TikvClient;
 use crate::types::{compose_ts, KeyRange, StoreId, Ts};
-use crate::worker::{stop_pair, Worker};
+use crate::worker::{stop_pair, StopToken, Worker};
 
 const MINUTE: u64 = 60_000;
 
@@ -340,11 +340,17 @@ fn a_flush_from_the_future_is_dropped_and_counted() {
     assert_eq!(f.store.stored("t1"), Some(at(0)), "a claim above now never becomes the checkpoint");
 }
 
-#[test]
-fn a_panicking_ticker_stands_down_and_makes_the_owner_resign() {
-    let cluster = MemMeta { tso_panics: true, ..MemMeta::default() };
-    let config = Config { tick_interval: Duration::from_millis(100), ..Config::default() };
-    let Fixture { cluster, advancer, .. } = Fixture::with_cluster(config, cluster);
+/// The ticker on its own thread, as the daemon runs it.
+struct RunningTicker {
+    owner: crossbeam_channel::Sender<OwnerEvent>,
+    shared: Arc<Shared>,
+    /// Signalled when the ticker tells the owner loop to resign.
+    resigned: StopToken,
+    _requests: crossbeam_channel::Sender<super::ticker::Request>,
+    _worker: Worker,
+}
+
+fn spawn_ticker(advancer: CheckpointAdvancer, cluster: Arc<MemMeta>) -> RunningTicker {
     let shared = Arc::new(Shared {
         id: "test".into(),
         owner: AtomicBool::new(false),
@@ -353,17 +359,48 @@ fn a_panicking_ticker_stands_down_and_makes_the_owner_resign() {
         cluster,
     });
     let (owner_tx, owner) = crossbeam_channel::bounded(1);
-    let (_requests_tx, requests) = crossbeam_channel::bounded(1);
+    let (requests_tx, requests) = crossbeam_channel::bounded(1);
     let (resign, resigned) = stop_pair();
-    owner_tx.send(OwnerEvent::Gained(term(1))).unwrap();
     let ticker_shared = shared.clone();
-    let _ticker = Worker::spawn("sh-test-ticker", move |stop| {
+    let worker = Worker::spawn("sh-test-ticker", move |stop| {
         run_ticker(Ticker { advancer, shared: ticker_shared, owner, requests, stop }, Some(resign))
     })
     .unwrap();
+    RunningTicker { owner: owner_tx, shared, resigned, _requests: requests_tx, _worker: worker }
+}
+
+#[test]
+fn a_panicking_ticker_stands_down_and_makes_the_owner_resign() {
+    let cluster = MemMeta { tso_panics: true, ..MemMeta::default() };
+    let config = Config { tick_interval: Duration::from_millis(100), ..Config::default() };
+    let Fixture { cluster, advancer, .. } = Fixture::with_cluster(config, cluster);
+    let ticker = spawn_ticker(advancer, cluster);
+    ticker.owner.send(OwnerEvent::Gained(term(1))).unwrap();
     // Nothing asks the ticker to stop: only its panic at the first tick can end it.
-    assert!(resigned.sleep(Duration::from_secs(10)), "the owner loop is told to resign");
-    assert!(!shared.owner.load(Ordering::SeqCst), "the daemon no longer claims ownership");
+    assert!(ticker.resigned.sleep(Duration::from_secs(10)), "the owner loop is told to resign");
+    assert!(!ticker.shared.owner.load(Ordering::SeqCst), "the daemon no longer claims ownership");
+}
+
+#[test]
+fn a_new_owner_ticks_at_once_instead_of_after_an_interval() {
+    let config = Config {
+        tick_interval: Duration::from_secs(3600),
+        try_advance_threshold: Duration::from_secs(3600),
+        lag_limit: Duration::ZERO,
+        ..Config::default()
+    };
+    let mut f = Fixture::with_config(config);
+    f.add_task("t1", at(0));
+    *f.cluster.now.lock() = Some(at(1));
+    *f.store.owner.lock() = Some(term(1));
+    let Fixture { cluster, store, advancer, .. } = f;
+    let ticker = spawn_ticker(advancer, cluster);
+    ticker.owner.send(OwnerEvent::Gained(term(1))).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.stored("t1").is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(store.stored("t1"), Some(at(0)), "the first upload came without waiting an hour-long interval");
 }
 
 #[test]

@@ -109,17 +109,16 @@ impl Ticker {
             }
             Message::Owner(OwnerEvent::Gained(leadership)) => {
                 self.advancer.on_become_owner(leadership);
-                self.publish(None);
+                // A new owner ticks at once: waiting for the interval delayed its first
+                // upload by up to a whole tick (the scale bench's cold start).
+                self.tick();
             }
             Message::Owner(OwnerEvent::Lost) => {
                 self.advancer.on_lose_owner();
                 self.publish(None);
             }
             Message::Flushes(batch) => self.advancer.on_flush_events(&batch),
-            Message::Tick => {
-                let now = self.advancer.on_tick();
-                self.publish(now);
-            }
+            Message::Tick => self.tick(),
             Message::Request(Request::UpdateConfig(config, reply)) => {
                 let _ = reply.send(self.advancer.update_config(config));
             }
@@ -127,6 +126,11 @@ impl Ticker {
                 let _ = reply.send(self.advancer.config().clone());
             }
         }
+    }
+
+    fn tick(&mut self) {
+        let now = self.advancer.on_tick();
+        self.publish(now);
     }
 
     /// Refreshes the role, the snapshot `/status` and the handle read, and the lag gauges.

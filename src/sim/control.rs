@@ -212,6 +212,8 @@ fn status(sim: &SimCluster) -> String {
         sim.region_count(),
         sim.true_checkpoint(&KeyRange::full())
     );
+    let (scans, scanned) = sim.pd_scans();
+    text.push_str(&format!("\nPD region scans: {scans} calls, {scanned} regions"));
     for store in sim.store_ids() {
         let flushed = sim.last_flush_ts(store).map_or("never".to_string(), |ts| ts.to_string());
         text.push_str(&format!("\nstore {store} at {}: last flush {flushed}", sim.store_address(store)));

@@ -148,6 +148,11 @@ impl SimCluster {
         self.state.pd_address.lock().clone()
     }
 
+    /// PD's `ScanRegions`/`BatchScanRegions` calls so far and the regions they returned.
+    pub fn pd_scans(&self) -> (u64, u64) {
+        self.state.pd_scans.read()
+    }
+
     pub fn cluster_id(&self) -> u64 {
         self.state.cluster_id
     }

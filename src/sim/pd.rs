@@ -309,6 +309,7 @@ impl Pd for PdService {
                 response.mut_leaders().push(leader_proto(meta));
             }
             misbehave(&state.faults.lock(), &mut response);
+            state.pd_scans.count(response.get_regions().len());
             Ok(response)
         });
     }
@@ -340,6 +341,7 @@ impl Pd for PdService {
                     break;
                 }
             }
+            state.pd_scans.count(response.get_regions().len());
             Ok(response)
         });
     }

@@ -2,6 +2,7 @@
 //! every store's service and the `SimCluster` handle. Services hold no state of their own.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -149,6 +150,8 @@ pub struct SimState {
     /// `127.0.0.1:port` of PD, for `GetMembers`.
     pub pd_address: Mutex<String>,
     pub faults: Mutex<Faults>,
+    /// What PD was asked to scan, for benchmarks that measure an advancer's PD load.
+    pub pd_scans: PdScanCounters,
     /// What every store reports of each task in `tikv_log_backup_task_status`.
     pub task_states: Mutex<BTreeMap<String, TaskState>>,
 }
@@ -179,6 +182,25 @@ pub enum TaskState {
     Error = 2,
 }
 
+/// `ScanRegions` and `BatchScanRegions` calls answered, and the regions they returned.
+#[derive(Debug, Default)]
+pub struct PdScanCounters {
+    pub calls: AtomicU64,
+    pub regions: AtomicU64,
+}
+
+impl PdScanCounters {
+    pub fn count(&self, regions: usize) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.regions.fetch_add(regions as u64, Ordering::Relaxed);
+    }
+
+    /// (calls, regions) so far.
+    pub fn read(&self) -> (u64, u64) {
+        (self.calls.load(Ordering::Relaxed), self.regions.load(Ordering::Relaxed))
+    }
+}
+
 impl SimState {
     pub fn new(
         cluster_id: u64,
@@ -199,6 +221,7 @@ impl SimState {
             txns: Mutex::new(TxnTable::default()),
             pd_address: Mutex::new(String::new()),
             faults: Mutex::default(),
+            pd_scans: PdScanCounters::default(),
             task_states: Mutex::default(),
         }
     }

@@ -1,0 +1,635 @@
+//! The advancer process at scale, as an operator meets it: `streamhelper sim` in its own
+//! process, the real `streamhelper advancer` process against it, each measured from `/proc`
+//! and from its own counters, next to two floors run by this process with our own clients:
+//!
+//! - the RPC floor: every store asked for every region (batches of 1024, all in flight at
+//!   once, fresh connections), with no PD scan and no frontier work;
+//! - the decode floor: one `SubscribeFlushEvent` stream per store, only received and decoded.
+//!
+//! Sizes: `SCALE_BENCH_REGIONS` (comma-separated, default 10000), `SCALE_BENCH_STORES` (20),
+//! `SCALE_BENCH_FLUSH` (flush interval, 5s), `SCALE_BENCH_TICK` (2s), `SCALE_BENCH_WINDOW`
+//! (each steady-state window, 20s). Prints a table and rewrites its block in
+//! `docs/benchmarks.md` (`SCALE_BENCH_NO_DOCS=1` leaves the file alone).
+//!
+//! `cargo bench --bench scale`; `SCALE_BENCH_REGIONS=10000,100000,1000000 cargo bench --bench scale`
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Receiver;
+use futures_executor::block_on;
+use futures_util::StreamExt;
+use grpcio::CallOption;
+use streamhelper::cluster::{ClusterMeta, LogBackupService, PdClient, PdConfig, RegionIter, TikvClients, TikvConfig};
+use streamhelper::proto::logbackuppb::{GetLastFlushTSOfRegionRequest, RegionIdentity, SubscribeFlushEventRequest};
+use streamhelper::security::Security;
+use streamhelper::timefmt::parse_duration;
+use streamhelper::{KeyRange, StoreId};
+
+const BIN: &str = env!("CARGO_BIN_EXE_streamhelper");
+const BATCH: usize = 1024;
+const TASK: &str = "scale";
+/// How long the advancer gets to cover every region once before the run goes on without it.
+const COLD_START_LIMIT: Duration = Duration::from_secs(300);
+const DOCS_BEGIN: &str = "<!-- scale bench results: begin (rewritten by `cargo bench --bench scale`) -->";
+const DOCS_END: &str = "<!-- scale bench results: end -->";
+
+struct Settings {
+    sizes: Vec<usize>,
+    stores: usize,
+    flush: Duration,
+    tick: Duration,
+    window: Duration,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let duration = |name: &str, default: &str| {
+            let text = var(name).unwrap_or_else(|| default.into());
+            parse_duration(&text).unwrap_or_else(|e| panic!("{name}={text}: {e}"))
+        };
+        let sizes = var("SCALE_BENCH_REGIONS").unwrap_or_else(|| "10000".into());
+        Settings {
+            sizes: sizes
+                .split(',')
+                .map(|s| s.trim().parse().unwrap_or_else(|e| panic!("SCALE_BENCH_REGIONS={sizes}: {e}")))
+                .collect(),
+            stores: var("SCALE_BENCH_STORES").map_or(20, |s| s.parse().expect("SCALE_BENCH_STORES: a number")),
+            flush: duration("SCALE_BENCH_FLUSH", "5s"),
+            tick: duration("SCALE_BENCH_TICK", "2s"),
+            window: duration("SCALE_BENCH_WINDOW", "20s"),
+        }
+    }
+
+    fn threshold(&self) -> Duration {
+        self.tick * 3
+    }
+}
+
+/// A child process that is killed (by its own id) when dropped.
+struct Process {
+    child: Child,
+}
+
+impl Process {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
+    fn stop(mut self, grace: Duration) {
+        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `sim` process: its endpoints, its stdout lines and its control file.
+struct Sim {
+    process: Process,
+    lines: Receiver<String>,
+    control: PathBuf,
+    pd: String,
+    etcd: String,
+    stores: Vec<StoreId>,
+}
+
+impl Sim {
+    fn start(dir: &Path, regions: usize, settings: &Settings) -> Sim {
+        let control = dir.join("control");
+        std::fs::write(&control, "").expect("control file");
+        let mut child = Command::new(BIN)
+            .args(["sim", "--stores", &settings.stores.to_string(), "--regions", &regions.to_string()])
+            .args(["--flush-interval", &format!("{}ms", settings.flush.as_millis())])
+            .args(["--control-file", control.to_str().expect("utf-8 path"), "--duration", "2h"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn sim");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut sim = Sim {
+            process: Process { child },
+            lines,
+            control,
+            pd: String::new(),
+            etcd: String::new(),
+            stores: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let line = sim.next_line(deadline).expect("the sim printed `ready`");
+            if let Some(pd) = line.strip_prefix("pd: ") {
+                sim.pd = pd.to_string();
+            } else if let Some(etcd) = line.strip_prefix("etcd: ") {
+                sim.etcd = etcd.to_string();
+            } else if let Some(store) = line.strip_prefix("store ") {
+                sim.stores.push(store.split(':').next().and_then(|id| id.parse().ok()).expect("store id"));
+            } else if line.starts_with("regions: ") {
+                println!("sim: {line}");
+            } else if line == "ready" {
+                return sim;
+            }
+        }
+    }
+
+    fn next_line(&self, deadline: Instant) -> Option<String> {
+        self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok()
+    }
+
+    fn send(&self, line: &str) {
+        let mut file = OpenOptions::new().append(true).open(&self.control).expect("control file");
+        writeln!(file, "{line}").expect("control line");
+    }
+
+    /// Sends `line` and returns the first output line starting with `expect`.
+    fn ask(&self, line: &str, expect: &str) -> String {
+        while self.lines.try_recv().is_ok() {}
+        self.send(line);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let line = self.next_line(deadline).unwrap_or_else(|| panic!("the sim answered {expect:?}"));
+            if line.starts_with(expect) {
+                return line;
+            }
+        }
+    }
+
+    /// PD's region scans so far: (calls, regions).
+    fn pd_scans(&self) -> (u64, u64) {
+        let line = self.ask("status", "PD region scans: ");
+        let numbers: Vec<u64> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+        (numbers[0], numbers[1])
+    }
+
+    fn quit(self) {
+        self.send("quit");
+        self.process.stop(Duration::from_secs(30));
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// (current, peak) resident set of a process, in MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+    };
+    (field("VmRSS:").unwrap_or(0.0) / 1024.0, field("VmHWM:").unwrap_or(0.0) / 1024.0)
+}
+
+fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace().next().unwrap_or("?").to_string()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// The value of one sample line (`name{labels} value`) of a Prometheus page.
+fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The `advancer` process and its status address.
+struct Advancer {
+    process: Process,
+    status: String,
+}
+
+impl Advancer {
+    fn start(sim: &Sim, settings: &Settings) -> Advancer {
+        let status = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(BIN)
+            .args(["advancer", "-u", &sim.pd, "--etcd", &sim.etcd, "--status-addr", &status])
+            .args(["--tick-interval", &format!("{}ms", settings.tick.as_millis())])
+            .args(["--try-advance-threshold", &format!("{}ms", settings.threshold().as_millis())])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(std::env::temp_dir().join("scale-bench-advancer.log")).expect("log"),
+            ))
+            .spawn()
+            .expect("spawn advancer");
+        Advancer { process: Process { child }, status }
+    }
+
+    fn metrics(&self) -> Option<String> {
+        http_get(&self.status, "/metrics")
+    }
+
+    fn counters(&self) -> Counters {
+        let page = self.metrics().expect("/metrics answers");
+        Counters {
+            at: Instant::now(),
+            cpu: cpu_seconds(&self.process.pid().to_string()),
+            ticks: sample(&page, "tidb_log_backup_advancer_tick_duration_sec_count{step=\"tick\"}").unwrap_or(0.0),
+            polled: sample(&page, "streamhelper_regions_polled_total").unwrap_or(0.0),
+            checkpoint: sample(&page, &format!("tidb_log_backup_last_checkpoint{{task=\"{TASK}\"}}")).unwrap_or(0.0),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Counters {
+    at: Instant,
+    cpu: f64,
+    ticks: f64,
+    polled: f64,
+    checkpoint: f64,
+}
+
+/// One steady-state window of the advancer.
+struct Steady {
+    cpu_per_second: f64,
+    cpu_per_tick: f64,
+    cpu_per_flush: f64,
+    polled_per_tick: f64,
+    pd_calls_per_tick: f64,
+    pd_regions_per_tick: f64,
+    checkpoint_lag: Duration,
+    load: String,
+}
+
+fn measure_steady(sim: &Sim, advancer: &Advancer, settings: &Settings) -> Steady {
+    let load = load_average();
+    let before = advancer.counters();
+    let scans_before = sim.pd_scans();
+    std::thread::sleep(settings.window);
+    let after = advancer.counters();
+    let scans_after = sim.pd_scans();
+    let seconds = after.at.duration_since(before.at).as_secs_f64();
+    let cpu = after.cpu - before.cpu;
+    let ticks = (after.ticks - before.ticks).max(1.0);
+    let flushes = seconds / settings.flush.as_secs_f64();
+    let physical_ms = (after.checkpoint as u64) >> 18;
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_millis() as u64;
+    Steady {
+        cpu_per_second: cpu / seconds,
+        cpu_per_tick: cpu / ticks,
+        cpu_per_flush: cpu / flushes,
+        polled_per_tick: (after.polled - before.polled) / ticks,
+        pd_calls_per_tick: (scans_after.0 - scans_before.0) as f64 / ticks,
+        pd_regions_per_tick: (scans_after.1 - scans_before.1) as f64 / ticks,
+        checkpoint_lag: Duration::from_millis(now_ms.saturating_sub(physical_ms)),
+        load,
+    }
+}
+
+/// Every region of the cluster, grouped by leader store, in request batches.
+fn batches_by_store(pd: &dyn ClusterMeta) -> BTreeMap<StoreId, Vec<GetLastFlushTSOfRegionRequest>> {
+    let regions = RegionIter::new(pd, &KeyRange::full()).collect_all().expect("scan regions");
+    let mut by_store: BTreeMap<StoreId, Vec<RegionIdentity>> = BTreeMap::new();
+    for region in regions {
+        let mut identity = RegionIdentity::default();
+        identity.set_id(region.id);
+        identity.set_epoch_version(region.epoch_version);
+        by_store.entry(region.leader_store.expect("a leader")).or_default().push(identity);
+    }
+    by_store
+        .into_iter()
+        .map(|(store, ids)| {
+            let requests = ids
+                .chunks(BATCH)
+                .map(|chunk| {
+                    let mut request = GetLastFlushTSOfRegionRequest::default();
+                    request.set_regions(chunk.to_vec().into());
+                    request
+                })
+                .collect();
+            (store, requests)
+        })
+        .collect()
+}
+
+/// The RPC floor: fresh connections to every store, then every batch in flight at once.
+/// Returns the wall time and the checkpoints answered.
+fn rpc_floor(
+    pd: &Arc<dyn ClusterMeta>,
+    batches: &BTreeMap<StoreId, Vec<GetLastFlushTSOfRegionRequest>>,
+) -> (Duration, usize) {
+    let started = Instant::now();
+    let service = TikvClients::new(pd.clone(), Security::insecure(), TikvConfig::default());
+    let service = &service;
+    let clients: Vec<_> = std::thread::scope(|scope| {
+        let dials: Vec<_> =
+            batches.keys().map(|&store| scope.spawn(move || service.client(store).expect("dial"))).collect();
+        dials.into_iter().map(|d| d.join().expect("dial thread")).collect()
+    });
+    let option = || CallOption::default().timeout(Duration::from_secs(120));
+    let calls: Vec<_> = clients
+        .iter()
+        .zip(batches.values())
+        .flat_map(|(client, requests)| {
+            requests.iter().map(move |r| client.get_last_flush_ts_of_region_async_opt(r, option()).expect("call"))
+        })
+        .collect();
+    let answered = calls.into_iter().map(|call| block_on(call).expect("answer").get_checkpoints().len()).sum();
+    (started.elapsed(), answered)
+}
+
+/// The decode floor: one bare subscription per store, counting the flush events it decodes.
+struct DecodeFloor {
+    events: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl DecodeFloor {
+    fn start(service: &TikvClients, stores: &[StoreId]) -> DecodeFloor {
+        let events = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = stores
+            .iter()
+            .map(|&store| {
+                let client = service.client(store).expect("dial");
+                let (events, stop) = (events.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut request = SubscribeFlushEventRequest::default();
+                    request.set_client_id(format!("scale-bench-{store}"));
+                    let mut stream =
+                        client.subscribe_flush_event_opt(&request, CallOption::default()).expect("subscribe");
+                    // Each flush sends a message, so the stop flag is seen within a flush interval.
+                    while !stop.load(Ordering::Relaxed) {
+                        match block_on(stream.next()) {
+                            Some(Ok(message)) => {
+                                events.fetch_add(message.get_events().len() as u64, Ordering::Relaxed);
+                            }
+                            _ => return,
+                        }
+                    }
+                    stream.cancel();
+                })
+            })
+            .collect();
+        DecodeFloor { events, stop, threads }
+    }
+
+    fn wait_for(&self, events: u64, deadline: Instant) {
+        while self.events.load(Ordering::Relaxed) < events {
+            assert!(
+                Instant::now() < deadline,
+                "the decode floor saw {} of {events} events",
+                self.events.load(Ordering::Relaxed)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Row {
+    regions: usize,
+    load_floors: String,
+    rpc_floor: Duration,
+    decode_cpu_per_flush: f64,
+    load_cold: String,
+    owner_after: Duration,
+    /// `None`: not within `COLD_START_LIMIT`.
+    cold_start: Option<Duration>,
+    subscribed: Steady,
+    polling: Steady,
+    rss: (f64, f64),
+}
+
+fn tso_of(time: SystemTime) -> u64 {
+    (time.duration_since(UNIX_EPOCH).expect("clock").as_millis() as u64) << 18
+}
+
+fn run_size(regions: usize, settings: &Settings) -> Row {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sim = Sim::start(dir.path(), regions, settings);
+    let pd: Arc<dyn ClusterMeta> = Arc::new(
+        PdClient::connect(
+            PdConfig { timeout: Duration::from_secs(60), ..PdConfig::new(vec![sim.pd.clone()]) },
+            Security::insecure(),
+        )
+        .expect("pd"),
+    );
+    let load_floors = load_average();
+    let batches = batches_by_store(pd.as_ref());
+    let mut floors: Vec<Duration> = (0..3)
+        .map(|_| {
+            let (took, answered) = rpc_floor(&pd, &batches);
+            assert_eq!(answered, regions, "every region answered the floor");
+            took
+        })
+        .collect();
+    floors.sort();
+    let rpc_floor = floors[1];
+
+    let service = TikvClients::new(pd.clone(), Security::insecure(), TikvConfig::default());
+    let floor = DecodeFloor::start(&service, &sim.stores);
+    let generous = Instant::now() + settings.flush * 4 + Duration::from_secs(120);
+    // The first flush after subscribing (or the snapshot sent on subscribe) settles the streams.
+    floor.wait_for(regions as u64, generous);
+    let (cpu_before, events_before, at) = (cpu_seconds("self"), floor.events.load(Ordering::Relaxed), Instant::now());
+    floor.wait_for(events_before + 3 * regions as u64, generous + settings.flush * 4);
+    let flushes = (floor.events.load(Ordering::Relaxed) - events_before) as f64 / regions as f64;
+    let decode_cpu_per_flush = (cpu_seconds("self") - cpu_before) / flushes;
+    println!("decode floor: {flushes:.1} flushes in {:?}", at.elapsed());
+    floor.stop();
+    drop(service);
+
+    let start_ts = tso_of(SystemTime::now() - Duration::from_secs(60));
+    let status = Command::new(BIN)
+        .args(["task", "add", TASK, "--storage", &format!("local://{}", dir.path().join("storage").display())])
+        .args(["--start-ts", &start_ts.to_string(), "-u", &sim.pd, "--etcd", &sim.etcd])
+        .stdout(Stdio::null())
+        .status()
+        .expect("task add");
+    assert!(status.success(), "task add");
+
+    let load_cold = load_average();
+    let spawned = Instant::now();
+    let advancer = Advancer::start(&sim, settings);
+    let deadline = spawned + COLD_START_LIMIT;
+    let mut owner_at = None;
+    let covered_at = loop {
+        if Instant::now() >= deadline {
+            break None;
+        }
+        if let Some(page) = advancer.metrics() {
+            if owner_at.is_none() && sample(&page, "tidb_log_backup_advancer_owner") == Some(1.0) {
+                owner_at = Some(Instant::now());
+            }
+            if sample(&page, &format!("tidb_log_backup_last_checkpoint{{task=\"{TASK}\"}}"))
+                .is_some_and(|c| c > start_ts as f64)
+            {
+                break Some(Instant::now());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let owner_at = owner_at.unwrap_or(spawned);
+
+    std::thread::sleep(settings.flush * 2);
+    let subscribed = measure_steady(&sim, &advancer, settings);
+    for store in &sim.stores {
+        sim.ask(&format!("subscription {store} off"), &format!("store {store} subscription supported"));
+        sim.ask(&format!("reset-subscriptions {store}"), &format!("store {store} subscriptions reset"));
+    }
+    std::thread::sleep(settings.flush * 2 + settings.threshold());
+    let polling = measure_steady(&sim, &advancer, settings);
+    let rss = rss_mib(advancer.process.pid());
+    advancer.process.stop(Duration::from_secs(30));
+    sim.quit();
+    Row {
+        regions,
+        load_floors,
+        rpc_floor,
+        decode_cpu_per_flush,
+        load_cold,
+        owner_after: owner_at.duration_since(spawned),
+        cold_start: covered_at.map(|at| at.duration_since(owner_at)),
+        subscribed,
+        polling,
+        rss,
+    }
+}
+
+fn ms(seconds: f64) -> String {
+    format!("{:.1}", seconds * 1e3)
+}
+
+fn ratio(value: f64, floor: f64) -> String {
+    format!("{:.2}x", value / floor)
+}
+
+fn table(rows: &[Row], settings: &Settings) -> String {
+    let mut out = format!(
+        "{} stores, flush every {:?}, tick {:?}, poll threshold {:?}, steady windows of {:?}; \
+         load average (1 min) beside each measurement\n\n",
+        settings.stores,
+        settings.flush,
+        settings.tick,
+        settings.threshold(),
+        settings.window
+    );
+    out.push_str("Cold start and floors:\n\n");
+    out.push_str("| regions | load | RPC floor ms | owner after ms | cold start ms | cold / RPC floor (goal 1.5x) | decode floor CPU ms/flush |\n");
+    out.push_str("|---:|---|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} / {} | {} | {} | {} | {} | {} |\n",
+            r.regions,
+            r.load_floors,
+            r.load_cold,
+            ms(r.rpc_floor.as_secs_f64()),
+            ms(r.owner_after.as_secs_f64()),
+            r.cold_start.map_or(format!("> {COLD_START_LIMIT:?}"), |d| ms(d.as_secs_f64())),
+            r.cold_start.map_or("-".into(), |d| ratio(d.as_secs_f64(), r.rpc_floor.as_secs_f64())),
+            ms(r.decode_cpu_per_flush),
+        ));
+    }
+    out.push_str("\nSteady state (advancer process; CPU from /proc, regions polled from its metrics, PD scans from the sim's counters):\n\n");
+    out.push_str("| regions | mode | load | CPU ms/s | CPU ms/tick (goal 50) | CPU ms/flush | / decode floor (goal 2x) | regions polled/tick | PD scan calls/tick | PD regions scanned/tick | checkpoint lag s | RSS MiB now / peak (goal 400) |\n");
+    out.push_str("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        for (mode, s) in [("subscriptions", &r.subscribed), ("polling only", &r.polling)] {
+            out.push_str(&format!(
+                "| {} | {mode} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {:.0} / {:.0} |\n",
+                r.regions,
+                s.load,
+                ms(s.cpu_per_second),
+                ms(s.cpu_per_tick),
+                ms(s.cpu_per_flush),
+                ratio(s.cpu_per_flush, r.decode_cpu_per_flush),
+                s.polled_per_tick,
+                s.pd_calls_per_tick,
+                s.pd_regions_per_tick,
+                s.checkpoint_lag.as_secs_f64(),
+                r.rss.0,
+                r.rss.1,
+            ));
+        }
+    }
+    out
+}
+
+fn write_docs(text: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
+    let docs = std::fs::read_to_string(&path).expect("docs/benchmarks.md");
+    let block = format!("{DOCS_BEGIN}\n\n{text}\n{DOCS_END}");
+    let updated = match (docs.find(DOCS_BEGIN), docs.find(DOCS_END)) {
+        (Some(begin), Some(end)) if begin < end => {
+            format!("{}{block}{}", &docs[..begin], &docs[end + DOCS_END.len()..])
+        }
+        _ => format!("{}\n## `scale`: the advancer process against its floors\n\n{block}\n", docs.trim_end()),
+    };
+    std::fs::write(&path, updated).expect("write docs/benchmarks.md");
+}
+
+fn main() {
+    let settings = Settings::from_env();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut rows = Vec::new();
+    for &regions in &settings.sizes {
+        println!(
+            "scale bench: {regions} regions over {} stores ({cpus} CPUs, load {})",
+            settings.stores,
+            load_average()
+        );
+        rows.push(run_size(regions, &settings));
+    }
+    let text = table(&rows, &settings);
+    println!("\n{text}");
+    if std::env::var_os("SCALE_BENCH_NO_DOCS").is_none() {
+        write_docs(&format!(
+            "Run of {} ({cpus} CPUs):\n\n{text}",
+            streamhelper::timefmt::format_rfc3339(SystemTime::now())
+        ));
+    }
+}
