@@ -11,7 +11,7 @@ use streamhelper::advancer::Config;
 use streamhelper::daemon::status::http_get;
 use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
-use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, Fence, MetaDataClient, PauseState, Severity, TaskInfo};
+use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, Fence, MetaDataClient, PauseState, Severity};
 use streamhelper::sim::{Faults, Outcome, SimCluster, SimConfig, TxnSpec};
 use streamhelper::storage::{self, read_global_checkpoint, GLOBAL_CHECKPOINT_FILE};
 use streamhelper::types::ts_add;
@@ -41,14 +41,7 @@ impl Fixture {
 
     fn add_task_stored_in(&self, name: &str, range: KeyRange, storage: &str) -> Ts {
         let start = self.sim.now_ts();
-        let task = TaskInfo::new(name)
-            .from_ts(start)
-            .to_storage(parse_storage_url(storage).unwrap())
-            .with_table_filter(["*.*"])
-            .with_ranges([range])
-            .check()
-            .unwrap();
-        self.meta.put_task(&task).unwrap();
+        support::put_task(&self.meta, name, start, range, storage);
         start
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use streamhelper::advancer::Config;
 use streamhelper::daemon::{CheckpointAdvancer, Env};
 use streamhelper::etcd::{EtcdClient, EtcdProcess, Leadership};
-use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, MetaDataClient, TaskEvent, TaskInfo};
+use streamhelper::meta::{keys, AdvancerExt, MetaDataClient, TaskEvent};
 use streamhelper::sim::{SimCluster, SimConfig};
 use streamhelper::types::ts_sub;
 use streamhelper::{KeyRange, Ts};
@@ -48,14 +48,7 @@ impl Fixture {
     }
 
     fn put_task(meta: &MetaDataClient, name: &str, start: Ts) {
-        let task = TaskInfo::new(name)
-            .from_ts(start)
-            .to_storage(parse_storage_url("noop://").unwrap())
-            .with_table_filter(["*.*"])
-            .with_ranges([KeyRange::full()])
-            .check()
-            .unwrap();
-        meta.put_task(&task).unwrap();
+        support::put_task(meta, name, start, KeyRange::full(), "noop://");
     }
 
     /// Applies task events until one for `name` matching `what` has been applied.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use streamhelper::daemon::{Daemon, DaemonConfig};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
-use streamhelper::meta::{parse_storage_url, AdvancerExt, MetaDataClient, PauseV2, Severity, TaskInfo};
+use streamhelper::meta::{AdvancerExt, MetaDataClient, PauseV2, Severity};
 use streamhelper::sim::{SimCluster, SimConfig, TaskState};
 use streamhelper::KeyRange;
 
@@ -198,14 +198,7 @@ fn alerts_and_dashboard_queries_work_against_a_live_advancer() {
     let tasks = ["t1", "t2", "t3"];
     let start = sim.now_ts();
     for name in tasks {
-        let task = TaskInfo::new(name)
-            .from_ts(start)
-            .to_storage(parse_storage_url("noop://").unwrap())
-            .with_table_filter(["*.*"])
-            .with_ranges([KeyRange::full()])
-            .check()
-            .unwrap();
-        meta.put_task(&task).unwrap();
+        support::put_task(&meta, name, start, KeyRange::full(), "noop://");
         sim.set_task_state(name, Some(TaskState::Running));
     }
     let daemon = Daemon::start(DaemonConfig {

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use streamhelper::advancer::Config;
 use streamhelper::cluster::{ClusterMeta, PdClient, PdConfig, RegionWithLeader, StoreInfo, TikvClients, TikvConfig};
+use streamhelper::meta::{parse_storage_url, MetaDataClient, TaskInfo};
 use streamhelper::security::Security;
 use streamhelper::sim::SimCluster;
-use streamhelper::{Result, Ts};
+use streamhelper::{KeyRange, Result, Ts};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -171,6 +172,18 @@ where
 
 /// Fast settings so that stories play out in seconds. The thresholds are explicit, so the
 /// sim's TiKV config (180 s flushes) does not replace them.
+/// Writes a task as BR would: every table, one range, the given storage URL.
+pub fn put_task(meta: &MetaDataClient, name: &str, start: Ts, range: KeyRange, storage: &str) {
+    let task = TaskInfo::new(name)
+        .from_ts(start)
+        .to_storage(parse_storage_url(storage).unwrap())
+        .with_table_filter(["*.*"])
+        .with_ranges([range])
+        .check()
+        .unwrap();
+    meta.put_task(&task).unwrap();
+}
+
 pub fn fast_config() -> Config {
     Config {
         tick_interval: Duration::from_millis(200),
