@@ -12,15 +12,19 @@ use std::time::{Duration, Instant};
 use streamhelper::cluster::{
     collect_checkpoints, collect_checkpoints_cached, ClusterMeta, CollectResult, CollectorConfig, FailReason,
     FailedRange, FlushEvent, FlushSubscriber, LogBackupService, PdClient, PdConfig, RegionCache, RegionIter,
-    RegionWithLeader, ScanRetry, StoreInfo, SubscriberConfig, TikvClients, GC_SERVICE_ID,
+    RegionWithLeader, ScanRetry, StoreInfo, SubscriberConfig, GC_SERVICE_ID,
 };
 use streamhelper::security::Security;
 use streamhelper::sim::{SimCluster, SimConfig, SimRegion};
 use streamhelper::{KeyRange, RegionId, Result, StoreId, Ts};
 use support::wait_until;
 
+fn sim_config(stores: usize, regions: usize) -> SimConfig {
+    SimConfig { stores, regions, seed: 7, ..Default::default() }
+}
+
 fn sim(stores: usize, regions: usize) -> SimCluster {
-    SimCluster::start(SimConfig { stores, regions, seed: 7, ..Default::default() }).unwrap()
+    SimCluster::start(sim_config(stores, regions)).unwrap()
 }
 
 fn pd_config(endpoints: Vec<String>) -> PdConfig {
@@ -44,18 +48,11 @@ fn collect_all(meta: &dyn ClusterMeta, service: &dyn LogBackupService) -> Collec
     collect_checkpoints(meta, service, &pool, &[KeyRange::full()], &collector_config()).unwrap()
 }
 
-/// A simulated cluster with the advancer's PD client and TiKV clients connected to it.
-struct Cluster {
-    sim: SimCluster,
-    pd: Arc<PdClient>,
-    clients: Arc<TikvClients>,
-}
+type Cluster = support::SimWithClients;
 
 impl Cluster {
     fn start(stores: usize, regions: usize) -> Cluster {
-        let sim = sim(stores, regions);
-        let (pd, clients) = support::connect_clients(&sim);
-        Cluster { sim, pd, clients }
+        Cluster::connect(sim_config(stores, regions))
     }
 
     /// Polls every region of the key space.

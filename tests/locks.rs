@@ -6,11 +6,10 @@
 mod support;
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use streamhelper::cluster::{ClusterMeta, KvClients, PdClient, TikvClients};
+use streamhelper::cluster::{ClusterMeta, KvClients};
 use streamhelper::locks::thresholds::fetch_flush_interval;
 use streamhelper::locks::{run_round, RoundEnv, RoundReport, RoundRequest};
 use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
@@ -18,17 +17,11 @@ use streamhelper::worker::StopToken;
 use streamhelper::{KeyRange, StoreId, Ts};
 use support::InterceptedPd;
 
-struct Cluster {
-    sim: SimCluster,
-    pd: Arc<PdClient>,
-    clients: Arc<TikvClients>,
-}
+type Cluster = support::SimWithClients;
 
 impl Cluster {
     fn start(stores: usize, regions: usize) -> Cluster {
-        let sim = SimCluster::start(SimConfig { stores, regions, seed: 11, ..Default::default() }).unwrap();
-        let (pd, clients) = support::connect_clients(&sim);
-        Cluster { sim, pd, clients }
+        Cluster::connect(SimConfig { stores, regions, seed: 11, ..Default::default() })
     }
 
     /// A key inside the `i`-th region (by key order), past its start.

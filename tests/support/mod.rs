@@ -18,7 +18,7 @@ use streamhelper::advancer::Config;
 use streamhelper::cluster::{ClusterMeta, PdClient, PdConfig, RegionWithLeader, StoreInfo, TikvClients, TikvConfig};
 use streamhelper::meta::{parse_storage_url, MetaDataClient, TaskInfo};
 use streamhelper::security::Security;
-use streamhelper::sim::SimCluster;
+use streamhelper::sim::{SimCluster, SimConfig};
 use streamhelper::{KeyRange, Result, Ts};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -127,6 +127,21 @@ impl Drop for TcpProxy {
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
+    }
+}
+
+/// A simulated cluster with the advancer's PD client and TiKV clients connected to it.
+pub struct SimWithClients {
+    pub sim: SimCluster,
+    pub pd: Arc<PdClient>,
+    pub clients: Arc<TikvClients>,
+}
+
+impl SimWithClients {
+    pub fn connect(config: SimConfig) -> SimWithClients {
+        let sim = SimCluster::start(config).unwrap();
+        let (pd, clients) = connect_clients(&sim);
+        SimWithClients { sim, pd, clients }
     }
 }
 
