@@ -600,7 +600,7 @@ fn table(rows: &[Row], settings: &Settings) -> String {
 }
 
 fn write_docs(text: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
+    let path = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("docs/benchmarks.md");
     let docs = std::fs::read_to_string(&path).expect("docs/benchmarks.md");
     let block = format!("{DOCS_BEGIN}\n\n{text}\n{DOCS_END}");
     let updated = match (docs.find(DOCS_BEGIN), docs.find(DOCS_END)) {
