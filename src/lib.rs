@@ -2,7 +2,6 @@
 //! thread-based. See `docs/architecture.md` for the module map and the data flow.
 
 pub mod advancer;
-pub mod cli;
 pub mod cluster;
 pub mod codec;
 pub mod daemon;
@@ -12,6 +11,7 @@ pub mod locks;
 pub mod meta;
 pub mod proto;
 pub mod security;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod spans;
 pub mod storage;

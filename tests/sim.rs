@@ -17,7 +17,6 @@ use streamhelper::proto::pdpb::{
     UpdateServiceGCSafePointRequest,
 };
 use streamhelper::proto::pdpb_grpc::PdClient;
-use streamhelper::sim::cli::{run_sim_command, SimArgs};
 use streamhelper::sim::probe::{call_option, header, last_flush_ts, log_backup_client, pd_client, scan_regions};
 use streamhelper::sim::{record_key, SimCluster, SimConfig, SimRegion};
 use streamhelper::types::compose_ts;
@@ -674,41 +673,6 @@ fn same_seed_same_history() {
     let b = history(43);
     assert_ne!(a[0], b[0], "another seed lays regions out differently");
     assert_ne!(a[1], a[0], "scatter moves leaders");
-}
-
-#[test]
-fn sim_command_serves_with_its_own_etcd_until_quit() {
-    let dir = tempfile::tempdir().unwrap();
-    let controls = dir.path().join("controls");
-    std::fs::write(&controls, "split t100_r5\nflush\ntransfer-leader 1000 2\nbogus\nstatus\nquit\n").unwrap();
-    let args = SimArgs {
-        stores: 2,
-        regions: 8,
-        seed: 1,
-        flush_interval: Duration::ZERO,
-        etcd: None,
-        control_file: Some(controls),
-        duration: Some(Duration::from_secs(60)),
-    };
-    let began = Instant::now();
-    run_sim_command(args).unwrap();
-    assert!(began.elapsed() < Duration::from_secs(30), "quit ends it long before --duration");
-}
-
-#[test]
-fn sim_command_stops_after_its_duration() {
-    let args = SimArgs {
-        stores: 1,
-        regions: 2,
-        seed: 0,
-        flush_interval: Duration::from_millis(100),
-        etcd: Some("127.0.0.1:2379".into()),
-        control_file: None,
-        duration: Some(Duration::from_millis(300)),
-    };
-    let began = Instant::now();
-    run_sim_command(args).unwrap();
-    assert!(began.elapsed() >= Duration::from_millis(300) && began.elapsed() < Duration::from_secs(10));
 }
 
 #[test]

@@ -5,10 +5,10 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::ClusterArgs;
-use crate::daemon::is_our_owner_id;
-use crate::error::{Error, Result};
-use crate::etcd::{Candidate, Election};
-use crate::meta::keys::OWNER_PREFIX;
+use streamhelper::daemon::is_our_owner_id;
+use streamhelper::error::{Error, Result};
+use streamhelper::etcd::{Candidate, Election};
+use streamhelper::meta::keys::OWNER_PREFIX;
 
 #[derive(Args, Debug)]
 pub struct OwnerArgs {

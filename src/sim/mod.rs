@@ -22,7 +22,6 @@ mod tikv;
 mod tso;
 mod txn;
 
-pub mod cli;
 pub mod control;
 
 use std::collections::HashMap;
