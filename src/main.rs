@@ -1,7 +1,7 @@
 use std::io::Write;
 
 use clap::Parser;
-use streamhelper::text::printable;
+use streamhelper::format::printable;
 
 mod cli;
 

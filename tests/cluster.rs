@@ -14,8 +14,8 @@ use streamhelper::cluster::{
     FailedRange, FlushEvent, FlushSubscriber, LogBackupService, PdClient, PdConfig, RegionCache, RegionIter,
     RegionWithLeader, ScanRetry, StoreInfo, SubscriberConfig, GC_SERVICE_ID,
 };
-use streamhelper::security::Security;
 use streamhelper::sim::{SimCluster, SimConfig, SimRegion};
+use streamhelper::Security;
 use streamhelper::{KeyRange, RegionId, Result, StoreId, Ts};
 use support::wait_until;
 

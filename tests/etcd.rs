@@ -6,8 +6,8 @@ use streamhelper::etcd::{
     Cmp, CompareResult, Election, EtcdClient, EtcdProcess, EventKind, GetOptions, KeySpan, Txn, TxnOp, WatchBatch,
     WatchOptions, Watcher,
 };
-use streamhelper::worker::{stop_pair, StopToken};
 use streamhelper::Error;
+use streamhelper::{stop_pair, StopToken};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -284,7 +284,7 @@ fn campaign_stops_when_asked() {
 #[test]
 fn a_dead_endpoint_is_skipped_for_a_live_one() {
     let (etcd, _client) = start_etcd();
-    let dead = format!("127.0.0.1:{}", streamhelper::etcd::process::free_port().unwrap());
+    let dead = format!("127.0.0.1:{}", streamhelper::testing::free_port().unwrap());
     let client = EtcdClient::connect_plain([dead.clone(), etcd.endpoint()]).unwrap();
     client.put("k", "v", 0).unwrap();
     assert_eq!(client.get("k").unwrap().unwrap().get_value(), b"v");

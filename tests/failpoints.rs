@@ -9,12 +9,12 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use streamhelper::advancer::Config;
-use streamhelper::daemon::{CheckpointAdvancer, Env};
 use streamhelper::etcd::{EtcdClient, EtcdProcess, Leadership};
 use streamhelper::meta::{keys, AdvancerExt, MetaDataClient, TaskEvent};
 use streamhelper::sim::{SimCluster, SimConfig};
-use streamhelper::types::ts_sub;
+use streamhelper::ts::ts_sub;
+use streamhelper::Config;
+use streamhelper::{CheckpointAdvancer, Env};
 use streamhelper::{KeyRange, Ts};
 use support::DEADLINE;
 

@@ -17,9 +17,9 @@ use streamhelper::proto::pdpb::{
     UpdateServiceGCSafePointRequest,
 };
 use streamhelper::proto::pdpb_grpc::PdClient;
-use streamhelper::sim::probe::{call_option, header, last_flush_ts, log_backup_client, pd_client, scan_regions};
 use streamhelper::sim::{record_key, SimCluster, SimConfig, SimRegion};
-use streamhelper::types::compose_ts;
+use streamhelper::testing::{call_option, header, last_flush_ts, log_backup_client, pd_client, scan_regions};
+use streamhelper::ts::compose_ts;
 use streamhelper::{KeyRange, RegionId, StoreId, Ts};
 
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -677,7 +677,7 @@ fn same_seed_same_history() {
 
 #[test]
 fn text_controls_act_on_the_sim() {
-    use streamhelper::sim::control::{parse_line, Control};
+    use streamhelper::sim::{parse_line, Control};
     let sim = sim(3, 8, 14);
     let apply = |line: &str| parse_line(line).unwrap().unwrap().apply(&sim);
     let key = record_key(100, 777);

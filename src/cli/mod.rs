@@ -15,9 +15,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use streamhelper::error::{Error, Result};
 use streamhelper::etcd::{EtcdClient, EtcdConfig};
-use streamhelper::security::{Security, SecurityConfig};
+use streamhelper::{Error, Result};
+use streamhelper::{Security, SecurityConfig};
 
 #[derive(Parser, Debug)]
 #[command(name = "streamhelper", version, about = "Log-backup (PITR) checkpoint advancer for TiDB/TiKV")]

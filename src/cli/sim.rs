@@ -14,12 +14,12 @@ use std::sync::atomic::Ordering;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use streamhelper::error::{Error, Result};
 use streamhelper::etcd::EtcdProcess;
+use streamhelper::{Error, Result};
 
-use streamhelper::sim::control::{parse_line, Control};
+use streamhelper::format::parse_duration;
+use streamhelper::sim::{parse_line, Control};
 use streamhelper::sim::{rss_bytes, SimCluster, SimConfig};
-use streamhelper::timefmt::parse_duration;
 
 /// How often the control file is checked for new lines.
 const CONTROL_POLL: Duration = Duration::from_millis(200);

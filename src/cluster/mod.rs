@@ -9,11 +9,11 @@
 //! region boundaries on the way back, exactly as TiDB's codec PD client does
 //! (client-go `internal/locate/pd_codec.go`).
 
-pub mod collector;
-pub mod pd;
-pub mod region_iter;
-pub mod subscriber;
-pub mod tikv;
+pub(crate) mod collector;
+pub(crate) mod pd;
+pub(crate) mod region_iter;
+pub(crate) mod subscriber;
+pub(crate) mod tikv;
 
 use crate::error::{Error, Result};
 use crate::proto::logbackuppb_grpc::LogBackupClient;

@@ -4,12 +4,14 @@
 mod client;
 mod election;
 mod lease;
-pub mod process;
+#[cfg(feature = "sim")]
+pub(crate) mod process;
 mod watch;
 
 pub use client::{prefix_end, Cmp, EtcdClient, EtcdConfig, GetOptions, KeySpan, RangeResult, Txn, TxnOp, TxnResult};
 pub use election::{Candidate, Election, Leadership, TakeOver};
 pub use lease::LeaseKeeper;
+#[cfg(feature = "sim")]
 pub use process::{EtcdProcess, ServerTls};
 pub use watch::{EventKind, WatchBatch, WatchEvent, WatchOptions, Watcher};
 

@@ -14,7 +14,7 @@ mod mailbox;
 mod model;
 mod oracle;
 mod pd;
-pub mod probe;
+pub(crate) mod probe;
 mod rng;
 mod server;
 mod state;
@@ -22,7 +22,7 @@ mod tikv;
 mod tso;
 mod txn;
 
-pub mod control;
+mod control;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,6 +40,7 @@ use crate::proto::tikvpb_grpc::create_tikv;
 use crate::types::{KeyRange, RegionId, StoreId, Ts};
 use crate::worker::Worker;
 
+pub use control::{parse_line, Control};
 pub use model::{record_key, table_prefix};
 pub use state::{Faults, TaskState};
 pub use txn::{Outcome, TxnSpec};

@@ -14,11 +14,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use streamhelper::advancer::Config;
 use streamhelper::cluster::{ClusterMeta, PdClient, PdConfig, RegionWithLeader, StoreInfo, TikvClients, TikvConfig};
 use streamhelper::meta::{parse_storage_url, MetaDataClient, TaskInfo};
-use streamhelper::security::Security;
 use streamhelper::sim::{SimCluster, SimConfig};
+use streamhelper::Config;
+use streamhelper::Security;
 use streamhelper::{KeyRange, Result, Ts};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
