@@ -62,12 +62,5 @@ pub mod format {
     };
 }
 
-/// What the integration tests, benches and the binary's `sim` command share beyond the API
-/// (raft-engine's `internals` habit): free loopback ports, a minimal HTTP client for the
-/// status server, and raw clients of the simulated cluster's services.
-#[cfg(feature = "sim")]
-pub mod testing {
-    pub use crate::daemon::status::{http_get, http_request};
-    pub use crate::etcd::process::free_port;
-    pub use crate::sim::probe::*;
-}
+#[cfg(any(test, feature = "sim"))]
+pub mod testing;

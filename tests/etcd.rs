@@ -6,6 +6,7 @@ use streamhelper::etcd::{
     Cmp, CompareResult, Election, EtcdClient, EtcdProcess, EventKind, GetOptions, KeySpan, Txn, TxnOp, WatchBatch,
     WatchOptions, Watcher,
 };
+use streamhelper::testing::wait_until;
 use streamhelper::Error;
 use streamhelper::{stop_pair, StopToken};
 
@@ -15,14 +16,6 @@ fn start_etcd() -> (EtcdProcess, EtcdClient) {
     let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
     let client = EtcdClient::connect_plain([etcd.endpoint()]).unwrap();
     (etcd, client)
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Reads watch events until `n` have arrived (or the deadline passes).
@@ -211,7 +204,7 @@ fn lease_expiry_removes_keys_and_keep_alive_holds_them() {
     client.put("/l/kept", "x", kept).unwrap();
     let keeper = client.keep_alive(kept, ttl).unwrap();
 
-    wait_until("the unrenewed key to expire", || client.get("/l/short").unwrap().is_none());
+    wait_until("the unrenewed key to expire", DEADLINE, || client.get("/l/short").unwrap().is_none());
     std::thread::sleep(ttl);
     assert!(client.get("/l/kept").unwrap().is_some(), "a renewed lease keeps its key past the TTL");
     assert!(keeper.lost().try_recv().is_err());

@@ -18,7 +18,9 @@ use streamhelper::proto::pdpb::{
 };
 use streamhelper::proto::pdpb_grpc::PdClient;
 use streamhelper::sim::{record_key, SimCluster, SimConfig, SimRegion};
-use streamhelper::testing::{call_option, header, last_flush_ts, log_backup_client, pd_client, scan_regions};
+use streamhelper::testing::{
+    call_option, header, last_flush_ts, log_backup_client, pd_client, scan_regions, wait_until,
+};
 use streamhelper::ts::compose_ts;
 use streamhelper::{KeyRange, RegionId, StoreId, Ts};
 
@@ -69,14 +71,6 @@ fn assert_not_flushed(answer: &RegionCheckpoint, id: RegionId, asked_version: u6
     assert!(!err.get_not_leader().has_leader(), "log backup never names the leader");
     assert_eq!(answer.get_region().get_epoch_version(), asked_version, "echoed as requested");
     assert_eq!(answer.get_checkpoint(), 0);
-}
-
-fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// A subscription's messages, read on a helper thread that ends with the stream.

@@ -115,21 +115,12 @@ pub(crate) mod testing {
     //! In-memory cluster metadata for unit tests of the pure logic.
 
     use std::collections::{HashMap, VecDeque};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use parking_lot::Mutex;
 
     use super::*;
     use crate::security::{grpc_env, Security};
-
-    /// Polls `condition` until it holds, failing the test after `timeout`.
-    pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !condition() {
-            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
 
     /// Regions built from boundary keys: the first starts at −∞ and the last ends at +∞,
     /// region `i` has id `i + 1` and is led by store `leaders[i % leaders.len()]`.

@@ -11,7 +11,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use streamhelper::cluster::{ClusterMeta, PdClient, PdConfig, RegionWithLeader, StoreInfo, TikvClients, TikvConfig};
@@ -24,12 +24,8 @@ use streamhelper::{KeyRange, Result, Ts};
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Polls `cond` until it holds, failing the test after [`DEADLINE`].
-pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+pub fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    streamhelper::testing::wait_until(what, DEADLINE, cond)
 }
 
 pub struct TcpProxy {
