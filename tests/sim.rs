@@ -8,6 +8,7 @@ use crossbeam_channel::Receiver;
 use futures_util::{SinkExt, StreamExt};
 use grpcio::{RpcStatusCode, WriteFlags};
 
+use streamhelper::cluster::RegionWithLeader;
 use streamhelper::codec::{decode_boundary, encode_bytes, encode_end_key};
 use streamhelper::proto::logbackuppb::{FlushNowRequest, RegionCheckpoint, SubscribeFlushEventRequest};
 use streamhelper::proto::logbackuppb_grpc::LogBackupClient;
@@ -17,7 +18,7 @@ use streamhelper::proto::pdpb::{
     UpdateServiceGCSafePointRequest,
 };
 use streamhelper::proto::pdpb_grpc::PdClient;
-use streamhelper::sim::{record_key, SimCluster, SimConfig, SimRegion};
+use streamhelper::sim::{record_key, SimCluster, SimConfig};
 use streamhelper::testing::{
     call_option, header, last_flush_ts, log_backup_client, pd_client, scan_regions, wait_until,
 };
@@ -47,7 +48,7 @@ fn rpc_code(err: &grpcio::Error) -> Option<RpcStatusCode> {
 }
 
 /// Asks `store` about `regions` (current id and version) and indexes the answers by id.
-fn ask(sim: &SimCluster, store_id: StoreId, regions: &[SimRegion]) -> HashMap<RegionId, RegionCheckpoint> {
+fn ask(sim: &SimCluster, store_id: StoreId, regions: &[RegionWithLeader]) -> HashMap<RegionId, RegionCheckpoint> {
     let pairs: Vec<(RegionId, u64)> = regions.iter().map(|r| (r.id, r.epoch_version)).collect();
     ask_pairs(sim, store_id, &pairs)
 }
@@ -59,7 +60,7 @@ fn ask_pairs(sim: &SimCluster, store_id: StoreId, pairs: &[(RegionId, u64)]) -> 
 }
 
 /// The store's answer for one region.
-fn ask_one(sim: &SimCluster, store_id: StoreId, region: &SimRegion) -> RegionCheckpoint {
+fn ask_one(sim: &SimCluster, store_id: StoreId, region: &RegionWithLeader) -> RegionCheckpoint {
     ask(sim, store_id, std::slice::from_ref(region)).remove(&region.id).expect("one answer per region")
 }
 
@@ -121,7 +122,7 @@ fn collect_events(
     events
 }
 
-fn led_by(sim: &SimCluster, store_id: StoreId) -> Vec<SimRegion> {
+fn led_by(sim: &SimCluster, store_id: StoreId) -> Vec<RegionWithLeader> {
     sim.regions().into_iter().filter(|r| r.leader_store == Some(store_id)).collect()
 }
 
@@ -178,7 +179,7 @@ fn batch_scan_and_point_lookups_agree_with_the_table() {
     let sim = sim(3, 50, 2);
     let client = pd(&sim);
     let regions = sim.regions();
-    let range = |a: &SimRegion, b: &SimRegion| {
+    let range = |a: &RegionWithLeader, b: &RegionWithLeader| {
         let mut r = PdKeyRange::new();
         r.set_start_key(encode_bytes(&a.range.start));
         r.set_end_key(encode_end_key(&b.range.start));
@@ -645,7 +646,7 @@ fn reported_checkpoints_never_exceed_the_truth() {
     assert!(sim.true_checkpoint(&KeyRange::full()) > sim.start_ts());
 }
 
-fn history(seed: u64) -> Vec<Vec<SimRegion>> {
+fn history(seed: u64) -> Vec<Vec<RegionWithLeader>> {
     let sim = sim(5, 64, seed);
     let mut snapshots = vec![sim.regions()];
     sim.scatter();

@@ -75,8 +75,9 @@ impl Default for SimConfig {
     }
 }
 
-/// A region as PD describes it, with raw keys: the same shape the cluster side decodes.
-pub use crate::cluster::RegionWithLeader as SimRegion;
+/// A region as PD describes it, with raw keys: the same shape the cluster side decodes
+/// (public as `cluster::RegionWithLeader`).
+pub(crate) use crate::cluster::RegionWithLeader as SimRegion;
 
 fn sim_region(start: &Key, meta: &RegionMeta) -> SimRegion {
     SimRegion {
