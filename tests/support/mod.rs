@@ -1,6 +1,6 @@
 //! Shared test helpers: waiting with deadlines, a loopback TCP proxy that can cut a client
-//! off from its server (a network partition without touching the server) or stall it, an
-//! S3-compatible server, and the advancer's clients connected to the simulated cluster (also
+//! off from its server (a network partition without touching the server), stall it or
+//! black-hole it (a hung host whose connections stay open), an S3-compatible server, and the advancer's clients connected to the simulated cluster (also
 //! used by benches/locks.rs).
 #![allow(dead_code)]
 
