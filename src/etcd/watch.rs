@@ -123,6 +123,9 @@ struct WatchLoop {
     stop: StopToken,
     current: CurrentStream,
     silent_reopens: Arc<AtomicU64>,
+    /// Streams given up for silence since the last answer: while every member hangs, only
+    /// the first is warned about.
+    silent_in_a_row: u64,
 }
 
 impl EtcdClient {
@@ -144,6 +147,7 @@ impl EtcdClient {
                 stop,
                 current: stream,
                 silent_reopens: reopens,
+                silent_in_a_row: 0,
             };
             watch.run();
         })?;
@@ -242,12 +246,15 @@ impl WatchLoop {
                 Waited::TimedOut => {
                     let silent = last_heard.elapsed();
                     if silent >= interval * WATCH_SILENT_INTERVALS {
-                        log::warn!(
+                        let level = if self.silent_in_a_row == 0 { log::Level::Warn } else { log::Level::Debug };
+                        log::log!(
+                            level,
                             "etcd watch on {} heard nothing from {endpoint} for {silent:?}, not even progress: \
                              reopening it on the next member from revision {}",
                             self.describe(),
                             self.next_revision
                         );
+                        self.silent_in_a_row += 1;
                         self.silent_reopens.fetch_add(1, Ordering::Relaxed);
                         self.client.mark_failed(endpoint);
                         return Ok(StreamEnd::Broken);
@@ -273,6 +280,14 @@ impl WatchLoop {
             };
             last_heard = Instant::now();
             next_request = last_heard + interval;
+            if self.silent_in_a_row > 0 {
+                log::info!(
+                    "etcd watch on {} hears from {endpoint} again, after {} silent streams",
+                    self.describe(),
+                    self.silent_in_a_row
+                );
+                self.silent_in_a_row = 0;
+            }
             if response.get_compact_revision() != 0 {
                 return Err(Error::Compacted {
                     key: self.describe(),
