@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use streamhelper::cluster::{
     collect_checkpoints, collect_checkpoints_cached, ClusterMeta, CollectResult, CollectorConfig, FailReason,
-    FailedRange, FlushEvent, FlushSubscriber, LogBackupService, PdClient, PdConfig, RegionCache, RegionIter,
+    FailedRange, FlushBatch, FlushSubscriber, LogBackupService, PdClient, PdConfig, RegionCache, RegionIter,
     RegionWithLeader, ScanRetry, StoreInfo, SubscriberConfig, GC_SERVICE_ID,
 };
 use streamhelper::sim::{SimCluster, SimConfig};
@@ -478,15 +478,18 @@ fn a_restarted_store_is_dialed_at_its_new_address() {
 fn assert_events(subscriber: &FlushSubscriber, expected: &BTreeMap<KeyRange, (Ts, StoreId)>) {
     let mut got: BTreeMap<KeyRange, (Ts, StoreId)> = BTreeMap::new();
     let deadline = Instant::now() + support::DEADLINE;
+    let take = |got: &mut BTreeMap<KeyRange, (Ts, StoreId)>, batch: FlushBatch| {
+        got.extend(batch.iter().map(|(start, end, ts)| (KeyRange::new(start, end), (ts, batch.store))));
+    };
     while expected.iter().any(|(range, value)| got.get(range) != Some(value)) {
-        let FlushEvent { range, ts, store } = subscriber
+        let batch = subscriber
             .events()
             .recv_deadline(deadline)
             .unwrap_or_else(|_| panic!("timed out; got {} of {} events", got.len(), expected.len()));
-        got.insert(range, (ts, store));
+        take(&mut got, batch);
     }
-    while let Ok(FlushEvent { range, ts, store }) = subscriber.events().try_recv() {
-        got.insert(range, (ts, store));
+    while let Ok(batch) = subscriber.events().try_recv() {
+        take(&mut got, batch);
     }
     assert_eq!(&got, expected);
 }
@@ -506,6 +509,34 @@ fn subscriber_delivers_each_flush_of_each_store() {
     c.sim.flush_store(2);
     assert_events(&subscriber, &c.flushed_events(&[2]));
     assert!(subscriber.pending_errors().is_none());
+}
+
+#[test]
+fn each_stream_message_arrives_whole_as_one_batch_of_its_store() {
+    // More regions per store than one message holds (1024): a flush spans messages.
+    let c = Cluster::start(2, 2600);
+    let subscriber = c.subscriber(SubscriberConfig::default());
+    c.sim.flush_all();
+    assert_events(&subscriber, &c.flushed_events(&[1, 2]));
+    subscriber.take_message_sizes();
+
+    c.sim.flush_store(1);
+    let expected = c.flushed_events(&[1]);
+    let (mut got, mut sizes) = (BTreeMap::new(), Vec::new());
+    let deadline = Instant::now() + support::DEADLINE;
+    while got.len() < expected.len() {
+        let batch = subscriber.events().recv_deadline(deadline).expect("store 1's flush within the deadline");
+        assert_eq!(batch.store, 1);
+        sizes.push(batch.len());
+        for (start, end, ts) in batch.iter() {
+            assert!(got.insert(KeyRange::new(start, end), (ts, 1)).is_none(), "an event came twice");
+        }
+    }
+    assert_eq!(got, expected);
+    assert!(sizes.len() > 1 && sizes.iter().all(|&n| n <= 1024), "{sizes:?}");
+    let messages: BTreeMap<StoreId, Vec<usize>> = subscriber.take_message_sizes().into_iter().collect();
+    assert_eq!(messages[&1], sizes, "one batch per message, in order");
+    assert!(subscriber.events().try_recv().is_err(), "nothing more");
 }
 
 #[test]

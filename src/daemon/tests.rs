@@ -16,7 +16,7 @@ use super::ticker::Ticker;
 use super::{run_ticker, Shared};
 use crate::advancer::Config;
 use crate::cluster::testing::{regions_from_boundaries, FixedDialer, MemMeta};
-use crate::cluster::{FlushEvent, KvClients, StoreInfo};
+use crate::cluster::{FlushBatch, KvClients, StoreInfo};
 use crate::etcd::Leadership;
 use crate::meta::testing::MemStore;
 use crate::meta::TaskEvent;
@@ -104,7 +104,9 @@ impl Fixture {
 
     /// A flush event over every key; `ts` must not be above the last tick's `now`.
     fn flushed(&mut self, ts: Ts) {
-        self.advancer.on_flush_events(&[FlushEvent { range: KeyRange::full(), ts, store: 1 }]);
+        let mut batch = FlushBatch::new(1);
+        batch.push(&KeyRange::full(), ts);
+        self.advancer.on_flush_events(&batch);
     }
 
     fn uploads(&self) -> Vec<(String, Ts)> {
@@ -341,6 +343,34 @@ fn a_flush_from_the_future_is_dropped_and_counted() {
     f.tick_at(at(2));
     assert_eq!(f.advancer.metrics().future_checkpoints.get(["flush"]), 1);
     assert_eq!(f.store.stored("t1"), Some(at(0)), "a claim above now never becomes the checkpoint");
+}
+
+#[test]
+fn batches_of_two_stores_advance_the_checkpoint_only_where_believable_events_cover_it() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(3));
+    let batch = |store: StoreId, events: &[(&str, &str, Ts)]| {
+        let mut batch = FlushBatch::new(store);
+        for &(start, end, ts) in events {
+            batch.push(&KeyRange::new(start, end), ts);
+        }
+        batch
+    };
+    // Store 1 covers the left half; its claim about the right half is from the future.
+    f.advancer.on_flush_events(&batch(1, &[("", "g", at(2)), ("g", "m", at(3)), ("m", "", at(30))]));
+    f.tick_at(at(4));
+    assert_eq!(f.advancer.metrics().future_checkpoints.get(["flush"]), 1);
+    assert_eq!(f.store.stored("t1"), Some(at(0)), "the right half was never heard from");
+
+    f.advancer.on_flush_events(&batch(2, &[("m", "", at(4))]));
+    f.tick_at(at(5));
+    assert_eq!(f.store.stored("t1"), Some(at(2)), "the slowest piece of the left half");
+    // An older event of another store lowers nothing.
+    f.advancer.on_flush_events(&batch(2, &[("", "m", at(1))]));
+    f.tick_at(at(6));
+    assert_eq!(f.store.stored("t1"), Some(at(2)));
 }
 
 /// The ticker on its own thread, as the daemon runs it.
