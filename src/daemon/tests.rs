@@ -104,8 +104,15 @@ impl Fixture {
 
     /// A flush event over every key; `ts` must not be above the last tick's `now`.
     fn flushed(&mut self, ts: Ts) {
-        let mut batch = FlushBatch::new(1);
-        batch.push(&KeyRange::full(), ts);
+        self.flushed_by(1, &[("", "", ts)]);
+    }
+
+    /// One stream message of `store`: (start, end, ts) per event.
+    fn flushed_by(&mut self, store: StoreId, events: &[(&str, &str, Ts)]) {
+        let mut batch = FlushBatch::new(store);
+        for &(start, end, ts) in events {
+            batch.push(&KeyRange::new(start, end), ts);
+        }
         self.advancer.on_flush_events(&batch);
     }
 
@@ -351,24 +358,17 @@ fn batches_of_two_stores_advance_the_checkpoint_only_where_believable_events_cov
     f.add_task("t1", at(0));
     f.own();
     f.tick_at(at(3));
-    let batch = |store: StoreId, events: &[(&str, &str, Ts)]| {
-        let mut batch = FlushBatch::new(store);
-        for &(start, end, ts) in events {
-            batch.push(&KeyRange::new(start, end), ts);
-        }
-        batch
-    };
     // Store 1 covers the left half; its claim about the right half is from the future.
-    f.advancer.on_flush_events(&batch(1, &[("", "g", at(2)), ("g", "m", at(3)), ("m", "", at(30))]));
+    f.flushed_by(1, &[("", "g", at(2)), ("g", "m", at(3)), ("m", "", at(30))]);
     f.tick_at(at(4));
     assert_eq!(f.advancer.metrics().future_checkpoints.get(["flush"]), 1);
     assert_eq!(f.store.stored("t1"), Some(at(0)), "the right half was never heard from");
 
-    f.advancer.on_flush_events(&batch(2, &[("m", "", at(4))]));
+    f.flushed_by(2, &[("m", "", at(4))]);
     f.tick_at(at(5));
     assert_eq!(f.store.stored("t1"), Some(at(2)), "the slowest piece of the left half");
     // An older event of another store lowers nothing.
-    f.advancer.on_flush_events(&batch(2, &[("", "m", at(1))]));
+    f.flushed_by(2, &[("", "m", at(1))]);
     f.tick_at(at(6));
     assert_eq!(f.store.stored("t1"), Some(at(2)));
 }
