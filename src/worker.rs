@@ -5,11 +5,16 @@
 //! interruptible sleep.
 
 use std::any::Any;
+use std::future::{poll_fn, Future};
 use std::panic::{self, AssertUnwindSafe};
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 
@@ -143,10 +148,55 @@ impl StopToken {
     }
 }
 
+/// A stop signal for a thread blocked on a future (a gRPC call) rather than on a channel:
+/// [`Interrupt::fire`] ends every wait in [`Interrupt::block_on`], now and later, at once.
+#[derive(Clone, Default)]
+pub struct Interrupt {
+    state: Arc<Mutex<InterruptState>>,
+}
+
+#[derive(Default)]
+struct InterruptState {
+    fired: bool,
+    /// One per thread waiting (`block_on` wakes through its thread's waker).
+    waiting: Vec<Waker>,
+}
+
+impl Interrupt {
+    pub fn fire(&self) {
+        let mut state = self.state.lock();
+        state.fired = true;
+        for waker in state.waiting.drain(..) {
+            waker.wake();
+        }
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.state.lock().fired
+    }
+
+    /// Runs `future` on this thread until it completes (`Some`) or the interrupt fires
+    /// (`None`: the future is dropped, which cancels a gRPC call).
+    pub fn block_on<F: Future>(&self, future: F) -> Option<F::Output> {
+        let mut future = pin!(future);
+        futures_executor::block_on(poll_fn(|cx| {
+            if let Poll::Ready(output) = future.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            let mut state = self.state.lock();
+            if state.fired {
+                return Poll::Ready(None);
+            }
+            if !state.waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                state.waiting.push(cx.waker().clone());
+            }
+            Poll::Pending
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     #[test]
@@ -189,5 +239,20 @@ mod tests {
         assert!(token.is_stopped());
         assert!(!token.send(&tx, 2), "a full channel does not block a stopped sender");
         drop(rx);
+    }
+
+    #[test]
+    fn an_interrupt_ends_a_wait_on_a_future_that_never_completes() {
+        let interrupt = Interrupt::default();
+        assert_eq!(interrupt.block_on(async { 7 }), Some(7));
+        let waiter = {
+            let interrupt = interrupt.clone();
+            std::thread::spawn(move || interrupt.block_on(std::future::pending::<()>()))
+        };
+        // Whether the waiter is parked yet or not, the interrupt reaches it.
+        interrupt.fire();
+        assert_eq!(waiter.join().unwrap(), None);
+        assert!(interrupt.is_fired());
+        assert_eq!(interrupt.block_on(std::future::pending::<()>()), None, "later waits end at once");
     }
 }

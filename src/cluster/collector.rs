@@ -16,7 +16,7 @@ use log::{debug, info, warn};
 use rayon::prelude::*;
 
 use super::region_iter::{RegionIter, ScanRetry, DEFAULT_PAGE_SIZE};
-use super::{ClusterMeta, LogBackupService, RegionWithLeader};
+use super::{deadline, ClusterMeta, LogBackupService, RegionWithLeader};
 use crate::error::{Error, Result};
 use crate::proto::errorpb;
 use crate::proto::logbackuppb::{GetLastFlushTSOfRegionRequest, GetLastFlushTSOfRegionResponse, RegionIdentity};
@@ -110,7 +110,8 @@ pub struct CollectResult {
 /// Asks the leaders of all regions overlapping `ranges` for their last flushed checkpoint.
 /// Fails only when the regions cannot be listed; everything a store or region gets wrong is
 /// reported in the result. Takes at most the scan, one dial deadline and
-/// `config.rpc_timeout`.
+/// `config.rpc_timeout`, and no longer than the tick's deadline when one is in force
+/// ([`deadline`]).
 pub fn collect_checkpoints(
     meta: &dyn ClusterMeta,
     service: &dyn LogBackupService,
@@ -136,17 +137,20 @@ pub fn collect_checkpoints_cached(
     let regions = scan_regions(meta, cache, ranges, config, &mut result.range_scans)?;
     let region_count = regions.len();
     let plans = plan_requests(regions, config.batch_size, &mut result.failed);
+    // The tick's deadline goes along to the fan-out threads.
+    let tick_deadline = deadline::current();
     let dialed: Vec<(StorePlan, Result<LogBackupClient>)> = pool.install(|| {
         plans
             .into_par_iter()
             .map(|plan| {
-                let client = service.client(plan.store);
+                let client = deadline::within(tick_deadline, || service.client(plan.store));
                 (plan, client)
             })
             .collect()
     });
 
-    let deadline = Instant::now() + config.rpc_timeout;
+    // Past the tick's deadline nothing is waited for: every store's regions fail.
+    let deadline = Instant::now() + deadline::bounded(config.rpc_timeout, "polling checkpoints").unwrap_or_default();
     let in_flight: Vec<_> = dialed.into_iter().map(|(plan, client)| send_batches(plan, client, deadline)).collect();
     for store in &in_flight {
         if let Ok(sent) = &store.sent {
@@ -247,9 +251,15 @@ impl RegionCache {
         }
     }
 
+    /// The cached region holding `key`.
+    pub fn region_at(&self, key: &[u8]) -> Option<&RegionWithLeader> {
+        let (_, region) = self.by_start.range(..=key.to_vec()).next_back()?;
+        region.range.contains(key).then_some(region)
+    }
+
     /// Adds a fresh scan (regions in key order, tiling their span), replacing every entry
     /// that overlaps it: PD's answer is newer than anything cached.
-    fn insert(&mut self, scanned: &[RegionWithLeader]) {
+    pub fn insert(&mut self, scanned: &[RegionWithLeader]) {
         let (Some(first), Some(last)) = (scanned.first(), scanned.last()) else { return };
         let span = KeyRange { start: first.range.start.clone(), end: last.range.end.clone() };
         if let Some((start, before)) = self.by_start.range(..span.start.clone()).next_back() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use log::warn;
 
-use super::{ClusterMeta, RegionWithLeader};
+use super::{deadline, ClusterMeta, RegionWithLeader};
 use crate::error::{Error, Result};
 use crate::types::{DisplayKey, KeyRange};
 
@@ -76,9 +76,16 @@ impl<'a> RegionIter<'a> {
                     self.next_start = last_end.clone();
                     return Ok(regions);
                 }
+                // Closed, or out of the tick's time: no retry can help.
+                Err(e) if matches!(e.root(), Error::Stopped(_)) || deadline::passed() => break e,
                 Err(e) if attempt < attempts => {
+                    // The backoff, unless the tick's deadline comes first.
+                    let Ok(backoff) = deadline::bounded(self.retry.backoff, "scanning regions") else { break e };
                     warn!("{self}: scanning regions failed (attempt {attempt} of {attempts}), retrying: {e}");
-                    thread::sleep(self.retry.backoff);
+                    thread::sleep(backoff);
+                    if deadline::passed() {
+                        break e;
+                    }
                     attempt += 1;
                 }
                 Err(e) => break e,
