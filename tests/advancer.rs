@@ -5,7 +5,7 @@
 mod support;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use streamhelper::advancer::Config;
 use streamhelper::daemon::status::http_get;
@@ -14,7 +14,7 @@ use streamhelper::etcd::{EtcdClient, EtcdProcess};
 use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, Fence, MetaDataClient, PauseState, Severity};
 use streamhelper::sim::{Faults, Outcome, SimCluster, SimConfig, TxnSpec};
 use streamhelper::storage::{self, read_global_checkpoint, GLOBAL_CHECKPOINT_FILE};
-use streamhelper::types::ts_add;
+use streamhelper::types::{system_time_of, ts_add};
 use streamhelper::{KeyRange, Ts};
 use support::s3::MotoServer;
 use support::{fast_config, TcpProxy, DEADLINE};
@@ -1000,4 +1000,36 @@ fn a_black_holed_pd_delays_neither_task_deletions_nor_stopping() {
     assert!(exit < bound, "the binary took {exit:?} to exit on SIGTERM");
     assert!(child.wait().unwrap().success(), "SIGTERM exits 0");
     assert_eq!(owner_keys(), 0, "the binary resigned on its way out");
+}
+
+/// A 3 s lag limit and one region that stops flushing: the task is paused (its `pause/` key
+/// written, and `task status` says so) within 8 s of its true lag crossing the limit, not at
+/// the next upload heartbeat.
+#[test]
+fn a_task_past_a_3s_lag_limit_is_paused_within_8s() {
+    let f = Fixture::new(3, 8);
+    let start = f.add_task("t1", KeyRange::full());
+    let limit = Duration::from_secs(3);
+    let config = DaemonConfig { advancer: Config { lag_limit: limit, ..fast_config() }, ..f.daemon_config() };
+    let daemon = Daemon::start(config).unwrap();
+    support::wait_until("the daemon to become owner", || daemon.is_owner());
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    safety.advance_past(start, "before a region gets stuck");
+    f.sim.set_never_flush(f.sim.regions()[0].id, true);
+    let frozen = f.sim.true_checkpoint(&KeyRange::full());
+    let crossed = system_time_of(frozen) + limit;
+    support::wait_until("the lagging task to be paused", || {
+        f.sim.flush_all();
+        safety.check();
+        f.meta.get_task("t1").unwrap().is_paused().unwrap()
+    });
+    let late = SystemTime::now().duration_since(crossed).unwrap_or_default();
+    println!("paused {late:?} after the lag crossed its {limit:?} limit");
+    assert!(late < Duration::from_secs(8), "paused only {late:?} after the lag crossed the limit");
+    let status = Command::new(env!("CARGO_BIN_EXE_streamhelper"))
+        .args(["task", "status", "t1", "--json", "-u", &f.etcd.endpoint()])
+        .output()
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(shown[0]["paused"], true, "task status: {shown}");
 }
