@@ -7,7 +7,6 @@
 use std::any::Any;
 use std::future::{poll_fn, Future};
 use std::panic::{self, AssertUnwindSafe};
-use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::thread::JoinHandle;
@@ -178,8 +177,13 @@ impl Interrupt {
     /// Runs `future` on this thread until it completes (`Some`) or the interrupt fires
     /// (`None`: the future is dropped, which cancels a gRPC call).
     pub fn block_on<F: Future>(&self, future: F) -> Option<F::Output> {
-        let mut future = pin!(future);
-        futures_executor::block_on(poll_fn(|cx| {
+        futures_executor::block_on(self.guard(future))
+    }
+
+    /// `future`, ending early (`None`) when the interrupt fires.
+    pub fn guard<'a, F: Future + 'a>(&'a self, future: F) -> impl Future<Output = Option<F::Output>> + 'a {
+        let mut future = Box::pin(future);
+        poll_fn(move |cx| {
             if let Poll::Ready(output) = future.as_mut().poll(cx) {
                 return Poll::Ready(Some(output));
             }
@@ -191,7 +195,7 @@ impl Interrupt {
                 state.waiting.push(cx.waker().clone());
             }
             Poll::Pending
-        }))
+        })
     }
 }
 

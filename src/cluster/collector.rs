@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use futures_executor::block_on;
 use grpcio::CallOption;
 use log::{debug, info, warn};
 use rayon::prelude::*;
@@ -137,13 +136,13 @@ pub fn collect_checkpoints_cached(
     let regions = scan_regions(meta, cache, ranges, config, &mut result.range_scans)?;
     let region_count = regions.len();
     let plans = plan_requests(regions, config.batch_size, &mut result.failed);
-    // The tick's deadline goes along to the fan-out threads.
-    let tick_deadline = deadline::current();
+    // The tick's deadline and stop go along to the fan-out threads.
+    let scope = deadline::Scope::current();
     let dialed: Vec<(StorePlan, Result<LogBackupClient>)> = pool.install(|| {
         plans
             .into_par_iter()
             .map(|plan| {
-                let client = deadline::within(tick_deadline, || service.client(plan.store));
+                let client = scope.clone().run(|| service.client(plan.store));
                 (plan, client)
             })
             .collect()
@@ -391,7 +390,10 @@ impl StoreCalls {
             Ok(in_flight) => {
                 let mut first_error = None;
                 for (batch, call) in in_flight.calls {
-                    match call.and_then(|receiver| block_on(receiver).map_err(|e| rpc_error(store, e))) {
+                    let answer = call.and_then(|receiver| {
+                        deadline::block_on(receiver, "polling checkpoints")?.map_err(|e| rpc_error(store, e))
+                    });
+                    match answer {
                         Ok(answer) => apply_answer(store, batch, &answer, believable_after(max_ts, began), result),
                         Err(e) => {
                             fail_batch(store, batch, result);
@@ -761,5 +763,33 @@ mod tests {
         assert!(errors[0].contains("store 1") && errors[0].contains("cannot connect"), "{errors:?}");
         assert!(errors[1].contains("store 2") && errors[1].contains("DEADLINE_EXCEEDED"), "{errors:?}");
         assert_eq!(*dialer.cleared.lock(), vec![1, 2]);
+    }
+
+    #[test]
+    fn an_interrupt_ends_the_wait_on_a_hung_store_and_fails_its_regions() {
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let regions = regions_from_boundaries(&[b"b"], &[1]);
+        let meta = MemMeta::new(regions.clone());
+        let dialer = FixedDialer::new([(1, silent.local_addr().unwrap().to_string())]);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let config = CollectorConfig { rpc_timeout: Duration::from_secs(60), ..Default::default() };
+        let interrupt = crate::worker::Interrupt::default();
+        // Fired while the poll waits (or, on a slow machine, before it sends: the same end).
+        let firing = {
+            let interrupt = interrupt.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                interrupt.fire();
+            })
+        };
+        let started = Instant::now();
+        let scope = deadline::Scope { deadline: None, interrupt: Some(interrupt) };
+        let result = scope.run(|| collect_checkpoints(&meta, &dialer, &pool, &[KeyRange::full()], &config)).unwrap();
+        let took = started.elapsed();
+        firing.join().unwrap();
+        assert!(took < Duration::from_secs(10), "a stopped poll waited {took:?} on a hung store");
+        assert!(result.advanced.is_empty());
+        let expected: Vec<_> = regions.iter().map(|r| failed(r, Some(1), FailReason::StoreFailed)).collect();
+        assert_eq!(result.failed, expected);
     }
 }

@@ -1,8 +1,8 @@
 //! The PD client: leader discovery and failover over several endpoints, and the calls the
 //! advancer makes (kvproto `proto/pdpb.proto`): ScanRegions, GetAllStores, GetStore, Tso and
 //! UpdateServiceGCSafePoint. Every call carries the cluster id and a deadline: its own
-//! timeout, shortened to the tick's deadline when one is in force
-//! ([`super::deadline`]), and [`PdClient::close`] ends every call in flight at once.
+//! timeout, shortened to the tick's deadline when one is in force ([`super::deadline`]);
+//! the tick's interrupt and [`PdClient::close`] end the calls in flight at once.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -97,13 +97,15 @@ impl PdClient {
         self.closed.fire();
     }
 
-    /// Waits for a call just started to end, unless the client is closed first.
+    /// Waits for a call just started to end, unless the client is closed or the tick
+    /// stopped first.
     fn wait<T, F>(&self, name: &'static str, url: &str, started: grpcio::Result<F>) -> Result<T>
     where
         F: Future<Output = grpcio::Result<T>>,
     {
         let answer = match started {
-            Ok(call) => self.closed.block_on(call).ok_or_else(|| self.closed_error(name))?,
+            Ok(call) => deadline::block_on(self.closed.guard(call), &format!("PD {name}"))?
+                .ok_or_else(|| self.closed_error(name))?,
             Err(e) => Err(e),
         };
         answer.map_err(|source| Error::rpc(name, url, source))

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_executor::block_on;
 use grpcio::{Channel, ConnectivityState, Environment};
 use log::info;
 use parking_lot::Mutex;
@@ -124,7 +123,9 @@ fn wait_connected(channel: &Channel, timeout: Duration) -> Result<(), String> {
             _ => {}
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || !block_on(channel.wait_for_state_change(state, left)) {
+        if left.is_zero()
+            || !deadline::block_on(channel.wait_for_state_change(state, left), "dialing").map_err(|e| e.to_string())?
+        {
             return Err(format!("not connected within {timeout:?}"));
         }
         state = channel.check_connectivity_state(true);

@@ -7,9 +7,10 @@
 //!
 //! A tick while owner: TSO → subscriptions → poll lagging spans → task events that came
 //! meanwhile → the core decides → upload (fenced by the owner term) / pause / GC safepoint.
-//! Every PD and TiKV call of a tick shares one deadline, the tick interval from its start
-//! ([`deadline`]): what it cuts short counts as failed (a range not polled keeps its old
-//! value), and the uploads, to etcd, still run.
+//! Every PD and TiKV call of a tick shares one deadline, the tick interval from its start,
+//! and one interrupt, [`CheckpointAdvancer::tick_interrupt`] ([`deadline`]): what they cut
+//! short counts as failed (a range not polled keeps its old value), and the uploads, to
+//! etcd, still run.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -19,8 +20,9 @@ use crossbeam_channel::{never, Receiver, Sender};
 
 use super::metrics::Metrics;
 use crate::advancer::{latest_believable, Action, Advancer, Config, TaskStatus};
+use crate::cluster::deadline::{self, Scope};
 use crate::cluster::{
-    collect_checkpoints, collect_checkpoints_cached, deadline, ClusterMeta, CollectResult, CollectorConfig, FailReason,
+    collect_checkpoints, collect_checkpoints_cached, ClusterMeta, CollectResult, CollectorConfig, FailReason,
     FailedRange, FlushEvent, FlushSubscriber, KvClients, LogBackupService, RegionCache, SubscriberConfig,
 };
 use crate::error::{Error, Result};
@@ -30,6 +32,7 @@ use crate::meta::{Fence, MetaStore, TaskEvent, TaskWatcher, UploadOutcome};
 use crate::storage::CheckpointCopier;
 use crate::timefmt::format_duration;
 use crate::types::{local_now_ts, ts_add, ts_distance, ts_sub, KeyRange, RegionId, StoreId, Ts};
+use crate::worker::Interrupt;
 
 /// Flush events merged into the frontier as one batch at most.
 const FLUSH_BATCH: usize = 4096;
@@ -78,6 +81,8 @@ pub struct CheckpointAdvancer {
     /// Lag pauses whose write failed, by task, and how often in a row: retried every tick,
     /// warned about once, summarised when written.
     failed_pauses: BTreeMap<String, u64>,
+    /// Ends the PD and TiKV waits of the tick in flight, and of every later one.
+    interrupt: Interrupt,
 }
 
 impl CheckpointAdvancer {
@@ -115,6 +120,7 @@ impl CheckpointAdvancer {
             last_failures: HashMap::new(),
             subscription_warning: RepeatedWarning::default(),
             failed_pauses: BTreeMap::new(),
+            interrupt: Interrupt::default(),
         })
     }
 
@@ -141,6 +147,18 @@ impl CheckpointAdvancer {
 
     pub fn is_owner(&self) -> bool {
         self.owner.is_some()
+    }
+
+    /// For shutting down from another thread: fired, it ends at once every PD and TiKV wait
+    /// of the tick in flight and of later ones (their work counts as failed), so the thread
+    /// ticking is free to see its stop. Uploads to etcd are not affected.
+    pub fn tick_interrupt(&self) -> Interrupt {
+        self.interrupt.clone()
+    }
+
+    /// What bounds a tick's PD and TiKV calls: the tick interval from now, and the interrupt.
+    fn tick_scope(&self) -> Scope {
+        Scope { deadline: Some(Instant::now() + self.config().tick_interval), interrupt: Some(self.interrupt.clone()) }
     }
 
     /// Starts the task listener (upstream's `OnStart` and `StartTaskListener`): task events
@@ -240,8 +258,7 @@ impl CheckpointAdvancer {
         self.metrics.owner.set([], 1.0);
         let mut subscriber =
             FlushSubscriber::new(self.env.cluster.clone(), self.env.service.clone(), SubscriberConfig::default());
-        let deadline = Instant::now() + self.config().tick_interval;
-        if let Err(e) = deadline::within(Some(deadline), || subscriber.update_store_topology()) {
+        if let Err(e) = self.tick_scope().run(|| subscriber.update_store_topology()) {
             log::warn!("Error when updating store topology: {e}");
         }
         self.subscriber = Some(subscriber);
@@ -279,8 +296,7 @@ impl CheckpointAdvancer {
     pub fn on_tick(&mut self) -> Option<Ts> {
         self.apply_pending_events();
         self.owner.as_ref()?;
-        let deadline = Instant::now() + self.config().tick_interval;
-        Some(deadline::within(Some(deadline), || self.tick()))
+        Some(self.tick_scope().run(|| self.tick()))
     }
 
     fn tick(&mut self) -> Ts {

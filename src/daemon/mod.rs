@@ -38,7 +38,7 @@ use crate::etcd::{EtcdClient, EtcdConfig};
 use crate::meta::{AdvancerExt, MetaDataClient};
 use crate::security::Security;
 use crate::types::{KeyRange, RegionId, StoreId, Ts};
-use crate::worker::{catch_panic, StopHandle, Worker};
+use crate::worker::{catch_panic, Interrupt, StopHandle, Worker};
 
 pub use checkpoint_advancer::{CheckpointAdvancer, Env};
 pub use owner::{is_our_owner_id, new_owner_id, random_uuid};
@@ -186,6 +186,8 @@ pub struct DaemonHandle {
     crashed: Arc<AtomicBool>,
     /// Closed first on shutdown: a tick (or a `/status` request) waiting on PD ends at once.
     pd: Arc<PdClient>,
+    /// Fired first on shutdown: the tick in flight waits on no store either.
+    tick_interrupt: Interrupt,
 }
 
 /// Runs the ticker. However it ends (stopped, or a panic), ownership is given up: `resign`
@@ -233,6 +235,7 @@ impl Daemon {
         };
         let mut advancer = CheckpointAdvancer::with_config(env, config.advancer.clone())?;
         advancer.on_start()?;
+        let tick_interrupt = advancer.tick_interrupt();
         let id = config.owner_id.clone().unwrap_or_else(new_owner_id);
         let shared = Arc::new(Shared {
             id: id.clone(),
@@ -276,6 +279,7 @@ impl Daemon {
             resign_requests,
             crashed,
             pd: pd_client,
+            tick_interrupt,
         })
     }
 }
@@ -355,7 +359,9 @@ impl DaemonHandle {
 
     fn shutdown(&mut self) {
         let Some(ticker) = self.ticker.take() else { return };
-        // Whatever PD does, no thread waits on it from here on; etcd is all resigning needs.
+        // Whatever PD and the stores do, no thread waits on them from here on; etcd is all
+        // resigning needs.
+        self.tick_interrupt.fire();
         self.pd.close();
         self.status_server.take();
         ticker.join();
