@@ -7,14 +7,14 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use streamhelper::advancer::Config;
-use streamhelper::daemon::status::http_get;
-use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
 use streamhelper::meta::{keys, parse_storage_url, AdvancerExt, Fence, MetaDataClient, PauseState, Severity};
 use streamhelper::sim::{Faults, Outcome, SimCluster, SimConfig, TxnSpec};
 use streamhelper::storage::{self, read_global_checkpoint, GLOBAL_CHECKPOINT_FILE};
-use streamhelper::types::{system_time_of, ts_add};
+use streamhelper::testing::http_get;
+use streamhelper::ts::{system_time_of, ts_add};
+use streamhelper::Config;
+use streamhelper::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::{KeyRange, Ts};
 use support::s3::MotoServer;
 use support::{fast_config, TcpProxy, DEADLINE};
@@ -420,7 +420,7 @@ fn role_of(port: u16) -> Option<String> {
 fn a_standby_takes_over_when_the_owner_is_killed() {
     let f = Fixture::new(3, 12);
     let start = f.add_task("t1", KeyRange::full());
-    let ports = [streamhelper::etcd::process::free_port().unwrap(), streamhelper::etcd::process::free_port().unwrap()];
+    let ports = [streamhelper::testing::free_port().unwrap(), streamhelper::testing::free_port().unwrap()];
     let mut a = spawn_advancer(&f, ports[0]);
     support::wait_until("advancer A to own", || role_of(ports[0]).as_deref() == Some("owner"));
     let mut b = spawn_advancer(&f, ports[1]);
@@ -458,7 +458,7 @@ fn threads_and_rss(pid: u32) -> (usize, u64) {
 fn misbehaving_pd_and_tikv_never_break_safety_or_bounds() {
     let f = Fixture::new(3, 24);
     let start = f.add_task("t1", KeyRange::full());
-    let port = streamhelper::etcd::process::free_port().unwrap();
+    let port = streamhelper::testing::free_port().unwrap();
     let mut child = spawn_advancer(&f, port);
     support::wait_until("the binary to own", || role_of(port).as_deref() == Some("owner"));
     let mut safety = Safety::new(&f, "t1", KeyRange::full());
@@ -986,7 +986,7 @@ fn a_black_holed_pd_delays_neither_task_deletions_nor_stopping() {
     assert!(f.meta.etcd().get(keys::global_checkpoint_of("t2")).unwrap().is_none(), "t2 was written again");
 
     proxy.heal();
-    let port = streamhelper::etcd::process::free_port().unwrap();
+    let port = streamhelper::testing::free_port().unwrap();
     let mut child = spawn_advancer_with(&f, port, "10s");
     support::wait_until("the binary to own", || role_of(port).as_deref() == Some("owner"));
     let mut safety = Safety::new(&f, "t1", KeyRange::full());

@@ -65,11 +65,6 @@ pub fn within<T>(deadline: Option<Instant>, f: impl FnOnce() -> T) -> T {
     Scope { deadline, ..outer }.run(f)
 }
 
-/// The deadline in force on this thread, if any.
-pub fn current() -> Option<Instant> {
-    Scope::current().deadline
-}
-
 /// True once the deadline in force has passed, or the scope was interrupted.
 pub fn passed() -> bool {
     let scope = Scope::current();
@@ -112,20 +107,22 @@ mod tests {
         let soon = Instant::now() + Duration::from_secs(5);
         within(Some(soon), || {
             assert!(bounded(hour, "a call").unwrap() <= Duration::from_secs(5));
-            within(Some(soon + hour), || assert_eq!(current(), Some(soon), "a later inner deadline does not extend"));
-            within(None, || assert_eq!(current(), Some(soon)));
+            within(Some(soon + hour), || {
+                assert_eq!(Scope::current().deadline, Some(soon), "a later inner deadline does not extend")
+            });
+            within(None, || assert_eq!(Scope::current().deadline, Some(soon)));
             let past = Instant::now();
             within(Some(past), || {
                 assert!(passed());
                 let err = bounded(hour, "ScanRegions").unwrap_err().to_string();
                 assert!(err.contains("ScanRegions") && err.contains("deadline"), "{err}");
             });
-            assert_eq!(current(), Some(soon));
+            assert_eq!(Scope::current().deadline, Some(soon));
         });
-        assert_eq!(current(), None);
+        assert_eq!(Scope::current().deadline, None);
         let unwound = std::panic::catch_unwind(|| within(Some(soon), || panic!("in a tick")));
         assert!(unwound.is_err());
-        assert_eq!(current(), None, "a panic does not leave the deadline behind");
+        assert_eq!(Scope::current().deadline, None, "a panic does not leave the deadline behind");
     }
 
     #[test]

@@ -9,12 +9,12 @@
 //! region boundaries on the way back, exactly as TiDB's codec PD client does
 //! (client-go `internal/locate/pd_codec.go`).
 
-pub mod collector;
-pub mod deadline;
-pub mod pd;
-pub mod region_iter;
-pub mod subscriber;
-pub mod tikv;
+pub(crate) mod collector;
+pub(crate) mod deadline;
+pub(crate) mod pd;
+pub(crate) mod region_iter;
+pub(crate) mod subscriber;
+pub(crate) mod tikv;
 
 use crate::error::{Error, Result};
 use crate::proto::logbackuppb_grpc::LogBackupClient;
@@ -124,15 +124,6 @@ pub(crate) mod testing {
     use super::*;
     use crate::security::{grpc_env, Security};
 
-    /// Polls `condition` until it holds, failing the test after `timeout`.
-    pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !condition() {
-            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     /// Regions built from boundary keys: the first starts at −∞ and the last ends at +∞,
     /// region `i` has id `i + 1` and is led by store `leaders[i % leaders.len()]`.
     pub fn regions_from_boundaries(boundaries: &[&[u8]], leaders: &[StoreId]) -> Vec<RegionWithLeader> {
@@ -198,7 +189,7 @@ pub(crate) mod testing {
             if !self.black_holed.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            let until = deadline::current().unwrap_or_else(|| Instant::now() + Duration::from_secs(10));
+            let until = deadline::Scope::current().deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(10));
             std::thread::sleep(until.saturating_duration_since(Instant::now()));
             Err(Error::Timeout(format!("the black-holed PD's {call}")))
         }
