@@ -110,7 +110,7 @@ pub struct CollectResult {
 /// Fails only when the regions cannot be listed; everything a store or region gets wrong is
 /// reported in the result. Takes at most the scan, one dial deadline and
 /// `config.rpc_timeout`, and no longer than the tick's deadline when one is in force
-/// ([`deadline`]).
+/// (the scope the ticker sets; see `docs/architecture.md`, "Lifecycle guarantees").
 pub fn collect_checkpoints(
     meta: &dyn ClusterMeta,
     service: &dyn LogBackupService,
@@ -520,6 +520,7 @@ mod tests {
     use super::*;
     use crate::cluster::testing::{regions_from_boundaries, FixedDialer, MemMeta};
     use crate::proto::logbackuppb::RegionCheckpoint;
+    use crate::testing::warnings_of;
 
     fn region(id: RegionId, start: &str, end: &str, leader: Option<StoreId>) -> RegionWithLeader {
         RegionWithLeader {
@@ -618,35 +619,6 @@ mod tests {
             ]
         );
         assert!(result.store_errors.is_empty());
-    }
-
-    /// The warnings logged by the calling thread while `f` runs.
-    fn warnings_of(f: impl FnOnce()) -> Vec<String> {
-        struct Capture;
-        type Lines = parking_lot::Mutex<Vec<(std::thread::ThreadId, String)>>;
-        static LINES: Lines = parking_lot::Mutex::new(Vec::new());
-        impl log::Log for Capture {
-            fn enabled(&self, metadata: &log::Metadata) -> bool {
-                metadata.level() <= log::Level::Warn
-            }
-            fn log(&self, record: &log::Record) {
-                if self.enabled(record.metadata()) {
-                    LINES.lock().push((std::thread::current().id(), record.args().to_string()));
-                }
-            }
-            fn flush(&self) {}
-        }
-        static INSTALL: std::sync::Once = std::sync::Once::new();
-        INSTALL.call_once(|| {
-            let _ = log::set_logger(&Capture);
-            log::set_max_level(log::LevelFilter::Warn);
-        });
-        let me = std::thread::current().id();
-        f();
-        let mut lines = LINES.lock();
-        let (mine, others) = lines.drain(..).partition(|(thread, _)| *thread == me);
-        *lines = others;
-        mine.into_iter().map(|(_, line)| line).collect()
     }
 
     #[test]

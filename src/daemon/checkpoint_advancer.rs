@@ -78,6 +78,8 @@ pub struct CheckpointAdvancer {
     last_failures: HashMap<String, Vec<FailedRange>>,
     /// The subscription failure reported every tick while it lasts: logged once.
     subscription_warning: RepeatedWarning,
+    tso_warning: RepeatedWarning,
+    gc_warning: RepeatedWarning,
     /// Lag pauses whose write failed, by task, and how often in a row: retried every tick,
     /// warned about once, summarised when written.
     failed_pauses: BTreeMap<String, u64>,
@@ -119,6 +121,8 @@ impl CheckpointAdvancer {
             regions: RegionCache::default(),
             last_failures: HashMap::new(),
             subscription_warning: RepeatedWarning::default(),
+            tso_warning: RepeatedWarning::default(),
+            gc_warning: RepeatedWarning::default(),
             failed_pauses: BTreeMap::new(),
             interrupt: Interrupt::default(),
         })
@@ -365,6 +369,7 @@ impl CheckpointAdvancer {
         let expected = self.estimated_now();
         let now = match self.env.cluster.fetch_current_ts() {
             Ok(tso) => {
+                self.warn_repeated(Warning::Tso, None);
                 self.last_tso = Some((tso, Instant::now()));
                 if ts_distance(tso, expected) <= CLOCK_JUMP_MARGIN {
                     return tso;
@@ -376,7 +381,8 @@ impl CheckpointAdvancer {
                 tso
             }
             Err(e) => {
-                log::warn!("PD TSO unavailable, using the local clock (no lag-limit pause this tick): {e}");
+                let warning = format!("PD TSO unavailable, using the local clock (no lag-limit pause meanwhile): {e}");
+                self.warn_repeated(Warning::Tso, Some(warning));
                 local_now_ts()
             }
         };
@@ -408,9 +414,7 @@ impl CheckpointAdvancer {
         }
         let pending = subscriber.pending_errors();
         let message = pending.as_ref().map(|e| format!("Subscriber meet error, would polling the checkpoint: {e}"));
-        if let Some(line) = self.subscription_warning.observe(message) {
-            log::warn!("{line}");
-        }
+        self.warn_repeated(Warning::Subscription, message);
         self.core.set_subscriptions_healthy(pending.is_none());
     }
 
@@ -546,8 +550,15 @@ impl CheckpointAdvancer {
                     }
                 }
                 Action::BlockGc { safe_point } => match self.env.cluster.block_gc_until(safe_point) {
-                    Ok(_) => log::debug!("updated log backup GC safe point to {safe_point}"),
-                    Err(e) => log::warn!("failed to update service GC safe point to {safe_point}: {e}"),
+                    Ok(_) => {
+                        log::debug!("updated log backup GC safe point to {safe_point}");
+                        self.warn_repeated(Warning::Gc, None);
+                    }
+                    Err(e) => {
+                        // The safepoint moves with the checkpoint: only the error makes the warning.
+                        log::debug!("failed to update service GC safe point to {safe_point}");
+                        self.warn_repeated(Warning::Gc, Some(format!("failed to update service GC safe point: {e}")));
+                    }
                 },
                 Action::UnblockGc => match self.env.cluster.unblock_gc() {
                     Ok(()) => {
@@ -650,6 +661,26 @@ fn fan_out_pool() -> Result<rayon::ThreadPool> {
         .thread_name(|i| format!("sh-fanout-{i}"))
         .build()
         .map_err(|e| Error::Io { what: "building the fan-out pool".into(), source: std::io::Error::other(e) })
+}
+
+/// The warnings a failing peer would otherwise repeat every tick.
+enum Warning {
+    Subscription,
+    Tso,
+    Gc,
+}
+
+impl CheckpointAdvancer {
+    fn warn_repeated(&mut self, which: Warning, message: Option<String>) {
+        let slot = match which {
+            Warning::Subscription => &mut self.subscription_warning,
+            Warning::Tso => &mut self.tso_warning,
+            Warning::Gc => &mut self.gc_warning,
+        };
+        if let Some(line) = slot.observe(message) {
+            log::warn!("{line}");
+        }
+    }
 }
 
 /// A warning that would repeat every tick: logged when it first appears, and when it changes

@@ -529,3 +529,25 @@ fn a_tick_cut_short_by_its_deadline_uploads_nothing_unchecked_and_the_next_one_r
     assert_eq!(f.store.stored("t1"), Some(at(2)));
     assert_eq!(f.cluster.gc.lock().last(), Some(&Some(at(2) - 1)), "GC is held at the checkpoint again");
 }
+
+#[test]
+fn a_pd_that_keeps_failing_is_warned_about_once_and_its_recovery_once() {
+    let config =
+        Config { try_advance_threshold: Duration::from_secs(3600), lag_limit: Duration::ZERO, ..Config::default() };
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&[b"m"], &[1])));
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(1));
+    *f.cluster.failing_gc.lock() = 3;
+    let lines = crate::testing::warnings_of(|| {
+        *f.cluster.now.lock() = None;
+        for _ in 0..3 {
+            f.advancer.on_tick();
+        }
+        f.tick_at(at(2));
+    });
+    let about = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(about("PD TSO unavailable"), 2, "once when it starts, once when it ends: {lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with("resolved: PD TSO unavailable") && l.contains("3 ticks")), "{lines:?}");
+    assert_eq!(about("failed to update service GC safe point"), 2, "{lines:?}");
+}
