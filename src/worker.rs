@@ -5,12 +5,13 @@
 //! interruptible sleep.
 
 use std::any::Any;
-use std::future::{poll_fn, Future};
+use std::future::{pending, poll_fn, Future};
 use std::panic::{self, AssertUnwindSafe};
+use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::Mutex;
@@ -176,6 +177,11 @@ impl Interrupt {
         futures_executor::block_on(self.guard(future))
     }
 
+    /// Sleeps for `duration` unless the interrupt fires first; returns whether it fired.
+    pub fn sleep(&self, duration: Duration) -> bool {
+        matches!(block_on_by(self.guard(pending::<()>()), Instant::now() + duration), Some(None))
+    }
+
     /// `future`, ending early (`None`) when the interrupt fires.
     pub fn guard<'a, F: Future + 'a>(&'a self, future: F) -> impl Future<Output = Option<F::Output>> + 'a {
         let mut future = Box::pin(future);
@@ -195,9 +201,57 @@ impl Interrupt {
     }
 }
 
+/// Wakes the thread that polls.
+struct Unpark(Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs `future` on this thread until it completes (`Some`) or `deadline` passes (`None`,
+/// the future dropped). Spurious unparks only cause another poll.
+pub(crate) fn block_on_by<F: Future>(future: F, deadline: Instant) -> Option<F::Output> {
+    let mut future = pin!(future);
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut context = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return Some(output);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        std::thread::park_timeout(left);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_on_by_gives_up_at_the_deadline_and_returns_what_completes() {
+        let started = Instant::now();
+        let never = futures_util::future::pending::<()>();
+        assert!(block_on_by(never, started + Duration::from_millis(50)).is_none());
+        assert!(started.elapsed() >= Duration::from_millis(50));
+
+        // Completed from another thread: the waker unparks the waiting one.
+        let (tx, rx) = futures_util::future::abortable(futures_util::future::pending::<()>());
+        let aborter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            rx.abort();
+        });
+        let waited = block_on_by(tx, Instant::now() + Duration::from_secs(10));
+        assert!(matches!(waited, Some(Err(_))), "the abort completes the wait");
+        aborter.join().unwrap();
+    }
 
     #[test]
     fn a_worker_stops_on_drop_and_reports_a_panic() {

@@ -87,6 +87,18 @@ pub fn bounded(timeout: Duration, what: &str) -> Result<Duration> {
     Ok(timeout.min(left))
 }
 
+/// A retry's backoff: `duration`, ended early by the scope's interrupt (then `Err`).
+pub fn sleep(duration: Duration, what: &str) -> Result<()> {
+    match Scope::current().interrupt {
+        Some(interrupt) if interrupt.sleep(duration) => Err(Error::Stopped(what.to_string())),
+        Some(_) => Ok(()),
+        None => {
+            std::thread::sleep(duration);
+            Ok(())
+        }
+    }
+}
+
 /// Waits for `future` (a call already bounded in time) on this thread, unless the scope's
 /// interrupt fires first: then the future is dropped (a gRPC call with it is cancelled).
 pub fn block_on<F: Future>(future: F, what: &str) -> Result<F::Output> {
@@ -137,6 +149,9 @@ mod tests {
             assert!(matches!(err, Error::Stopped(ref what) if what == "GetLastFlushTSOfRegion"), "{err}");
             assert!(matches!(bounded(Duration::from_secs(1), "dialing"), Err(Error::Stopped(_))));
             within(Some(Instant::now() + Duration::from_secs(60)), || assert!(passed(), "a deadline keeps the stop"));
+            let began = Instant::now();
+            assert!(matches!(sleep(Duration::from_secs(60), "a backoff"), Err(Error::Stopped(_))));
+            assert!(began.elapsed() < Duration::from_secs(60), "a fired interrupt ends a backoff at once");
         });
         assert!(!passed(), "outside the scope nothing is stopped");
     }

@@ -4,10 +4,9 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::thread;
 use std::time::Duration;
 
-use log::warn;
+use log::debug;
 
 use super::{deadline, ClusterMeta, RegionWithLeader};
 use crate::error::{Error, Result};
@@ -81,8 +80,11 @@ impl<'a> RegionIter<'a> {
                 Err(e) if attempt < attempts => {
                     // The backoff, unless the tick's deadline comes first.
                     let Ok(backoff) = deadline::bounded(self.retry.backoff, "scanning regions") else { break e };
-                    warn!("{self}: scanning regions failed (attempt {attempt} of {attempts}), retrying: {e}");
-                    thread::sleep(backoff);
+                    // The final failure is reported with the count; each retry only at debug.
+                    debug!("{self}: scanning regions failed (attempt {attempt} of {attempts}), retrying: {e}");
+                    if let Err(stopped) = deadline::sleep(backoff, "scanning regions") {
+                        break stopped;
+                    }
                     if deadline::passed() {
                         break e;
                     }
