@@ -116,7 +116,7 @@ pub(crate) mod testing {
     //! In-memory cluster metadata for unit tests of the pure logic.
 
     use std::collections::{HashMap, VecDeque};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
     use parking_lot::Mutex;
@@ -169,6 +169,8 @@ pub(crate) mod testing {
         /// Every call waits for the deadline in force (10 s without one), then fails: a PD
         /// that accepts requests and never answers.
         pub black_holed: AtomicBool,
+        /// TSO calls made, answered or not.
+        pub tso_calls: AtomicUsize,
     }
 
     impl MemMeta {
@@ -235,6 +237,7 @@ pub(crate) mod testing {
 
         fn fetch_current_ts(&self) -> Result<Ts> {
             assert!(!self.tso_panics, "the test's TSO panics");
+            self.tso_calls.fetch_add(1, Ordering::SeqCst);
             if let Some(event) = self.during_tso.lock().take() {
                 event();
             }

@@ -551,3 +551,39 @@ fn a_pd_that_keeps_failing_is_warned_about_once_and_its_recovery_once() {
     assert!(lines.iter().any(|l| l.starts_with("resolved: PD TSO unavailable") && l.contains("3 ticks")), "{lines:?}");
     assert_eq!(about("failed to update service GC safe point"), 2, "{lines:?}");
 }
+
+/// 300 tasks once took 25 s to load: each task event and each task's tick cost PD calls.
+#[test]
+fn pd_calls_per_tick_do_not_grow_with_the_number_of_tasks() {
+    let pd_calls_per_tick = |tasks: usize| {
+        let boundaries: Vec<Vec<u8>> = (1..tasks).map(|i| format!("k{i:04}").into_bytes()).collect();
+        let boundaries: Vec<&[u8]> = boundaries.iter().map(Vec::as_slice).collect();
+        let stores = vec![1; boundaries.len() + 1];
+        let config =
+            Config { try_advance_threshold: Duration::from_secs(3600), lag_limit: Duration::ZERO, ..Config::default() };
+        let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&boundaries, &stores)));
+        for i in 0..tasks {
+            f.add_task(&format!("t{i}"), at(0));
+        }
+        assert_eq!(
+            f.cluster.tso_calls.load(Ordering::SeqCst) + f.cluster.scans.lock().len(),
+            0,
+            "loading tasks asks PD nothing"
+        );
+        f.own();
+        f.tick_at(at(1));
+        f.flushed(at(1));
+        f.tick_at(at(2));
+        let before =
+            (f.cluster.tso_calls.load(Ordering::SeqCst), f.cluster.scans.lock().len(), f.cluster.gc.lock().len());
+        f.flushed(at(2));
+        f.tick_at(at(3));
+        assert_eq!(f.uploads().iter().filter(|(_, ts)| *ts == at(2)).count(), tasks, "every task advanced");
+        let after =
+            (f.cluster.tso_calls.load(Ordering::SeqCst), f.cluster.scans.lock().len(), f.cluster.gc.lock().len());
+        (after.0 - before.0, after.1 - before.1, after.2 - before.2)
+    };
+    let one = pd_calls_per_tick(1);
+    assert_eq!(one, (1, 0, 1), "one TSO, no scan (the region cache holds them), one GC safepoint update");
+    assert_eq!(pd_calls_per_tick(300), one, "(TSO, region scans, GC safepoint) calls of a steady tick");
+}
