@@ -18,8 +18,10 @@
 //! lease 3s (`SCALE_BENCH_OWNER_TTL`), an owner and a standby advancer. The global
 //! checkpoint's lag (from etcd) is sampled every 100 ms through each fault: a store stopped,
 //! a store hung (each with its leaders elected elsewhere at once), a rolling restart of every
-//! store (leaders evicted first, as tiup does) and the owner killed with SIGKILL. Its table
-//! has its own block in `docs/benchmarks.md`.
+//! store (leaders evicted first, as tiup does) and the owner killed with SIGKILL, once with
+//! flush subscriptions and once polling only (`SCALE_BENCH_SUBSCRIPTIONS=on|off|both`). Its
+//! table has its own block in `docs/benchmarks.md`. `SCALE_BENCH_BIN` runs the processes from
+//! another build of `streamhelper`.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -45,7 +47,11 @@ use streamhelper::security::Security;
 use streamhelper::timefmt::parse_duration;
 use streamhelper::{KeyRange, StoreId};
 
-const BIN: &str = env!("CARGO_BIN_EXE_streamhelper");
+/// The `streamhelper` binary the processes run; `SCALE_BENCH_BIN` runs another build (an A/B
+/// comparison of two commits).
+fn bin() -> String {
+    std::env::var("SCALE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_streamhelper").to_string())
+}
 const BATCH: usize = 1024;
 const TASK: &str = "scale";
 /// How long the advancer gets to cover every region once before the run goes on without it.
@@ -73,6 +79,8 @@ struct Settings {
     window: Duration,
     dial: Duration,
     owner_ttl: Duration,
+    /// Fault mode: run the script with subscriptions (`true`), polling only (`false`), or both.
+    fault_modes: Vec<bool>,
 }
 
 impl Settings {
@@ -103,6 +111,12 @@ impl Settings {
             window: duration("SCALE_BENCH_WINDOW", "20s"),
             dial: duration("SCALE_BENCH_DIAL", if faults { "2s" } else { "8s" }),
             owner_ttl: duration("SCALE_BENCH_OWNER_TTL", if faults { "3s" } else { "60s" }),
+            fault_modes: match var("SCALE_BENCH_SUBSCRIPTIONS").as_deref() {
+                None | Some("both") => vec![true, false],
+                Some("on") => vec![true],
+                Some("off") => vec![false],
+                Some(other) => panic!("SCALE_BENCH_SUBSCRIPTIONS={other}: on, off or both"),
+            },
         }
     }
 
@@ -156,7 +170,7 @@ impl Sim {
     fn start(dir: &Path, regions: usize, settings: &Settings) -> Sim {
         let control = dir.join("control");
         std::fs::write(&control, "").expect("control file");
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["sim", "--stores", &settings.stores.to_string(), "--regions", &regions.to_string()])
             .args(["--flush-interval", &format!("{}ms", settings.flush.as_millis())])
             .args(["--control-file", control.to_str().expect("utf-8 path"), "--duration", "2h"])
@@ -294,7 +308,7 @@ impl Advancer {
     fn start(sim: &Sim, settings: &Settings, name: &str) -> Advancer {
         let status = format!("127.0.0.1:{}", free_port());
         let millis = |d: Duration| format!("{}ms", d.as_millis());
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .args(["advancer", "-u", &sim.pd, "--etcd", &sim.etcd, "--status-addr", &status])
             .args(["--tick-interval", &millis(settings.tick)])
             .args(["--try-advance-threshold", &millis(settings.threshold)])
@@ -507,7 +521,7 @@ fn tso_of(time: SystemTime) -> u64 {
 /// from before the checkpoint can move; returns the start ts.
 fn add_task(sim: &Sim, dir: &Path) -> u64 {
     let start_ts = tso_of(SystemTime::now() - Duration::from_secs(60));
-    let status = Command::new(BIN)
+    let status = Command::new(bin())
         .args(["task", "add", TASK, "--storage", &format!("local://{}", dir.join("storage").display())])
         .args(["--start-ts", &start_ts.to_string(), "-u", &sim.pd, "--etcd", &sim.etcd])
         .stdout(Stdio::null())
@@ -971,7 +985,7 @@ fn main() {
             load_average()
         );
         if settings.faults {
-            for subscriptions in [true, false] {
+            for subscriptions in settings.fault_modes.clone() {
                 text.push_str(&fault_table(regions, &run_faults(regions, &settings, subscriptions), &settings));
                 text.push('\n');
             }
