@@ -41,10 +41,10 @@ use grpcio::CallOption;
 use parking_lot::Mutex;
 use streamhelper::cluster::{ClusterMeta, LogBackupService, PdClient, PdConfig, RegionIter, TikvClients, TikvConfig};
 use streamhelper::etcd::EtcdClient;
+use streamhelper::format::parse_duration;
 use streamhelper::meta::{AdvancerExt, MetaDataClient};
 use streamhelper::proto::logbackuppb::{GetLastFlushTSOfRegionRequest, RegionIdentity, SubscribeFlushEventRequest};
-use streamhelper::security::Security;
-use streamhelper::timefmt::parse_duration;
+use streamhelper::Security;
 use streamhelper::{KeyRange, StoreId};
 
 /// The `streamhelper` binary the processes run; `SCALE_BENCH_BIN` runs another build (an A/B
@@ -999,7 +999,7 @@ fn main() {
     println!("\n{text}");
     if std::env::var_os("SCALE_BENCH_NO_DOCS").is_none() {
         write_docs(
-            &format!("Run of {} ({cpus} CPUs):\n\n{text}", streamhelper::timefmt::format_rfc3339(SystemTime::now())),
+            &format!("Run of {} ({cpus} CPUs):\n\n{text}", streamhelper::format::format_rfc3339(SystemTime::now())),
             if settings.faults { DOCS_FAULTS } else { DOCS_STEADY },
         );
     }

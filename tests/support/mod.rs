@@ -1,6 +1,6 @@
 //! Shared test helpers: waiting with deadlines, a loopback TCP proxy that can cut a client
-//! off from its server (a network partition without touching the server) or stall it, an
-//! S3-compatible server, and the advancer's clients connected to the simulated cluster (also
+//! off from its server (a network partition without touching the server), stall it or
+//! black-hole it (a hung host whose connections stay open), an S3-compatible server, and the advancer's clients connected to the simulated cluster (also
 //! used by benches/locks.rs).
 #![allow(dead_code)]
 
@@ -11,31 +11,28 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
-use streamhelper::advancer::Config;
 use streamhelper::cluster::{ClusterMeta, PdClient, PdConfig, RegionWithLeader, StoreInfo, TikvClients, TikvConfig};
 use streamhelper::meta::{parse_storage_url, MetaDataClient, TaskInfo};
-use streamhelper::security::Security;
 use streamhelper::sim::{SimCluster, SimConfig};
+use streamhelper::Config;
+use streamhelper::Security;
 use streamhelper::{KeyRange, Result, Ts};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Polls `cond` until it holds, failing the test after [`DEADLINE`].
-pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+pub fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    streamhelper::testing::wait_until(what, DEADLINE, cond)
 }
 
 pub struct TcpProxy {
     port: u16,
     cut: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
+    black_holed: Arc<AtomicBool>,
     stopped: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<TcpStream>>>,
     acceptor: Option<JoinHandle<()>>,
@@ -48,12 +45,13 @@ impl TcpProxy {
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
         let stalled = Arc::new(AtomicBool::new(false));
+        let black_holed = Arc::new(AtomicBool::new(false));
         let stopped = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(Vec::new()));
         let upstream = upstream.to_string();
         let acceptor = {
-            let (cut, stalled, stopped, connections) =
-                (cut.clone(), stalled.clone(), stopped.clone(), connections.clone());
+            let (cut, stalled, black_holed, stopped, connections) =
+                (cut.clone(), stalled.clone(), black_holed.clone(), stopped.clone(), connections.clone());
             std::thread::spawn(move || {
                 for client in listener.incoming() {
                     if stopped.load(Ordering::SeqCst) {
@@ -71,12 +69,12 @@ impl TcpProxy {
                     let mut all = connections.lock();
                     all.push(client.try_clone().unwrap());
                     all.push(server.try_clone().unwrap());
-                    pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                    pipe(server, client);
+                    pipe(client.try_clone().unwrap(), server.try_clone().unwrap(), black_holed.clone());
+                    pipe(server, client, black_holed.clone());
                 }
             })
         };
-        TcpProxy { port, cut, stalled, stopped, connections, acceptor: Some(acceptor) }
+        TcpProxy { port, cut, stalled, black_holed, stopped, connections, acceptor: Some(acceptor) }
     }
 
     pub fn endpoint(&self) -> String {
@@ -100,17 +98,30 @@ impl TcpProxy {
         }
     }
 
+    /// A host that hangs with its connections up: new connections are accepted and never
+    /// answered, and connections already open stay open while every byte either way is
+    /// dropped. Nothing breaks, so only a client's own liveness checks notice.
+    pub fn black_hole(&self) {
+        self.black_holed.store(true, Ordering::SeqCst);
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+
     pub fn heal(&self) {
         self.cut.store(false, Ordering::SeqCst);
         self.stalled.store(false, Ordering::SeqCst);
+        self.black_holed.store(false, Ordering::SeqCst);
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+/// Copies `from` to `to`, dropping what it reads while `black_holed`.
+fn pipe(mut from: TcpStream, mut to: TcpStream, black_holed: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
         while let Ok(n) = from.read(&mut buf) {
-            if n == 0 || to.write_all(&buf[..n]).is_err() {
+            if n == 0 {
+                break;
+            }
+            if !black_holed.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
                 break;
             }
         }
