@@ -704,8 +704,14 @@ fn lag_stats(samples: &[LagSample]) -> (Duration, Duration) {
 }
 
 enum Fault {
-    StoreDown(StoreId),
-    StoreHung(StoreId),
+    /// `lose` (a sim control) makes the store `state`; its leaders are elected elsewhere, and
+    /// after a window `back` ends the fault.
+    LoseStore {
+        store: StoreId,
+        state: &'static str,
+        lose: &'static str,
+        back: &'static str,
+    },
     RollingRestart,
     OwnerKill,
 }
@@ -775,25 +781,23 @@ fn run_faults(regions: usize, settings: &Settings, subscriptions: bool) -> Fault
     println!("steady: max lag {steady_max:?}, p99 {steady_p99:?}");
 
     let stores = sim.stores.clone();
-    let faults = [Fault::StoreDown(stores[0]), Fault::StoreHung(stores[1]), Fault::RollingRestart, Fault::OwnerKill];
+    let faults = [
+        Fault::LoseStore { store: stores[0], state: "down", lose: "stop-store", back: "restart-store" },
+        Fault::LoseStore { store: stores[1], state: "hung", lose: "hang-store", back: "resume-store" },
+        Fault::RollingRestart,
+        Fault::OwnerKill,
+    ];
     let mut rows = Vec::new();
     let mut truth_checks = (0, 0);
     for fault in faults {
         let started = Instant::now();
         let (name, bound, bound_text, note) = match fault {
-            Fault::StoreDown(store) => {
-                sim.ask(&format!("stop-store {store}"), &format!("store {store} stopped"));
+            Fault::LoseStore { store, state, lose, back } => {
+                sim.ask(&format!("{lose} {store}"), &format!("store {store} "));
                 let moved = sim.ask(&format!("fail-over {store}"), &format!("store {store}: "));
                 std::thread::sleep(settings.window);
-                sim.ask(&format!("restart-store {store}"), &format!("store {store} restarted"));
-                (format!("store {store} down {:?}", settings.window), settings.store_bound(), "F+2T+dial", moved)
-            }
-            Fault::StoreHung(store) => {
-                sim.ask(&format!("hang-store {store}"), &format!("store {store} hung"));
-                let moved = sim.ask(&format!("fail-over {store}"), &format!("store {store}: "));
-                std::thread::sleep(settings.window);
-                sim.ask(&format!("resume-store {store}"), &format!("store {store} resumed"));
-                (format!("store {store} hung {:?}", settings.window), settings.store_bound(), "F+2T+dial", moved)
+                sim.ask(&format!("{back} {store}"), &format!("store {store} "));
+                (format!("store {store} {state} {:?}", settings.window), settings.store_bound(), "F+2T+dial", moved)
             }
             Fault::RollingRestart => {
                 for store in &stores {
