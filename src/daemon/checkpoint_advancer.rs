@@ -543,6 +543,9 @@ impl CheckpointAdvancer {
     /// the tasks: the rest of the list (the GC safepoint included) is dropped.
     fn apply(&mut self, actions: Vec<Action>, now: Ts) {
         for action in actions {
+            if matches!(action, Action::BlockGc { .. } | Action::UnblockGc) {
+                fail::fail_point!("before-gc-safepoint");
+            }
             match action {
                 Action::Upload { task, incarnation, ts } => {
                     if !self.upload(&task, incarnation, ts, now) {

@@ -113,8 +113,9 @@ impl Ticker {
                 // upload by up to a whole tick (the scale bench's cold start).
                 self.tick();
             }
-            Message::Owner(OwnerEvent::Lost) => {
+            Message::Owner(OwnerEvent::Lost { stood_down }) => {
                 self.advancer.on_lose_owner();
+                let _ = stood_down.send(());
                 self.publish(None);
             }
             Message::Flushes(batch) => self.advancer.on_flush_events(&batch),
