@@ -378,7 +378,7 @@ fn a_region_split_between_the_scan_and_the_request() {
 }
 
 #[test]
-fn cached_regions_ask_pd_nothing_and_a_split_or_moved_one_fails_until_its_gap_is_scanned() {
+fn cached_regions_ask_pd_nothing_and_a_split_or_moved_one_is_looked_up_and_asked_again_in_the_same_poll() {
     let c = Cluster::start(3, 20);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let mut cache = RegionCache::default();
@@ -412,19 +412,25 @@ fn cached_regions_ask_pd_nothing_and_a_split_or_moved_one_fails_until_its_gap_is
     let to = c.sim.store_ids().into_iter().find(|&s| Some(s) != moved.leader_store).unwrap();
     c.sim.transfer_leader(moved.id, to).unwrap();
     c.sim.flush_all();
-    let stale = collect();
-    let others: Vec<RegionWithLeader> =
-        before.iter().filter(|r| r.id != split.id && r.id != moved.id).cloned().collect();
-    assert_eq!(stale.advanced, c.at_last_flush(&others));
-    let failed: Vec<_> = stale.failed.iter().map(|f| (f.region, f.reason.clone())).collect();
-    assert_eq!(failed, vec![(Some(split.id), FailReason::EpochNotMatch), (Some(moved.id), FailReason::NotLeader)]);
-    assert_eq!(c.sim.pd_scans(), (calls, scanned), "stale entries are found out by the stores, not PD");
-
+    // The stores find the stale entries out (epoch not match, not leader); PD is asked about
+    // their gaps only, and the regions there are asked again at once.
     let fresh = collect();
     assert!(fresh.failed.is_empty(), "{:?}", fresh.failed);
     assert_eq!(fresh.advanced, c.at_last_flush(&c.sim.regions()));
     let rescanned = c.sim.pd_scans().1 - scanned;
     assert!((3..=5).contains(&rescanned), "only the gaps are scanned again: {rescanned} regions");
+
+    // A region whose new leader has not flushed yet fails once more, and is looked up at most
+    // once per poll.
+    let moved_again = c.sim.regions()[3].clone();
+    let to = c.sim.store_ids().into_iter().find(|&s| Some(s) != moved_again.leader_store).unwrap();
+    c.sim.transfer_leader(moved_again.id, to).unwrap();
+    c.sim.flush_store(moved_again.leader_store.unwrap()); // the old leader no longer reports it
+    let scans_before = c.sim.pd_scans().0;
+    let unflushed = collect();
+    let failed: Vec<_> = unflushed.failed.iter().map(|f| (f.region, f.reason.clone())).collect();
+    assert_eq!(failed, vec![(Some(moved_again.id), FailReason::NotLeader)]);
+    assert_eq!(c.sim.pd_scans().0 - scans_before, 1, "one lookup of the failed region's gap");
 }
 
 #[test]
