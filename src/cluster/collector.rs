@@ -118,6 +118,9 @@ pub struct CollectResult {
     pub batch_sizes: Vec<usize>,
     /// How long listing each range's regions took (upstream's `get-regions-in-range` step).
     pub range_scans: Vec<Duration>,
+    /// Stores that only ran out of time (their deadline passed or the poll was stopped),
+    /// as opposed to refusing, failing the call or not being dialed; sorted.
+    pub out_of_time: Vec<StoreId>,
 }
 
 /// Asks the leaders of all regions overlapping `ranges` for their last flushed checkpoint.
@@ -136,7 +139,7 @@ pub fn collect_checkpoints(
 }
 
 /// [`collect_checkpoints`] that asks PD only about the parts of `ranges` the cache does not
-/// tile, and drops every region that failed from the cache (see [`RegionCache`]).
+/// tile, and drops the regions that failed from the cache (see [`RegionCache`] for which).
 ///
 /// A cached region that failed in a way PD's newer view may cure (its leader moved, it split
 /// or merged, its store went) is looked up again and asked about once more within the same
@@ -154,23 +157,33 @@ pub fn collect_checkpoints_cached(
     let mut result = CollectResult::default();
     let (regions, cached) = scan_regions(meta, cache, ranges, config, &mut result.range_scans)?;
     let region_count = regions.len();
+    let asked: HashSet<StoreId> = regions.iter().filter_map(|r| r.leader_store).collect();
     let deadline = ask_leaders(service, pool, regions, config, None, began, &mut result);
-    for failed in &result.failed {
-        cache.forget(failed);
+    let kept = cache.note_misses(&asked, &result.out_of_time);
+    let mut forgotten = Vec::new();
+    for failed in std::mem::take(&mut result.failed) {
+        if failed.reason == FailReason::StoreFailed && failed.store.is_some_and(|store| kept.contains(&store)) {
+            result.failed.push(failed);
+        } else {
+            cache.forget(&failed);
+            forgotten.push(failed);
+        }
     }
-    let (stale, failed): (Vec<FailedRange>, Vec<FailedRange>) = std::mem::take(&mut result.failed)
+    let (stale, failed): (Vec<FailedRange>, Vec<FailedRange>) = forgotten
         .into_iter()
         .partition(|f| f.region.is_some_and(|id| cached.contains(&id)) && f.reason.may_be_stale_location());
-    result.failed = failed;
+    result.failed.extend(failed);
     if !stale.is_empty() && Instant::now() < deadline {
         let stale_ranges: Vec<KeyRange> = stale.iter().map(|f| f.range.clone()).collect();
         match scan_regions(meta, cache, &stale_ranges, config, &mut result.range_scans) {
             Ok((regions, _)) => {
                 let mut retried = CollectResult::default();
                 ask_leaders(service, pool, regions, config, Some(deadline), began, &mut retried);
+                // Out of time by now whatever the store: nothing of the retry is kept.
                 for failed in &retried.failed {
                     cache.forget(failed);
                 }
+                result.out_of_time.extend(retried.out_of_time);
                 result.advanced.extend(retried.advanced);
                 result.failed.extend(retried.failed);
                 result.store_errors.extend(retried.store_errors);
@@ -186,6 +199,8 @@ pub fn collect_checkpoints_cached(
     }
     result.advanced.sort();
     result.failed.sort();
+    result.out_of_time.sort();
+    result.out_of_time.dedup();
     info!(
         "collected checkpoints of {region_count} regions in {} ranges: {} advanced, {} failed, {} stores failed",
         ranges.len(),
@@ -278,13 +293,24 @@ fn scan_regions(
 ///
 /// A stale entry cannot advance a range wrongly: every request carries the region's epoch
 /// and TiKV fails a region that split or merged since (epoch not match, or not found), a
-/// moved leader answers not-leader, a dead store fails its regions. Every region that
-/// failed, for whatever reason, is dropped, so the next poll scans its range afresh.
-/// Holds at most one entry per region of the ranges polled.
+/// moved leader answers not-leader, a dead store fails its regions. A region that failed is
+/// dropped, so the next poll scans its range afresh, except when its store only ran out of
+/// time: a loaded store that misses one deadline still leads its regions, and re-scanning
+/// them all made the next poll slower still. A store out of time
+/// [`MISSES_BEFORE_RESCAN`] polls in a row has its regions dropped (a hung store's leaders
+/// move away, and only PD knows where). Holds at most one entry per region of the ranges
+/// polled.
 #[derive(Debug, Default)]
 pub struct RegionCache {
     by_start: BTreeMap<Vec<u8>, RegionWithLeader>,
+    /// Polls in a row each store ran out of time in.
+    misses: HashMap<StoreId, u32>,
 }
+
+/// How many polls in a row a store may run out of time in before its regions are looked up
+/// again: two, so that a store that missed one deadline under load is asked again at once,
+/// and the leaders of a hung store are found again after a hung poll and one more.
+pub const MISSES_BEFORE_RESCAN: u32 = 2;
 
 impl RegionCache {
     /// The cached regions overlapping `range`, in key order, and the parts of it no cached
@@ -345,6 +371,25 @@ impl RegionCache {
         for region in scanned {
             self.by_start.insert(region.range.start.clone(), region.clone());
         }
+    }
+
+    /// Counts the polls in a row each store asked ran out of time in, and returns the
+    /// stores whose regions stay cached although they failed. A store that reaches
+    /// [`MISSES_BEFORE_RESCAN`] starts counting again after its regions are looked up.
+    fn note_misses(&mut self, asked: &HashSet<StoreId>, out_of_time: &[StoreId]) -> HashSet<StoreId> {
+        self.misses.retain(|store, _| asked.contains(store) && out_of_time.contains(store));
+        let mut kept = HashSet::new();
+        for &store in out_of_time {
+            let misses = self.misses.entry(store).or_default();
+            *misses += 1;
+            if *misses < MISSES_BEFORE_RESCAN {
+                kept.insert(store);
+            } else {
+                info!("store {store} ran out of time {misses} polls in a row; looking up its regions again");
+                self.misses.remove(&store);
+            }
+        }
+        kept
     }
 
     /// Drops the failed region, so that its range is scanned again.
@@ -463,6 +508,10 @@ impl StoreCalls {
                         Ok(answer) => apply_answer(store, batch, &answer, believable_after(max_ts, began), result),
                         Err(e) => {
                             fail_batch(store, batch, result);
+                            // Only a call that was sent can be late; a failed dial is a failure.
+                            if first_error.is_none() && is_out_of_time(&e) {
+                                result.out_of_time.push(store);
+                            }
                             first_error.get_or_insert(e);
                         }
                     }
@@ -567,6 +616,13 @@ fn apply_answer(
             from_future.len()
         );
     }
+}
+
+/// The call was not refused, it ran out of time: its deadline passed (ours or the tick's) or
+/// the poll was stopped.
+fn is_out_of_time(e: &Error) -> bool {
+    matches!(e.root(), Error::Timeout(_) | Error::Stopped(_))
+        || e.rpc_status() == Some(grpcio::RpcStatusCode::DEADLINE_EXCEEDED)
 }
 
 fn fail_reason(err: &errorpb::Error) -> FailReason {
@@ -802,6 +858,88 @@ mod tests {
         assert!(errors[0].contains("store 1") && errors[0].contains("cannot connect"), "{errors:?}");
         assert!(errors[1].contains("store 2") && errors[1].contains("DEADLINE_EXCEEDED"), "{errors:?}");
         assert_eq!(*dialer.cleared.lock(), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_store_out_of_time_keeps_its_regions_until_it_misses_twice_in_a_row() {
+        // Store 1 accepts calls and never answers; store 2 cannot be dialed.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let regions = regions_from_boundaries(&[b"b", b"c", b"d"], &[1, 2]);
+        let meta = MemMeta::new(regions.clone());
+        let dialer = FixedDialer::new([(1, silent.local_addr().unwrap().to_string())]);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let config = CollectorConfig { rpc_timeout: Duration::from_millis(200), ..Default::default() };
+        let mut cache = RegionCache::default();
+        let poll = |cache: &mut RegionCache| {
+            let result =
+                collect_checkpoints_cached(&meta, &dialer, &pool, cache, &[KeyRange::full()], &config).unwrap();
+            assert!(result.advanced.is_empty(), "{:?}", result.advanced);
+            let expected: Vec<_> = regions.iter().map(|r| failed(r, r.leader_store, FailReason::StoreFailed)).collect();
+            assert_eq!(result.failed, expected);
+            assert_eq!(result.out_of_time, vec![1]);
+            let ids: Vec<RegionId> = cache.by_start.values().map(|r| r.id).collect();
+            (meta.scans.lock().len(), ids)
+        };
+        // Store 1's regions (1 and 3) stay after one miss; store 2's are dropped at once.
+        assert_eq!(poll(&mut cache), (1, vec![1, 3]));
+        // Asked again without a PD call; the second miss in a row drops them too.
+        assert_eq!(poll(&mut cache), (3, vec![]), "one scan for store 2's two gaps, none for store 1");
+        assert_eq!(poll(&mut cache), (4, vec![1, 3]), "looked up afresh, the count starts again");
+    }
+
+    #[test]
+    fn a_hung_store_whose_leaders_moved_never_advances_them_past_the_new_leaders_flush() {
+        use crate::cluster::{PdClient, PdConfig};
+        use crate::security::Security;
+        use crate::sim::{SimCluster, SimConfig};
+
+        let sim = SimCluster::start(SimConfig { stores: 3, regions: 24, ..Default::default() }).unwrap();
+        let pd = PdClient::connect(
+            PdConfig { timeout: Duration::from_secs(2), ..PdConfig::new(vec![sim.pd_endpoint()]) },
+            Security::insecure(),
+        )
+        .unwrap();
+        let dialer = FixedDialer::new(sim.store_ids().into_iter().map(|s| (s, sim.store_address(s))));
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let config = CollectorConfig { rpc_timeout: Duration::from_millis(300), ..Default::default() };
+        let mut cache = RegionCache::default();
+        let poll = |cache: &mut RegionCache| {
+            let result = collect_checkpoints_cached(&pd, &dialer, &pool, cache, &[KeyRange::full()], &config).unwrap();
+            // The truth of a range: what its leader now has flushed.
+            for (range, ts) in &result.advanced {
+                let region = sim.region_at(&range.start);
+                let truth = region.leader_store.and_then(|leader| sim.last_flush_ts(leader));
+                assert!(truth.is_some_and(|truth| *ts <= truth), "{range} advanced to {ts}, truth {truth:?}");
+            }
+            result
+        };
+        sim.flush_all();
+        let first = poll(&mut cache);
+        assert!(first.failed.is_empty(), "{:?}", first.failed);
+
+        let moved: Vec<KeyRange> =
+            sim.regions().into_iter().filter(|r| r.leader_store == Some(1)).map(|r| r.range).collect();
+        assert!(!moved.is_empty());
+        sim.hang_store(1);
+        assert_eq!(sim.fail_over(1).unwrap(), moved.len());
+        sim.flush_all();
+        let scans_before = sim.pd_scans().0;
+        // Asked of the hung store (cached) until its second miss, then looked up again.
+        for _ in 0..MISSES_BEFORE_RESCAN {
+            let result = poll(&mut cache);
+            assert_eq!(result.out_of_time, vec![1]);
+            assert!(result.advanced.iter().all(|(range, _)| !moved.contains(range)));
+        }
+        assert_eq!(sim.pd_scans().0, scans_before, "no PD call while the store was only late");
+        let found = poll(&mut cache);
+        assert!(found.failed.is_empty(), "{:?}", found.failed);
+        for range in &moved {
+            assert!(found.advanced.iter().any(|(r, _)| r == range), "{range} not found at its new leader");
+        }
+        // The hung store wakes up and answers its parked calls: nothing moves backwards or past the truth.
+        sim.resume_store(1);
+        let after = poll(&mut cache);
+        assert!(after.failed.is_empty(), "{:?}", after.failed);
     }
 
     #[test]
