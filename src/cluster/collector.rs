@@ -174,9 +174,13 @@ pub fn collect_checkpoints_cached(
         .partition(|f| f.region.is_some_and(|id| cached.contains(&id)) && f.reason.may_be_stale_location());
     result.failed.extend(failed);
     if !stale.is_empty() && Instant::now() < deadline {
-        let stale_ranges: Vec<KeyRange> = stale.iter().map(|f| f.range.clone()).collect();
-        match scan_regions(meta, cache, &stale_ranges, config, &mut result.range_scans) {
-            Ok((regions, _)) => {
+        let mut stale_ranges: Vec<KeyRange> = stale.iter().map(|f| f.range.clone()).collect();
+        stale_ranges.sort();
+        // Looked up as gaps of the whole ranges, not one range each: a lost store's regions
+        // are thousands of scattered ranges, which take a few pages rather than a call each.
+        match scan_regions(meta, cache, ranges, config, &mut result.range_scans) {
+            Ok((mut regions, _)) => {
+                regions.retain(|r| overlaps_any(&stale_ranges, &r.range));
                 let mut retried = CollectResult::default();
                 ask_leaders(service, pool, regions, config, Some(deadline), began, &mut retried);
                 // Out of time by now whatever the store: nothing of the retry is kept.
@@ -266,7 +270,12 @@ fn scan_regions(
     let mut cached = HashSet::new();
     for range in ranges {
         let started = Instant::now();
-        let (mut regions, gaps) = cache.cover(range);
+        let (mut regions, mut gaps) = cache.cover(range);
+        if worth_scanning_across(gaps.len(), regions.len(), config.page_size) {
+            let across = KeyRange { start: gaps[0].start.clone(), end: gaps[gaps.len() - 1].end.clone() };
+            regions.retain(|r| !r.range.overlaps(&across));
+            gaps = vec![across];
+        }
         cached.extend(regions.iter().map(|r| r.id));
         for gap in gaps {
             let mut iter = RegionIter::new(meta, &gap);
@@ -287,6 +296,23 @@ fn scan_regions(
     let mut regions: Vec<_> = by_id.into_values().collect();
     regions.sort_by(|a, b| a.range.cmp(&b.range));
     Ok((regions, cached))
+}
+
+/// Whether `range` overlaps one of `sorted`, ranges in key order that do not overlap.
+fn overlaps_any(sorted: &[KeyRange], range: &KeyRange) -> bool {
+    let first_ending_after_start = sorted.partition_point(|r| !r.end.is_empty() && r.end <= range.start);
+    sorted.get(first_ending_after_start).is_some_and(|r| r.overlaps(range))
+}
+
+/// Up to this many gaps in one range are scanned one PD call each.
+const GAPS_SCANNED_ONE_BY_ONE: usize = 32;
+
+/// Whether one paged scan from a range's first gap to its last takes fewer PD calls than a
+/// scan per gap: the cached regions between them (at most `cached`) are scanned again too.
+/// A store that failed leaves its regions as thousands of scattered gaps, and a call each
+/// made the next poll slower still.
+fn worth_scanning_across(gaps: usize, cached: usize, page_size: usize) -> bool {
+    gaps > GAPS_SCANNED_ONE_BY_ONE && gaps > cached / page_size.max(1) + 1
 }
 
 /// The regions earlier polls saw, by start key, so that a steady tick asks PD nothing.
@@ -823,6 +849,46 @@ mod tests {
     }
 
     #[test]
+    fn many_scattered_gaps_are_scanned_in_pages_and_a_few_one_by_one() {
+        let keys: Vec<Vec<u8>> = (0..9_999).map(|i| format!("{i:06}").into_bytes()).collect();
+        let boundaries: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let meta = MemMeta::new(regions_from_boundaries(&boundaries, &[1, 2, 3]));
+        let config = CollectorConfig::default();
+        let scan = |cache: &mut RegionCache, ranges: &[KeyRange]| {
+            let scans_before = meta.scans.lock().len();
+            let (regions, cached) = scan_regions(&meta, cache, ranges, &config, &mut Vec::new()).unwrap();
+            (regions, cached, meta.scans.lock().len() - scans_before)
+        };
+        let mut cache = RegionCache::default();
+        let (all, _, cold_scans) = scan(&mut cache, &[KeyRange::full()]);
+        assert_eq!((all.len(), cold_scans), (10_000, 5), "10 000 regions take five pages of 2048");
+
+        // Every other region fails: 5 000 gaps between 5 000 cached regions.
+        for region in all.iter().step_by(2) {
+            cache.forget(&failed(region, region.leader_store, FailReason::EpochNotMatch));
+        }
+        let (regions, cached, scans) = scan(&mut cache, &[KeyRange::full()]);
+        assert_eq!(regions, all, "the same regions as a fresh scan");
+        assert_eq!(scans, 5, "pages, not one call per gap");
+        assert_eq!(cached, HashSet::from([all[9_999].id]), "all but the one after the last gap came from PD again");
+        assert_eq!(cache.len(), 10_000);
+
+        // A few gaps are cheaper one by one than re-scanning the cached regions around them.
+        let ranges = [KeyRange::new("001000", "002000")];
+        for region in &all[1001..1001 + 2 * GAPS_SCANNED_ONE_BY_ONE][..] {
+            cache.forget(&failed(region, region.leader_store, FailReason::NotLeader));
+        }
+        let (regions, cached, scans) = scan(&mut cache, &ranges);
+        assert_eq!(regions, all[1001..2001].to_vec());
+        assert_eq!((scans, cached.len()), (1, 1000 - 2 * GAPS_SCANNED_ONE_BY_ONE), "one contiguous gap");
+        for region in all[1001..2001].iter().step_by(40) {
+            cache.forget(&failed(region, region.leader_store, FailReason::NotLeader));
+        }
+        let (regions, _, scans) = scan(&mut cache, &ranges);
+        assert_eq!((regions, scans), (all[1001..2001].to_vec(), 25), "25 gaps, 25 calls");
+    }
+
+    #[test]
     fn failing_stores_fail_exactly_their_regions_and_a_hung_one_costs_only_the_deadline() {
         // Accepts TCP connections but never speaks HTTP/2: calls wait for their deadline.
         let silent = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -940,6 +1006,39 @@ mod tests {
         sim.resume_store(1);
         let after = poll(&mut cache);
         assert!(after.failed.is_empty(), "{:?}", after.failed);
+    }
+
+    #[test]
+    fn a_lost_stores_scattered_regions_are_found_again_in_the_same_poll_with_pages_of_scans() {
+        use crate::cluster::{PdClient, PdConfig};
+        use crate::security::Security;
+        use crate::sim::{SimCluster, SimConfig};
+
+        let sim = SimCluster::start(SimConfig { stores: 3, regions: 600, ..Default::default() }).unwrap();
+        let pd = PdClient::connect(
+            PdConfig { timeout: Duration::from_secs(2), ..PdConfig::new(vec![sim.pd_endpoint()]) },
+            Security::insecure(),
+        )
+        .unwrap();
+        let dialer = FixedDialer::new(sim.store_ids().into_iter().map(|s| (s, sim.store_address(s))));
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let config = CollectorConfig { rpc_timeout: Duration::from_secs(5), page_size: 32, ..Default::default() };
+        let mut cache = RegionCache::default();
+        let mut poll = || collect_checkpoints_cached(&pd, &dialer, &pool, &mut cache, &[KeyRange::full()], &config);
+        sim.flush_all();
+        assert!(poll().unwrap().failed.is_empty());
+
+        // Store 2 goes (it can no longer be dialed) and PD moves its leaders to the others.
+        dialer.addresses.lock().remove(&2);
+        let moved = sim.fail_over(2).unwrap();
+        assert!(moved > 100, "{moved} regions moved");
+        sim.flush_all();
+        let scans_before = sim.pd_scans().0;
+        let result = poll().unwrap();
+        assert!(result.failed.is_empty(), "{:?}", result.failed);
+        assert_eq!(result.advanced.len(), 600);
+        let scans = sim.pd_scans().0 - scans_before;
+        assert!(scans <= 600 / 32 + 1, "{scans} PD calls to find {moved} moved regions: a page of 32 each at most");
     }
 
     #[test]
