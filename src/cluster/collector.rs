@@ -118,8 +118,8 @@ pub struct CollectResult {
     pub batch_sizes: Vec<usize>,
     /// How long listing each range's regions took (upstream's `get-regions-in-range` step).
     pub range_scans: Vec<Duration>,
-    /// Stores that only ran out of time (their deadline passed or the poll was stopped),
-    /// as opposed to refusing, failing the call or not being dialed; sorted.
+    /// Stores that only ran out of time (the deadline passed or the poll was stopped), as
+    /// opposed to refusing, failing the call or not accepting a connection; sorted.
     pub out_of_time: Vec<StoreId>,
 }
 
@@ -534,10 +534,6 @@ impl StoreCalls {
                         Ok(answer) => apply_answer(store, batch, &answer, believable_after(max_ts, began), result),
                         Err(e) => {
                             fail_batch(store, batch, result);
-                            // Only a call that was sent can be late; a failed dial is a failure.
-                            if first_error.is_none() && is_out_of_time(&e) {
-                                result.out_of_time.push(store);
-                            }
                             first_error.get_or_insert(e);
                         }
                     }
@@ -546,6 +542,9 @@ impl StoreCalls {
             }
         };
         if let Some(e) = first_error {
+            if is_out_of_time(&e) {
+                result.out_of_time.push(store);
+            }
             warn!("store {store} failed to report checkpoints: {e}");
             service.clear_cache(store);
             result.store_errors.push(e);
@@ -644,8 +643,9 @@ fn apply_answer(
     }
 }
 
-/// The call was not refused, it ran out of time: its deadline passed (ours or the tick's) or
-/// the poll was stopped.
+/// The store did not refuse, it ran out of time: the call's deadline passed (ours or the
+/// tick's), the poll was stopped, or the tick's time was gone before the store was dialed or
+/// PD told its address. A store that cannot be connected to fails with `Error::Store`.
 fn is_out_of_time(e: &Error) -> bool {
     matches!(e.root(), Error::Timeout(_) | Error::Stopped(_))
         || e.rpc_status() == Some(grpcio::RpcStatusCode::DEADLINE_EXCEEDED)
@@ -927,6 +927,23 @@ mod tests {
     }
 
     #[test]
+    fn only_time_running_out_counts_as_out_of_time() {
+        let status = |code| {
+            Error::rpc("GetLastFlushTSOfRegion", "store 1", grpcio::Error::RpcFailure(grpcio::RpcStatus::new(code)))
+        };
+        let store_down = Error::Store { store_id: 1, address: "127.0.0.1:9".into(), reason: "cannot connect".into() };
+        for (error, out_of_time) in [
+            (status(grpcio::RpcStatusCode::DEADLINE_EXCEEDED), true),
+            (Error::Timeout("PD GetStore (its deadline has passed)".into()).context("dialing store 1"), true),
+            (Error::Stopped("polling checkpoints".into()), true),
+            (status(grpcio::RpcStatusCode::UNAVAILABLE), false),
+            (store_down, false),
+        ] {
+            assert_eq!(is_out_of_time(&error), out_of_time, "{error}");
+        }
+    }
+
+    #[test]
     fn a_store_out_of_time_keeps_its_regions_until_it_misses_twice_in_a_row() {
         // Store 1 accepts calls and never answers; store 2 cannot be dialed.
         let silent = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -953,13 +970,15 @@ mod tests {
         assert_eq!(poll(&mut cache), (4, vec![1, 3]), "looked up afresh, the count starts again");
     }
 
-    #[test]
-    fn a_hung_store_whose_leaders_moved_never_advances_them_past_the_new_leaders_flush() {
+    /// A simulated cluster of three stores, with PD and the stores dialed the advancer's way.
+    fn sim_cluster(
+        regions: usize,
+    ) -> (crate::sim::SimCluster, crate::cluster::PdClient, FixedDialer, rayon::ThreadPool) {
         use crate::cluster::{PdClient, PdConfig};
         use crate::security::Security;
         use crate::sim::{SimCluster, SimConfig};
 
-        let sim = SimCluster::start(SimConfig { stores: 3, regions: 24, ..Default::default() }).unwrap();
+        let sim = SimCluster::start(SimConfig { stores: 3, regions, ..Default::default() }).unwrap();
         let pd = PdClient::connect(
             PdConfig { timeout: Duration::from_secs(2), ..PdConfig::new(vec![sim.pd_endpoint()]) },
             Security::insecure(),
@@ -967,6 +986,12 @@ mod tests {
         .unwrap();
         let dialer = FixedDialer::new(sim.store_ids().into_iter().map(|s| (s, sim.store_address(s))));
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        (sim, pd, dialer, pool)
+    }
+
+    #[test]
+    fn a_hung_store_whose_leaders_moved_never_advances_them_past_the_new_leaders_flush() {
+        let (sim, pd, dialer, pool) = sim_cluster(24);
         let config = CollectorConfig { rpc_timeout: Duration::from_millis(300), ..Default::default() };
         let mut cache = RegionCache::default();
         let poll = |cache: &mut RegionCache| {
@@ -1010,18 +1035,7 @@ mod tests {
 
     #[test]
     fn a_lost_stores_scattered_regions_are_found_again_in_the_same_poll_with_pages_of_scans() {
-        use crate::cluster::{PdClient, PdConfig};
-        use crate::security::Security;
-        use crate::sim::{SimCluster, SimConfig};
-
-        let sim = SimCluster::start(SimConfig { stores: 3, regions: 600, ..Default::default() }).unwrap();
-        let pd = PdClient::connect(
-            PdConfig { timeout: Duration::from_secs(2), ..PdConfig::new(vec![sim.pd_endpoint()]) },
-            Security::insecure(),
-        )
-        .unwrap();
-        let dialer = FixedDialer::new(sim.store_ids().into_iter().map(|s| (s, sim.store_address(s))));
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let (sim, pd, dialer, pool) = sim_cluster(600);
         let config = CollectorConfig { rpc_timeout: Duration::from_secs(5), page_size: 32, ..Default::default() };
         let mut cache = RegionCache::default();
         let mut poll = || collect_checkpoints_cached(&pd, &dialer, &pool, &mut cache, &[KeyRange::full()], &config);
