@@ -1,6 +1,6 @@
 //! The chaos test: a seeded random schedule of faults against two daemons (an owner and a
 //! standby) over a real etcd and the simulated cluster. Besides the cluster's faults (splits,
-//! merges, scatter, leader moves, hung and restarted stores, never-flushing regions,
+//! merges, scatter, leader moves, hung, slow and restarted stores, never-flushing regions,
 //! subscriptions off, crashed transactions) it deletes and re-creates tasks under the same
 //! name with an earlier or a later start ts, compacts and restarts etcd, black-holes PD and
 //! kills the owner. After every step each task incarnation's stored checkpoint is checked
@@ -177,7 +177,7 @@ impl Chaos {
         let region = &regions[self.rng.index(regions.len())];
         let stores = f.sim.store_ids();
         let store = stores[self.rng.index(stores.len())];
-        match self.rng.below(16) {
+        match self.rng.below(17) {
             0 => {
                 let key = [region.range.start.as_slice(), &[0x60, step as u8]].concat();
                 format!("split: {:?}", f.sim.split(&key).map(drop))
@@ -229,7 +229,13 @@ impl Chaos {
             }
             13 => self.restart_etcd(),
             14 => self.toggle_pd_black_hole(),
-            _ => self.kill_owner(),
+            15 => self.kill_owner(),
+            _ => {
+                // Slow answers stretch ticks, so deletions and kills land inside them.
+                let delay = Duration::from_millis([0, 50, 150, 300][self.rng.index(4)]);
+                f.sim.set_store_delay(store, delay);
+                format!("delay {store} by {delay:?}")
+            }
         }
     }
 
@@ -365,6 +371,7 @@ impl Chaos {
         }
         for store in self.f.sim.store_ids() {
             self.f.sim.resume_store(store);
+            self.f.sim.set_store_delay(store, Duration::ZERO);
             self.f.sim.set_subscription_supported(store, true);
         }
         for region in self.f.sim.regions() {
