@@ -8,15 +8,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use streamhelper::advancer::{Advancer, Config};
+use streamhelper::advancer::Advancer;
 use streamhelper::cluster::{
     collect_checkpoints, ClusterMeta, CollectorConfig, FlushSubscriber, LogBackupService, PdClient, PdConfig,
     SubscriberConfig, TikvClients, TikvConfig,
 };
 use streamhelper::proto::brpb::StreamBackupTaskInfo;
-use streamhelper::security::Security;
 use streamhelper::sim::{rss_bytes, SimCluster, SimConfig};
+use streamhelper::Config;
 use streamhelper::KeyRange;
+use streamhelper::Security;
 
 fn env_size(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)

@@ -13,13 +13,14 @@ mod support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use streamhelper::advancer::{Advancer, Config};
+use streamhelper::advancer::Advancer;
 use streamhelper::cluster::{collect_checkpoints, ClusterMeta, CollectorConfig, KvClients};
 use streamhelper::locks::{run_round, target_bound, RoundEnv, RoundRequest};
 use streamhelper::proto::brpb::StreamBackupTaskInfo;
 use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
-use streamhelper::worker::StopToken;
+use streamhelper::Config;
 use streamhelper::KeyRange;
+use streamhelper::StopToken;
 use support::InterceptedPd;
 
 fn env_size(name: &str, default: usize) -> usize {

@@ -29,9 +29,9 @@ use futures_executor::block_on;
 use futures_util::StreamExt;
 use grpcio::CallOption;
 use streamhelper::cluster::{ClusterMeta, LogBackupService, PdClient, PdConfig, RegionIter, TikvClients, TikvConfig};
+use streamhelper::format::parse_duration;
 use streamhelper::proto::logbackuppb::{GetLastFlushTSOfRegionRequest, RegionIdentity, SubscribeFlushEventRequest};
-use streamhelper::security::Security;
-use streamhelper::timefmt::parse_duration;
+use streamhelper::Security;
 use streamhelper::{KeyRange, StoreId};
 
 const BIN: &str = env!("CARGO_BIN_EXE_streamhelper");
@@ -629,7 +629,7 @@ fn main() {
     if std::env::var_os("SCALE_BENCH_NO_DOCS").is_none() {
         write_docs(&format!(
             "Run of {} ({cpus} CPUs):\n\n{text}",
-            streamhelper::timefmt::format_rfc3339(SystemTime::now())
+            streamhelper::format::format_rfc3339(SystemTime::now())
         ));
     }
 }

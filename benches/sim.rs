@@ -14,8 +14,8 @@ use rayon::prelude::*;
 use grpcio::ClientSStreamReceiver;
 use streamhelper::proto::logbackuppb::{SubscribeFlushEventRequest, SubscribeFlushEventResponse};
 use streamhelper::proto::logbackuppb_grpc::LogBackupClient;
-use streamhelper::sim::probe::{call_option, last_flush_ts, log_backup_client, pd_client, scan_regions};
 use streamhelper::sim::{rss_bytes, SimCluster, SimConfig};
+use streamhelper::testing::{call_option, last_flush_ts, log_backup_client, pd_client, scan_regions};
 use streamhelper::{KeyRange, RegionId, StoreId};
 
 const PAGE: i32 = 2048;

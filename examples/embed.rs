@@ -6,11 +6,10 @@
 
 use std::time::Duration;
 
-use streamhelper::advancer::Config;
-use streamhelper::daemon::{Daemon, DaemonConfig};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
 use streamhelper::meta::{parse_storage_url, MetaDataClient, TaskInfo};
 use streamhelper::sim::{SimCluster, SimConfig};
+use streamhelper::{Config, Daemon, DaemonConfig};
 
 fn main() -> streamhelper::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();

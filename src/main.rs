@@ -1,12 +1,14 @@
 use std::io::Write;
 
 use clap::Parser;
-use streamhelper::text::printable;
+use streamhelper::format::printable;
+
+mod cli;
 
 fn main() {
-    let cli = streamhelper::cli::Cli::parse();
+    let cli = cli::Cli::parse();
     let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    if let Some(path) = streamhelper::cli::log_file(&cli) {
+    if let Some(path) = cli::log_file(&cli) {
         match std::fs::File::create(&path) {
             Ok(file) => {
                 logger.target(env_logger::Target::Pipe(Box::new(file)));
@@ -26,7 +28,7 @@ fn main() {
         writeln!(buf, "[{} {style}{level:<5}{style:#} {target}] {}", buf.timestamp(), printable(&message))
     });
     logger.init();
-    if let Err(e) = streamhelper::cli::run(cli) {
+    if let Err(e) = cli::run(cli) {
         eprintln!("error: {}", printable(&e.to_string()));
         std::process::exit(1);
     }

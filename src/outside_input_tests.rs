@@ -3,7 +3,6 @@
 
 use proptest::prelude::*;
 
-use crate::advancer::Settings;
 use crate::codec::{decode_boundary, encode_bytes};
 use crate::meta::client::{decode_ranges, decode_task_info, name_under};
 use crate::meta::keys::{self, decode_u64};
@@ -11,6 +10,7 @@ use crate::meta::{PauseState, PauseV2};
 use crate::proto::mvccpb::KeyValue;
 use crate::security::strip_scheme;
 use crate::timefmt::{parse_duration, parse_rfc3339, MAX_DURATION};
+use crate::Settings;
 
 fn bytes() -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec(any::<u8>(), 0..96)

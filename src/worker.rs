@@ -33,10 +33,6 @@ impl Worker {
         Ok(Worker { name, stop: Some(stop), thread: Some(thread) })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Hands the stop signal to someone else: the thread then stops when that handle is
     /// dropped (or fired), and [`Worker::join`] only waits.
     pub fn take_stop(&mut self) -> Option<StopHandle> {
@@ -154,12 +150,15 @@ mod tests {
         let (done_tx, done) = crossbeam_channel::bounded(1);
         let worker = Worker::spawn("sh-test-sleeper", move |stop| {
             let stopped = stop.sleep(Duration::from_secs(60));
-            let _ = done_tx.send(stopped);
+            let _ = done_tx.send((std::thread::current().name().map(str::to_string), stopped));
         })
         .unwrap();
-        assert_eq!(worker.name(), "sh-test-sleeper");
         drop(worker);
-        assert_eq!(done.try_recv(), Ok(true), "dropping joined a stopped thread");
+        assert_eq!(
+            done.try_recv(),
+            Ok((Some("sh-test-sleeper".to_string()), true)),
+            "the thread has its name, and dropping joined it stopped"
+        );
 
         let held = Arc::new(());
         let in_thread = held.clone();

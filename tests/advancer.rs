@@ -7,14 +7,14 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use streamhelper::advancer::Config;
-use streamhelper::daemon::status::http_get;
-use streamhelper::daemon::{Daemon, DaemonHandle};
 use streamhelper::etcd::EtcdProcess;
 use streamhelper::meta::{keys, parse_storage_url, Fence, PauseState, Severity};
 use streamhelper::sim::{Faults, Outcome, SimCluster, TxnSpec};
 use streamhelper::storage::{self, read_global_checkpoint, GLOBAL_CHECKPOINT_FILE};
-use streamhelper::types::ts_add;
+use streamhelper::testing::http_get;
+use streamhelper::ts::ts_add;
+use streamhelper::Config;
+use streamhelper::{Daemon, DaemonHandle};
 use streamhelper::{KeyRange, Ts};
 use support::s3::MotoServer;
 use support::{fast_config, Fixture, TcpProxy, DEADLINE};
@@ -369,7 +369,7 @@ fn role_of(port: u16) -> Option<String> {
 fn a_standby_takes_over_when_the_owner_is_killed() {
     let f = Fixture::new(3, 12);
     let start = f.add_task("t1", KeyRange::full());
-    let ports = [streamhelper::etcd::process::free_port().unwrap(), streamhelper::etcd::process::free_port().unwrap()];
+    let ports = [streamhelper::testing::free_port().unwrap(), streamhelper::testing::free_port().unwrap()];
     let mut a = spawn_advancer(&f, ports[0]);
     support::wait_until("advancer A to own", || role_of(ports[0]).as_deref() == Some("owner"));
     let mut b = spawn_advancer(&f, ports[1]);
@@ -407,7 +407,7 @@ fn threads_and_rss(pid: u32) -> (usize, u64) {
 fn misbehaving_pd_and_tikv_never_break_safety_or_bounds() {
     let f = Fixture::new(3, 24);
     let start = f.add_task("t1", KeyRange::full());
-    let port = streamhelper::etcd::process::free_port().unwrap();
+    let port = streamhelper::testing::free_port().unwrap();
     let mut child = spawn_advancer(&f, port);
     support::wait_until("the binary to own", || role_of(port).as_deref() == Some("owner"));
     let mut safety = Safety::new(&f, "t1", KeyRange::full());

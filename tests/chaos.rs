@@ -17,10 +17,9 @@ mod support;
 use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
-use streamhelper::daemon::{Daemon, DaemonHandle};
 use streamhelper::meta::keys;
 use streamhelper::sim::TxnSpec;
-use streamhelper::{KeyRange, Ts};
+use streamhelper::{Daemon, DaemonHandle, KeyRange, Ts};
 use support::{Fixture, TcpProxy, DEADLINE};
 
 const DEFAULT_SEED: u64 = 0x00c0_ffee;
@@ -288,7 +287,9 @@ impl Chaos {
         }
         let port = endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("PD's endpoint has a port");
         self.f.sim.stop_pd();
-        self.pd_hole = Some(retry("a black hole on PD's port", || TcpProxy::black_hole(port, &endpoint)));
+        let hole = retry("a proxy on PD's port", || TcpProxy::start_on(port, &endpoint));
+        hole.black_hole();
+        self.pd_hole = Some(hole);
         "black-hole PD".into()
     }
 

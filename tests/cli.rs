@@ -68,7 +68,7 @@ fn task_commands_round_trip() {
     // `task status` reads the storage: it must be one on this machine (here, a dead port).
     let dead_s3 = format!(
         "s3://bucket/logs?endpoint=http://127.0.0.1:{}&force-path-style=true",
-        streamhelper::etcd::process::free_port().unwrap()
+        streamhelper::testing::free_port().unwrap()
     );
     let added =
         c.ok(&["add", "t1", "--storage", &dead_s3, "--start-ts", "2026-05-11 01:42:23+0800", "--range", "t\\x80", "u"]);
@@ -180,7 +180,7 @@ fn pause_resume_delete_follow_brs_gc_protocol() {
     c.ok(&["add", "t9", "--storage", "noop://"]);
     let pd = streamhelper::cluster::PdClient::connect(
         streamhelper::cluster::PdConfig::new(vec![c.sim.pd_endpoint()]),
-        streamhelper::security::Security::insecure(),
+        streamhelper::Security::insecure(),
     )
     .unwrap();
     pd.update_service_safe_point("t9_pause_safepoint", 86_400, checkpoint).unwrap();
@@ -216,7 +216,7 @@ fn values_from_etcd_are_printed_escaped_and_without_credentials() {
 
 #[test]
 fn bad_endpoints_and_flags_are_named() {
-    let dead = format!("127.0.0.1:{}", streamhelper::etcd::process::free_port().unwrap());
+    let dead = format!("127.0.0.1:{}", streamhelper::testing::free_port().unwrap());
     assert!(fails(&["task", "--pd", &dead, "list"]).contains(&dead));
     assert!(fails(&["task", "list", "-u", "no-port"]).contains("no-port"));
     assert!(fails(&["task", "list"]).contains("--pd"));

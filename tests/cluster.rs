@@ -14,8 +14,8 @@ use streamhelper::cluster::{
     FailedRange, FlushEvent, FlushSubscriber, LogBackupService, PdClient, PdConfig, RegionCache, RegionIter,
     RegionWithLeader, ScanRetry, StoreInfo, SubscriberConfig, GC_SERVICE_ID,
 };
-use streamhelper::security::Security;
-use streamhelper::sim::{SimCluster, SimConfig, SimRegion};
+use streamhelper::sim::{SimCluster, SimConfig};
+use streamhelper::Security;
 use streamhelper::{KeyRange, RegionId, Result, StoreId, Ts};
 use support::wait_until;
 
@@ -66,12 +66,12 @@ impl Cluster {
         subscriber
     }
 
-    fn led_by(&self, stores: &[StoreId]) -> Vec<SimRegion> {
+    fn led_by(&self, stores: &[StoreId]) -> Vec<RegionWithLeader> {
         self.sim.regions().into_iter().filter(|r| r.leader_store.is_some_and(|l| stores.contains(&l))).collect()
     }
 
     /// What the collector must report for regions whose leader answers from its last flush.
-    fn at_last_flush(&self, regions: &[SimRegion]) -> Vec<(KeyRange, Ts)> {
+    fn at_last_flush(&self, regions: &[RegionWithLeader]) -> Vec<(KeyRange, Ts)> {
         let mut expected: Vec<_> = regions
             .iter()
             .map(|r| (r.range.clone(), self.sim.last_flush_ts(r.leader_store.unwrap()).expect("the leader flushed")))
@@ -100,7 +100,7 @@ impl Cluster {
     }
 }
 
-fn failed(regions: &[SimRegion], reason: FailReason) -> Vec<FailedRange> {
+fn failed(regions: &[RegionWithLeader], reason: FailReason) -> Vec<FailedRange> {
     let mut failed: Vec<_> = regions
         .iter()
         .map(|r| FailedRange {
@@ -236,7 +236,7 @@ fn only_the_requested_ranges_regions_are_asked_about_whole() {
     let ranges = [KeyRange::new(start, end), regions[20].range.clone()];
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let result = collect_checkpoints(c.pd.as_ref(), c.clients.as_ref(), &pool, &ranges, &collector_config()).unwrap();
-    let asked: Vec<SimRegion> = regions[5..=9].iter().chain(&regions[20..=20]).cloned().collect();
+    let asked: Vec<RegionWithLeader> = regions[5..=9].iter().chain(&regions[20..=20]).cloned().collect();
     assert_eq!(result.advanced, c.at_last_flush(&asked), "whole regions, as PD gave them");
     assert!(result.failed.is_empty());
 }
@@ -300,7 +300,7 @@ fn leaderless_unflushed_and_moved_regions_fail_and_never_advance() {
 
     let result = c.collect();
     let now = |id: RegionId| c.sim.region(id).unwrap();
-    let normal: Vec<SimRegion> =
+    let normal: Vec<RegionWithLeader> =
         c.sim.regions().into_iter().filter(|r| ![leaderless, unflushed, moved].contains(&r.id)).collect();
     assert_eq!(result.advanced, c.at_last_flush(&normal));
     let mut expected = failed(&[now(leaderless)], FailReason::NoLeader);
@@ -359,7 +359,7 @@ fn a_region_split_between_the_scan_and_the_request() {
         if flush_after_split {
             // The store's map now holds the halves: the old epoch is refused and the old
             // range does not advance.
-            let others: Vec<SimRegion> = before.iter().filter(|r| r.id != victim.id).cloned().collect();
+            let others: Vec<RegionWithLeader> = before.iter().filter(|r| r.id != victim.id).cloned().collect();
             assert_eq!(result.advanced, c.at_last_flush(&others));
             assert_eq!(result.failed, failed(&[victim], FailReason::EpochNotMatch));
         } else {
@@ -413,7 +413,8 @@ fn cached_regions_ask_pd_nothing_and_a_split_or_moved_one_fails_until_its_gap_is
     c.sim.transfer_leader(moved.id, to).unwrap();
     c.sim.flush_all();
     let stale = collect();
-    let others: Vec<SimRegion> = before.iter().filter(|r| r.id != split.id && r.id != moved.id).cloned().collect();
+    let others: Vec<RegionWithLeader> =
+        before.iter().filter(|r| r.id != split.id && r.id != moved.id).cloned().collect();
     assert_eq!(stale.advanced, c.at_last_flush(&others));
     let failed: Vec<_> = stale.failed.iter().map(|f| (f.region, f.reason.clone())).collect();
     assert_eq!(failed, vec![(Some(split.id), FailReason::EpochNotMatch), (Some(moved.id), FailReason::NotLeader)]);

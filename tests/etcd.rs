@@ -1,28 +1,21 @@
 //! The synchronous etcd client against a real etcd server (Debian `etcd-server`).
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use streamhelper::etcd::{
-    Cmp, CompareResult, Election, EtcdClient, EtcdProcess, EventKind, GetOptions, KeySpan, Txn, TxnOp, WatchBatch,
-    WatchOptions, Watcher,
+    Cmp, CompareResult, Election, EtcdClient, EtcdConfig, EtcdProcess, EventKind, GetOptions, KeySpan, Txn, TxnOp,
+    WatchBatch, WatchOptions, Watcher, WATCH_SILENT_INTERVALS,
 };
-use streamhelper::worker::{stop_pair, StopToken};
 use streamhelper::Error;
-
-const DEADLINE: Duration = Duration::from_secs(20);
+use streamhelper::{stop_pair, StopToken};
+use support::{wait_until, TcpProxy, DEADLINE};
 
 fn start_etcd() -> (EtcdProcess, EtcdClient) {
     let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
     let client = EtcdClient::connect_plain([etcd.endpoint()]).unwrap();
     (etcd, client)
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Reads watch events until `n` have arrived (or the deadline passes).
@@ -284,7 +277,7 @@ fn campaign_stops_when_asked() {
 #[test]
 fn a_dead_endpoint_is_skipped_for_a_live_one() {
     let (etcd, _client) = start_etcd();
-    let dead = format!("127.0.0.1:{}", streamhelper::etcd::process::free_port().unwrap());
+    let dead = format!("127.0.0.1:{}", streamhelper::testing::free_port().unwrap());
     let client = EtcdClient::connect_plain([dead.clone(), etcd.endpoint()]).unwrap();
     client.put("k", "v", 0).unwrap();
     assert_eq!(client.get("k").unwrap().unwrap().get_value(), b"v");
@@ -294,4 +287,62 @@ fn a_dead_endpoint_is_skipped_for_a_live_one() {
     let err = only_dead.get("k").unwrap_err().to_string();
     assert!(err.contains(&dead), "the error names the endpoint: {err}");
     assert!(started.elapsed() < DEADLINE);
+}
+
+/// A client of `endpoints` whose watches ask for progress after `interval` of silence.
+fn client_with_progress_interval(endpoints: Vec<String>, interval: Duration) -> EtcdClient {
+    EtcdClient::new(EtcdConfig { watch_progress_interval: interval, ..EtcdConfig::new(endpoints) }).unwrap()
+}
+
+#[test]
+fn a_watch_on_a_black_holed_member_is_reopened_on_the_next_one() {
+    let (etcd, direct) = start_etcd();
+    // One etcd behind two proxies: two endpoints, and a member can hang without the other.
+    let proxies = [TcpProxy::start(&etcd.endpoint()), TcpProxy::start(&etcd.endpoint())];
+    let interval = Duration::from_millis(200);
+    let client = client_with_progress_interval(proxies.iter().map(TcpProxy::endpoint).collect(), interval);
+    let base = direct.put("/h/base", "v", 0).unwrap();
+    let watcher =
+        client.watch(KeySpan::prefix("/h/"), WatchOptions { start_revision: base + 1, prev_kv: false }).unwrap();
+    let before = direct.put("/h/before", "v", 0).unwrap();
+    assert_eq!(collect_events(&watcher, 1), [(EventKind::Put, "/h/before".to_string(), before)], "through proxy 0");
+
+    // Proxy 0 hangs with its connections open: no error reaches the client, only silence.
+    proxies[0].black_hole();
+    let during: Vec<i64> = (0..3).map(|i| direct.put(format!("/h/during/{i}"), "v", 0).unwrap()).collect();
+    // Well below what the transport's own keepalive (10 s ping, 10 s timeout) would take.
+    let bound = interval * WATCH_SILENT_INTERVALS + Duration::from_secs(3);
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    while seen.len() < during.len() {
+        let left = bound.saturating_sub(started.elapsed());
+        let batch = watcher.batches().recv_timeout(left).unwrap_or_else(|_| {
+            panic!("the events put after the black hole did not arrive within {bound:?} (got {seen:?})")
+        });
+        seen.extend(batch.expect("no watch error").events.iter().map(|e| e.kv.get_mod_revision()));
+    }
+    assert_eq!(seen, during, "every event once, in order, none before them repeated");
+    assert_eq!(watcher.silent_reopens(), 1, "reopened once, on proxy 1");
+    let after = direct.put("/h/after", "v", 0).unwrap();
+    assert_eq!(collect_events(&watcher, 1), [(EventKind::Put, "/h/after".to_string(), after)]);
+    assert_eq!(watcher.silent_reopens(), 1, "the stream through proxy 1 stays");
+}
+
+#[test]
+fn progress_requests_keep_an_idle_watch_open() {
+    let (etcd, direct) = start_etcd();
+    let proxy = TcpProxy::start(&etcd.endpoint());
+    let interval = Duration::from_millis(100);
+    let client = client_with_progress_interval(vec![proxy.endpoint()], interval);
+    let base = direct.put("/i/base", "v", 0).unwrap();
+    let watcher =
+        client.watch(KeySpan::prefix("/i/"), WatchOptions { start_revision: base + 1, prev_kv: false }).unwrap();
+    let first = direct.put("/i/first", "v", 0).unwrap();
+    assert_eq!(collect_events(&watcher, 1), [(EventKind::Put, "/i/first".to_string(), first)]);
+    // Idle for many times the silence that reopens a watch nobody answers.
+    let idle = interval * WATCH_SILENT_INTERVALS * 6;
+    assert!(watcher.batches().recv_timeout(idle).is_err(), "nothing happened, nothing is delivered");
+    assert_eq!(watcher.silent_reopens(), 0, "the answers to progress requests count as life");
+    let second = direct.put("/i/second", "v", 0).unwrap();
+    assert_eq!(collect_events(&watcher, 1), [(EventKind::Put, "/i/second".to_string(), second)]);
 }

@@ -9,17 +9,18 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use streamhelper::advancer::Config;
-use streamhelper::daemon::{CheckpointAdvancer, Env};
-use streamhelper::etcd::{EtcdClient, EtcdProcess, Leadership};
+use streamhelper::etcd::{Election, EtcdClient, EtcdProcess, Leadership, Txn, TxnOp};
 use streamhelper::meta::{keys, AdvancerExt, MetaDataClient, TaskEvent};
 use streamhelper::sim::{SimCluster, SimConfig};
-use streamhelper::types::ts_sub;
+use streamhelper::ts::ts_sub;
+use streamhelper::Config;
+use streamhelper::{CheckpointAdvancer, Daemon, DaemonConfig, Env};
 use streamhelper::{KeyRange, Ts};
-use support::DEADLINE;
+use support::{wait_until, DEADLINE};
 
 const UPLOAD: &str = "before-upload-checkpoint";
 const PAUSE: &str = "before-pause-write";
+const RESIGN: &str = "between-resign-and-revoke";
 
 struct Fixture {
     _etcd: EtcdProcess,
@@ -238,4 +239,79 @@ fn bad_metadata_of_one_task_in_a_relist_keeps_its_last_good_state() {
     let seen = events_until(&events, "Err(t1");
     assert!(seen.iter().all(|e| !e.starts_with("Del(") && !e.starts_with("Add(")), "t1 was dropped: {seen:?}");
     assert!(seen.contains(&"Pause(t2)".to_string()), "the other task is unaffected: {seen:?}");
+}
+
+#[test]
+fn a_standby_takes_over_while_the_old_owner_is_between_resign_and_revoke() {
+    let _scenario = fail::FailScenario::setup();
+    let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
+    // Stores flush on their own, so whoever owns keeps uploading higher checkpoints.
+    let flushing = SimConfig {
+        stores: 1,
+        regions: 4,
+        seed: 7,
+        flush_interval: Some(Duration::from_millis(100)),
+        ..SimConfig::default()
+    };
+    let sim = SimCluster::start(flushing).unwrap();
+    let meta = MetaDataClient::new(EtcdClient::connect_plain([etcd.endpoint()]).unwrap());
+    let ext = AdvancerExt::new(meta.clone());
+    let start = sim.now_ts();
+    Fixture::put_task(&meta, "t", start);
+    let config = DaemonConfig {
+        etcd_endpoints: vec![etcd.endpoint()],
+        advancer: support::fast_config(),
+        ..DaemonConfig::new(vec![sim.pd_endpoint()])
+    };
+    let a = Daemon::start(config.clone()).unwrap();
+    wait_until("A to own", || a.is_owner());
+    let b = Daemon::start(config).unwrap();
+    let election = Election::new(meta.etcd().clone(), keys::OWNER_PREFIX);
+    wait_until("B to stand by", || election.candidates().unwrap().len() == 2);
+    let a_key = election.candidates().unwrap().remove(0);
+    let a_term = Leadership { key: a_key.key.clone(), create_revision: a_key.create_revision, lease: a_key.lease };
+    let stored = || ext.get_global_checkpoint("t").unwrap();
+    wait_until("A to upload", || stored() > start);
+
+    let (reached_tx, reached) = crossbeam_channel::bounded(1);
+    let (release_tx, release) = crossbeam_channel::bounded::<()>(1);
+    fail::cfg_callback(RESIGN, move || {
+        let _ = reached_tx.try_send(());
+        let _ = release.recv_timeout(DEADLINE);
+    })
+    .unwrap();
+    assert!(a.resign_ownership());
+    reached.recv_timeout(DEADLINE).expect("A resigns");
+    // A is between the two: its key is gone while its lease is still renewed.
+    assert!(meta.etcd().get(a_key.key.clone()).unwrap().is_none(), "the resignation deleted A's key");
+    wait_until("A's ticker to give up ownership", || !a.is_owner());
+    let left_by_a = stored();
+    wait_until("B to own", || b.is_owner());
+    wait_until("B to upload", || stored() > left_by_a);
+    assert!(
+        meta.etcd().lease_time_to_live(a_key.lease).unwrap().is_some(),
+        "B took over while A's lease lived: the resignation let it in, not an expiry"
+    );
+    // Nothing of A's lands: its fence fails, and its ticker neither uploaded nor paused.
+    let probe = Txn::new().when([a_term.fence()]).and_then([TxnOp::put("/probe", "a", 0)]);
+    assert!(!meta.etcd().txn(probe).unwrap().succeeded, "A's writes are fenced off");
+    assert!(
+        !a.metrics().render().contains("tidb_log_backup_last_checkpoint{"),
+        "A uploaded after it resigned: {}",
+        a.metrics().render()
+    );
+    assert!(meta.etcd().get(keys::pause_of("t")).unwrap().is_none(), "nobody paused the task");
+
+    fail::remove(RESIGN);
+    release_tx.send(()).unwrap();
+    wait_until("A to revoke its lease", || meta.etcd().lease_time_to_live(a_key.lease).unwrap().is_none());
+    wait_until("A to campaign again behind B", || {
+        let candidates = election.candidates().unwrap();
+        candidates.len() == 2 && candidates[0].lease != a_key.lease && candidates[1].lease != a_key.lease
+    });
+    a.stop();
+    assert!(b.is_owner(), "A's exit leaves B in charge");
+    let after_a = stored();
+    wait_until("B to keep uploading", || stored() > after_a);
+    b.stop();
 }

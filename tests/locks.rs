@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use streamhelper::cluster::{ClusterMeta, KvClients};
-use streamhelper::locks::thresholds::fetch_flush_interval;
+use streamhelper::locks::fetch_flush_interval;
 use streamhelper::locks::{run_round, RoundEnv, RoundReport, RoundRequest};
 use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
-use streamhelper::worker::StopToken;
+use streamhelper::StopToken;
 use streamhelper::{KeyRange, StoreId, Ts};
 use support::InterceptedPd;
 
@@ -71,7 +71,7 @@ fn spec(keys: Vec<Vec<u8>>, ttl_ms: u64) -> TxnSpec {
 /// Waits until every crashed transaction's TTL (at most `ttl_ms`) ran out on the sim's clock.
 fn wait_expired(sim: &SimCluster, since: Ts, ttl_ms: u64) {
     support::wait_until("the TTLs to run out", || {
-        streamhelper::types::physical_ms(sim.now_ts()) > streamhelper::types::physical_ms(since) + ttl_ms
+        streamhelper::ts::physical_ms(sim.now_ts()) > streamhelper::ts::physical_ms(since) + ttl_ms
     });
 }
 

@@ -8,12 +8,12 @@ mod support;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use streamhelper::advancer::Config;
-use streamhelper::daemon::status::{http_get, http_request};
-use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{Cmp, Election, EtcdClient, EtcdProcess, KeySpan, Txn, TxnOp};
 use streamhelper::meta::keys::OWNER_PREFIX;
 use streamhelper::sim::{SimCluster, SimConfig};
+use streamhelper::testing::{http_get, http_request};
+use streamhelper::Config;
+use streamhelper::{Daemon, DaemonConfig, DaemonHandle};
 use support::wait_until;
 
 const TIDB_ID: &str = "5b0b2f4e-9c1d-4a7e-8f3b-1d2c3e4f5a6b";
@@ -143,7 +143,7 @@ fn take_over_evicts_tidb_and_resign_hands_ownership_back() {
     wait_until("--take-over to lead", || daemon.is_owner());
     let candidates = f.candidates();
     assert_eq!(candidates.len(), 1, "TiDB's key was evicted: {candidates:?}");
-    assert!(streamhelper::daemon::is_our_owner_id(candidates[0].1.as_bytes()));
+    assert!(streamhelper::is_our_owner_id(candidates[0].1.as_bytes()));
 
     // TiDB re-campaigns behind us; the owner resigns on request and TiDB leads.
     let put = Txn::new().and_then([TxnOp::put(tidb_key.clone(), TIDB_ID.as_bytes().to_vec(), tidb_lease)]);
@@ -176,7 +176,7 @@ fn advancer_command_takes_over_only_with_the_flag() {
         .unwrap();
     wait_until("the advancer command to lead", || {
         let c = f.candidates();
-        c.len() == 1 && c[0].0 != tidb_key && streamhelper::daemon::is_our_owner_id(c[0].1.as_bytes())
+        c.len() == 1 && c[0].0 != tidb_key && streamhelper::is_our_owner_id(c[0].1.as_bytes())
     });
     // SIGTERM: it resigns and exits 0.
     let pid = child.id() as i32;

@@ -12,11 +12,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use streamhelper::daemon::{Daemon, DaemonConfig};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
 use streamhelper::meta::{AdvancerExt, MetaDataClient, PauseV2, Severity};
 use streamhelper::sim::{SimCluster, SimConfig, TaskState};
 use streamhelper::KeyRange;
+use streamhelper::{Daemon, DaemonConfig};
 
 const ALERTS: &str = include_str!("../docs/alerts.yml");
 const DASHBOARD: &str = include_str!("../docs/grafana-dashboard.json");

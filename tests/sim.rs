@@ -8,6 +8,7 @@ use crossbeam_channel::Receiver;
 use futures_util::{SinkExt, StreamExt};
 use grpcio::{RpcStatusCode, WriteFlags};
 
+use streamhelper::cluster::RegionWithLeader;
 use streamhelper::codec::{decode_boundary, encode_bytes, encode_end_key};
 use streamhelper::proto::logbackuppb::{FlushNowRequest, RegionCheckpoint, SubscribeFlushEventRequest};
 use streamhelper::proto::logbackuppb_grpc::LogBackupClient;
@@ -17,10 +18,11 @@ use streamhelper::proto::pdpb::{
     UpdateServiceGCSafePointRequest,
 };
 use streamhelper::proto::pdpb_grpc::PdClient;
-use streamhelper::sim::cli::{run_sim_command, SimArgs};
-use streamhelper::sim::probe::{call_option, header, last_flush_ts, log_backup_client, pd_client, scan_regions};
-use streamhelper::sim::{record_key, SimCluster, SimConfig, SimRegion};
-use streamhelper::types::compose_ts;
+use streamhelper::sim::{record_key, SimCluster, SimConfig};
+use streamhelper::testing::{
+    call_option, header, last_flush_ts, log_backup_client, pd_client, scan_regions, wait_until,
+};
+use streamhelper::ts::compose_ts;
 use streamhelper::{KeyRange, RegionId, StoreId, Ts};
 
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -46,7 +48,7 @@ fn rpc_code(err: &grpcio::Error) -> Option<RpcStatusCode> {
 }
 
 /// Asks `store` about `regions` (current id and version) and indexes the answers by id.
-fn ask(sim: &SimCluster, store_id: StoreId, regions: &[SimRegion]) -> HashMap<RegionId, RegionCheckpoint> {
+fn ask(sim: &SimCluster, store_id: StoreId, regions: &[RegionWithLeader]) -> HashMap<RegionId, RegionCheckpoint> {
     let pairs: Vec<(RegionId, u64)> = regions.iter().map(|r| (r.id, r.epoch_version)).collect();
     ask_pairs(sim, store_id, &pairs)
 }
@@ -58,7 +60,7 @@ fn ask_pairs(sim: &SimCluster, store_id: StoreId, pairs: &[(RegionId, u64)]) -> 
 }
 
 /// The store's answer for one region.
-fn ask_one(sim: &SimCluster, store_id: StoreId, region: &SimRegion) -> RegionCheckpoint {
+fn ask_one(sim: &SimCluster, store_id: StoreId, region: &RegionWithLeader) -> RegionCheckpoint {
     ask(sim, store_id, std::slice::from_ref(region)).remove(&region.id).expect("one answer per region")
 }
 
@@ -70,14 +72,6 @@ fn assert_not_flushed(answer: &RegionCheckpoint, id: RegionId, asked_version: u6
     assert!(!err.get_not_leader().has_leader(), "log backup never names the leader");
     assert_eq!(answer.get_region().get_epoch_version(), asked_version, "echoed as requested");
     assert_eq!(answer.get_checkpoint(), 0);
-}
-
-fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// A subscription's messages, read on a helper thread that ends with the stream.
@@ -128,7 +122,7 @@ fn collect_events(
     events
 }
 
-fn led_by(sim: &SimCluster, store_id: StoreId) -> Vec<SimRegion> {
+fn led_by(sim: &SimCluster, store_id: StoreId) -> Vec<RegionWithLeader> {
     sim.regions().into_iter().filter(|r| r.leader_store == Some(store_id)).collect()
 }
 
@@ -185,7 +179,7 @@ fn batch_scan_and_point_lookups_agree_with_the_table() {
     let sim = sim(3, 50, 2);
     let client = pd(&sim);
     let regions = sim.regions();
-    let range = |a: &SimRegion, b: &SimRegion| {
+    let range = |a: &RegionWithLeader, b: &RegionWithLeader| {
         let mut r = PdKeyRange::new();
         r.set_start_key(encode_bytes(&a.range.start));
         r.set_end_key(encode_end_key(&b.range.start));
@@ -652,7 +646,7 @@ fn reported_checkpoints_never_exceed_the_truth() {
     assert!(sim.true_checkpoint(&KeyRange::full()) > sim.start_ts());
 }
 
-fn history(seed: u64) -> Vec<Vec<SimRegion>> {
+fn history(seed: u64) -> Vec<Vec<RegionWithLeader>> {
     let sim = sim(5, 64, seed);
     let mut snapshots = vec![sim.regions()];
     sim.scatter();
@@ -677,43 +671,8 @@ fn same_seed_same_history() {
 }
 
 #[test]
-fn sim_command_serves_with_its_own_etcd_until_quit() {
-    let dir = tempfile::tempdir().unwrap();
-    let controls = dir.path().join("controls");
-    std::fs::write(&controls, "split t100_r5\nflush\ntransfer-leader 1000 2\nbogus\nstatus\nquit\n").unwrap();
-    let args = SimArgs {
-        stores: 2,
-        regions: 8,
-        seed: 1,
-        flush_interval: Duration::ZERO,
-        etcd: None,
-        control_file: Some(controls),
-        duration: Some(Duration::from_secs(60)),
-    };
-    let began = Instant::now();
-    run_sim_command(args).unwrap();
-    assert!(began.elapsed() < Duration::from_secs(30), "quit ends it long before --duration");
-}
-
-#[test]
-fn sim_command_stops_after_its_duration() {
-    let args = SimArgs {
-        stores: 1,
-        regions: 2,
-        seed: 0,
-        flush_interval: Duration::from_millis(100),
-        etcd: Some("127.0.0.1:2379".into()),
-        control_file: None,
-        duration: Some(Duration::from_millis(300)),
-    };
-    let began = Instant::now();
-    run_sim_command(args).unwrap();
-    assert!(began.elapsed() >= Duration::from_millis(300) && began.elapsed() < Duration::from_secs(10));
-}
-
-#[test]
 fn text_controls_act_on_the_sim() {
-    use streamhelper::sim::control::{parse_line, Control};
+    use streamhelper::sim::{parse_line, Control};
     let sim = sim(3, 8, 14);
     let apply = |line: &str| parse_line(line).unwrap().unwrap().apply(&sim);
     let key = record_key(100, 777);

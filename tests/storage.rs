@@ -72,7 +72,7 @@ fn s3_writes_and_reads_are_signed_as_aws_checks_them() {
 
 #[test]
 fn a_dead_or_hung_s3_fails_within_the_deadline() {
-    let dead = format!("http://127.0.0.1:{}", streamhelper::etcd::process::free_port().unwrap());
+    let dead = format!("http://127.0.0.1:{}", streamhelper::testing::free_port().unwrap());
     let mut s3 = S3::new();
     s3.set_endpoint(dead.clone());
     s3.set_bucket("logs".into());

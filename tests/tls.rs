@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use streamhelper::etcd::{EtcdClient, EtcdConfig, EtcdProcess, ServerTls};
-use streamhelper::security::{Security, SecurityConfig};
+use streamhelper::{Security, SecurityConfig};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")

@@ -1,5 +1,5 @@
 //! `streamhelper advancer`: the daemon in the foreground until SIGINT or SIGTERM. Its
-//! options are the rows of [`crate::advancer::SETTINGS`], as flags and as `--config` keys.
+//! options are the rows of [`streamhelper::advancer::SETTINGS`], as flags and as `--config` keys.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 
-use crate::advancer::config::Kind;
-use crate::advancer::{Settings, SETTINGS};
-use crate::daemon::{Daemon, DaemonConfig, DaemonHandle};
-use crate::error::{Error, Result};
-use crate::security::Security;
+use streamhelper::Security;
+use streamhelper::SettingKind;
+use streamhelper::{Daemon, DaemonConfig, DaemonHandle};
+use streamhelper::{Error, Result};
+use streamhelper::{Settings, SETTINGS};
 
 const TAKE_OVER_HELP: &str = "Evict the TiDB owner candidates ahead of this advancer (they campaign \
                               again behind it), with backoff, until it leads; other streamhelper \
@@ -65,10 +65,10 @@ impl Args for AdvancerArgs {
                 arg = arg.short(short);
             }
             arg = match s.kind {
-                Kind::Duration(_) => arg.value_name("DURATION").value_parser(check_duration),
-                Kind::Endpoints(_) => arg.value_name("HOST:PORT").value_delimiter(','),
-                Kind::Address(_) => arg.value_name("HOST:PORT"),
-                Kind::Path(_) => arg.value_name("FILE"),
+                SettingKind::Duration(_) => arg.value_name("DURATION").value_parser(check_duration),
+                SettingKind::Endpoints(_) => arg.value_name("HOST:PORT").value_delimiter(','),
+                SettingKind::Address(_) => arg.value_name("HOST:PORT"),
+                SettingKind::Path(_) => arg.value_name("FILE"),
             };
             cmd.arg(arg)
         })
@@ -81,7 +81,7 @@ impl Args for AdvancerArgs {
 
 /// Rejects a bad duration at parse time, naming the flag (clap adds it).
 fn check_duration(text: &str) -> Result<String, String> {
-    crate::timefmt::parse_duration(text).map(|_| text.to_string())
+    streamhelper::format::parse_duration(text).map(|_| text.to_string())
 }
 
 impl AdvancerArgs {
@@ -125,7 +125,7 @@ pub fn run(args: AdvancerArgs) -> Result<()> {
     if args.take_over {
         log::warn!(
             "--take-over: this advancer will evict the TiDB owner candidates ahead of it under {}",
-            crate::meta::keys::OWNER_PREFIX
+            streamhelper::meta::keys::OWNER_PREFIX
         );
     }
     let config = DaemonConfig {

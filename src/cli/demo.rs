@@ -14,14 +14,15 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use super::advancer::termination_flag;
-use crate::advancer::Config;
-use crate::daemon::{Daemon, DaemonConfig, DaemonHandle};
-use crate::error::{Error, Result};
-use crate::etcd::{EtcdClient, EtcdProcess};
-use crate::meta::{parse_storage_url, AdvancerExt, MetaDataClient, TaskInfo};
-use crate::sim::{SimCluster, SimConfig, TaskState, TxnSpec};
-use crate::timefmt::{format_rfc3339, parse_duration};
-use crate::types::{system_time_of, ts_distance, KeyRange, StoreId, Ts};
+use streamhelper::etcd::{EtcdClient, EtcdProcess};
+use streamhelper::format::{format_rfc3339, parse_duration};
+use streamhelper::meta::{parse_storage_url, AdvancerExt, MetaDataClient, TaskInfo};
+use streamhelper::sim::{SimCluster, SimConfig, TaskState, TxnSpec};
+use streamhelper::ts::{system_time_of, ts_distance};
+use streamhelper::Config;
+use streamhelper::{Daemon, DaemonConfig, DaemonHandle};
+use streamhelper::{Error, Result};
+use streamhelper::{KeyRange, StoreId, Ts};
 
 const TASK: &str = "demo";
 /// Lag samples shown in the sparkline.

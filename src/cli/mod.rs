@@ -3,20 +3,21 @@
 //! and `demo` (all of it at once).
 
 mod advancer;
+#[cfg(feature = "sim")]
 mod demo;
 mod owner;
+#[cfg(feature = "sim")]
+mod sim;
 mod status;
 mod task;
-
-pub(crate) use advancer::termination_flag;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::error::{Error, Result};
-use crate::etcd::{EtcdClient, EtcdConfig};
-use crate::security::{Security, SecurityConfig};
+use streamhelper::etcd::{EtcdClient, EtcdConfig};
+use streamhelper::{Error, Result};
+use streamhelper::{Security, SecurityConfig};
 
 #[derive(Parser, Debug)]
 #[command(name = "streamhelper", version, about = "Log-backup (PITR) checkpoint advancer for TiDB/TiKV")]
@@ -33,8 +34,10 @@ pub enum Command {
     Owner(owner::OwnerArgs),
     /// Run the checkpoint advancer in the foreground (stops on SIGINT/SIGTERM).
     Advancer(advancer::AdvancerArgs),
+    #[cfg(feature = "sim")]
     /// Run a simulated TiKV/PD cluster on 127.0.0.1 (with a real etcd unless --etcd).
-    Sim(crate::sim::cli::SimArgs),
+    Sim(sim::SimArgs),
+    #[cfg(feature = "sim")]
     /// The whole thing locally: etcd, a simulated cluster, an advancer and injected faults.
     Demo(demo::DemoArgs),
 }
@@ -70,11 +73,14 @@ impl ClusterArgs {
     }
 
     /// A PD client, for the commands that need PD itself (GC safe points), not only its etcd.
-    pub fn pd_client(&self) -> Result<crate::cluster::PdClient> {
+    pub fn pd_client(&self) -> Result<streamhelper::cluster::PdClient> {
         if self.pd.is_empty() {
             return Err(Error::Config("this command needs PD: give --pd (-u)".into()));
         }
-        crate::cluster::PdClient::connect(crate::cluster::PdConfig::new(self.pd.clone()), self.security()?)
+        streamhelper::cluster::PdClient::connect(
+            streamhelper::cluster::PdConfig::new(self.pd.clone()),
+            self.security()?,
+        )
     }
 
     pub fn etcd_endpoints(&self) -> Vec<String> {
@@ -98,6 +104,7 @@ impl ClusterArgs {
 /// Where logs go instead of stderr: the demo's view owns the terminal.
 pub fn log_file(cli: &Cli) -> Option<PathBuf> {
     match &cli.command {
+        #[cfg(feature = "sim")]
         Command::Demo(args) => Some(args.log_file()),
         _ => None,
     }
@@ -108,7 +115,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Task(args) => task::run(args),
         Command::Owner(args) => owner::run(args),
         Command::Advancer(args) => advancer::run(args),
-        Command::Sim(args) => crate::sim::cli::run_sim_command(args),
+        #[cfg(feature = "sim")]
+        Command::Sim(args) => sim::run_sim_command(args),
+        #[cfg(feature = "sim")]
         Command::Demo(args) => demo::run(args),
     }
 }

@@ -5,10 +5,10 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::ClusterArgs;
-use crate::daemon::is_our_owner_id;
-use crate::error::{Error, Result};
-use crate::etcd::{Candidate, Election};
-use crate::meta::keys::OWNER_PREFIX;
+use streamhelper::etcd::{Candidate, Election};
+use streamhelper::is_our_owner_id;
+use streamhelper::meta::keys::OWNER_PREFIX;
+use streamhelper::{Error, Result};
 
 #[derive(Args, Debug)]
 pub struct OwnerArgs {

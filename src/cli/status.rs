@@ -7,13 +7,14 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::error::Result;
-use crate::meta::{describe_storage, CheckpointType, PausePayload, PauseState, Severity, Task};
-use crate::proto::brpb::StreamBackupError;
-use crate::storage;
-use crate::text::printable;
-use crate::timefmt::{format_br_date, format_duration};
-use crate::types::{compose_ts, system_time_of, StoreId, Ts};
+use streamhelper::format::printable;
+use streamhelper::format::{format_br_date, format_duration};
+use streamhelper::meta::{describe_storage, CheckpointType, PausePayload, PauseState, Severity, Task};
+use streamhelper::proto::brpb::StreamBackupError;
+use streamhelper::storage;
+use streamhelper::ts::{compose_ts, system_time_of};
+use streamhelper::Result;
+use streamhelper::{StoreId, Ts};
 
 /// Everything `task status` shows about one task.
 #[derive(Debug, Clone)]
@@ -120,7 +121,7 @@ fn rows_of(view: &StatusView, clock: &Clock) -> Vec<(String, String)> {
         rows.push((format!("checkpoint[store={store}]"), clock.date_and_gap(*ts)));
     }
     if let Some(PauseState::V2(pause)) = &view.pause {
-        let time = crate::timefmt::parse_rfc3339(&pause.operation_time)
+        let time = streamhelper::format::parse_rfc3339(&pause.operation_time)
             .map(|t| format_br_date(t, clock.offset_secs))
             .unwrap_or_else(|_| pause.operation_time.clone());
         rows.push(("pause-time".into(), time));
@@ -259,13 +260,13 @@ pub fn render_json(views: &[StatusView], offset_secs: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::PauseV2;
-    use crate::types::ts_from_system_time;
+    use streamhelper::meta::PauseV2;
+    use streamhelper::ts::ts_from_system_time;
 
     const CST: i64 = 8 * 3600;
 
     fn at(text: &str) -> SystemTime {
-        crate::timefmt::parse_rfc3339(text).unwrap()
+        streamhelper::format::parse_rfc3339(text).unwrap()
     }
 
     fn view(name: &str) -> StatusView {
@@ -285,7 +286,7 @@ mod tests {
 
     fn store_error() -> StreamBackupError {
         let mut e = StreamBackupError::new();
-        e.set_happen_at(crate::types::physical_ms(ts_from_system_time(at("2026-05-11 09:30:00+0800"))));
+        e.set_happen_at(streamhelper::ts::physical_ms(ts_from_system_time(at("2026-05-11 09:30:00+0800"))));
         e.set_error_code("KV:LogBackup:RaftReq".into());
         e.set_error_message("retry time exhausted".into());
         e.set_store_id(3);

@@ -9,14 +9,15 @@ use serde::Serialize;
 
 use super::status::{render_json, render_text, StatusView};
 use super::ClusterArgs;
-use crate::cluster::PdClient;
-use crate::error::{Error, Result};
-use crate::meta::{
+use streamhelper::cluster::PdClient;
+use streamhelper::format::printable;
+use streamhelper::format::{format_duration, format_rfc3339, local_offset_secs, parse_duration, parse_rfc3339};
+use streamhelper::meta::{
     check_task_name, describe_storage, parse_storage_url, MetaDataClient, PauseState, PauseV2, Severity, Task, TaskInfo,
 };
-use crate::text::printable;
-use crate::timefmt::{format_duration, format_rfc3339, local_offset_secs, parse_duration, parse_rfc3339};
-use crate::types::{local_now_ts, system_time_of, ts_distance, ts_from_system_time, KeyRange, Ts};
+use streamhelper::ts::{local_now_ts, system_time_of, ts_distance, ts_from_system_time};
+use streamhelper::{Error, Result};
+use streamhelper::{KeyRange, Ts};
 
 /// BR's `DefaultStreamStartSafePointTTL`: the start safe point's TTL, and the pause safe
 /// point's after a resume.
@@ -284,7 +285,7 @@ pub fn run(args: TaskArgs) -> Result<()> {
             }
             let pd = args.cluster.pd_client()?;
             check_not_collected(&pd, &name, "start-ts", start)?;
-            hold_gc_at(&pd, &format!("br-{}", crate::daemon::random_uuid()), gc_ttl, start)?;
+            hold_gc_at(&pd, &format!("br-{}", streamhelper::random_uuid()), gc_ttl, start)?;
             client.put_task(&info)?;
             println!("task {name} added, starting at {start} ({})", format_rfc3339(system_time_of(start)));
         }
@@ -393,11 +394,11 @@ mod tests {
     #[test]
     fn timestamps_and_keys_parse() {
         assert_eq!(parse_ts("449842954436739073").unwrap(), 449842954436739073);
-        assert_eq!(crate::types::physical_ms(parse_ts("2024-05-01T12:00:00Z").unwrap()), 1_714_564_800_000);
+        assert_eq!(streamhelper::ts::physical_ms(parse_ts("2024-05-01T12:00:00Z").unwrap()), 1_714_564_800_000);
         assert_eq!(parse_ts("2024-05-01 20:00:00+0800").unwrap(), parse_ts("2024-05-01T12:00:00Z").unwrap());
         assert!(parse_ts("yesterday").unwrap_err().to_string().contains("yesterday"));
         assert_eq!(parse_key("t\\x00\\xffa").unwrap(), b"t\x00\xffa");
         assert!(parse_key("\\xZZ").is_err());
-        assert_eq!(crate::types::DisplayKey(&parse_key("a\\x01").unwrap()).to_string(), "a\\x01");
+        assert_eq!(streamhelper::DisplayKey(&parse_key("a\\x01").unwrap()).to_string(), "a\\x01");
     }
 }

@@ -9,11 +9,11 @@
 //! region boundaries on the way back, exactly as TiDB's codec PD client does
 //! (client-go `internal/locate/pd_codec.go`).
 
-pub mod collector;
-pub mod pd;
-pub mod region_iter;
-pub mod subscriber;
-pub mod tikv;
+pub(crate) mod collector;
+pub(crate) mod pd;
+pub(crate) mod region_iter;
+pub(crate) mod subscriber;
+pub(crate) mod tikv;
 
 use crate::error::{Error, Result};
 use crate::proto::logbackuppb_grpc::LogBackupClient;
@@ -115,21 +115,12 @@ pub(crate) mod testing {
     //! In-memory cluster metadata for unit tests of the pure logic.
 
     use std::collections::{HashMap, VecDeque};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use parking_lot::Mutex;
 
     use super::*;
     use crate::security::{grpc_env, Security};
-
-    /// Polls `condition` until it holds, failing the test after `timeout`.
-    pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !condition() {
-            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
 
     /// Regions built from boundary keys: the first starts at −∞ and the last ends at +∞,
     /// region `i` has id `i + 1` and is led by store `leaders[i % leaders.len()]`.

@@ -500,8 +500,9 @@ mod tests {
     use futures_util::stream;
 
     use super::*;
-    use crate::cluster::testing::{wait_for, FixedDialer, MemMeta};
+    use crate::cluster::testing::{FixedDialer, MemMeta};
     use crate::codec::encode_bytes;
+    use crate::testing::wait_until;
 
     fn store(id: StoreId, boot_at: i64) -> StoreInfo {
         StoreInfo { id, address: format!("127.0.0.1:{}", 20160 + id), boot_at }
@@ -577,14 +578,14 @@ mod tests {
         assert!(subscriber.pending_errors().is_none(), "nothing subscribed, nothing failing");
 
         subscriber.update_store_topology().unwrap();
-        wait_for("both stores to fail", Duration::from_secs(10), || subscriber.store_errors().len() == 2);
+        wait_until("both stores to fail", Duration::from_secs(10), || subscriber.store_errors().len() == 2);
         let err = subscriber.pending_errors().unwrap().to_string();
         assert!(err.contains("stores 1, 2") && err.contains("failed to get log backup client"), "{err}");
         assert_eq!((dialer.dials_of(1), dialer.dials_of(2)), (1, 1));
 
         // The first failure is retried at once; the next one waits out the backoff.
         subscriber.handle_errors();
-        wait_for("the retries to fail", Duration::from_secs(10), || {
+        wait_until("the retries to fail", Duration::from_secs(10), || {
             dialer.dials_of(1) == 2 && dialer.dials_of(2) == 2 && subscriber.store_errors().len() == 2
         });
         subscriber.handle_errors();
@@ -599,7 +600,7 @@ mod tests {
         meta.stores.lock()[0].boot_at = 11;
         subscriber.update_store_topology().unwrap();
         assert!(dialer.cleared.lock().contains(&1));
-        wait_for("the restarted store to be dialed", Duration::from_secs(10), || dialer.dials_of(1) == 3);
+        wait_until("the restarted store to be dialed", Duration::from_secs(10), || dialer.dials_of(1) == 3);
 
         drop(subscriber);
         assert!(events.recv().is_err(), "dropping the subscriber ends every stream thread and closes the channel");

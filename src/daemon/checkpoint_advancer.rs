@@ -364,6 +364,7 @@ impl CheckpointAdvancer {
                 let live: HashSet<String> = subscriber.stores().map(|s| s.to_string()).collect();
                 self.metrics.store_failures.retain(|[store]| live.contains(store));
                 self.metrics.subscription_up.retain(|[store]| live.contains(store));
+                self.metrics.region_checkpoint_event.retain(|[store]| live.contains(store));
             }
             Err(e) => log::warn!("Error when updating store topology: {e}"),
         }

@@ -378,6 +378,11 @@ impl<const N: usize> HistogramVec<N> {
         HistogramVec(Family::new(name, help, labels, Kind::Histogram(buckets)))
     }
 
+    /// Keeps only the series whose label values `keep` accepts.
+    pub fn retain(&self, keep: impl Fn(&[String; N]) -> bool) {
+        self.0.retain(keep);
+    }
+
     pub fn observe(&self, values: [&str; N], value: Duration) {
         self.observe_value(values, value.as_secs_f64());
     }

@@ -17,7 +17,7 @@
 mod checkpoint_advancer;
 pub mod metrics;
 mod owner;
-pub mod status;
+pub(crate) mod status;
 #[cfg(test)]
 mod tests;
 mod ticker;

@@ -153,12 +153,18 @@ impl OwnerLoop {
         };
         log::info!("daemon became owner: {} holds {}", self.id, String::from_utf8_lossy(&leadership.key));
         let end = self.lead(election, &leadership, &keeper);
-        // Lost first, so the ticker stops uploading before anything else happens.
+        // Ordering:
+        // 1. Lost first, so the ticker stops uploading before anything else happens.
+        // 2. Resign (delete our key) before revoking the lease (in `one_term`): the key is
+        //    both the fence of our writes and what standbys wait on, so from the delete on
+        //    nothing of ours lands and a standby may lead, even if we stall or die before
+        //    the revoke with the lease still renewed.
         let _ = self.events.send(OwnerEvent::Lost);
         if matches!(end, Ok(TermEnd::Stopped | TermEnd::Resigned)) && !self.crashed.load(Ordering::SeqCst) {
             if let Err(e) = election.resign(&leadership) {
                 log::warn!("resigning ownership failed (the lease expiry will release it): {e}");
             }
+            fail::fail_point!("between-resign-and-revoke");
         }
         end
     }

@@ -283,12 +283,15 @@ fn a_store_that_leaves_loses_its_series_and_connection() {
     // Failures of store 1 and of an id PD never listed (a region naming a bogus leader).
     failures.inc_by(["1"], 1);
     failures.inc_by(["7"], 1);
+    f.advancer.metrics().region_checkpoint_event.observe_value(["1"], 3.0);
     f.tick_at(at(1));
     let failures = &f.advancer.metrics().store_failures;
     assert_eq!((failures.get(["1"]), failures.get(["7"])), (1, 0), "only listed stores keep a series");
     f.cluster.stores.lock().clear();
     f.tick_at(at(2));
-    assert!(!f.advancer.metrics().render().contains("streamhelper_store_failures_total{"));
+    let rendered = f.advancer.metrics().render();
+    assert!(!rendered.contains("streamhelper_store_failures_total{"));
+    assert!(!rendered.contains("tidb_log_backup_region_checkpoint_event_count{"), "{rendered}");
     assert!(f.service.cleared.lock().contains(&1), "the connection to the departed store is dropped");
 }
 

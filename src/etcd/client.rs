@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use grpcio::{CallOption, Channel, RpcStatusCode};
+use grpcio::{CallOption, Channel, MetadataBuilder, RpcStatusCode};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
@@ -27,7 +27,14 @@ pub struct EtcdConfig {
     pub connect_timeout: Duration,
     /// Deadline of every unary request.
     pub request_timeout: Duration,
+    /// How long a watch may hear nothing before it asks etcd for progress; after
+    /// [`WATCH_SILENT_INTERVALS`] such intervals without any answer it is reopened on the
+    /// next member (a member whose disk hangs keeps its connections open but answers nothing).
+    pub watch_progress_interval: Duration,
 }
+
+/// Intervals of silence, progress requested at each, after which a watch is reopened elsewhere.
+pub const WATCH_SILENT_INTERVALS: u32 = 3;
 
 impl EtcdConfig {
     pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
@@ -36,6 +43,7 @@ impl EtcdConfig {
             security: Security::insecure(),
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
+            watch_progress_interval: Duration::from_secs(5),
         }
     }
 }
@@ -288,6 +296,15 @@ fn range_result(mut resp: crate::proto::etcdserverpb::RangeResponse) -> RangeRes
         more: resp.get_more(),
         revision: resp.get_header().get_revision(),
     }
+}
+
+/// etcd's `WithRequireLeader`: a member without a raft leader refuses the stream, and closes
+/// it when it loses its leader later, instead of keeping it open with nothing to say.
+pub(crate) fn require_leader(option: CallOption) -> CallOption {
+    let mut metadata = MetadataBuilder::with_capacity(1);
+    // A constant lowercase ASCII key and value, which gRPC always accepts.
+    metadata.add_str("hasleader", "true").expect("hasleader is a valid metadata key");
+    option.headers(metadata.build())
 }
 
 /// Failures worth trying another member for: the member is down, unreachable or

@@ -6,7 +6,7 @@ use crossbeam_channel::Receiver;
 use futures_util::{SinkExt, StreamExt};
 use grpcio::WriteFlags;
 
-use super::client::EtcdClient;
+use super::client::{require_leader, EtcdClient};
 use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest,
@@ -64,7 +64,8 @@ impl EtcdClient {
         let conn = self.connection()?;
         let fail = |e: grpcio::Error| Error::rpc("etcd LeaseKeepAlive", conn.endpoint.clone(), e);
         // A short stream per round keeps every round bounded by the request deadline.
-        let (mut sender, mut receiver) = conn.lease.lease_keep_alive_opt(self.request_option()).map_err(fail)?;
+        let (mut sender, mut receiver) =
+            conn.lease.lease_keep_alive_opt(require_leader(self.request_option())).map_err(fail)?;
         let mut req = LeaseKeepAliveRequest::new();
         req.set_ID(id);
         let round = async {

@@ -2,25 +2,40 @@
 //! batches over a bounded channel, resuming from the next undelivered revision after a
 //! break, so no event is lost or repeated. A compacted start revision ends the watch with
 //! [`Error::Compacted`] so the caller can re-list.
+//!
+//! Liveness (PD's etcdutil watch loop and tidb#69047 do the same): streams carry etcd's
+//! `hasleader` metadata, so a member that loses its raft leader closes them; and a watch that
+//! hears nothing for [`EtcdConfig::watch_progress_interval`](super::EtcdConfig) asks for
+//! progress, then after [`WATCH_SILENT_INTERVALS`] silent intervals is reopened on the next
+//! member, since a member whose disk hangs keeps the connection open but answers nothing.
 
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use futures_util::stream::AbortHandle;
+use futures_util::stream::{AbortHandle, Abortable};
 use futures_util::{SinkExt, StreamExt};
-use grpcio::{CallOption, WriteFlags};
+use grpcio::{CallOption, ClientDuplexReceiver, ClientDuplexSender, WriteFlags};
 use parking_lot::Mutex;
 
-use super::client::{EtcdClient, KeySpan};
+use super::client::{require_leader, EtcdClient, KeySpan, WATCH_SILENT_INTERVALS};
 use crate::error::{Error, Result};
-use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::proto::etcdserverpb::{WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse};
 use crate::proto::mvccpb::{Event_EventType, KeyValue};
 use crate::types::DisplayKey;
 use crate::worker::{StopToken, Worker};
 
 const CHANNEL_CAPACITY: usize = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(3);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The `watch_id` of etcd's answer to a [`WatchProgressRequest`] (clientv3's `InvalidWatchID`).
+const PROGRESS_REPLY_WATCH_ID: i64 = -1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -56,6 +71,7 @@ type CurrentStream = Arc<Mutex<Option<AbortHandle>>>;
 pub struct Watcher {
     batches: Receiver<Result<WatchBatch>>,
     current: CurrentStream,
+    silent_reopens: Arc<AtomicU64>,
     worker: Worker,
 }
 
@@ -64,6 +80,12 @@ impl Watcher {
     /// cancellation by etcd) and the channel closes after it.
     pub fn batches(&self) -> &Receiver<Result<WatchBatch>> {
         &self.batches
+    }
+
+    /// Streams given up because nothing, not even an answer to a progress request, arrived
+    /// for [`WATCH_SILENT_INTERVALS`] intervals.
+    pub fn silent_reopens(&self) -> u64 {
+        self.silent_reopens.load(Ordering::Relaxed)
     }
 }
 
@@ -87,15 +109,23 @@ enum StreamEnd {
     Finished,
 }
 
+type Responses = Abortable<ClientDuplexReceiver<WatchResponse>>;
+
 struct WatchLoop {
     client: EtcdClient,
     span: KeySpan,
     prev_kv: bool,
     /// The next revision not yet delivered; 0 until the first create answer fixes it.
     next_revision: i64,
+    /// The last stream was created: the next break is a new failure, not the same one again.
+    established: bool,
     out: Sender<Result<WatchBatch>>,
     stop: StopToken,
     current: CurrentStream,
+    silent_reopens: Arc<AtomicU64>,
+    /// Streams given up for silence since the last answer: while every member hangs, only
+    /// the first is warned about.
+    silent_in_a_row: u64,
 }
 
 impl EtcdClient {
@@ -104,20 +134,24 @@ impl EtcdClient {
     pub fn watch(&self, span: KeySpan, options: WatchOptions) -> Result<Watcher> {
         let (out, batches) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let current = CurrentStream::default();
-        let (client, stream) = (self.clone(), current.clone());
+        let silent_reopens = Arc::<AtomicU64>::default();
+        let (client, stream, reopens) = (self.clone(), current.clone(), silent_reopens.clone());
         let worker = Worker::spawn("sh-etcd-watch", move |stop| {
             let mut watch = WatchLoop {
                 client,
                 span,
                 prev_kv: options.prev_kv,
                 next_revision: options.start_revision,
+                established: false,
                 out,
                 stop,
                 current: stream,
+                silent_reopens: reopens,
+                silent_in_a_row: 0,
             };
             watch.run();
         })?;
-        Ok(Watcher { batches, current, worker })
+        Ok(Watcher { batches, current, silent_reopens, worker })
     }
 }
 
@@ -128,10 +162,12 @@ impl WatchLoop {
     }
 
     fn run(&mut self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = FIRST_BACKOFF;
         loop {
+            self.established = false;
             match self.stream_once() {
                 Ok(StreamEnd::Finished) => return,
+                Ok(StreamEnd::Broken) if self.established => backoff = FIRST_BACKOFF,
                 Ok(StreamEnd::Broken) => {}
                 Err(final_error) => {
                     let _ = self.out.send(Err(final_error));
@@ -155,7 +191,7 @@ impl WatchLoop {
                 return Ok(StreamEnd::Broken);
             }
         };
-        let (mut sender, receiver) = match conn.watch.watch_opt(CallOption::default()) {
+        let (mut sender, receiver) = match conn.watch.watch_opt(require_leader(CallOption::default())) {
             Ok(pair) => pair,
             Err(e) => {
                 log::warn!("etcd watch on {} could not open a stream to {}: {e}", self.describe(), conn.endpoint);
@@ -172,7 +208,8 @@ impl WatchLoop {
         create.set_progress_notify(true);
         let mut request = WatchRequest::new();
         request.set_create_request(create);
-        if let Err(e) = futures_executor::block_on(sender.send((request, WriteFlags::default()))) {
+        let deadline = Instant::now() + self.client.config().request_timeout;
+        if let Err(e) = send_by(&mut sender, request, deadline) {
             log::warn!("etcd watch on {} could not send its create request to {}: {e}", self.describe(), conn.endpoint);
             self.client.mark_failed(&conn.endpoint);
             return Ok(StreamEnd::Broken);
@@ -185,30 +222,72 @@ impl WatchLoop {
             }
             *current = Some(abort);
         }
-        let end = self.pump(&mut responses, &conn.endpoint);
+        let end = self.pump(&mut sender, &mut responses, &conn.endpoint);
         self.current.lock().take();
         // Dropping the sender cancels the call, so it lives until the stream is done.
         drop(sender);
         end
     }
 
+    /// Reads the stream until it breaks, asking for progress whenever it has been silent
+    /// for an interval and giving it up (moving to the next member) when even that goes
+    /// unanswered for [`WATCH_SILENT_INTERVALS`] intervals.
     fn pump(
         &mut self,
-        responses: &mut futures_util::stream::Abortable<grpcio::ClientDuplexReceiver<WatchResponse>>,
+        sender: &mut ClientDuplexSender<WatchRequest>,
+        responses: &mut Responses,
         endpoint: &str,
     ) -> Result<StreamEnd> {
+        let interval = self.client.config().watch_progress_interval;
+        let mut last_heard = Instant::now();
+        let mut next_request = last_heard + interval;
         loop {
-            let response = match futures_executor::block_on(responses.next()) {
-                None => {
+            let response = match next_by(responses, next_request) {
+                Waited::TimedOut => {
+                    let silent = last_heard.elapsed();
+                    if silent >= interval * WATCH_SILENT_INTERVALS {
+                        let level = if self.silent_in_a_row == 0 { log::Level::Warn } else { log::Level::Debug };
+                        log::log!(
+                            level,
+                            "etcd watch on {} heard nothing from {endpoint} for {silent:?}, not even progress: \
+                             reopening it on the next member from revision {}",
+                            self.describe(),
+                            self.next_revision
+                        );
+                        self.silent_in_a_row += 1;
+                        self.silent_reopens.fetch_add(1, Ordering::Relaxed);
+                        self.client.mark_failed(endpoint);
+                        return Ok(StreamEnd::Broken);
+                    }
+                    let mut request = WatchRequest::new();
+                    request.set_progress_request(WatchProgressRequest::new());
+                    // An unsent request shows up as more silence.
+                    if let Err(e) = send_by(sender, request, Instant::now() + interval) {
+                        log::debug!("etcd watch on {}: progress request to {endpoint} not sent: {e}", self.describe());
+                    }
+                    next_request = Instant::now() + interval;
+                    continue;
+                }
+                Waited::Ended => {
                     return Ok(if self.stop.is_stopped() { StreamEnd::Finished } else { StreamEnd::Broken });
                 }
-                Some(Err(e)) => {
+                Waited::Item(Err(e)) => {
                     log::warn!("etcd watch on {} broke on {endpoint}: {e}", self.describe());
                     self.client.mark_failed(endpoint);
                     return Ok(StreamEnd::Broken);
                 }
-                Some(Ok(response)) => response,
+                Waited::Item(Ok(response)) => response,
             };
+            last_heard = Instant::now();
+            next_request = last_heard + interval;
+            if self.silent_in_a_row > 0 {
+                log::info!(
+                    "etcd watch on {} hears from {endpoint} again, after {} silent streams",
+                    self.describe(),
+                    self.silent_in_a_row
+                );
+                self.silent_in_a_row = 0;
+            }
             if response.get_compact_revision() != 0 {
                 return Err(Error::Compacted {
                     key: self.describe(),
@@ -222,13 +301,18 @@ impl WatchLoop {
                     reason: format!("watch on {} canceled: {}", self.describe(), response.get_cancel_reason()),
                 });
             }
-            if response.get_created() && self.next_revision <= 0 {
-                self.next_revision = response.get_header().get_revision() + 1;
+            if response.get_created() {
+                self.established = true;
+                if self.next_revision <= 0 {
+                    self.next_revision = response.get_header().get_revision() + 1;
+                }
             }
             if response.get_events().is_empty() {
-                if !response.get_created() {
-                    // A progress notification: every later event is above its revision, so an
-                    // idle watch resumes from there, not from a past compacted long ago.
+                // A progress notification: every later event is above its revision, so an
+                // idle watch resumes from there, not from a past compacted long ago. Not so
+                // the answer to our own progress request: etcd before the fix of etcd#15220
+                // (3.4.23 among them) may send it ahead of events still due to this watch.
+                if !response.get_created() && response.get_watch_id() != PROGRESS_REPLY_WATCH_ID {
                     self.next_revision = self.next_revision.max(response.get_header().get_revision() + 1);
                 }
                 continue;
@@ -254,5 +338,84 @@ impl WatchLoop {
             self.next_revision = last.kv.get_mod_revision() + 1;
         }
         WatchBatch { events }
+    }
+}
+
+/// What waiting on a stream until a deadline gave.
+enum Waited<T> {
+    Item(T),
+    Ended,
+    TimedOut,
+}
+
+fn next_by(responses: &mut Responses, deadline: Instant) -> Waited<grpcio::Result<WatchResponse>> {
+    match block_on_by(responses.next(), deadline) {
+        Some(Some(item)) => Waited::Item(item),
+        Some(None) => Waited::Ended,
+        None => Waited::TimedOut,
+    }
+}
+
+fn send_by(
+    sender: &mut ClientDuplexSender<WatchRequest>,
+    request: WatchRequest,
+    deadline: Instant,
+) -> std::result::Result<(), String> {
+    match block_on_by(sender.send((request, WriteFlags::default())), deadline) {
+        Some(result) => result.map_err(|e| e.to_string()),
+        None => Err("no room to send before the deadline".into()),
+    }
+}
+
+/// Wakes the thread that polls.
+struct Unpark(Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs `future` on this thread until it completes (`Some`) or `deadline` passes (`None`,
+/// the future dropped). Spurious unparks only cause another poll.
+fn block_on_by<F: Future>(future: F, deadline: Instant) -> Option<F::Output> {
+    let mut future = pin!(future);
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut context = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return Some(output);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        std::thread::park_timeout(left);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_on_by_gives_up_at_the_deadline_and_returns_what_completes() {
+        let started = Instant::now();
+        let never = futures_util::future::pending::<()>();
+        assert!(block_on_by(never, started + Duration::from_millis(50)).is_none());
+        assert!(started.elapsed() >= Duration::from_millis(50));
+
+        // Completed from another thread: the waker unparks the waiting one.
+        let (tx, rx) = futures_util::future::abortable(futures_util::future::pending::<()>());
+        let aborter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            rx.abort();
+        });
+        let waited = block_on_by(tx, Instant::now() + Duration::from_secs(10));
+        assert!(matches!(waited, Some(Err(_))), "the abort completes the wait");
+        aborter.join().unwrap();
     }
 }

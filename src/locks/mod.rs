@@ -12,7 +12,7 @@
 
 mod plan;
 mod round;
-pub mod thresholds;
+pub(crate) mod thresholds;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +30,7 @@ use crate::worker::{StopToken, Worker as Thread};
 
 pub use plan::{target_bound, Schedule};
 pub use round::{run_round, RoundEnv, RoundReport, RoundRequest};
+pub use thresholds::fetch_flush_interval;
 
 /// Upstream's resolve-lock pool size.
 pub const CONCURRENCY: usize = 8;

@@ -394,7 +394,7 @@ impl<'a> RoundEnv<'a> {
     /// Settles one transaction whose locks (sorted by key) a scan found. Returns the
     /// outcome label.
     fn settle(&self, locks: &[FoundLock], current_ts: Ts) -> std::result::Result<&'static str, String> {
-        let first = &locks[0];
+        let Some(first) = locks.first() else { return Err("a transaction without locks to settle".into()) };
         let scanned: Vec<Vec<u8>> = locks.iter().map(|l| l.key.clone()).collect();
         let scanned_region = |key: &[u8]| locks.iter().find(|l| l.key == key).map(|l| l.region.clone());
         let Some(status) = self.check_txn_status(first, current_ts, false)? else { return Ok("alive") };

@@ -128,7 +128,7 @@ mod tests {
         assert_eq!(config.degraded_threshold(), Duration::from_millis(108));
         assert!(!apply(&mut config, Duration::from_millis(180)), "unchanged");
 
-        let mut settings = crate::advancer::Settings::default();
+        let mut settings = crate::Settings::default();
         settings.set_by_key("try-advance-threshold", "10m").unwrap();
         settings.set_by_key(RESOLVE_INTERVAL_OPTION, "5m").unwrap();
         let mut config = settings.advancer;

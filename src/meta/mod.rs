@@ -4,7 +4,7 @@
 pub(crate) mod client;
 mod events;
 pub mod keys;
-pub mod pause;
+pub(crate) mod pause;
 mod store;
 mod task;
 

@@ -14,7 +14,7 @@ mod mailbox;
 mod model;
 mod oracle;
 mod pd;
-pub mod probe;
+pub(crate) mod probe;
 mod rng;
 mod server;
 mod state;
@@ -22,8 +22,7 @@ mod tikv;
 mod tso;
 mod txn;
 
-pub mod cli;
-pub mod control;
+mod control;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,6 +40,7 @@ use crate::proto::tikvpb_grpc::create_tikv;
 use crate::types::{KeyRange, RegionId, StoreId, Ts};
 use crate::worker::Worker;
 
+pub use control::{parse_line, Control};
 pub use model::{record_key, table_prefix};
 pub use state::{Faults, TaskState};
 pub use txn::{Outcome, TxnSpec};
@@ -75,8 +75,9 @@ impl Default for SimConfig {
     }
 }
 
-/// A region as PD describes it, with raw keys: the same shape the cluster side decodes.
-pub use crate::cluster::RegionWithLeader as SimRegion;
+/// A region as PD describes it, with raw keys: the same shape the cluster side decodes
+/// (public as `cluster::RegionWithLeader`).
+pub(crate) use crate::cluster::RegionWithLeader as SimRegion;
 
 fn sim_region(start: &Key, meta: &RegionMeta) -> SimRegion {
     SimRegion {

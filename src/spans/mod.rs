@@ -12,12 +12,12 @@
 //! - one record per boundary (`Rec`, 48 bytes, key inline up to 22 bytes), covering
 //!   `[key, next record's key)`; the untracked gaps between the task's ranges are records
 //!   too, so a piece's end is always the next record's start and is not stored;
-//! - the records array is itself the exact-key hash table ([`index`]): a record sits in the
+//! - the records array is itself the exact-key hash table (`index.rs`): a record sits in the
 //!   group of slots its key hashes to (or a later one), so a key's record is read without
 //!   first reading a bucket; growing the table moves every record (all ids are rewritten);
 //! - records link forward in key order, and are found by arbitrary key (and their
-//!   predecessor) through chunked key order ([`order`]);
-//! - tracked records sit in an indexed 8-ary min-heap on (ts, start) ([`heap`]): the minimum
+//!   predecessor) through chunked key order (`order.rs`);
+//! - tracked records sit in an indexed 8-ary min-heap on (ts, start) (`heap.rs`): the minimum
 //!   is its root and lagging pieces are a best-first walk from it.
 //!
 //! The exact-piece update asks for the hash groups of both of its keys at once, so the
@@ -190,7 +190,7 @@ impl SpanFrontier {
     /// faster on large frontiers: while one item is merged, the memory the items after it
     /// will read is already on its way to the cache. At 10^6 pieces an exact-piece update
     /// waits for a memory read (its keys' hash groups of records); here the groups of the item
-    /// [`LOOK_AHEAD`] places ahead are prefetched, and, closer, the heap entries and records a
+    /// `LOOK_AHEAD` places ahead are prefetched, and, closer, the heap entries and records a
     /// raise of its piece would sift past (found through its by then cached group).
     /// Prefetches are only hints: a guess made stale by the merges in between costs time,
     /// never correctness. Any iterator works; items are buffered a few at a time and nothing

@@ -284,8 +284,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::cluster::testing::wait_for;
     use crate::meta::parse_storage_url;
+    use crate::testing::wait_until;
 
     const WAIT: Duration = Duration::from_secs(10);
 
@@ -366,13 +366,13 @@ mod tests {
         let log = Arc::new(Mutex::new(Log::default()));
         let mut copier = copier_of_t1(&log);
         offer(&mut copier, "t1", 5);
-        wait_for("5 written", WAIT, || written(&log) == [5]);
+        wait_until("5 written", WAIT, || written(&log) == [5]);
         offer(&mut copier, "t1", 5); // a heartbeat upload of the same value
         offer(&mut copier, "t1", 7);
-        wait_for("7 written", WAIT, || written(&log).contains(&7));
+        wait_until("7 written", WAIT, || written(&log).contains(&7));
         offer(&mut copier, "t1", 7);
         offer(&mut copier, "t1", 9);
-        wait_for("9 written", WAIT, || written(&log).contains(&9));
+        wait_until("9 written", WAIT, || written(&log).contains(&9));
         assert_eq!(written(&log), [5, 7, 9], "repeats are not written");
         assert_eq!(log.lock().opens, ["local:///a"], "the storage is opened once");
         assert_eq!(outcomes(&log), [CopyOutcome::Written(5), CopyOutcome::Written(7), CopyOutcome::Written(9)]);
@@ -383,10 +383,10 @@ mod tests {
         let log = Arc::new(Mutex::new(Log { fail: true, ..Log::default() }));
         let mut copier = copier_of_t1(&log);
         offer(&mut copier, "t1", 5);
-        wait_for("a failure", WAIT, || log.lock().outcomes.len() == 1);
+        wait_until("a failure", WAIT, || log.lock().outcomes.len() == 1);
         log.lock().fail = false;
         offer(&mut copier, "t1", 5); // the heartbeat brings the same value back
-        wait_for("5 written", WAIT, || written(&log) == [5]);
+        wait_until("5 written", WAIT, || written(&log) == [5]);
         assert_eq!(outcomes(&log), [CopyOutcome::Failed, CopyOutcome::Written(5)]);
         assert_eq!(log.lock().opens.len(), 1, "a failure keeps the storage open");
     }
@@ -396,13 +396,13 @@ mod tests {
         let log = Arc::new(Mutex::new(Log::default()));
         let mut copier = copier_of_t1(&log);
         offer(&mut copier, "t1", 5);
-        wait_for("5 written", WAIT, || written(&log) == [5]);
+        wait_until("5 written", WAIT, || written(&log) == [5]);
         copier.stage("t1", 6); // uploaded, then the fence says another owner took over
         copier.clear();
         copier.submit(Duration::from_secs(1));
         // The next term writes again (what the file holds is unknown) through a new handle.
         offer(&mut copier, "t1", 5);
-        wait_for("5 written again", WAIT, || written(&log) == [5, 5]);
+        wait_until("5 written again", WAIT, || written(&log) == [5, 5]);
         assert_eq!(log.lock().opens.len(), 2, "reopened after the ownership loss");
     }
 
@@ -417,12 +417,12 @@ mod tests {
         copier.submit(Duration::from_secs(1));
         offer(&mut copier, "gone", 4);
         offer(&mut copier, "kept", 4);
-        wait_for("the kept task written", WAIT, || written(&log) == [4]);
+        wait_until("the kept task written", WAIT, || written(&log) == [4]);
         assert_eq!(log.lock().writes, [("local:///kept".to_string(), 4)]);
         // Registered again (a new task of the same name): written again.
         copier.register("gone", &local("/gone"));
         offer(&mut copier, "gone", 8);
-        wait_for("the new task written", WAIT, || written(&log) == [4, 8]);
+        wait_until("the new task written", WAIT, || written(&log) == [4, 8]);
     }
 
     #[test]
@@ -431,14 +431,14 @@ mod tests {
         let mut copier = copier(&log);
         copier.register("t1", &parse_storage_url("noop://").unwrap());
         offer(&mut copier, "t1", 5);
-        wait_for("the open attempt", WAIT, || log.lock().opens.len() == 1);
-        wait_for("the task marked unsupported", WAIT, || copier.state.lock().tasks["t1"].unsupported);
+        wait_until("the open attempt", WAIT, || log.lock().opens.len() == 1);
+        wait_until("the task marked unsupported", WAIT, || copier.state.lock().tasks["t1"].unsupported);
         offer(&mut copier, "t1", 6);
-        wait_for("the offer consumed", WAIT, || copier.state.lock().tasks["t1"].pending.is_none());
+        wait_until("the offer consumed", WAIT, || copier.state.lock().tasks["t1"].pending.is_none());
         // The task is redefined onto a supported storage.
         copier.register("t1", &local("/a"));
         offer(&mut copier, "t1", 7);
-        wait_for("7 written", WAIT, || written(&log) == [7]);
+        wait_until("7 written", WAIT, || written(&log) == [7]);
         assert_eq!(log.lock().opens, ["noop://", "local:///a"]);
         assert!(log.lock().outcomes.iter().all(|(_, o)| *o == CopyOutcome::Written(7)), "unsupported is no failure");
     }

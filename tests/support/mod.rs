@@ -1,8 +1,8 @@
 //! Shared test helpers: waiting with deadlines, a loopback TCP proxy that can cut a client
-//! off from its server (a network partition without touching the server) or stall it, an
-//! S3-compatible server, the advancer's clients connected to the simulated cluster (also
-//! used by benches/locks.rs), and the end-to-end fixture (a real etcd, the sim, daemons) with
-//! its safety watch.
+//! off from its server (a network partition without touching the server), stall it or
+//! black-hole it (a hung host whose connections stay open), an S3-compatible server, the
+//! advancer's clients connected to the simulated cluster (also used by benches/locks.rs), and
+//! the end-to-end fixture (a real etcd, the sim, daemons).
 #![allow(dead_code)]
 
 pub mod s3;
@@ -12,33 +12,30 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
-use streamhelper::advancer::Config;
 use streamhelper::cluster::{ClusterMeta, PdClient, PdConfig, RegionWithLeader, StoreInfo, TikvClients, TikvConfig};
-use streamhelper::daemon::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::etcd::{EtcdClient, EtcdProcess};
 use streamhelper::meta::{parse_storage_url, AdvancerExt, MetaDataClient, TaskInfo};
-use streamhelper::security::Security;
 use streamhelper::sim::{SimCluster, SimConfig};
+use streamhelper::Config;
+use streamhelper::Security;
+use streamhelper::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::{KeyRange, Result, Ts};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Polls `cond` until it holds, failing the test after [`DEADLINE`].
-pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+pub fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    streamhelper::testing::wait_until(what, DEADLINE, cond)
 }
 
 pub struct TcpProxy {
     port: u16,
     cut: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
+    black_holed: Arc<AtomicBool>,
     stopped: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<TcpStream>>>,
     acceptor: Option<JoinHandle<()>>,
@@ -47,26 +44,23 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Forwards a new loopback port to `upstream` (`host:port`).
     pub fn start(upstream: &str) -> TcpProxy {
-        Self::serve(TcpListener::bind("127.0.0.1:0").unwrap(), upstream, false)
+        Self::start_on(0, upstream).unwrap()
     }
 
-    /// Takes over loopback `port` (a server that just stopped listening there) stalled:
-    /// clients of that server connect and are never answered, a black hole, until
-    /// [`Self::heal`] forwards them to `upstream` or a drop frees the port again.
-    pub fn black_hole(port: u16, upstream: &str) -> std::io::Result<TcpProxy> {
-        Ok(Self::serve(TcpListener::bind(("127.0.0.1", port))?, upstream, true))
-    }
-
-    fn serve(listener: TcpListener, upstream: &str, stalled: bool) -> TcpProxy {
-        let port = listener.local_addr().unwrap().port();
+    /// Forwards loopback `port` (0: a free one) to `upstream`: on a fixed port it can take
+    /// the place of a server that just stopped listening there, for that server's clients.
+    pub fn start_on(port: u16, upstream: &str) -> std::io::Result<TcpProxy> {
+        let listener = TcpListener::bind(("127.0.0.1", port))?;
+        let port = listener.local_addr()?.port();
         let cut = Arc::new(AtomicBool::new(false));
-        let stalled = Arc::new(AtomicBool::new(stalled));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let black_holed = Arc::new(AtomicBool::new(false));
         let stopped = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(Vec::new()));
         let upstream = upstream.to_string();
         let acceptor = {
-            let (cut, stalled, stopped, connections) =
-                (cut.clone(), stalled.clone(), stopped.clone(), connections.clone());
+            let (cut, stalled, black_holed, stopped, connections) =
+                (cut.clone(), stalled.clone(), black_holed.clone(), stopped.clone(), connections.clone());
             std::thread::spawn(move || {
                 for client in listener.incoming() {
                     if stopped.load(Ordering::SeqCst) {
@@ -84,12 +78,12 @@ impl TcpProxy {
                     let mut all = connections.lock();
                     all.push(client.try_clone().unwrap());
                     all.push(server.try_clone().unwrap());
-                    pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                    pipe(server, client);
+                    pipe(client.try_clone().unwrap(), server.try_clone().unwrap(), black_holed.clone());
+                    pipe(server, client, black_holed.clone());
                 }
             })
         };
-        TcpProxy { port, cut, stalled, stopped, connections, acceptor: Some(acceptor) }
+        Ok(TcpProxy { port, cut, stalled, black_holed, stopped, connections, acceptor: Some(acceptor) })
     }
 
     pub fn endpoint(&self) -> String {
@@ -113,17 +107,30 @@ impl TcpProxy {
         }
     }
 
+    /// A host that hangs with its connections up: new connections are accepted and never
+    /// answered, and connections already open stay open while every byte either way is
+    /// dropped. Nothing breaks, so only a client's own liveness checks notice.
+    pub fn black_hole(&self) {
+        self.black_holed.store(true, Ordering::SeqCst);
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+
     pub fn heal(&self) {
         self.cut.store(false, Ordering::SeqCst);
         self.stalled.store(false, Ordering::SeqCst);
+        self.black_holed.store(false, Ordering::SeqCst);
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+/// Copies `from` to `to`, dropping what it reads while `black_holed`.
+fn pipe(mut from: TcpStream, mut to: TcpStream, black_holed: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
         while let Ok(n) = from.read(&mut buf) {
-            if n == 0 || to.write_all(&buf[..n]).is_err() {
+            if n == 0 {
+                break;
+            }
+            if !black_holed.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
                 break;
             }
         }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use streamhelper::etcd::process::free_port;
 use streamhelper::storage::sigv4::{self, Credentials};
+use streamhelper::testing::free_port;
 
 /// Start-up of the Python server (imports included) on a busy 2-core machine.
 const START_DEADLINE: Duration = Duration::from_secs(60);

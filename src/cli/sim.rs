@@ -14,12 +14,12 @@ use std::sync::atomic::Ordering;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use crate::error::{Error, Result};
-use crate::etcd::EtcdProcess;
+use streamhelper::etcd::EtcdProcess;
+use streamhelper::{Error, Result};
 
-use super::control::{parse_line, Control};
-use super::{rss_bytes, SimCluster, SimConfig};
-use crate::timefmt::parse_duration;
+use streamhelper::format::parse_duration;
+use streamhelper::sim::{parse_line, Control};
+use streamhelper::sim::{rss_bytes, SimCluster, SimConfig};
 
 /// How often the control file is checked for new lines.
 const CONTROL_POLL: Duration = Duration::from_millis(200);
@@ -117,7 +117,7 @@ fn run_line(sim: &SimCluster, line: &str, source: &Path) -> bool {
 }
 
 pub fn run_sim_command(args: SimArgs) -> Result<()> {
-    let terminate = crate::cli::termination_flag()?;
+    let terminate = super::advancer::termination_flag()?;
     let etcd_process = match &args.etcd {
         Some(_) => None,
         None => Some(EtcdProcess::start()?),
@@ -176,5 +176,45 @@ pub fn run_sim_command(args: SimArgs) -> Result<()> {
             Some(Err(RecvTimeoutError::Timeout)) => {}
         }
         let _ = std::io::stdout().flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sim_command_serves_with_its_own_etcd_until_quit() {
+        let dir = tempfile::tempdir().unwrap();
+        let controls = dir.path().join("controls");
+        std::fs::write(&controls, "split t100_r5\nflush\ntransfer-leader 1000 2\nbogus\nstatus\nquit\n").unwrap();
+        let args = SimArgs {
+            stores: 2,
+            regions: 8,
+            seed: 1,
+            flush_interval: Duration::ZERO,
+            etcd: None,
+            control_file: Some(controls),
+            duration: Some(Duration::from_secs(60)),
+        };
+        let began = Instant::now();
+        run_sim_command(args).unwrap();
+        assert!(began.elapsed() < Duration::from_secs(30), "quit ends it long before --duration");
+    }
+
+    #[test]
+    fn sim_command_stops_after_its_duration() {
+        let args = SimArgs {
+            stores: 1,
+            regions: 2,
+            seed: 0,
+            flush_interval: Duration::from_millis(100),
+            etcd: Some("127.0.0.1:2379".into()),
+            control_file: None,
+            duration: Some(Duration::from_millis(300)),
+        };
+        let began = Instant::now();
+        run_sim_command(args).unwrap();
+        assert!(began.elapsed() >= Duration::from_millis(300) && began.elapsed() < Duration::from_secs(10));
     }
 }
