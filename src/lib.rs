@@ -43,7 +43,7 @@ pub use daemon::{
 pub use error::{Error, Result, ResultExt};
 pub use security::{Security, SecurityConfig};
 pub use types::{DisplayKey, KeyRange, RegionId, StoreId, Ts};
-pub use worker::{stop_pair, StopHandle, StopToken};
+pub use worker::{stop_pair, Interrupt, StopHandle, StopToken};
 
 /// TSO arithmetic: a [`Ts`] is `physical_ms << 18 | logical`.
 pub mod ts {

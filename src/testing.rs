@@ -22,3 +22,33 @@ pub fn wait_until(what: &str, within: Duration, mut condition: impl FnMut() -> b
         std::thread::sleep(POLL);
     }
 }
+
+/// The warnings logged by the calling thread while `f` runs (installs a capturing logger
+/// for the whole test binary the first time).
+pub fn warnings_of(f: impl FnOnce()) -> Vec<String> {
+    struct Capture;
+    type Lines = parking_lot::Mutex<Vec<(std::thread::ThreadId, String)>>;
+    static LINES: Lines = parking_lot::Mutex::new(Vec::new());
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata) -> bool {
+            metadata.level() <= log::Level::Warn
+        }
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                LINES.lock().push((std::thread::current().id(), record.args().to_string()));
+            }
+        }
+        fn flush(&self) {}
+    }
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let _ = log::set_logger(&Capture);
+        log::set_max_level(log::LevelFilter::Warn);
+    });
+    let me = std::thread::current().id();
+    f();
+    let mut lines = LINES.lock();
+    let (mine, others) = lines.drain(..).partition(|(thread, _)| *thread == me);
+    *lines = others;
+    mine.into_iter().map(|(_, line)| line).collect()
+}

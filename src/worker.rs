@@ -5,11 +5,16 @@
 //! interruptible sleep.
 
 use std::any::Any;
+use std::future::{pending, poll_fn, Future};
 use std::panic::{self, AssertUnwindSafe};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 
@@ -139,11 +144,114 @@ impl StopToken {
     }
 }
 
+/// A stop signal for a thread blocked on a future (a gRPC call) rather than on a channel:
+/// [`Interrupt::fire`] ends every wait in [`Interrupt::block_on`], now and later, at once.
+#[derive(Clone, Default)]
+pub struct Interrupt {
+    state: Arc<Mutex<InterruptState>>,
+}
+
+#[derive(Default)]
+struct InterruptState {
+    fired: bool,
+    /// One per thread waiting (`block_on` wakes through its thread's waker).
+    waiting: Vec<Waker>,
+}
+
+impl Interrupt {
+    pub fn fire(&self) {
+        let mut state = self.state.lock();
+        state.fired = true;
+        for waker in state.waiting.drain(..) {
+            waker.wake();
+        }
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.state.lock().fired
+    }
+
+    /// Runs `future` on this thread until it completes (`Some`) or the interrupt fires
+    /// (`None`: the future is dropped, which cancels a gRPC call).
+    pub fn block_on<F: Future>(&self, future: F) -> Option<F::Output> {
+        futures_executor::block_on(self.guard(future))
+    }
+
+    /// Sleeps for `duration` unless the interrupt fires first; returns whether it fired.
+    pub fn sleep(&self, duration: Duration) -> bool {
+        matches!(block_on_by(self.guard(pending::<()>()), Instant::now() + duration), Some(None))
+    }
+
+    /// `future`, ending early (`None`) when the interrupt fires.
+    pub fn guard<'a, F: Future + 'a>(&'a self, future: F) -> impl Future<Output = Option<F::Output>> + 'a {
+        let mut future = Box::pin(future);
+        poll_fn(move |cx| {
+            if let Poll::Ready(output) = future.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            let mut state = self.state.lock();
+            if state.fired {
+                return Poll::Ready(None);
+            }
+            if !state.waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                state.waiting.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+}
+
+/// Wakes the thread that polls.
+struct Unpark(Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs `future` on this thread until it completes (`Some`) or `deadline` passes (`None`,
+/// the future dropped). Spurious unparks only cause another poll.
+pub(crate) fn block_on_by<F: Future>(future: F, deadline: Instant) -> Option<F::Output> {
+    let mut future = pin!(future);
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut context = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return Some(output);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        std::thread::park_timeout(left);
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
+
+    #[test]
+    fn block_on_by_gives_up_at_the_deadline_and_returns_what_completes() {
+        let started = Instant::now();
+        let never = futures_util::future::pending::<()>();
+        assert!(block_on_by(never, started + Duration::from_millis(50)).is_none());
+        assert!(started.elapsed() >= Duration::from_millis(50));
+
+        // Completed from another thread: the waker unparks the waiting one.
+        let (tx, rx) = futures_util::future::abortable(futures_util::future::pending::<()>());
+        let aborter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            rx.abort();
+        });
+        let waited = block_on_by(tx, Instant::now() + Duration::from_secs(10));
+        assert!(matches!(waited, Some(Err(_))), "the abort completes the wait");
+        aborter.join().unwrap();
+    }
 
     #[test]
     fn a_worker_stops_on_drop_and_reports_a_panic() {
@@ -188,5 +296,20 @@ mod tests {
         assert!(token.is_stopped());
         assert!(!token.send(&tx, 2), "a full channel does not block a stopped sender");
         drop(rx);
+    }
+
+    #[test]
+    fn an_interrupt_ends_a_wait_on_a_future_that_never_completes() {
+        let interrupt = Interrupt::default();
+        assert_eq!(interrupt.block_on(async { 7 }), Some(7));
+        let waiter = {
+            let interrupt = interrupt.clone();
+            std::thread::spawn(move || interrupt.block_on(std::future::pending::<()>()))
+        };
+        // Whether the waiter is parked yet or not, the interrupt reaches it.
+        interrupt.fire();
+        assert_eq!(waiter.join().unwrap(), None);
+        assert!(interrupt.is_fired());
+        assert_eq!(interrupt.block_on(std::future::pending::<()>()), None, "later waits end at once");
     }
 }

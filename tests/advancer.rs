@@ -5,16 +5,16 @@
 mod support;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use streamhelper::etcd::EtcdProcess;
 use streamhelper::meta::{keys, parse_storage_url, Fence, PauseState, Severity};
 use streamhelper::sim::{Faults, Outcome, SimCluster, TxnSpec};
 use streamhelper::storage::{self, read_global_checkpoint, GLOBAL_CHECKPOINT_FILE};
 use streamhelper::testing::http_get;
-use streamhelper::ts::ts_add;
+use streamhelper::ts::{system_time_of, ts_add};
 use streamhelper::Config;
-use streamhelper::{Daemon, DaemonHandle};
+use streamhelper::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::{KeyRange, Ts};
 use support::s3::MotoServer;
 use support::{fast_config, Fixture, TcpProxy, DEADLINE};
@@ -346,10 +346,15 @@ fn a_crashed_owner_is_replaced_once_its_lease_expires() {
 }
 
 fn spawn_advancer(f: &Fixture, status_port: u16) -> Child {
+    spawn_advancer_with(f, status_port, "500ms")
+}
+
+/// The binary, ticking fast, with each PD, TiKV and etcd call bounded by `rpc_timeout`.
+fn spawn_advancer_with(f: &Fixture, status_port: u16, rpc_timeout: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_streamhelper"))
         .args(["advancer", "--pd", &f.sim.pd_endpoint(), "--etcd", &f.etcd.endpoint()])
         .args(["--tick-interval", "200ms", "--try-advance-threshold", "300ms", "--owner-ttl", "2s"])
-        .args(["--backoff-time", "200ms", "--rpc-timeout", "500ms", "--dial-timeout", "500ms"])
+        .args(["--backoff-time", "200ms", "--rpc-timeout", rpc_timeout, "--dial-timeout", "500ms"])
         .args(["--status-addr", &format!("127.0.0.1:{status_port}")])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -795,4 +800,103 @@ fn tasks_deleted_while_slow_ticks_are_in_flight_leave_nothing_behind() {
         assert!(orphan.is_none(), "round {round}: a deleted task's checkpoint was written again");
         assert!(f.meta.etcd().get(keys::pause_of("t")).unwrap().is_none(), "round {round}: an orphan pause");
     }
+}
+
+/// How long `condition` took to hold (it must within two minutes: the bound is asserted by
+/// the caller, so that a failure says how long it took).
+fn time_until(what: &str, mut condition: impl FnMut() -> bool) -> Duration {
+    let began = Instant::now();
+    while !condition() {
+        assert!(began.elapsed() < Duration::from_secs(120), "{what}: not within two minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    began.elapsed()
+}
+
+/// PD black-holed (connections accepted, never answered, as behind a PD leader whose disk
+/// hangs) with PD calls allowed their default 10 s: the tick's deadline, not the RPC's,
+/// bounds how long a task deletion and a stop wait. In process and as the binary on SIGTERM,
+/// the owner resigns on its way out.
+#[test]
+fn a_black_holed_pd_delays_neither_task_deletions_nor_stopping() {
+    let f = Fixture::new(3, 8);
+    let proxy = TcpProxy::start(&f.sim.pd_endpoint());
+    f.sim.advertise_pd_at(&proxy.endpoint());
+    let bound = Duration::from_secs(3);
+    let owner_keys = || f.meta.etcd().scan_prefix(b"/tidb/br-stream/owner/", 10).unwrap().0.len();
+    let black_hole = || {
+        proxy.stall();
+        // Ticks in flight now wait on PD.
+        std::thread::sleep(Duration::from_secs(1));
+    };
+
+    let start = f.add_task("t1", KeyRange::full());
+    f.add_task("t2", KeyRange::full());
+    let config = DaemonConfig {
+        advancer: Config { rpc_timeout: Duration::from_secs(10), ..fast_config() },
+        ..f.daemon_config()
+    };
+    let daemon = Daemon::start(config).unwrap();
+    support::wait_until("the daemon to become owner", || daemon.is_owner());
+    let mut safety = Safety::new(&f, "t2", KeyRange::full());
+    safety.advance_past(start, "before the black hole");
+    black_hole();
+    f.meta.delete_task("t2").unwrap();
+    // The gauge goes with the task's state (a status read may spend a second on PD).
+    let deletion = time_until("the deletion to be applied", || daemon.metrics().last_checkpoint.get(["t2"]).is_none());
+    assert!(daemon.status().tasks.iter().all(|t| t.name != "t2"), "t2 is gone from the status");
+    let stopping = Instant::now();
+    daemon.stop();
+    let stop = stopping.elapsed();
+    println!("PD black-holed: deletion applied after {deletion:?}, stopped in {stop:?}");
+    assert_eq!(owner_keys(), 0, "the daemon resigned on its way out");
+    assert!(f.meta.etcd().get(keys::global_checkpoint_of("t2")).unwrap().is_none(), "t2 was written again");
+
+    proxy.heal();
+    let port = streamhelper::testing::free_port().unwrap();
+    let mut child = spawn_advancer_with(&f, port, "10s");
+    support::wait_until("the binary to own", || role_of(port).as_deref() == Some("owner"));
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    safety.advance_past(start, "with the binary as owner");
+    black_hole();
+    sigterm(&child);
+    let exit = time_until("the binary to exit", || child.try_wait().unwrap().is_some());
+    println!("PD black-holed: the binary exited {exit:?} after SIGTERM");
+    assert!(deletion < bound, "the deletion waited {deletion:?} for a tick stuck on PD");
+    assert!(stop < bound, "stopping took {stop:?}");
+    assert!(exit < bound, "the binary took {exit:?} to exit on SIGTERM");
+    assert!(child.wait().unwrap().success(), "SIGTERM exits 0");
+    assert_eq!(owner_keys(), 0, "the binary resigned on its way out");
+}
+
+/// A 3 s lag limit and one region that stops flushing: the task is paused (its `pause/` key
+/// written, and `task status` says so) within 8 s of its true lag crossing the limit, not at
+/// the next upload heartbeat.
+#[test]
+fn a_task_past_a_3s_lag_limit_is_paused_within_8s() {
+    let f = Fixture::new(3, 8);
+    let start = f.add_task("t1", KeyRange::full());
+    let limit = Duration::from_secs(3);
+    let config = DaemonConfig { advancer: Config { lag_limit: limit, ..fast_config() }, ..f.daemon_config() };
+    let daemon = Daemon::start(config).unwrap();
+    support::wait_until("the daemon to become owner", || daemon.is_owner());
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    safety.advance_past(start, "before a region gets stuck");
+    f.sim.set_never_flush(f.sim.regions()[0].id, true);
+    let frozen = f.sim.true_checkpoint(&KeyRange::full());
+    let crossed = system_time_of(frozen) + limit;
+    support::wait_until("the lagging task to be paused", || {
+        f.sim.flush_all();
+        safety.check();
+        f.meta.get_task("t1").unwrap().is_paused().unwrap()
+    });
+    let late = SystemTime::now().duration_since(crossed).unwrap_or_default();
+    println!("paused {late:?} after the lag crossed its {limit:?} limit");
+    assert!(late < Duration::from_secs(8), "paused only {late:?} after the lag crossed the limit");
+    let status = Command::new(env!("CARGO_BIN_EXE_streamhelper"))
+        .args(["task", "status", "t1", "--json", "-u", &f.etcd.endpoint()])
+        .output()
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(shown[0]["paused"], true, "task status: {shown}");
 }

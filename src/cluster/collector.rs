@@ -10,13 +10,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use futures_executor::block_on;
 use grpcio::CallOption;
 use log::{debug, info, warn};
 use rayon::prelude::*;
 
 use super::region_iter::{RegionIter, ScanRetry, DEFAULT_PAGE_SIZE};
-use super::{ClusterMeta, LogBackupService, RegionWithLeader};
+use super::{deadline, ClusterMeta, LogBackupService, RegionWithLeader};
 use crate::error::{Error, Result};
 use crate::proto::errorpb;
 use crate::proto::logbackuppb::{GetLastFlushTSOfRegionRequest, GetLastFlushTSOfRegionResponse, RegionIdentity};
@@ -110,7 +109,8 @@ pub struct CollectResult {
 /// Asks the leaders of all regions overlapping `ranges` for their last flushed checkpoint.
 /// Fails only when the regions cannot be listed; everything a store or region gets wrong is
 /// reported in the result. Takes at most the scan, one dial deadline and
-/// `config.rpc_timeout`.
+/// `config.rpc_timeout`, and no longer than the tick's deadline when one is in force
+/// (the scope the ticker sets; see `docs/architecture.md`, "Lifecycle guarantees").
 pub fn collect_checkpoints(
     meta: &dyn ClusterMeta,
     service: &dyn LogBackupService,
@@ -136,17 +136,20 @@ pub fn collect_checkpoints_cached(
     let regions = scan_regions(meta, cache, ranges, config, &mut result.range_scans)?;
     let region_count = regions.len();
     let plans = plan_requests(regions, config.batch_size, &mut result.failed);
+    // The tick's deadline and stop go along to the fan-out threads.
+    let scope = deadline::Scope::current();
     let dialed: Vec<(StorePlan, Result<LogBackupClient>)> = pool.install(|| {
         plans
             .into_par_iter()
             .map(|plan| {
-                let client = service.client(plan.store);
+                let client = scope.clone().run(|| service.client(plan.store));
                 (plan, client)
             })
             .collect()
     });
 
-    let deadline = Instant::now() + config.rpc_timeout;
+    // Past the tick's deadline nothing is waited for: every store's regions fail.
+    let deadline = Instant::now() + deadline::bounded(config.rpc_timeout, "polling checkpoints").unwrap_or_default();
     let in_flight: Vec<_> = dialed.into_iter().map(|(plan, client)| send_batches(plan, client, deadline)).collect();
     for store in &in_flight {
         if let Ok(sent) = &store.sent {
@@ -247,9 +250,15 @@ impl RegionCache {
         }
     }
 
+    /// The cached region holding `key`.
+    pub fn region_at(&self, key: &[u8]) -> Option<&RegionWithLeader> {
+        let (_, region) = self.by_start.range(..=key.to_vec()).next_back()?;
+        region.range.contains(key).then_some(region)
+    }
+
     /// Adds a fresh scan (regions in key order, tiling their span), replacing every entry
     /// that overlaps it: PD's answer is newer than anything cached.
-    fn insert(&mut self, scanned: &[RegionWithLeader]) {
+    pub fn insert(&mut self, scanned: &[RegionWithLeader]) {
         let (Some(first), Some(last)) = (scanned.first(), scanned.last()) else { return };
         let span = KeyRange { start: first.range.start.clone(), end: last.range.end.clone() };
         if let Some((start, before)) = self.by_start.range(..span.start.clone()).next_back() {
@@ -381,7 +390,10 @@ impl StoreCalls {
             Ok(in_flight) => {
                 let mut first_error = None;
                 for (batch, call) in in_flight.calls {
-                    match call.and_then(|receiver| block_on(receiver).map_err(|e| rpc_error(store, e))) {
+                    let answer = call.and_then(|receiver| {
+                        deadline::block_on(receiver, "polling checkpoints")?.map_err(|e| rpc_error(store, e))
+                    });
+                    match answer {
                         Ok(answer) => apply_answer(store, batch, &answer, believable_after(max_ts, began), result),
                         Err(e) => {
                             fail_batch(store, batch, result);
@@ -508,6 +520,7 @@ mod tests {
     use super::*;
     use crate::cluster::testing::{regions_from_boundaries, FixedDialer, MemMeta};
     use crate::proto::logbackuppb::RegionCheckpoint;
+    use crate::testing::warnings_of;
 
     fn region(id: RegionId, start: &str, end: &str, leader: Option<StoreId>) -> RegionWithLeader {
         RegionWithLeader {
@@ -606,35 +619,6 @@ mod tests {
             ]
         );
         assert!(result.store_errors.is_empty());
-    }
-
-    /// The warnings logged by the calling thread while `f` runs.
-    fn warnings_of(f: impl FnOnce()) -> Vec<String> {
-        struct Capture;
-        type Lines = parking_lot::Mutex<Vec<(std::thread::ThreadId, String)>>;
-        static LINES: Lines = parking_lot::Mutex::new(Vec::new());
-        impl log::Log for Capture {
-            fn enabled(&self, metadata: &log::Metadata) -> bool {
-                metadata.level() <= log::Level::Warn
-            }
-            fn log(&self, record: &log::Record) {
-                if self.enabled(record.metadata()) {
-                    LINES.lock().push((std::thread::current().id(), record.args().to_string()));
-                }
-            }
-            fn flush(&self) {}
-        }
-        static INSTALL: std::sync::Once = std::sync::Once::new();
-        INSTALL.call_once(|| {
-            let _ = log::set_logger(&Capture);
-            log::set_max_level(log::LevelFilter::Warn);
-        });
-        let me = std::thread::current().id();
-        f();
-        let mut lines = LINES.lock();
-        let (mine, others) = lines.drain(..).partition(|(thread, _)| *thread == me);
-        *lines = others;
-        mine.into_iter().map(|(_, line)| line).collect()
     }
 
     #[test]
@@ -751,5 +735,33 @@ mod tests {
         assert!(errors[0].contains("store 1") && errors[0].contains("cannot connect"), "{errors:?}");
         assert!(errors[1].contains("store 2") && errors[1].contains("DEADLINE_EXCEEDED"), "{errors:?}");
         assert_eq!(*dialer.cleared.lock(), vec![1, 2]);
+    }
+
+    #[test]
+    fn an_interrupt_ends_the_wait_on_a_hung_store_and_fails_its_regions() {
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let regions = regions_from_boundaries(&[b"b"], &[1]);
+        let meta = MemMeta::new(regions.clone());
+        let dialer = FixedDialer::new([(1, silent.local_addr().unwrap().to_string())]);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let config = CollectorConfig { rpc_timeout: Duration::from_secs(60), ..Default::default() };
+        let interrupt = crate::worker::Interrupt::default();
+        // Fired while the poll waits (or, on a slow machine, before it sends: the same end).
+        let firing = {
+            let interrupt = interrupt.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                interrupt.fire();
+            })
+        };
+        let started = Instant::now();
+        let scope = deadline::Scope { deadline: None, interrupt: Some(interrupt) };
+        let result = scope.run(|| collect_checkpoints(&meta, &dialer, &pool, &[KeyRange::full()], &config)).unwrap();
+        let took = started.elapsed();
+        firing.join().unwrap();
+        assert!(took < Duration::from_secs(10), "a stopped poll waited {took:?} on a hung store");
+        assert!(result.advanced.is_empty());
+        let expected: Vec<_> = regions.iter().map(|r| failed(r, Some(1), FailReason::StoreFailed)).collect();
+        assert_eq!(result.failed, expected);
     }
 }

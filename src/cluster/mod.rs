@@ -10,6 +10,7 @@
 //! (client-go `internal/locate/pd_codec.go`).
 
 pub(crate) mod collector;
+pub(crate) mod deadline;
 pub(crate) mod pd;
 pub(crate) mod region_iter;
 pub(crate) mod subscriber;
@@ -115,7 +116,8 @@ pub(crate) mod testing {
     //! In-memory cluster metadata for unit tests of the pure logic.
 
     use std::collections::{HashMap, VecDeque};
-    use std::time::Duration;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
 
     use parking_lot::Mutex;
 
@@ -161,6 +163,14 @@ pub(crate) mod testing {
         pub now: Mutex<Option<Ts>>,
         /// Makes the TSO call panic, to test what a panicking caller does.
         pub tso_panics: bool,
+        /// Runs once, inside the next TSO call: something that happens while a tick is in
+        /// flight.
+        pub during_tso: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+        /// Every call waits for the deadline in force (10 s without one), then fails: a PD
+        /// that accepts requests and never answers.
+        pub black_holed: AtomicBool,
+        /// TSO calls made, answered or not.
+        pub tso_calls: AtomicUsize,
     }
 
     impl MemMeta {
@@ -176,7 +186,18 @@ pub(crate) mod testing {
             self.scripted.lock().push_back(answer);
         }
 
+        /// What a black-holed PD does to a call: nothing, until the caller gives up.
+        fn black_hole(&self, call: &str) -> Result<()> {
+            if !self.black_holed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let until = deadline::Scope::current().deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(10));
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+            Err(Error::Timeout(format!("the black-holed PD's {call}")))
+        }
+
         fn gc_call_fails(&self) -> Result<()> {
+            self.black_hole("UpdateServiceGCSafePoint")?;
             let mut failing = self.failing_gc.lock();
             if *failing == 0 {
                 return Ok(());
@@ -188,6 +209,7 @@ pub(crate) mod testing {
 
     impl ClusterMeta for MemMeta {
         fn region_scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<RegionWithLeader>> {
+            self.black_hole("ScanRegions")?;
             self.scans.lock().push((start.to_vec(), end.to_vec(), limit));
             if let Some(answer) = self.scripted.lock().pop_front() {
                 return answer;
@@ -197,6 +219,7 @@ pub(crate) mod testing {
         }
 
         fn stores(&self) -> Result<Vec<StoreInfo>> {
+            self.black_hole("GetAllStores")?;
             Ok(self.stores.lock().clone())
         }
 
@@ -214,6 +237,11 @@ pub(crate) mod testing {
 
         fn fetch_current_ts(&self) -> Result<Ts> {
             assert!(!self.tso_panics, "the test's TSO panics");
+            self.tso_calls.fetch_add(1, Ordering::SeqCst);
+            if let Some(event) = self.during_tso.lock().take() {
+                event();
+            }
+            self.black_hole("Tso")?;
             self.now.lock().ok_or_else(|| Error::Timeout("the test's TSO".into()))
         }
     }

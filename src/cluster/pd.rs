@@ -1,18 +1,20 @@
 //! The PD client: leader discovery and failover over several endpoints, and the calls the
 //! advancer makes (kvproto `proto/pdpb.proto`): ScanRegions, GetAllStores, GetStore, Tso and
-//! UpdateServiceGCSafePoint. Every call carries the cluster id and a deadline.
+//! UpdateServiceGCSafePoint. Every call carries the cluster id and a deadline: its own
+//! timeout, shortened to the tick's deadline when one is in force ([`super::deadline`]);
+//! the tick's interrupt and [`PdClient::close`] end the calls in flight at once.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_executor::block_on;
 use futures_util::{SinkExt, StreamExt};
 use grpcio::{CallOption, Environment, RpcStatusCode, WriteFlags};
 use log::{info, warn};
 use parking_lot::Mutex;
 
-use super::{ClusterMeta, RegionWithLeader, StoreInfo, GC_SERVICE_ID};
+use super::{deadline, ClusterMeta, RegionWithLeader, StoreInfo, GC_SERVICE_ID};
 use crate::codec::{decode_boundary, encode_bytes, encode_end_key};
 use crate::error::{Error, Result, ResultExt};
 use crate::proto::metapb;
@@ -20,6 +22,7 @@ use crate::proto::pdpb;
 use crate::proto::pdpb_grpc::PdClient as PdGrpc;
 use crate::security::{grpc_env, strip_scheme, Security};
 use crate::types::{compose_ts, DisplayKey, KeyRange, StoreId, Ts};
+use crate::worker::Interrupt;
 
 /// How long the advancer's GC safe point lives if it is not renewed (upstream: 24 h).
 const GC_TTL_SECONDS: i64 = 86_400;
@@ -47,6 +50,8 @@ pub struct PdClient {
     security: Security,
     env: Arc<Environment>,
     state: Mutex<State>,
+    /// Fired by [`PdClient::close`].
+    closed: Interrupt,
 }
 
 #[derive(Default)]
@@ -83,7 +88,40 @@ impl PdClient {
         for endpoint in &config.endpoints {
             strip_scheme(endpoint)?;
         }
-        Ok(PdClient { config, security, env: grpc_env(), state: Mutex::default() })
+        Ok(PdClient { config, security, env: grpc_env(), state: Mutex::default(), closed: Interrupt::default() })
+    }
+
+    /// Fails every call in flight and every later one at once: for shutting down, so that
+    /// nothing waits on a PD that does not answer.
+    pub fn close(&self) {
+        self.closed.fire();
+    }
+
+    /// Waits for a call just started to end, unless the client is closed or the tick
+    /// stopped first.
+    fn wait<T, F>(&self, name: &'static str, url: &str, started: grpcio::Result<F>) -> Result<T>
+    where
+        F: Future<Output = grpcio::Result<T>>,
+    {
+        let answer = match started {
+            Ok(call) => deadline::block_on(self.closed.guard(call), &format!("PD {name}"))?
+                .ok_or_else(|| self.closed_error(name))?,
+            Err(e) => Err(e),
+        };
+        answer.map_err(|source| Error::rpc(name, url, source))
+    }
+
+    fn closed_error(&self, name: &str) -> Error {
+        Error::Stopped(format!("PD {name} (the client was closed)"))
+    }
+
+    /// The call's deadline: the configured timeout, cut to the tick's deadline; an error
+    /// when that has passed or the client is closed.
+    fn timeout(&self, name: &str) -> Result<Duration> {
+        if self.closed.is_fired() {
+            return Err(self.closed_error(name));
+        }
+        deadline::bounded(self.config.timeout, &format!("PD {name}"))
     }
 
     /// The cluster id every request carries.
@@ -108,10 +146,6 @@ impl PdClient {
         Ok(client)
     }
 
-    fn call_option(&self) -> CallOption {
-        CallOption::default().timeout(self.config.timeout)
-    }
-
     /// Asks the configured endpoints, then every member seen so far, who leads.
     fn discover(&self) -> Result<(Leader, u64)> {
         let candidates: Vec<String> = {
@@ -130,10 +164,15 @@ impl PdClient {
         for url in &candidates {
             match self.members_from(url).and_then(|members| self.adopt_leader(url, &members)) {
                 Ok(found) => return Ok(found),
+                Err(e @ (Error::Stopped(_) | Error::Timeout(_))) => {
+                    // Closed, or the tick's deadline passed: asking the others cannot help.
+                    last = e.to_string();
+                    break;
+                }
                 Err(e) => {
-                    last = match e {
+                    last = match (&e, self.timeout("diagnosis")) {
                         // gRPC only says it did not connect: find out why.
-                        Error::Rpc { .. } => format!("{e} ({})", self.security.diagnose(url, self.config.timeout)),
+                        (Error::Rpc { .. }, Ok(timeout)) => format!("{e} ({})", self.security.diagnose(url, timeout)),
                         _ => e.to_string(),
                     };
                     warn!("PD endpoint {url} could not name the leader: {last}");
@@ -147,10 +186,8 @@ impl PdClient {
         let cluster_id = self.cluster_id();
         let mut req = pdpb::GetMembersRequest::default();
         req.set_header(request_header(cluster_id));
-        let resp = self
-            .client_for(url)?
-            .get_members_opt(&req, self.call_option())
-            .map_err(|source| Error::rpc("GetMembers", url, source))?;
+        let option = CallOption::default().timeout(self.timeout("GetMembers")?);
+        let resp = self.wait("GetMembers", url, self.client_for(url)?.get_members_async_opt(&req, option))?;
         check_header(url, cluster_id, resp)
     }
 
@@ -203,21 +240,27 @@ impl PdClient {
     }
 
     /// Runs one call on the leader; when the leader is gone or no longer leads, finds the
-    /// new leader and runs it once more there.
-    fn call<Req: PdRequest, Resp: PdResponse>(
+    /// new leader and runs it once more there. A call cut short by the tick's deadline says
+    /// nothing about the leader: it is not retried.
+    fn call<Req: PdRequest, Resp: PdResponse, F>(
         &self,
         name: &'static str,
         mut req: Req,
-        rpc: impl Fn(&PdGrpc, &Req, CallOption) -> grpcio::Result<Resp>,
-    ) -> Result<Resp> {
+        rpc: impl Fn(&PdGrpc, &Req, CallOption) -> grpcio::Result<F>,
+    ) -> Result<Resp>
+    where
+        F: Future<Output = grpcio::Result<Resp>>,
+    {
         let mut failed_on_old_leader = None;
         for _ in 0..2 {
+            let timeout = self.timeout(name)?;
             let (leader, cluster_id) = self.leader()?;
             req.put_header(request_header(cluster_id));
-            let outcome = rpc(&leader.client, &req, self.call_option())
-                .map_err(|source| Error::rpc(name, leader.url.clone(), source))
+            let outcome = self
+                .wait(name, &leader.url, rpc(&leader.client, &req, CallOption::default().timeout(timeout)))
                 .and_then(|resp| check_header(&leader.url, cluster_id, resp));
             match outcome {
+                Err(e) if timeout < self.config.timeout && deadline::passed() => return Err(e),
                 Err(e) if calls_for_failover(&e) => {
                     warn!("PD {name} on {} failed, looking for the leader again: {e}", leader.url);
                     self.forget_leader(&leader.url);
@@ -237,7 +280,7 @@ impl PdClient {
         req.set_TTL(ttl);
         req.set_safe_point(safe_point);
         let resp = self
-            .call("UpdateServiceGCSafePoint", req, |c, r, o| c.update_service_gc_safe_point_opt(r, o))
+            .call("UpdateServiceGCSafePoint", req, |c, r, o| c.update_service_gc_safe_point_async_opt(r, o))
             .with_context(|| {
                 format!("failed to set service GC safe point {service_id} to {safe_point} (TTL {ttl}s)")
             })?;
@@ -246,8 +289,9 @@ impl PdClient {
 
     /// The cluster's GC safe point: versions below it may already be collected.
     pub fn gc_safe_point(&self) -> Result<Ts> {
-        let resp = self
-            .call("GetGCSafePoint", pdpb::GetGCSafePointRequest::default(), |c, r, o| c.get_gc_safe_point_opt(r, o))?;
+        let resp = self.call("GetGCSafePoint", pdpb::GetGCSafePointRequest::default(), |c, r, o| {
+            c.get_gc_safe_point_async_opt(r, o)
+        })?;
         Ok(resp.get_safe_point())
     }
 }
@@ -260,21 +304,21 @@ impl ClusterMeta for PdClient {
         req.set_start_key(encode_bytes(start));
         req.set_end_key(encode_end_key(end));
         req.set_limit(i32::try_from(limit).unwrap_or(i32::MAX));
-        let resp = self.call("ScanRegions", req, |c, r, o| c.scan_regions_opt(r, o))?;
+        let resp = self.call("ScanRegions", req, |c, r, o| c.scan_regions_async_opt(r, o))?;
         regions_from_scan(&resp).map_err(|reason| Error::RegionScan { range: KeyRange::new(start, end), reason })
     }
 
     fn stores(&self) -> Result<Vec<StoreInfo>> {
         let mut req = pdpb::GetAllStoresRequest::default();
         req.set_exclude_tombstone_stores(true);
-        let resp = self.call("GetAllStores", req, |c, r, o| c.get_all_stores_opt(r, o))?;
+        let resp = self.call("GetAllStores", req, |c, r, o| c.get_all_stores_async_opt(r, o))?;
         Ok(resp.get_stores().iter().filter(|s| leads_regions(s)).map(store_info).collect())
     }
 
     fn store_status_addresses(&self) -> Result<Vec<(StoreId, String)>> {
         let mut req = pdpb::GetAllStoresRequest::default();
         req.set_exclude_tombstone_stores(true);
-        let resp = self.call("GetAllStores", req, |c, r, o| c.get_all_stores_opt(r, o))?;
+        let resp = self.call("GetAllStores", req, |c, r, o| c.get_all_stores_async_opt(r, o))?;
         Ok(resp
             .get_stores()
             .iter()
@@ -286,7 +330,7 @@ impl ClusterMeta for PdClient {
     fn store(&self, id: StoreId) -> Result<StoreInfo> {
         let mut req = pdpb::GetStoreRequest::default();
         req.set_store_id(id);
-        let resp = self.call("GetStore", req, |c, r, o| c.get_store_opt(r, o))?;
+        let resp = self.call("GetStore", req, |c, r, o| c.get_store_async_opt(r, o))?;
         let store = resp.get_store();
         if store.get_id() != id || !leads_regions(store) {
             return Err(Error::Store {
@@ -333,15 +377,20 @@ impl ClusterMeta for PdClient {
 }
 
 /// One request on PD's bidirectional TSO stream, which ends with the call.
-fn tso_once(client: &PdGrpc, req: &pdpb::TsoRequest, opt: CallOption) -> grpcio::Result<pdpb::TsoResponse> {
+fn tso_once(
+    client: &PdGrpc,
+    req: &pdpb::TsoRequest,
+    opt: CallOption,
+) -> grpcio::Result<impl Future<Output = grpcio::Result<pdpb::TsoResponse>>> {
     let (mut sink, mut responses) = client.tso_opt(opt)?;
-    block_on(async {
-        sink.send((req.clone(), WriteFlags::default())).await?;
+    let req = req.clone();
+    Ok(async move {
+        sink.send((req, WriteFlags::default())).await?;
         let resp = responses.next().await.unwrap_or(Err(grpcio::Error::RemoteStopped))?;
         // The answer is in hand; PD may end the call before our half-close completes, which
         // gRPC reports as an error that changes nothing.
         let _ = sink.close().await;
-        Ok(resp)
+        Ok::<_, grpcio::Error>(resp)
     })
 }
 

@@ -4,12 +4,11 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::thread;
 use std::time::Duration;
 
-use log::warn;
+use log::debug;
 
-use super::{ClusterMeta, RegionWithLeader};
+use super::{deadline, ClusterMeta, RegionWithLeader};
 use crate::error::{Error, Result};
 use crate::types::{DisplayKey, KeyRange};
 
@@ -76,9 +75,19 @@ impl<'a> RegionIter<'a> {
                     self.next_start = last_end.clone();
                     return Ok(regions);
                 }
+                // Closed, or out of the tick's time: no retry can help.
+                Err(e) if matches!(e.root(), Error::Stopped(_)) || deadline::passed() => break e,
                 Err(e) if attempt < attempts => {
-                    warn!("{self}: scanning regions failed (attempt {attempt} of {attempts}), retrying: {e}");
-                    thread::sleep(self.retry.backoff);
+                    // The backoff, unless the tick's deadline comes first.
+                    let Ok(backoff) = deadline::bounded(self.retry.backoff, "scanning regions") else { break e };
+                    // The final failure is reported with the count; each retry only at debug.
+                    debug!("{self}: scanning regions failed (attempt {attempt} of {attempts}), retrying: {e}");
+                    if let Err(stopped) = deadline::sleep(backoff, "scanning regions") {
+                        break stopped;
+                    }
+                    if deadline::passed() {
+                        break e;
+                    }
                     attempt += 1;
                 }
                 Err(e) => break e,

@@ -6,12 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_executor::block_on;
 use grpcio::{Channel, ConnectivityState, Environment};
 use log::info;
 use parking_lot::Mutex;
 
-use super::{ClusterMeta, KvClients, LogBackupService, StoreInfo};
+use super::{deadline, ClusterMeta, KvClients, LogBackupService, StoreInfo};
 use crate::error::{Error, Result};
 use crate::proto::logbackuppb_grpc::LogBackupClient;
 use crate::proto::tikvpb_grpc::TikvClient;
@@ -58,15 +57,20 @@ impl TikvClients {
         self.cache.lock().get(&store).map(|c| c.address.clone())
     }
 
+    /// Dials within the dial timeout, cut to the tick's deadline when one is in force.
     fn dial(&self, store: &StoreInfo) -> Result<Channel> {
+        let timeout = deadline::bounded(self.config.dial_timeout, &format!("dialing store {}", store.id))?;
         let channel = self.security.channel(self.env.clone(), &store.address, self.config.keepalive)?;
-        wait_connected(&channel, self.config.dial_timeout).map_err(|reason| Error::Store {
-            store_id: store.id,
-            address: store.address.clone(),
-            reason: format!(
-                "cannot connect: {reason}: {}",
-                self.security.diagnose(&store.address, self.config.dial_timeout)
-            ),
+        wait_connected(&channel, timeout).map_err(|reason| {
+            // Diagnosed only while there is time left for it.
+            let why = deadline::bounded(timeout, "diagnosis")
+                .map(|left| format!(": {}", self.security.diagnose(&store.address, left)))
+                .unwrap_or_default();
+            Error::Store {
+                store_id: store.id,
+                address: store.address.clone(),
+                reason: format!("cannot connect: {reason}{why}"),
+            }
         })?;
         info!("connected to store {} at {}", store.id, store.address);
         Ok(channel)
@@ -119,7 +123,9 @@ fn wait_connected(channel: &Channel, timeout: Duration) -> Result<(), String> {
             _ => {}
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || !block_on(channel.wait_for_state_change(state, left)) {
+        if left.is_zero()
+            || !deadline::block_on(channel.wait_for_state_change(state, left), "dialing").map_err(|e| e.to_string())?
+        {
             return Err(format!("not connected within {timeout:?}"));
         }
         state = channel.check_connectivity_state(true);

@@ -5,8 +5,12 @@
 //! caller. Everything it touches goes through the three traits of [`Env`], so each effect of
 //! a tick is unit-tested with in-memory fakes (`daemon/tests.rs`).
 //!
-//! A tick while owner: TSO → subscriptions → poll lagging spans → the core decides →
-//! upload (fenced by the owner term) / pause / GC safepoint.
+//! A tick while owner: TSO → subscriptions → poll lagging spans → task events that came
+//! meanwhile → the core decides → upload (fenced by the owner term) / pause / GC safepoint.
+//! Every PD and TiKV call of a tick shares one deadline, the tick interval from its start,
+//! and one interrupt, [`CheckpointAdvancer::tick_interrupt`] ([`deadline`]): what they cut
+//! short counts as failed (a range not polled keeps its old value), and the uploads, to
+//! etcd, still run.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -16,9 +20,10 @@ use crossbeam_channel::{never, Receiver, Sender};
 
 use super::metrics::Metrics;
 use crate::advancer::{latest_believable, Action, Advancer, Config, TaskStatus};
+use crate::cluster::deadline::{self, Scope};
 use crate::cluster::{
     collect_checkpoints, collect_checkpoints_cached, ClusterMeta, CollectResult, CollectorConfig, FailReason,
-    FlushEvent, FlushSubscriber, KvClients, LogBackupService, RegionCache, SubscriberConfig,
+    FailedRange, FlushEvent, FlushSubscriber, KvClients, LogBackupService, RegionCache, SubscriberConfig,
 };
 use crate::error::{Error, Result};
 use crate::etcd::Leadership;
@@ -27,6 +32,7 @@ use crate::meta::{Fence, MetaStore, TaskEvent, TaskWatcher, UploadOutcome};
 use crate::storage::CheckpointCopier;
 use crate::timefmt::format_duration;
 use crate::types::{local_now_ts, ts_add, ts_distance, ts_sub, KeyRange, RegionId, StoreId, Ts};
+use crate::worker::Interrupt;
 
 /// Flush events merged into the frontier as one batch at most.
 const FLUSH_BATCH: usize = 4096;
@@ -68,13 +74,17 @@ pub struct CheckpointAdvancer {
     /// The regions polls saw, so that a poll asks PD only about regions not seen or failed;
     /// kept while owner.
     regions: RegionCache,
-    /// Why each region failed in its task's last poll: the reason a blocker is shown with.
-    last_failures: HashMap<String, HashMap<RegionId, &'static str>>,
+    /// The regions that failed in each task's last poll: a blocker is shown with its reason.
+    last_failures: HashMap<String, Vec<FailedRange>>,
     /// The subscription failure reported every tick while it lasts: logged once.
     subscription_warning: RepeatedWarning,
+    tso_warning: RepeatedWarning,
+    gc_warning: RepeatedWarning,
     /// Lag pauses whose write failed, by task, and how often in a row: retried every tick,
     /// warned about once, summarised when written.
     failed_pauses: BTreeMap<String, u64>,
+    /// Ends the PD and TiKV waits of the tick in flight, and of every later one.
+    interrupt: Interrupt,
 }
 
 impl CheckpointAdvancer {
@@ -111,7 +121,10 @@ impl CheckpointAdvancer {
             regions: RegionCache::default(),
             last_failures: HashMap::new(),
             subscription_warning: RepeatedWarning::default(),
+            tso_warning: RepeatedWarning::default(),
+            gc_warning: RepeatedWarning::default(),
             failed_pauses: BTreeMap::new(),
+            interrupt: Interrupt::default(),
         })
     }
 
@@ -138,6 +151,18 @@ impl CheckpointAdvancer {
 
     pub fn is_owner(&self) -> bool {
         self.owner.is_some()
+    }
+
+    /// For shutting down from another thread: fired, it ends at once every PD and TiKV wait
+    /// of the tick in flight and of later ones (their work counts as failed), so the thread
+    /// ticking is free to see its stop. Uploads to etcd are not affected.
+    pub fn tick_interrupt(&self) -> Interrupt {
+        self.interrupt.clone()
+    }
+
+    /// What bounds a tick's PD and TiKV calls: the tick interval from now, and the interrupt.
+    fn tick_scope(&self) -> Scope {
+        Scope { deadline: Some(Instant::now() + self.config().tick_interval), interrupt: Some(self.interrupt.clone()) }
     }
 
     /// Starts the task listener (upstream's `OnStart` and `StartTaskListener`): task events
@@ -237,7 +262,7 @@ impl CheckpointAdvancer {
         self.metrics.owner.set([], 1.0);
         let mut subscriber =
             FlushSubscriber::new(self.env.cluster.clone(), self.env.service.clone(), SubscriberConfig::default());
-        if let Err(e) = subscriber.update_store_topology() {
+        if let Err(e) = self.tick_scope().run(|| subscriber.update_store_topology()) {
             log::warn!("Error when updating store topology: {e}");
         }
         self.subscriber = Some(subscriber);
@@ -270,17 +295,24 @@ impl CheckpointAdvancer {
     }
 
     /// Applies pending task and flush events, then, while owner, runs one tick and returns
-    /// the `now` it used. It returns only after the tick's writes are done.
+    /// the `now` it used. It returns only after the tick's writes are done; its PD and TiKV
+    /// calls end by the tick interval from its start.
     pub fn on_tick(&mut self) -> Option<Ts> {
         self.apply_pending_events();
         self.owner.as_ref()?;
+        Some(self.tick_scope().run(|| self.tick()))
+    }
+
+    fn tick(&mut self) -> Ts {
         let metrics = self.metrics.clone();
         let _timer = metrics.tick_duration.start_timer(["tick"]);
-        let started = Instant::now();
         let now = self.now();
         self.refresh_subscriptions();
         let plans = self.core.plan_polls(now);
-        self.poll_lagging(&plans, now, started);
+        self.poll_lagging(&plans, now);
+        // A deletion (or pause) that came while PD or the stores were slow applies before
+        // this tick decides what to write.
+        self.apply_pending_events();
         let actions = self.core.finish_tick(now);
         self.apply(actions, now);
         self.show_blockers(now);
@@ -288,7 +320,7 @@ impl CheckpointAdvancer {
         self.locks.after_tick(now, &mut self.core, &self.metrics);
         // After the GC step, as upstream; the writes run on the copier's thread.
         self.storage.submit(self.core.config().tick_interval);
-        Some(now)
+        now
     }
 
     /// Polls every running task's spans older than `threshold` and returns each task's
@@ -298,7 +330,7 @@ impl CheckpointAdvancer {
         self.apply_pending_events();
         let now = self.now();
         let plans = self.core.plan_polls_below(ts_sub(now, threshold));
-        self.poll_lagging(&plans, now, Instant::now());
+        self.poll_lagging(&plans, now);
         self.core.status().into_iter().filter(|s| !s.paused).filter_map(|s| Some((s.name, s.slowest?.1))).collect()
     }
 
@@ -337,6 +369,7 @@ impl CheckpointAdvancer {
         let expected = self.estimated_now();
         let now = match self.env.cluster.fetch_current_ts() {
             Ok(tso) => {
+                self.warn_repeated(Warning::Tso, None);
                 self.last_tso = Some((tso, Instant::now()));
                 if ts_distance(tso, expected) <= CLOCK_JUMP_MARGIN {
                     return tso;
@@ -348,7 +381,8 @@ impl CheckpointAdvancer {
                 tso
             }
             Err(e) => {
-                log::warn!("PD TSO unavailable, using the local clock (no lag-limit pause this tick): {e}");
+                let warning = format!("PD TSO unavailable, using the local clock (no lag-limit pause meanwhile): {e}");
+                self.warn_repeated(Warning::Tso, Some(warning));
                 local_now_ts()
             }
         };
@@ -380,9 +414,7 @@ impl CheckpointAdvancer {
         }
         let pending = subscriber.pending_errors();
         let message = pending.as_ref().map(|e| format!("Subscriber meet error, would polling the checkpoint: {e}"));
-        if let Some(line) = self.subscription_warning.observe(message) {
-            log::warn!("{line}");
-        }
+        self.warn_repeated(Warning::Subscription, message);
         self.core.set_subscriptions_healthy(pending.is_none());
     }
 
@@ -396,13 +428,12 @@ impl CheckpointAdvancer {
         }
     }
 
-    /// Polls the planned spans within the tick interval: one hung store costs one RPC
-    /// deadline, not the tick.
-    fn poll_lagging(&mut self, plans: &[crate::advancer::PollPlan], now: Ts, started: Instant) {
+    /// Polls the planned spans by the tick's deadline: one hung store costs one RPC
+    /// deadline, not the tick, and a task not polled in time waits for the next tick.
+    fn poll_lagging(&mut self, plans: &[crate::advancer::PollPlan], now: Ts) {
         let collector = self.collector_config(now);
-        let budget = self.config().tick_interval;
         for plan in plans {
-            if started.elapsed() >= budget {
+            if deadline::passed() {
                 log::warn!("tick interval used up; polling of task {} waits for the next tick", plan.task);
                 break;
             }
@@ -419,7 +450,7 @@ impl CheckpointAdvancer {
             match collected {
                 Ok(result) => {
                     self.count_poll(&result);
-                    let failures = result.failed.iter().filter_map(|f| Some((f.region?, f.reason.label()))).collect();
+                    let failures = result.failed.iter().filter(|f| f.region.is_some()).cloned().collect();
                     self.last_failures.insert(plan.task.clone(), failures);
                     for error in &result.store_errors {
                         log::warn!("task {}: {error}", plan.task);
@@ -463,34 +494,49 @@ impl CheckpointAdvancer {
 
     /// Shows, per running task, the region its slowest span starts in, that region's leader
     /// store and why it lags (its failure in the task's last poll, else `slow-flush`); and,
-    /// as upstream's region hint, the region of the most lagging task. One PD lookup per task.
+    /// as upstream's region hint, the region of the most lagging task.
     fn show_blockers(&mut self, now: Ts) {
         let m = self.metrics.clone();
         let mut most_lagging: Option<(Ts, RegionId, StoreId)> = None;
         for status in self.core.status().into_iter().filter(|s| !s.paused) {
             m.task_blocker.remove_prefixed(&status.name);
             let Some((span, ts)) = status.slowest else { continue };
-            let region = match self.env.cluster.region_scan(&span.start, &span.end, 1) {
-                Ok(regions) => regions.into_iter().next(),
-                Err(e) => {
-                    log::debug!("cannot find the region of task {}'s slowest span {span}: {e}", status.name);
-                    None
-                }
-            };
-            let Some(region) = region else { continue };
-            let store = region.leader_store.unwrap_or(0);
-            let reason =
-                self.last_failures.get(&status.name).and_then(|f| f.get(&region.id)).copied().unwrap_or("slow-flush");
+            let Some((region, store, reason)) = self.region_holding(&status.name, &span) else { continue };
             let lag = ts_distance(now, ts).as_secs_f64();
-            m.task_blocker.set([&status.name, &region.id.to_string(), &store.to_string(), reason], lag);
+            m.task_blocker.set([&status.name, &region.to_string(), &store.to_string(), reason], lag);
             if most_lagging.map_or(true, |(lowest, ..)| ts < lowest) {
-                most_lagging = Some((ts, region.id, store));
+                most_lagging = Some((ts, region, store));
             }
         }
         if let Some((_, region, store)) = most_lagging {
             m.last_region_id.set([], region as f64);
             m.last_region_leader_store_id.set([], store as f64);
         }
+    }
+
+    /// The region `span` starts in, its leader store and why it lags: a region that failed in
+    /// the task's last poll, else one earlier polls saw, else PD's answer within what is left
+    /// of the tick (kept for the next ticks).
+    fn region_holding(&mut self, task: &str, span: &KeyRange) -> Option<(RegionId, StoreId, &'static str)> {
+        let failed = self.last_failures.get(task).and_then(|f| f.iter().find(|f| f.range.contains(&span.start)));
+        if let Some(failed) = failed {
+            return Some((failed.region?, failed.store.unwrap_or(0), failed.reason.label()));
+        }
+        let region = match self.regions.region_at(&span.start) {
+            Some(region) => region.clone(),
+            None => match self.env.cluster.region_scan(&span.start, &span.end, 1) {
+                Ok(regions) => {
+                    let region = regions.into_iter().next()?;
+                    self.regions.insert(std::slice::from_ref(&region));
+                    region
+                }
+                Err(e) => {
+                    log::debug!("cannot find the region of task {task}'s slowest span {span}: {e}");
+                    return None;
+                }
+            },
+        };
+        Some((region.id, region.leader_store.unwrap_or(0), "slow-flush"))
     }
 
     /// Carries out the core's actions in order. A fenced upload means another advancer owns
@@ -504,8 +550,15 @@ impl CheckpointAdvancer {
                     }
                 }
                 Action::BlockGc { safe_point } => match self.env.cluster.block_gc_until(safe_point) {
-                    Ok(_) => log::debug!("updated log backup GC safe point to {safe_point}"),
-                    Err(e) => log::warn!("failed to update service GC safe point to {safe_point}: {e}"),
+                    Ok(_) => {
+                        log::debug!("updated log backup GC safe point to {safe_point}");
+                        self.warn_repeated(Warning::Gc, None);
+                    }
+                    Err(e) => {
+                        // The safepoint moves with the checkpoint: only the error makes the warning.
+                        log::debug!("failed to update service GC safe point to {safe_point}");
+                        self.warn_repeated(Warning::Gc, Some(format!("failed to update service GC safe point: {e}")));
+                    }
                 },
                 Action::UnblockGc => match self.env.cluster.unblock_gc() {
                     Ok(()) => {
@@ -608,6 +661,26 @@ fn fan_out_pool() -> Result<rayon::ThreadPool> {
         .thread_name(|i| format!("sh-fanout-{i}"))
         .build()
         .map_err(|e| Error::Io { what: "building the fan-out pool".into(), source: std::io::Error::other(e) })
+}
+
+/// The warnings a failing peer would otherwise repeat every tick.
+enum Warning {
+    Subscription,
+    Tso,
+    Gc,
+}
+
+impl CheckpointAdvancer {
+    fn warn_repeated(&mut self, which: Warning, message: Option<String>) {
+        let slot = match which {
+            Warning::Subscription => &mut self.subscription_warning,
+            Warning::Tso => &mut self.tso_warning,
+            Warning::Gc => &mut self.gc_warning,
+        };
+        if let Some(line) = slot.observe(message) {
+            log::warn!("{line}");
+        }
+    }
 }
 
 /// A warning that would repeat every tick: logged when it first appears, and when it changes

@@ -24,7 +24,7 @@ mod ticker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -32,13 +32,13 @@ use serde::Serialize;
 use self::metrics::Metrics;
 use self::status::{Handler, Reply, StatusServer};
 use crate::advancer::Config;
-use crate::cluster::{ClusterMeta, PdClient, PdConfig, TikvClients, TikvConfig};
+use crate::cluster::{deadline, ClusterMeta, PdClient, PdConfig, TikvClients, TikvConfig};
 use crate::error::{Error, Result};
 use crate::etcd::{EtcdClient, EtcdConfig};
 use crate::meta::{AdvancerExt, MetaDataClient};
 use crate::security::Security;
 use crate::types::{KeyRange, RegionId, StoreId, Ts};
-use crate::worker::{catch_panic, StopHandle, Worker};
+use crate::worker::{catch_panic, Interrupt, StopHandle, Worker};
 
 pub use checkpoint_advancer::{CheckpointAdvancer, Env};
 pub use owner::{is_our_owner_id, new_owner_id, random_uuid};
@@ -135,21 +135,25 @@ impl Shared {
         let owner = self.owner.load(Ordering::SeqCst);
         // Copied out first: the lookups must not hold up the ticker's next publish.
         let published = self.tasks.lock().clone();
-        let tasks = published
-            .into_iter()
-            .map(|PublishedTask { mut view, slowest }| {
-                view.slowest = slowest.map(|s| RegionHint {
-                    range: s.range.to_string(),
-                    ts: s.ts,
-                    region: if owner { self.region_at(&s.range.start) } else { None },
-                });
-                view
-            })
-            .collect();
+        // However many tasks, and whatever PD does, a status read is quick.
+        let tasks = deadline::within(Some(Instant::now() + REGION_HINT_BUDGET), || {
+            published
+                .into_iter()
+                .map(|PublishedTask { mut view, slowest }| {
+                    view.slowest = slowest.map(|s| RegionHint {
+                        range: s.range.to_string(),
+                        ts: s.ts,
+                        region: if owner { self.region_at(&s.range.start) } else { None },
+                    });
+                    view
+                })
+                .collect()
+        });
         DaemonStatus { id: self.id.clone(), role: if owner { "owner" } else { "standby" }, tasks }
     }
 
-    /// The region holding `key`, for the status page (best effort, one PD call).
+    /// The region holding `key`, for the status page (best effort, one PD call within the
+    /// read's budget).
     fn region_at(&self, key: &[u8]) -> Option<RegionView> {
         let mut end = key.to_vec();
         end.push(0);
@@ -159,6 +163,10 @@ impl Shared {
 }
 
 pub struct Daemon;
+
+/// What one status read may spend asking PD for the regions of the slowest spans (upstream
+/// gives its region hint 1 s).
+const REGION_HINT_BUDGET: Duration = Duration::from_secs(1);
 
 /// How long the handle waits for the ticker to take and answer a request.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
@@ -176,6 +184,10 @@ pub struct DaemonHandle {
     resign_requests: crossbeam_channel::Sender<()>,
     /// Set by `crash`: the owner loop leaves without resigning or revoking its lease.
     crashed: Arc<AtomicBool>,
+    /// Closed first on shutdown: a tick (or a `/status` request) waiting on PD ends at once.
+    pd: Arc<PdClient>,
+    /// Fired first on shutdown: the tick in flight waits on no store either.
+    tick_interrupt: Interrupt,
 }
 
 /// Runs the ticker. However it ends (stopped, or a panic), ownership is given up: `resign`
@@ -208,11 +220,11 @@ impl Daemon {
         pd_config.timeout = config.advancer.rpc_timeout;
         // PD may be briefly away (a rolling restart): every call finds the leader again, so
         // only bad addresses stop the start-up.
-        let pd = PdClient::new(pd_config, config.security.clone())?;
-        if let Err(e) = pd.fetch_current_ts() {
+        let pd_client = Arc::new(PdClient::new(pd_config, config.security.clone())?);
+        if let Err(e) = pd_client.fetch_current_ts() {
             log::warn!("PD is not answering yet, the advancer keeps trying: {e}");
         }
-        let pd: Arc<dyn ClusterMeta> = Arc::new(pd);
+        let pd: Arc<dyn ClusterMeta> = pd_client.clone();
         let tikv_config = TikvConfig { dial_timeout: config.advancer.dial_timeout, ..TikvConfig::default() };
         let clients = Arc::new(TikvClients::new(pd.clone(), config.security.clone(), tikv_config));
         let env = Env {
@@ -223,6 +235,7 @@ impl Daemon {
         };
         let mut advancer = CheckpointAdvancer::with_config(env, config.advancer.clone())?;
         advancer.on_start()?;
+        let tick_interrupt = advancer.tick_interrupt();
         let id = config.owner_id.clone().unwrap_or_else(new_owner_id);
         let shared = Arc::new(Shared {
             id: id.clone(),
@@ -265,6 +278,8 @@ impl Daemon {
             status_server,
             resign_requests,
             crashed,
+            pd: pd_client,
+            tick_interrupt,
         })
     }
 }
@@ -304,8 +319,8 @@ impl DaemonHandle {
         self.ask("update-config", |reply| ticker::Request::UpdateConfig(config, reply))?
     }
 
-    /// Sends a request to the ticker and waits for its answer: at most one tick, which is
-    /// bounded by the tick interval and a few RPC deadlines.
+    /// Sends a request to the ticker and waits for its answer: at most one tick, whose PD
+    /// and TiKV calls end by the tick interval (its etcd writes have their own deadline).
     fn ask<T>(&self, what: &str, request: impl FnOnce(crossbeam_channel::Sender<T>) -> ticker::Request) -> Result<T> {
         let (reply, answer) = crossbeam_channel::bounded(1);
         let stopped = || Error::Stopped(format!("the advancer (asked for {what})"));
@@ -344,6 +359,10 @@ impl DaemonHandle {
 
     fn shutdown(&mut self) {
         let Some(ticker) = self.ticker.take() else { return };
+        // Whatever PD and the stores do, no thread waits on them from here on; etcd is all
+        // resigning needs.
+        self.tick_interrupt.fire();
+        self.pd.close();
         self.status_server.take();
         ticker.join();
         // The ticker's end told the owner loop to resign; wait for it.

@@ -464,3 +464,126 @@ fn a_failed_lag_pause_is_retried_every_tick_until_written() {
     f.tick_at(second(140));
     assert_eq!(f.store.pauses.lock().len(), 1, "written once");
 }
+
+#[test]
+fn a_deletion_that_comes_while_a_tick_is_in_flight_applies_before_its_uploads() {
+    let mut f = Fixture::new();
+    f.advancer.on_start().unwrap();
+    f.add_task("t1", at(0));
+    f.add_task("t2", at(0));
+    f.own();
+    f.tick_at(at(1));
+    let listener = f.store.listener.lock().clone().expect("the advancer listens");
+    // BR deletes t1 while the tick waits on PD.
+    let store = f.store.clone();
+    *f.cluster.during_tso.lock() = Some(Box::new(move || {
+        store.incarnations.lock().remove("t1");
+        listener.send(TaskEvent::Del { name: "t1".into() }).unwrap();
+    }));
+    f.flushed(at(1));
+    f.tick_at(at(3));
+    let t1: Vec<Ts> = f.uploads().into_iter().filter(|(t, _)| t == "t1").map(|(_, ts)| ts).collect();
+    assert_eq!(t1, vec![at(0)], "the tick did not even try to write the deleted task");
+    assert_eq!(f.store.stored("t2"), Some(at(1)), "the other task goes on");
+    assert!(f.advancer.status().iter().all(|s| s.name != "t1"));
+}
+
+/// Every PD call of a tick hangs (a black-holed PD): the tick still ends by its deadline,
+/// one tick interval, not after an RPC deadline per call; the range it could not poll keeps
+/// its old value, so nothing above what the stores reported is uploaded; and the next tick,
+/// with PD back, carries on.
+#[test]
+fn a_tick_cut_short_by_its_deadline_uploads_nothing_unchecked_and_the_next_one_recovers() {
+    let tick = Duration::from_millis(300);
+    let config = Config {
+        tick_interval: tick,
+        try_advance_threshold: Duration::from_secs(1),
+        lag_limit: Duration::ZERO,
+        ..Config::default()
+    };
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&[b"m"], &[1])));
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(1));
+    let flushed = |f: &mut Fixture, start: &str, end: &str, ts: Ts| {
+        f.advancer.on_flush_events(&[FlushEvent { range: KeyRange::new(start, end), ts, store: 1 }]);
+    };
+    // The truth: [-∞, m) at 2, [m, +∞) at 1.
+    flushed(&mut f, "", "m", at(1));
+    flushed(&mut f, "m", "", at(1));
+    f.tick_at(at(2));
+    let gc_calls = f.cluster.gc.lock().len();
+    flushed(&mut f, "", "m", at(2));
+
+    f.cluster.black_holed.store(true, Ordering::SeqCst);
+    let began = std::time::Instant::now();
+    assert!(f.advancer.on_tick().is_some(), "the tick ran on the local clock");
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(3), "a tick of {tick:?} lasted {took:?}: its calls outlived its deadline");
+    assert_eq!(f.store.stored("t1"), Some(at(1)), "only what the stores reported is uploaded");
+    assert_eq!(f.cluster.gc.lock().len(), gc_calls, "the GC step of the cut tick failed");
+
+    f.cluster.black_holed.store(false, Ordering::SeqCst);
+    flushed(&mut f, "m", "", at(2));
+    f.tick_at(at(3));
+    assert_eq!(f.store.stored("t1"), Some(at(2)));
+    assert_eq!(f.cluster.gc.lock().last(), Some(&Some(at(2) - 1)), "GC is held at the checkpoint again");
+}
+
+#[test]
+fn a_pd_that_keeps_failing_is_warned_about_once_and_its_recovery_once() {
+    let config =
+        Config { try_advance_threshold: Duration::from_secs(3600), lag_limit: Duration::ZERO, ..Config::default() };
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&[b"m"], &[1])));
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(1));
+    *f.cluster.failing_gc.lock() = 3;
+    let lines = crate::testing::warnings_of(|| {
+        *f.cluster.now.lock() = None;
+        for _ in 0..3 {
+            f.advancer.on_tick();
+        }
+        f.tick_at(at(2));
+    });
+    let about = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(about("PD TSO unavailable"), 2, "once when it starts, once when it ends: {lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with("resolved: PD TSO unavailable") && l.contains("3 ticks")), "{lines:?}");
+    assert_eq!(about("failed to update service GC safe point"), 2, "{lines:?}");
+}
+
+/// 300 tasks once took 25 s to load: each task event and each task's tick cost PD calls.
+#[test]
+fn pd_calls_per_tick_do_not_grow_with_the_number_of_tasks() {
+    let pd_calls_per_tick = |tasks: usize| {
+        let boundaries: Vec<Vec<u8>> = (1..tasks).map(|i| format!("k{i:04}").into_bytes()).collect();
+        let boundaries: Vec<&[u8]> = boundaries.iter().map(Vec::as_slice).collect();
+        let stores = vec![1; boundaries.len() + 1];
+        let config =
+            Config { try_advance_threshold: Duration::from_secs(3600), lag_limit: Duration::ZERO, ..Config::default() };
+        let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&boundaries, &stores)));
+        for i in 0..tasks {
+            f.add_task(&format!("t{i}"), at(0));
+        }
+        assert_eq!(
+            f.cluster.tso_calls.load(Ordering::SeqCst) + f.cluster.scans.lock().len(),
+            0,
+            "loading tasks asks PD nothing"
+        );
+        f.own();
+        f.tick_at(at(1));
+        f.flushed(at(1));
+        f.tick_at(at(2));
+        let before =
+            (f.cluster.tso_calls.load(Ordering::SeqCst), f.cluster.scans.lock().len(), f.cluster.gc.lock().len());
+        f.flushed(at(2));
+        f.tick_at(at(3));
+        assert_eq!(f.uploads().iter().filter(|(_, ts)| *ts == at(2)).count(), tasks, "every task advanced");
+        let after =
+            (f.cluster.tso_calls.load(Ordering::SeqCst), f.cluster.scans.lock().len(), f.cluster.gc.lock().len());
+        (after.0 - before.0, after.1 - before.1, after.2 - before.2)
+    };
+    let one = pd_calls_per_tick(1);
+    assert_eq!(one, (1, 0, 1), "one TSO, no scan (the region cache holds them), one GC safepoint update");
+    assert_eq!(pd_calls_per_tick(300), one, "(TSO, region scans, GC safepoint) calls of a steady tick");
+}

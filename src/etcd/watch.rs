@@ -9,12 +9,8 @@
 //! progress, then after [`WATCH_SILENT_INTERVALS`] silent intervals is reopened on the next
 //! member, since a member whose disk hangs keeps the connection open but answers nothing.
 
-use std::future::Future;
-use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
-use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -28,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::proto::etcdserverpb::{WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse};
 use crate::proto::mvccpb::{Event_EventType, KeyValue};
 use crate::types::DisplayKey;
-use crate::worker::{StopToken, Worker};
+use crate::worker::{block_on_by, StopToken, Worker};
 
 const CHANNEL_CAPACITY: usize = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(3);
@@ -364,58 +360,5 @@ fn send_by(
     match block_on_by(sender.send((request, WriteFlags::default())), deadline) {
         Some(result) => result.map_err(|e| e.to_string()),
         None => Err("no room to send before the deadline".into()),
-    }
-}
-
-/// Wakes the thread that polls.
-struct Unpark(Thread);
-
-impl Wake for Unpark {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.unpark();
-    }
-}
-
-/// Runs `future` on this thread until it completes (`Some`) or `deadline` passes (`None`,
-/// the future dropped). Spurious unparks only cause another poll.
-fn block_on_by<F: Future>(future: F, deadline: Instant) -> Option<F::Output> {
-    let mut future = pin!(future);
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut context = Context::from_waker(&waker);
-    loop {
-        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
-            return Some(output);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        std::thread::park_timeout(left);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn block_on_by_gives_up_at_the_deadline_and_returns_what_completes() {
-        let started = Instant::now();
-        let never = futures_util::future::pending::<()>();
-        assert!(block_on_by(never, started + Duration::from_millis(50)).is_none());
-        assert!(started.elapsed() >= Duration::from_millis(50));
-
-        // Completed from another thread: the waker unparks the waiting one.
-        let (tx, rx) = futures_util::future::abortable(futures_util::future::pending::<()>());
-        let aborter = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            rx.abort();
-        });
-        let waited = block_on_by(tx, Instant::now() + Duration::from_secs(10));
-        assert!(matches!(waited, Some(Err(_))), "the abort completes the wait");
-        aborter.join().unwrap();
     }
 }

@@ -79,6 +79,8 @@ pub(crate) mod testing {
         pub failing: Mutex<Option<String>>,
         /// How many of the next pause writes fail.
         pub failing_pauses: Mutex<usize>,
+        /// Where `begin` was told to send task events: tests send them by hand.
+        pub listener: Mutex<Option<Sender<TaskEvent>>>,
     }
 
     impl MemStore {
@@ -100,7 +102,8 @@ pub(crate) mod testing {
     }
 
     impl MetaStore for MemStore {
-        fn begin(&self, _: Sender<TaskEvent>, _: Duration) -> Result<TaskWatcher> {
+        fn begin(&self, out: Sender<TaskEvent>, _: Duration) -> Result<TaskWatcher> {
+            *self.listener.lock() = Some(out);
             Ok(TaskWatcher::idle())
         }
 

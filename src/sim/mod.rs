@@ -149,6 +149,13 @@ impl SimCluster {
         self.state.pd_address.lock().clone()
     }
 
+    /// Makes PD name `address` (a proxy in front of it) as its client URL, and
+    /// [`SimCluster::pd_endpoint`] return it, so that clients following the PD leader stay
+    /// behind the proxy; until PD restarts.
+    pub fn advertise_pd_at(&self, address: &str) {
+        *self.state.pd_address.lock() = address.to_string();
+    }
+
     /// PD's `ScanRegions`/`BatchScanRegions` calls so far and the regions they returned.
     pub fn pd_scans(&self) -> (u64, u64) {
         self.state.pd_scans.read()
