@@ -137,9 +137,10 @@ struct Task {
 }
 
 struct Chaos {
-    /// Holds PD's port while PD is black-holed. Dropped first, so that a failing run's
-    /// daemons stop against a PD that refuses instead of one that hangs.
-    pd_hole: Option<TcpProxy>,
+    /// The only way to PD. Dropped first, so that a failing run's daemons stop against a PD
+    /// that refuses instead of one that hangs.
+    pd_proxy: TcpProxy,
+    pd_black_holed: bool,
     /// The owner and the standby (in no particular order).
     daemons: Vec<DaemonHandle>,
     tasks: Vec<Task>,
@@ -161,8 +162,10 @@ impl Chaos {
                 Task { name, range, life: Some(life), lives: 1, previous: 0 }
             })
             .collect();
+        let pd_proxy = TcpProxy::start(&f.sim.pd_endpoint());
+        f.sim.advertise_pd_at(&pd_proxy.endpoint());
         let daemons = vec![f.daemon(), Daemon::start(f.daemon_config()).unwrap()];
-        let mut chaos = Chaos { pd_hole: None, daemons, tasks, rng: Rng(seed), f };
+        let mut chaos = Chaos { pd_proxy, pd_black_holed: false, daemons, tasks, rng: Rng(seed), f };
         chaos.wait_for("every task's first checkpoint", DEADLINE, |chaos| {
             chaos.tasks.iter().all(|t| t.life.as_ref().is_some_and(|life| life.last > life.start))
         });
@@ -275,22 +278,21 @@ impl Chaos {
         "restart etcd".into()
     }
 
-    /// PD stops and a stalled proxy takes its port: every connection to PD is accepted and
-    /// never answered. The next toggle gives the port back to PD.
+    /// PD, reached only through its proxy, stops answering: new connections are accepted and
+    /// never answered, and open ones either hang (a host that froze) or drop (one that
+    /// restarted into the hang). The next toggle heals it.
     fn toggle_pd_black_hole(&mut self) -> String {
-        let endpoint = self.f.sim.pd_endpoint();
-        if let Some(hole) = self.pd_hole.take() {
-            drop(hole);
-            self.f.sim.start_pd().expect("PD starts again");
-            assert_eq!(self.f.sim.pd_endpoint(), endpoint, "PD came back on another port: the daemons cannot find it");
-            return "PD answers again".into();
+        self.pd_black_holed = !self.pd_black_holed;
+        if !self.pd_black_holed {
+            self.pd_proxy.heal();
+            "PD answers again".into()
+        } else if self.rng.coin() {
+            self.pd_proxy.black_hole();
+            "black-hole PD, open connections hang".into()
+        } else {
+            self.pd_proxy.stall();
+            "black-hole PD, open connections dropped".into()
         }
-        let port = endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("PD's endpoint has a port");
-        self.f.sim.stop_pd();
-        let hole = retry("a proxy on PD's port", || TcpProxy::start_on(port, &endpoint));
-        hole.black_hole();
-        self.pd_hole = Some(hole);
-        "black-hole PD".into()
     }
 
     /// Crashes the owner (no resignation, its lease left to expire) and starts a new standby
@@ -367,9 +369,8 @@ impl Chaos {
 
     /// Ends every fault that outlives its step.
     fn heal(&mut self) {
-        if self.pd_hole.is_some() {
-            self.toggle_pd_black_hole();
-        }
+        self.pd_black_holed = false;
+        self.pd_proxy.heal();
         for store in self.f.sim.store_ids() {
             self.f.sim.resume_store(store);
             self.f.sim.set_store_delay(store, Duration::ZERO);
