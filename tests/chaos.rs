@@ -284,7 +284,7 @@ impl Chaos {
     fn toggle_pd_black_hole(&mut self) -> String {
         self.pd_black_holed = !self.pd_black_holed;
         if !self.pd_black_holed {
-            self.pd_proxy.heal();
+            self.heal_pd();
             "PD answers again".into()
         } else if self.rng.coin() {
             self.pd_proxy.black_hole();
@@ -293,6 +293,13 @@ impl Chaos {
             self.pd_proxy.stall();
             "black-hole PD, open connections dropped".into()
         }
+    }
+
+    /// The held connections are reset, as when the hung host comes back from a restart: the
+    /// proxy dropped what they carried meanwhile, and TCP never resumes a stream with a gap.
+    fn heal_pd(&mut self) {
+        self.pd_proxy.cut();
+        self.pd_proxy.heal();
     }
 
     /// Crashes the owner (no resignation, its lease left to expire) and starts a new standby
@@ -370,7 +377,7 @@ impl Chaos {
     /// Ends every fault that outlives its step.
     fn heal(&mut self) {
         self.pd_black_holed = false;
-        self.pd_proxy.heal();
+        self.heal_pd();
         for store in self.f.sim.store_ids() {
             self.f.sim.resume_store(store);
             self.f.sim.set_store_delay(store, Duration::ZERO);
