@@ -76,21 +76,23 @@ fn main() {
 
     let mut subscriber = FlushSubscriber::new(pd.clone(), service.clone(), SubscriberConfig::default());
     subscriber.update_store_topology().expect("topology");
-    // The snapshot every store sends on subscribe.
+    // The snapshot every store sends on subscribe; merged as the ticker does, one batch per
+    // stream message.
+    let now = sim.now_ts();
     let mut received = 0;
     while received < regions {
-        let event = subscriber.events().recv_timeout(Duration::from_secs(60)).expect("snapshot events");
-        advancer.on_flush(&event.range, event.ts, event.ts);
-        received += 1;
+        let batch = subscriber.events().recv_timeout(Duration::from_secs(60)).expect("snapshot events");
+        advancer.on_flushes(batch.iter(), now);
+        received += batch.len();
     }
     sim.flush_all();
-    let target = sim.true_checkpoint(&KeyRange::full());
+    let (target, now) = (sim.true_checkpoint(&KeyRange::full()), sim.now_ts());
     let started = Instant::now();
     let mut merged = 0;
     while advancer.status()[0].slowest.as_ref().map_or(true, |(_, ts)| *ts < target) {
-        let event = subscriber.events().recv_timeout(Duration::from_secs(60)).expect("flush events");
-        advancer.on_flush(&event.range, event.ts, event.ts);
-        merged += 1;
+        let batch = subscriber.events().recv_timeout(Duration::from_secs(60)).expect("flush events");
+        advancer.on_flushes(batch.iter(), now);
+        merged += batch.len();
     }
     row("flush of every store → frontier (subscription)", merged, started.elapsed());
     println!();

@@ -12,6 +12,16 @@
 //! `docs/benchmarks.md` (`SCALE_BENCH_NO_DOCS=1` leaves the file alone).
 //!
 //! `cargo bench --bench scale`; `SCALE_BENCH_REGIONS=10000,100000,1000000 cargo bench --bench scale`
+//!
+//! `SCALE_BENCH_FAULTS=1` runs fault recovery instead (issue 14 item 3), time scaled: by
+//! default 10^5 regions, flush 3s, tick 1s, dial deadline 2s (`SCALE_BENCH_DIAL`), owner
+//! lease 3s (`SCALE_BENCH_OWNER_TTL`), an owner and a standby advancer. The global
+//! checkpoint's lag (from etcd) is sampled every 100 ms through each fault: a store stopped,
+//! a store hung (each with its leaders elected elsewhere at once), a rolling restart of every
+//! store (leaders evicted first, as tiup does) and the owner killed with SIGKILL, once with
+//! flush subscriptions and once polling only (`SCALE_BENCH_SUBSCRIPTIONS=on|off|both`). Its
+//! table has its own block in `docs/benchmarks.md`. `SCALE_BENCH_BIN` runs the processes from
+//! another build of `streamhelper`.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -28,26 +38,49 @@ use crossbeam_channel::Receiver;
 use futures_executor::block_on;
 use futures_util::StreamExt;
 use grpcio::CallOption;
+use parking_lot::Mutex;
 use streamhelper::cluster::{ClusterMeta, LogBackupService, PdClient, PdConfig, RegionIter, TikvClients, TikvConfig};
+use streamhelper::etcd::EtcdClient;
 use streamhelper::format::parse_duration;
+use streamhelper::meta::{AdvancerExt, MetaDataClient};
 use streamhelper::proto::logbackuppb::{GetLastFlushTSOfRegionRequest, RegionIdentity, SubscribeFlushEventRequest};
 use streamhelper::Security;
 use streamhelper::{KeyRange, StoreId};
 
-const BIN: &str = env!("CARGO_BIN_EXE_streamhelper");
+/// The `streamhelper` binary the processes run; `SCALE_BENCH_BIN` runs another build (an A/B
+/// comparison of two commits).
+fn bin() -> String {
+    std::env::var("SCALE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_streamhelper").to_string())
+}
 const BATCH: usize = 1024;
 const TASK: &str = "scale";
 /// How long the advancer gets to cover every region once before the run goes on without it.
 const COLD_START_LIMIT: Duration = Duration::from_secs(300);
-const DOCS_BEGIN: &str = "<!-- scale bench results: begin (rewritten by `cargo bench --bench scale`) -->";
-const DOCS_END: &str = "<!-- scale bench results: end -->";
+/// Where each mode's table goes in `docs/benchmarks.md`: (begin marker, end marker, the
+/// heading a missing block is appended under).
+const DOCS_STEADY: (&str, &str, &str) = (
+    "<!-- scale bench results: begin (rewritten by `cargo bench --bench scale`) -->",
+    "<!-- scale bench results: end -->",
+    "## `scale`: the advancer process against its floors",
+);
+const DOCS_FAULTS: (&str, &str, &str) = (
+    "<!-- scale bench fault results: begin (rewritten by `SCALE_BENCH_FAULTS=1 cargo bench --bench scale`) -->",
+    "<!-- scale bench fault results: end -->",
+    "### Fault recovery at scale",
+);
 
 struct Settings {
+    faults: bool,
     sizes: Vec<usize>,
     stores: usize,
     flush: Duration,
     tick: Duration,
+    threshold: Duration,
     window: Duration,
+    dial: Duration,
+    owner_ttl: Duration,
+    /// Fault mode: run the script with subscriptions (`true`), polling only (`false`), or both.
+    fault_modes: Vec<bool>,
 }
 
 impl Settings {
@@ -57,21 +90,39 @@ impl Settings {
             let text = var(name).unwrap_or_else(|| default.into());
             parse_duration(&text).unwrap_or_else(|e| panic!("{name}={text}: {e}"))
         };
-        let sizes = var("SCALE_BENCH_REGIONS").unwrap_or_else(|| "10000".into());
+        let faults = var("SCALE_BENCH_FAULTS").is_some_and(|v| v != "0");
+        // Fault recovery is time scaled: a flush of a few seconds, a tick of one.
+        let (default_size, default_flush, default_tick) =
+            if faults { ("100000", "3s", "1s") } else { ("10000", "5s", "2s") };
+        let sizes = var("SCALE_BENCH_REGIONS").unwrap_or_else(|| default_size.into());
+        let flush = duration("SCALE_BENCH_FLUSH", default_flush);
+        let tick = duration("SCALE_BENCH_TICK", default_tick);
         Settings {
+            faults,
             sizes: sizes
                 .split(',')
                 .map(|s| s.trim().parse().unwrap_or_else(|e| panic!("SCALE_BENCH_REGIONS={sizes}: {e}")))
                 .collect(),
             stores: var("SCALE_BENCH_STORES").map_or(20, |s| s.parse().expect("SCALE_BENCH_STORES: a number")),
-            flush: duration("SCALE_BENCH_FLUSH", "5s"),
-            tick: duration("SCALE_BENCH_TICK", "2s"),
+            flush,
+            tick,
+            // Faults: what the advancer learns from TiKV's /config (4/3 of the flush interval).
+            threshold: if faults { flush * 4 / 3 } else { tick * 3 },
             window: duration("SCALE_BENCH_WINDOW", "20s"),
+            dial: duration("SCALE_BENCH_DIAL", if faults { "2s" } else { "8s" }),
+            owner_ttl: duration("SCALE_BENCH_OWNER_TTL", if faults { "3s" } else { "60s" }),
+            fault_modes: match var("SCALE_BENCH_SUBSCRIPTIONS").as_deref() {
+                None | Some("both") => vec![true, false],
+                Some("on") => vec![true],
+                Some("off") => vec![false],
+                Some(other) => panic!("SCALE_BENCH_SUBSCRIPTIONS={other}: on, off or both"),
+            },
         }
     }
 
-    fn threshold(&self) -> Duration {
-        self.tick * 3
+    /// The goal for a store down or hung: a flush, two ticks and a dial deadline.
+    fn store_bound(&self) -> Duration {
+        self.flush + self.tick * 2 + self.dial
     }
 }
 
@@ -119,12 +170,13 @@ impl Sim {
     fn start(dir: &Path, regions: usize, settings: &Settings) -> Sim {
         let control = dir.join("control");
         std::fs::write(&control, "").expect("control file");
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["sim", "--stores", &settings.stores.to_string(), "--regions", &regions.to_string()])
             .args(["--flush-interval", &format!("{}ms", settings.flush.as_millis())])
             .args(["--control-file", control.to_str().expect("utf-8 path"), "--duration", "2h"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(std::env::temp_dir().join("scale-bench-sim.log")).expect("log")))
             .spawn()
             .expect("spawn sim");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -190,6 +242,15 @@ impl Sim {
         (numbers[0], numbers[1])
     }
 
+    /// Every store answers `SubscribeFlushEvent` with UNIMPLEMENTED and ends its streams:
+    /// the advancer polls what lags.
+    fn turn_subscriptions_off(&self) {
+        for store in &self.stores {
+            self.ask(&format!("subscription {store} off"), &format!("store {store} subscription supported"));
+            self.ask(&format!("reset-subscriptions {store}"), &format!("store {store} subscriptions reset"));
+        }
+    }
+
     fn quit(self) {
         self.send("quit");
         self.process.stop(Duration::from_secs(30));
@@ -243,17 +304,21 @@ struct Advancer {
 }
 
 impl Advancer {
-    fn start(sim: &Sim, settings: &Settings) -> Advancer {
+    /// `name` tells the log files apart: `$TMPDIR/scale-bench-advancer-<name>.log`.
+    fn start(sim: &Sim, settings: &Settings, name: &str) -> Advancer {
         let status = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(BIN)
+        let millis = |d: Duration| format!("{}ms", d.as_millis());
+        let child = Command::new(bin())
             .args(["advancer", "-u", &sim.pd, "--etcd", &sim.etcd, "--status-addr", &status])
-            .args(["--tick-interval", &format!("{}ms", settings.tick.as_millis())])
-            .args(["--try-advance-threshold", &format!("{}ms", settings.threshold().as_millis())])
+            .args(["--tick-interval", &millis(settings.tick)])
+            .args(["--try-advance-threshold", &millis(settings.threshold)])
+            .args(["--dial-timeout", &millis(settings.dial), "--owner-ttl", &millis(settings.owner_ttl)])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
-                std::fs::File::create(std::env::temp_dir().join("scale-bench-advancer.log")).expect("log"),
+                std::fs::File::create(std::env::temp_dir().join(format!("scale-bench-advancer-{name}.log")))
+                    .expect("log"),
             ))
             .spawn()
             .expect("spawn advancer");
@@ -262,6 +327,10 @@ impl Advancer {
 
     fn metrics(&self) -> Option<String> {
         http_get(&self.status, "/metrics")
+    }
+
+    fn is_owner(&self) -> bool {
+        self.metrics().is_some_and(|page| sample(&page, "tidb_log_backup_advancer_owner") == Some(1.0))
     }
 
     fn counters(&self) -> Counters {
@@ -448,6 +517,20 @@ fn tso_of(time: SystemTime) -> u64 {
     (time.duration_since(UNIX_EPOCH).expect("clock").as_millis() as u64) << 18
 }
 
+/// `streamhelper task add` with a start ts one minute back, so every region must be heard
+/// from before the checkpoint can move; returns the start ts.
+fn add_task(sim: &Sim, dir: &Path) -> u64 {
+    let start_ts = tso_of(SystemTime::now() - Duration::from_secs(60));
+    let status = Command::new(bin())
+        .args(["task", "add", TASK, "--storage", &format!("local://{}", dir.join("storage").display())])
+        .args(["--start-ts", &start_ts.to_string(), "-u", &sim.pd, "--etcd", &sim.etcd])
+        .stdout(Stdio::null())
+        .status()
+        .expect("task add");
+    assert!(status.success(), "task add");
+    start_ts
+}
+
 fn run_size(regions: usize, settings: &Settings) -> Row {
     let dir = tempfile::tempdir().expect("temp dir");
     let sim = Sim::start(dir.path(), regions, settings);
@@ -483,18 +566,10 @@ fn run_size(regions: usize, settings: &Settings) -> Row {
     floor.stop();
     drop(service);
 
-    let start_ts = tso_of(SystemTime::now() - Duration::from_secs(60));
-    let status = Command::new(BIN)
-        .args(["task", "add", TASK, "--storage", &format!("local://{}", dir.path().join("storage").display())])
-        .args(["--start-ts", &start_ts.to_string(), "-u", &sim.pd, "--etcd", &sim.etcd])
-        .stdout(Stdio::null())
-        .status()
-        .expect("task add");
-    assert!(status.success(), "task add");
-
+    let start_ts = add_task(&sim, dir.path());
     let load_cold = load_average();
     let spawned = Instant::now();
-    let advancer = Advancer::start(&sim, settings);
+    let advancer = Advancer::start(&sim, settings, "owner");
     let deadline = spawned + COLD_START_LIMIT;
     let mut owner_at = None;
     let covered_at = loop {
@@ -517,11 +592,8 @@ fn run_size(regions: usize, settings: &Settings) -> Row {
 
     std::thread::sleep(settings.flush * 2);
     let subscribed = measure_steady(&sim, &advancer, settings);
-    for store in &sim.stores {
-        sim.ask(&format!("subscription {store} off"), &format!("store {store} subscription supported"));
-        sim.ask(&format!("reset-subscriptions {store}"), &format!("store {store} subscriptions reset"));
-    }
-    std::thread::sleep(settings.flush * 2 + settings.threshold());
+    sim.turn_subscriptions_off();
+    std::thread::sleep(settings.flush * 2 + settings.threshold);
     let polling = measure_steady(&sim, &advancer, settings);
     let rss = rss_mib(advancer.process.pid());
     advancer.process.stop(Duration::from_secs(30));
@@ -540,6 +612,302 @@ fn run_size(regions: usize, settings: &Settings) -> Row {
     }
 }
 
+/// How often the fault phase reads the global checkpoint.
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// How long the lag gets to come back to its steady level after a fault ends.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(120);
+
+/// One reading of the task's global checkpoint in etcd.
+#[derive(Clone, Copy)]
+struct LagSample {
+    at: Instant,
+    lag: Duration,
+}
+
+/// Reads the task's global checkpoint from etcd every [`SAMPLE_EVERY`] on its own thread,
+/// counting values lower than one read before (the checkpoint must never regress).
+struct Sampler {
+    samples: Arc<Mutex<Vec<LagSample>>>,
+    regressions: Arc<AtomicU64>,
+    read_errors: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Sampler {
+    fn start(meta: AdvancerExt) -> Sampler {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let regressions = Arc::new(AtomicU64::new(0));
+        let read_errors = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (samples, regressions, read_errors, stop) =
+                (samples.clone(), regressions.clone(), read_errors.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut highest = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let next = Instant::now() + SAMPLE_EVERY;
+                    match meta.get_global_checkpoint(TASK) {
+                        Ok(0) => {}
+                        Ok(checkpoint) => {
+                            if checkpoint < highest {
+                                regressions.fetch_add(1, Ordering::Relaxed);
+                            }
+                            highest = highest.max(checkpoint);
+                            samples.lock().push(LagSample { at: Instant::now(), lag: lag_of(checkpoint) });
+                        }
+                        Err(_) => {
+                            read_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+            })
+        };
+        Sampler { samples, regressions, read_errors, stop, thread }
+    }
+
+    fn between(&self, from: Instant, to: Instant) -> Vec<LagSample> {
+        self.samples.lock().iter().filter(|s| s.at >= from && s.at <= to).copied().collect()
+    }
+
+    /// The first sample after `from` with a lag of at most `level`, waiting until `deadline`.
+    fn wait_lag_at_most(&self, level: Duration, from: Instant, deadline: Instant) -> Option<Instant> {
+        loop {
+            let found = self.samples.lock().iter().find(|s| s.at >= from && s.lag <= level).map(|s| s.at);
+            if found.is_some() || Instant::now() >= deadline {
+                return found;
+            }
+            std::thread::sleep(SAMPLE_EVERY);
+        }
+    }
+
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        (self.regressions.load(Ordering::Relaxed), self.read_errors.load(Ordering::Relaxed))
+    }
+}
+
+/// The wall clock minus the physical part of a TSO.
+fn lag_of(ts: u64) -> Duration {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
+    now.saturating_sub(Duration::from_millis(ts >> 18))
+}
+
+/// Max and p99 of the lags sampled in a window.
+fn lag_stats(samples: &[LagSample]) -> (Duration, Duration) {
+    let mut lags: Vec<Duration> = samples.iter().map(|s| s.lag).collect();
+    lags.sort();
+    let p99 = lags.get((lags.len() * 99).div_ceil(100).saturating_sub(1)).copied().unwrap_or_default();
+    (lags.last().copied().unwrap_or_default(), p99)
+}
+
+enum Fault {
+    /// `lose` (a sim control) makes the store `state`; its leaders are elected elsewhere, and
+    /// after a window `back` ends the fault.
+    LoseStore {
+        store: StoreId,
+        state: &'static str,
+        lose: &'static str,
+        back: &'static str,
+    },
+    RollingRestart,
+    OwnerKill,
+}
+
+struct FaultRow {
+    fault: String,
+    /// What the lag is held to, and how the bound is made.
+    bound: Duration,
+    bound_text: &'static str,
+    max_lag: Duration,
+    p99_lag: Duration,
+    /// From the end of the fault to the lag's return to the steady maximum; `None`: not within
+    /// [`RECOVERY_LIMIT`].
+    recovery: Option<Duration>,
+    note: String,
+}
+
+struct FaultRun {
+    subscriptions: bool,
+    load: String,
+    steady_max: Duration,
+    steady_p99: Duration,
+    rows: Vec<FaultRow>,
+    regressions: u64,
+    read_errors: u64,
+    /// Checks after each fault that the stored checkpoint is not above the sim's truth: (checks, failed).
+    truth_checks: (usize, usize),
+}
+
+impl Sim {
+    /// The oracle's true checkpoint of the whole key space (the task covers it).
+    fn true_checkpoint(&self) -> u64 {
+        let line = self.ask("status", "PD ");
+        let words = line.rsplit_once("true checkpoint ").expect("status names the true checkpoint").1;
+        words.trim().parse().expect("a TSO")
+    }
+}
+
+/// The fault script against a fresh sim, with flush subscriptions or polling only.
+fn run_faults(regions: usize, settings: &Settings, subscriptions: bool) -> FaultRun {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sim = Sim::start(dir.path(), regions, settings);
+    let start_ts = add_task(&sim, dir.path());
+    let meta = AdvancerExt::new(MetaDataClient::new(EtcdClient::connect_plain([sim.etcd.clone()]).expect("etcd")));
+    let mut owner = Some(Advancer::start(&sim, settings, "a"));
+    let covered = Instant::now() + COLD_START_LIMIT;
+    while meta.get_global_checkpoint(TASK).unwrap_or(0) <= start_ts {
+        assert!(Instant::now() < covered, "no checkpoint covering every region within {COLD_START_LIMIT:?}");
+        std::thread::sleep(SAMPLE_EVERY);
+    }
+    assert!(owner.as_ref().is_some_and(Advancer::is_owner), "the first advancer owns");
+    let standby = Advancer::start(&sim, settings, "b");
+    let up = Instant::now() + Duration::from_secs(60);
+    while standby.metrics().is_none() {
+        assert!(Instant::now() < up, "the standby's /metrics answers within a minute");
+        std::thread::sleep(SAMPLE_EVERY);
+    }
+    if !subscriptions {
+        sim.turn_subscriptions_off();
+    }
+    let sampler = Sampler::start(meta.clone());
+    let load = load_average();
+    std::thread::sleep(settings.flush * 2 + settings.threshold);
+    let steady_from = Instant::now();
+    std::thread::sleep(settings.window);
+    let (steady_max, steady_p99) = lag_stats(&sampler.between(steady_from, Instant::now()));
+    println!("steady: max lag {steady_max:?}, p99 {steady_p99:?}");
+
+    let stores = sim.stores.clone();
+    let faults = [
+        Fault::LoseStore { store: stores[0], state: "down", lose: "stop-store", back: "restart-store" },
+        Fault::LoseStore { store: stores[1], state: "hung", lose: "hang-store", back: "resume-store" },
+        Fault::RollingRestart,
+        Fault::OwnerKill,
+    ];
+    let mut rows = Vec::new();
+    let mut truth_checks = (0, 0);
+    for fault in faults {
+        let started = Instant::now();
+        let (name, bound, bound_text, note) = match fault {
+            Fault::LoseStore { store, state, lose, back } => {
+                sim.ask(&format!("{lose} {store}"), &format!("store {store} "));
+                let moved = sim.ask(&format!("fail-over {store}"), &format!("store {store}: "));
+                std::thread::sleep(settings.window);
+                sim.ask(&format!("{back} {store}"), &format!("store {store} "));
+                (format!("store {store} {state} {:?}", settings.window), settings.store_bound(), "F+2T+dial", moved)
+            }
+            Fault::RollingRestart => {
+                for store in &stores {
+                    sim.ask(&format!("fail-over {store}"), &format!("store {store}: "));
+                    sim.ask(&format!("restart-store {store}"), &format!("store {store} restarted"));
+                    std::thread::sleep(settings.flush);
+                }
+                let name = format!("rolling restart of {} stores, one per F", stores.len());
+                (name, settings.store_bound(), "F+2T+dial", "leaders evicted before each restart".to_string())
+            }
+            Fault::OwnerKill => {
+                drop(owner.take()); // SIGKILL: no resignation, the standby waits out the lease
+                let deadline = Instant::now() + settings.owner_ttl * 4 + Duration::from_secs(30);
+                while !standby.is_owner() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                // The fault lasts until the standby owns: the recovery is its own work.
+                let note = if standby.is_owner() {
+                    format!("standby owner {:.1} s after the kill", started.elapsed().as_secs_f64())
+                } else {
+                    "the standby did not take over".to_string()
+                };
+                (
+                    "owner kill -9, standby takes over".to_string(),
+                    settings.owner_ttl + settings.store_bound(),
+                    "TTL+F+2T+dial",
+                    note,
+                )
+            }
+        };
+        let ended = Instant::now();
+        let recovered = sampler.wait_lag_at_most(steady_max, ended, ended + RECOVERY_LIMIT);
+        let (max_lag, p99_lag) = lag_stats(&sampler.between(started, recovered.unwrap_or_else(Instant::now)));
+        let stored = meta.get_global_checkpoint(TASK).expect("read the checkpoint");
+        truth_checks.0 += 1;
+        if stored > sim.true_checkpoint() {
+            truth_checks.1 += 1;
+        }
+        println!(
+            "{name}: max lag {max_lag:?}, p99 {p99_lag:?}, recovered after {:?}; {note}",
+            recovered.map(|r| r - ended)
+        );
+        rows.push(FaultRow {
+            fault: name,
+            bound,
+            bound_text,
+            max_lag,
+            p99_lag,
+            recovery: recovered.map(|at| at.duration_since(ended)),
+            note,
+        });
+        std::thread::sleep(settings.flush);
+    }
+    let (regressions, read_errors) = sampler.stop();
+    standby.process.stop(Duration::from_secs(30));
+    sim.quit();
+    FaultRun { subscriptions, load, steady_max, steady_p99, rows, regressions, read_errors, truth_checks }
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64())
+}
+
+fn fault_table(regions: usize, run: &FaultRun, settings: &Settings) -> String {
+    let (f, t, dial) = (seconds(settings.flush), seconds(settings.tick), seconds(settings.dial));
+    let mut out = format!(
+        "{regions} regions over {} stores, {}; flush F {f} s, tick T {t} s, dial deadline {dial} s, poll threshold {} s, \
+         owner lease TTL {} s; lag = wall clock - the checkpoint in etcd, sampled every {} ms (load average {} at the start)\n\n",
+        settings.stores,
+        if run.subscriptions { "with flush subscriptions" } else { "subscriptions off (polling only)" },
+        seconds(settings.threshold),
+        seconds(settings.owner_ttl),
+        SAMPLE_EVERY.as_millis(),
+        run.load,
+    );
+    out.push_str("| fault | F s | T s | dial s | bound s | max lag s | p99 lag s | recovery after the fault ends s | max lag / F | verdict |\n");
+    out.push_str("|---|---:|---:|---:|---|---:|---:|---:|---:|---|\n");
+    out.push_str(&format!(
+        "| none (steady, {:?}) | {f} | {t} | {dial} | - | {} | {} | - | {:.1} | - |\n",
+        settings.window,
+        seconds(run.steady_max),
+        seconds(run.steady_p99),
+        run.steady_max.as_secs_f64() / settings.flush.as_secs_f64(),
+    ));
+    for row in &run.rows {
+        let verdict = if row.max_lag <= row.bound {
+            "met".to_string()
+        } else {
+            format!("missed by {} s", seconds(row.max_lag - row.bound))
+        };
+        out.push_str(&format!(
+            "| {} ({}) | {f} | {t} | {dial} | {} = {} | {} | {} | {} | {:.1} | {verdict} |\n",
+            row.fault,
+            row.note,
+            row.bound_text,
+            seconds(row.bound),
+            seconds(row.max_lag),
+            seconds(row.p99_lag),
+            row.recovery.map_or(format!("> {}", seconds(RECOVERY_LIMIT)), seconds),
+            row.max_lag.as_secs_f64() / settings.flush.as_secs_f64(),
+        ));
+    }
+    out.push_str(&format!(
+        "\nSafety over the run: {} regressions of the stored checkpoint between samples, {} of {} checks above \
+         the sim's true checkpoint, {} failed etcd reads.\n",
+        run.regressions, run.truth_checks.1, run.truth_checks.0, run.read_errors
+    ));
+    out
+}
+
 fn ms(seconds: f64) -> String {
     format!("{:.1}", seconds * 1e3)
 }
@@ -552,11 +920,7 @@ fn table(rows: &[Row], settings: &Settings) -> String {
     let mut out = format!(
         "{} stores, flush every {:?}, tick {:?}, poll threshold {:?}, steady windows of {:?}; \
          load average (1 min) beside each measurement\n\n",
-        settings.stores,
-        settings.flush,
-        settings.tick,
-        settings.threshold(),
-        settings.window
+        settings.stores, settings.flush, settings.tick, settings.threshold, settings.window
     );
     out.push_str("Cold start and floors:\n\n");
     out.push_str("| regions | load | RPC floor ms | owner after ms | cold start ms | cold / RPC floor (goal 1.5x) | decode floor CPU ms/flush |\n");
@@ -599,15 +963,15 @@ fn table(rows: &[Row], settings: &Settings) -> String {
     out
 }
 
-fn write_docs(text: &str) {
+fn write_docs(text: &str, (begin_marker, end_marker, heading): (&str, &str, &str)) {
     let path = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("docs/benchmarks.md");
     let docs = std::fs::read_to_string(&path).expect("docs/benchmarks.md");
-    let block = format!("{DOCS_BEGIN}\n\n{text}\n{DOCS_END}");
-    let updated = match (docs.find(DOCS_BEGIN), docs.find(DOCS_END)) {
+    let block = format!("{begin_marker}\n\n{text}\n{end_marker}");
+    let updated = match (docs.find(begin_marker), docs.find(end_marker)) {
         (Some(begin), Some(end)) if begin < end => {
-            format!("{}{block}{}", &docs[..begin], &docs[end + DOCS_END.len()..])
+            format!("{}{block}{}", &docs[..begin], &docs[end + end_marker.len()..])
         }
-        _ => format!("{}\n## `scale`: the advancer process against its floors\n\n{block}\n", docs.trim_end()),
+        _ => format!("{}\n{heading}\n\n{block}\n", docs.trim_end()),
     };
     std::fs::write(&path, updated).expect("write docs/benchmarks.md");
 }
@@ -615,21 +979,32 @@ fn write_docs(text: &str) {
 fn main() {
     let settings = Settings::from_env();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut text = String::new();
     let mut rows = Vec::new();
     for &regions in &settings.sizes {
         println!(
-            "scale bench: {regions} regions over {} stores ({cpus} CPUs, load {})",
+            "scale bench{}: {regions} regions over {} stores ({cpus} CPUs, load {})",
+            if settings.faults { " (faults)" } else { "" },
             settings.stores,
             load_average()
         );
-        rows.push(run_size(regions, &settings));
+        if settings.faults {
+            for subscriptions in settings.fault_modes.clone() {
+                text.push_str(&fault_table(regions, &run_faults(regions, &settings, subscriptions), &settings));
+                text.push('\n');
+            }
+        } else {
+            rows.push(run_size(regions, &settings));
+        }
     }
-    let text = table(&rows, &settings);
+    if !settings.faults {
+        text = table(&rows, &settings);
+    }
     println!("\n{text}");
     if std::env::var_os("SCALE_BENCH_NO_DOCS").is_none() {
-        write_docs(&format!(
-            "Run of {} ({cpus} CPUs):\n\n{text}",
-            streamhelper::format::format_rfc3339(SystemTime::now())
-        ));
+        write_docs(
+            &format!("Run of {} ({cpus} CPUs):\n\n{text}", streamhelper::format::format_rfc3339(SystemTime::now())),
+            if settings.faults { DOCS_FAULTS } else { DOCS_STEADY },
+        );
     }
 }

@@ -53,6 +53,22 @@ impl std::fmt::Display for DecodeError {
 /// example) are ignored, as TiDB's `DecodeBytes` does.
 pub fn decode_bytes(encoded: &[u8]) -> Result<Vec<u8>, DecodeError> {
     let mut out = Vec::with_capacity(encoded.len() / (GROUP + 1) * GROUP);
+    decode_bytes_into(encoded, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_bytes`] appending to `out`, which is left as it was on an error: many keys can
+/// share one buffer.
+pub fn decode_bytes_into(encoded: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    let before = out.len();
+    let decoded = decode_groups(encoded, out);
+    if decoded.is_err() {
+        out.truncate(before);
+    }
+    decoded
+}
+
+fn decode_groups(encoded: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
     let mut rest = encoded;
     loop {
         if rest.len() < GROUP + 1 {
@@ -74,7 +90,7 @@ pub fn decode_bytes(encoded: &[u8]) -> Result<Vec<u8>, DecodeError> {
             return Err(DecodeError::BadPadding);
         }
         out.extend_from_slice(&group[..real]);
-        return Ok(out);
+        return Ok(());
     }
 }
 
@@ -94,6 +110,15 @@ pub fn decode_boundary(encoded: &[u8]) -> Result<Vec<u8>, DecodeError> {
         Ok(Vec::new())
     } else {
         decode_bytes(encoded)
+    }
+}
+
+/// [`decode_boundary`] appending to `out` (left as it was on an error).
+pub fn decode_boundary_into(encoded: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    if encoded.is_empty() {
+        Ok(())
+    } else {
+        decode_bytes_into(encoded, out)
     }
 }
 
@@ -144,5 +169,18 @@ mod tests {
         assert_eq!(decode_bytes(&[b'a', 1, 2, 0, 0, 0, 0, 0, 0xF9]), Err(DecodeError::BadPadding));
         assert_eq!(decode_boundary(b"").unwrap(), b"");
         assert_eq!(encode_end_key(b""), b"");
+    }
+
+    #[test]
+    fn decoding_into_a_shared_buffer_appends_and_leaves_it_whole_on_garbage() {
+        let mut keys = b"kept".to_vec();
+        decode_boundary_into(&encode_bytes(b"t1_r"), &mut keys).unwrap();
+        decode_boundary_into(b"", &mut keys).unwrap();
+        assert_eq!(keys, b"keptt1_r");
+        // A full first group, then garbage: the group already copied is taken back.
+        let mut garbage = encode_bytes(b"0123456789");
+        garbage.truncate(GROUP + 1 + 3);
+        assert_eq!(decode_boundary_into(&garbage, &mut keys), Err(DecodeError::Truncated));
+        assert_eq!(keys, b"keptt1_r");
     }
 }

@@ -146,6 +146,36 @@ fn splits_merges_and_leader_moves_while_ticking() {
     }
 }
 
+/// Polling only, stores are lost and their leaders elected elsewhere while regions split and
+/// merge: the collector looks refused regions up again within the same poll, and what the
+/// second answers claim must be as safe as the first.
+#[test]
+fn leaders_failing_over_while_polling_only_never_break_safety() {
+    let f = Fixture::new(4, 24);
+    for store in f.sim.store_ids() {
+        f.sim.set_subscription_supported(store, false);
+    }
+    let start = f.add_task("t1", KeyRange::full());
+    let _daemon = f.daemon();
+    let mut safety = Safety::new(&f, "t1", KeyRange::full());
+    let mut last = safety.advance_past(start, "before the fail-overs");
+    for round in 0..6 {
+        let lost = f.sim.store_ids()[round % 4];
+        f.sim.stop_store(lost);
+        f.sim.fail_over(lost).unwrap();
+        let regions = f.sim.regions();
+        let mut key = regions[round].range.start.clone();
+        key.extend_from_slice(&[0x7f, round as u8]);
+        f.sim.split(&key).unwrap();
+        if round % 2 == 1 {
+            f.sim.merge(regions[round + 4].id, regions[round + 5].id).unwrap();
+        }
+        last = safety.advance_past(last, &format!("round {round}: store {lost} lost"));
+        f.sim.restart_store(lost).unwrap();
+    }
+    safety.advance_past(last, "every store back");
+}
+
 #[test]
 fn a_down_or_hung_store_delays_only_its_regions() {
     let f = Fixture::new(3, 24);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use streamhelper::cluster::{
     collect_checkpoints, collect_checkpoints_cached, ClusterMeta, CollectResult, CollectorConfig, FailReason,
-    FailedRange, FlushEvent, FlushSubscriber, LogBackupService, PdClient, PdConfig, RegionCache, RegionIter,
+    FailedRange, FlushBatch, FlushSubscriber, LogBackupService, PdClient, PdConfig, RegionCache, RegionIter,
     RegionWithLeader, ScanRetry, StoreInfo, SubscriberConfig, GC_SERVICE_ID,
 };
 use streamhelper::sim::{SimCluster, SimConfig};
@@ -378,7 +378,7 @@ fn a_region_split_between_the_scan_and_the_request() {
 }
 
 #[test]
-fn cached_regions_ask_pd_nothing_and_a_split_or_moved_one_fails_until_its_gap_is_scanned() {
+fn cached_regions_ask_pd_nothing_and_a_split_or_moved_one_is_looked_up_and_asked_again_in_the_same_poll() {
     let c = Cluster::start(3, 20);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let mut cache = RegionCache::default();
@@ -412,19 +412,25 @@ fn cached_regions_ask_pd_nothing_and_a_split_or_moved_one_fails_until_its_gap_is
     let to = c.sim.store_ids().into_iter().find(|&s| Some(s) != moved.leader_store).unwrap();
     c.sim.transfer_leader(moved.id, to).unwrap();
     c.sim.flush_all();
-    let stale = collect();
-    let others: Vec<RegionWithLeader> =
-        before.iter().filter(|r| r.id != split.id && r.id != moved.id).cloned().collect();
-    assert_eq!(stale.advanced, c.at_last_flush(&others));
-    let failed: Vec<_> = stale.failed.iter().map(|f| (f.region, f.reason.clone())).collect();
-    assert_eq!(failed, vec![(Some(split.id), FailReason::EpochNotMatch), (Some(moved.id), FailReason::NotLeader)]);
-    assert_eq!(c.sim.pd_scans(), (calls, scanned), "stale entries are found out by the stores, not PD");
-
+    // The stores find the stale entries out (epoch not match, not leader); PD is asked about
+    // their gaps only, and the regions there are asked again at once.
     let fresh = collect();
     assert!(fresh.failed.is_empty(), "{:?}", fresh.failed);
     assert_eq!(fresh.advanced, c.at_last_flush(&c.sim.regions()));
     let rescanned = c.sim.pd_scans().1 - scanned;
     assert!((3..=5).contains(&rescanned), "only the gaps are scanned again: {rescanned} regions");
+
+    // A region whose new leader has not flushed yet fails once more, and is looked up at most
+    // once per poll.
+    let moved_again = c.sim.regions()[3].clone();
+    let to = c.sim.store_ids().into_iter().find(|&s| Some(s) != moved_again.leader_store).unwrap();
+    c.sim.transfer_leader(moved_again.id, to).unwrap();
+    c.sim.flush_store(moved_again.leader_store.unwrap()); // the old leader no longer reports it
+    let scans_before = c.sim.pd_scans().0;
+    let unflushed = collect();
+    let failed: Vec<_> = unflushed.failed.iter().map(|f| (f.region, f.reason.clone())).collect();
+    assert_eq!(failed, vec![(Some(moved_again.id), FailReason::NotLeader)]);
+    assert_eq!(c.sim.pd_scans().0 - scans_before, 1, "one lookup of the failed region's gap");
 }
 
 #[test]
@@ -478,15 +484,18 @@ fn a_restarted_store_is_dialed_at_its_new_address() {
 fn assert_events(subscriber: &FlushSubscriber, expected: &BTreeMap<KeyRange, (Ts, StoreId)>) {
     let mut got: BTreeMap<KeyRange, (Ts, StoreId)> = BTreeMap::new();
     let deadline = Instant::now() + support::DEADLINE;
+    let take = |got: &mut BTreeMap<KeyRange, (Ts, StoreId)>, batch: FlushBatch| {
+        got.extend(batch.iter().map(|(start, end, ts)| (KeyRange::new(start, end), (ts, batch.store))));
+    };
     while expected.iter().any(|(range, value)| got.get(range) != Some(value)) {
-        let FlushEvent { range, ts, store } = subscriber
+        let batch = subscriber
             .events()
             .recv_deadline(deadline)
             .unwrap_or_else(|_| panic!("timed out; got {} of {} events", got.len(), expected.len()));
-        got.insert(range, (ts, store));
+        take(&mut got, batch);
     }
-    while let Ok(FlushEvent { range, ts, store }) = subscriber.events().try_recv() {
-        got.insert(range, (ts, store));
+    while let Ok(batch) = subscriber.events().try_recv() {
+        take(&mut got, batch);
     }
     assert_eq!(&got, expected);
 }
@@ -506,6 +515,34 @@ fn subscriber_delivers_each_flush_of_each_store() {
     c.sim.flush_store(2);
     assert_events(&subscriber, &c.flushed_events(&[2]));
     assert!(subscriber.pending_errors().is_none());
+}
+
+#[test]
+fn each_stream_message_arrives_whole_as_one_batch_of_its_store() {
+    // More regions per store than one message holds (1024): a flush spans messages.
+    let c = Cluster::start(2, 2600);
+    let subscriber = c.subscriber(SubscriberConfig::default());
+    c.sim.flush_all();
+    assert_events(&subscriber, &c.flushed_events(&[1, 2]));
+    subscriber.take_message_sizes();
+
+    c.sim.flush_store(1);
+    let expected = c.flushed_events(&[1]);
+    let (mut got, mut sizes) = (BTreeMap::new(), Vec::new());
+    let deadline = Instant::now() + support::DEADLINE;
+    while got.len() < expected.len() {
+        let batch = subscriber.events().recv_deadline(deadline).expect("store 1's flush within the deadline");
+        assert_eq!(batch.store, 1);
+        sizes.push(batch.len());
+        for (start, end, ts) in batch.iter() {
+            assert!(got.insert(KeyRange::new(start, end), (ts, 1)).is_none(), "an event came twice");
+        }
+    }
+    assert_eq!(got, expected);
+    assert!(sizes.len() > 1 && sizes.iter().all(|&n| n <= 1024), "{sizes:?}");
+    let messages: BTreeMap<StoreId, Vec<usize>> = subscriber.take_message_sizes().into_iter().collect();
+    assert_eq!(messages[&1], sizes, "one batch per message, in order");
+    assert!(subscriber.events().try_recv().is_err(), "nothing more");
 }
 
 #[test]

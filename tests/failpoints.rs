@@ -21,6 +21,7 @@ use support::{wait_until, DEADLINE};
 const UPLOAD: &str = "before-upload-checkpoint";
 const PAUSE: &str = "before-pause-write";
 const RESIGN: &str = "between-resign-and-revoke";
+const GC_CALL: &str = "before-gc-safepoint";
 
 struct Fixture {
     _etcd: EtcdProcess,
@@ -313,5 +314,63 @@ fn a_standby_takes_over_while_the_old_owner_is_between_resign_and_revoke() {
     assert!(b.is_owner(), "A's exit leaves B in charge");
     let after_a = stored();
     wait_until("B to keep uploading", || stored() > after_a);
+    b.stop();
+}
+
+/// The key fences uploads and pauses, not PD calls: a resigning owner whose tick is still in
+/// flight (about to set the GC safepoint) keeps its key until the tick is over, so no call of
+/// its lands after a standby leads.
+#[test]
+fn a_resigning_owner_keeps_its_key_until_its_tick_in_flight_is_over() {
+    let _scenario = fail::FailScenario::setup();
+    let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
+    let sim = SimCluster::start(SimConfig {
+        stores: 1,
+        regions: 4,
+        seed: 7,
+        flush_interval: Some(Duration::from_millis(100)),
+        ..SimConfig::default()
+    })
+    .unwrap();
+    let meta = MetaDataClient::new(EtcdClient::connect_plain([etcd.endpoint()]).unwrap());
+    Fixture::put_task(&meta, "t", sim.now_ts());
+    let config = DaemonConfig {
+        etcd_endpoints: vec![etcd.endpoint()],
+        advancer: support::fast_config(),
+        ..DaemonConfig::new(vec![sim.pd_endpoint()])
+    };
+    let a = Daemon::start(config.clone()).unwrap();
+    wait_until("A to own", || a.is_owner());
+    let b = Daemon::start(config).unwrap();
+    let election = Election::new(meta.etcd().clone(), keys::OWNER_PREFIX);
+    wait_until("B to stand by", || election.candidates().unwrap().len() == 2);
+    let a_key = election.candidates().unwrap().remove(0).key;
+
+    // Only the first tick to reach the GC call after this (A's: B does not own) is held.
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (reached_tx, reached) = crossbeam_channel::bounded(1);
+    let (release_tx, release) = crossbeam_channel::bounded::<()>(1);
+    let held = armed.clone();
+    fail::cfg_callback(GC_CALL, move || {
+        if held.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let _ = reached_tx.try_send(());
+            let _ = release.recv_timeout(DEADLINE);
+        }
+    })
+    .unwrap();
+    reached.recv_timeout(DEADLINE).expect("A's tick reaches its GC call");
+    assert!(a.resign_ownership());
+    // Long enough for a resignation that does not wait to hand over (milliseconds).
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        assert!(meta.etcd().get(a_key.clone()).unwrap().is_some(), "A resigned with its tick in flight");
+        assert!(!b.is_owner(), "B leads while A's tick is in flight");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    release_tx.send(()).unwrap();
+    wait_until("A to resign once its tick is over", || meta.etcd().get(a_key.clone()).unwrap().is_none());
+    wait_until("B to own", || b.is_owner());
+    fail::remove(GC_CALL);
+    a.stop();
     b.stop();
 }

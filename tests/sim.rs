@@ -687,6 +687,11 @@ fn text_controls_act_on_the_sim() {
     let address = sim.store_address(3);
     assert!(last_flush_ts(&log_backup_client(&address).unwrap(), &address, &[], Duration::from_secs(2)).is_err());
     assert!(apply("restart-store 3").unwrap().contains("127.0.0.1:"));
+    apply("stop-store 1").unwrap();
+    apply("fail-over 1").unwrap();
+    assert!(apply("fail-over 2").unwrap().contains("leaders moved off"));
+    assert!(sim.regions().iter().all(|r| r.leader_store == Some(3)), "every leader on 3, none on stopped 1");
+    assert!(apply("fail-over 9").unwrap_err().to_string().contains('9'));
     assert!(apply("merge 1 2").unwrap_err().to_string().contains("region"));
     assert!(apply("status").unwrap().contains("store 3 at"));
     assert_eq!(parse_line("quit").unwrap(), Some(Control::Quit));

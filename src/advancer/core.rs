@@ -207,24 +207,25 @@ impl Advancer {
 
     /// A flushed range from a subscription: raises every task's spans it covers.
     pub fn on_flush(&mut self, range: &KeyRange, ts: Ts, now: Ts) -> usize {
-        self.on_flushes([(range, ts)], now)
+        self.on_flushes([(range.start.as_slice(), range.end.as_slice(), ts)], now)
     }
 
-    /// Flushed ranges from subscriptions, merged as one batch per task (the frontier hides
-    /// memory latency across a batch). Flushes above `now` (the driver's best estimate of
-    /// PD's time) are impossible and dropped; returns how many.
+    /// Flushed ranges (raw start key, raw end key, ts) from subscriptions, merged as one
+    /// batch per task (the frontier hides memory latency across a batch). Flushes above
+    /// `now` (the driver's best estimate of PD's time) are impossible and dropped; returns
+    /// how many.
     pub fn on_flushes<'a, I>(&mut self, flushes: I, now: Ts) -> usize
     where
-        I: IntoIterator<Item = (&'a KeyRange, Ts)>,
+        I: IntoIterator<Item = (&'a [u8], &'a [u8], Ts)>,
         I::IntoIter: Clone,
     {
         let latest = latest_believable(now);
         let flushes = flushes.into_iter();
-        let believable = flushes.clone().filter(move |(_, ts)| *ts <= latest);
+        let believable = flushes.clone().filter(move |(_, _, ts)| *ts <= latest);
         for task in self.tasks.values_mut() {
-            task.frontier.merge_batch(believable.clone().map(|(r, ts)| (r.start.as_slice(), r.end.as_slice(), ts)));
+            task.frontier.merge_batch(believable.clone());
         }
-        flushes.filter(|(_, ts)| *ts > latest).count()
+        flushes.filter(|(_, _, ts)| *ts > latest).count()
     }
 
     /// Region checkpoints polled for `task`.

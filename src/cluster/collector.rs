@@ -7,7 +7,7 @@
 //! is in flight at once, all sharing one deadline. So a store that hangs costs the collector
 //! its deadline, never the other stores' answers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use grpcio::CallOption;
@@ -81,6 +81,20 @@ impl FailReason {
             FailReason::FromFuture(_) => "from-future",
         }
     }
+
+    /// Whether the failure may come from where PD placed the region when it was described
+    /// (a moved leader, a split or merge, a store gone from that address), so that asking
+    /// PD again can find a region that answers.
+    fn may_be_stale_location(&self) -> bool {
+        matches!(
+            self,
+            FailReason::NoLeader
+                | FailReason::NotLeader
+                | FailReason::EpochNotMatch
+                | FailReason::RegionError(_)
+                | FailReason::StoreFailed
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -123,6 +137,11 @@ pub fn collect_checkpoints(
 
 /// [`collect_checkpoints`] that asks PD only about the parts of `ranges` the cache does not
 /// tile, and drops every region that failed from the cache (see [`RegionCache`]).
+///
+/// A cached region that failed in a way PD's newer view may cure (its leader moved, it split
+/// or merged, its store went) is looked up again and asked about once more within the same
+/// deadline: a leader move must not cost its range a whole tick. Takes at most two scans,
+/// two dial deadlines and `config.rpc_timeout`, and no longer than the tick's deadline.
 pub fn collect_checkpoints_cached(
     meta: &dyn ClusterMeta,
     service: &dyn LogBackupService,
@@ -133,8 +152,62 @@ pub fn collect_checkpoints_cached(
 ) -> Result<CollectResult> {
     let began = Instant::now();
     let mut result = CollectResult::default();
-    let regions = scan_regions(meta, cache, ranges, config, &mut result.range_scans)?;
+    let (regions, cached) = scan_regions(meta, cache, ranges, config, &mut result.range_scans)?;
     let region_count = regions.len();
+    let deadline = ask_leaders(service, pool, regions, config, None, began, &mut result);
+    for failed in &result.failed {
+        cache.forget(failed);
+    }
+    let (stale, failed): (Vec<FailedRange>, Vec<FailedRange>) = std::mem::take(&mut result.failed)
+        .into_iter()
+        .partition(|f| f.region.is_some_and(|id| cached.contains(&id)) && f.reason.may_be_stale_location());
+    result.failed = failed;
+    if !stale.is_empty() && Instant::now() < deadline {
+        let stale_ranges: Vec<KeyRange> = stale.iter().map(|f| f.range.clone()).collect();
+        match scan_regions(meta, cache, &stale_ranges, config, &mut result.range_scans) {
+            Ok((regions, _)) => {
+                let mut retried = CollectResult::default();
+                ask_leaders(service, pool, regions, config, Some(deadline), began, &mut retried);
+                for failed in &retried.failed {
+                    cache.forget(failed);
+                }
+                result.advanced.extend(retried.advanced);
+                result.failed.extend(retried.failed);
+                result.store_errors.extend(retried.store_errors);
+                result.batch_sizes.extend(retried.batch_sizes);
+            }
+            Err(e) => {
+                warn!("looking up {} regions that failed again: {e}", stale.len());
+                result.failed.extend(stale);
+            }
+        }
+    } else {
+        result.failed.extend(stale);
+    }
+    result.advanced.sort();
+    result.failed.sort();
+    info!(
+        "collected checkpoints of {region_count} regions in {} ranges: {} advanced, {} failed, {} stores failed",
+        ranges.len(),
+        result.advanced.len(),
+        result.failed.len(),
+        result.store_errors.len()
+    );
+    Ok(result)
+}
+
+/// Asks the leaders of `regions` for their checkpoints into `result`: every store dialed in
+/// parallel, then every batch in flight at once until `deadline` (by default
+/// `config.rpc_timeout` from when they are sent), which it returns.
+fn ask_leaders(
+    service: &dyn LogBackupService,
+    pool: &rayon::ThreadPool,
+    regions: Vec<RegionWithLeader>,
+    config: &CollectorConfig,
+    deadline: Option<Instant>,
+    began: Instant,
+    result: &mut CollectResult,
+) -> Instant {
     let plans = plan_requests(regions, config.batch_size, &mut result.failed);
     // The tick's deadline and stop go along to the fan-out threads.
     let scope = deadline::Scope::current();
@@ -149,7 +222,9 @@ pub fn collect_checkpoints_cached(
     });
 
     // Past the tick's deadline nothing is waited for: every store's regions fail.
-    let deadline = Instant::now() + deadline::bounded(config.rpc_timeout, "polling checkpoints").unwrap_or_default();
+    let deadline = deadline.unwrap_or_else(|| {
+        Instant::now() + deadline::bounded(config.rpc_timeout, "polling checkpoints").unwrap_or_default()
+    });
     let in_flight: Vec<_> = dialed.into_iter().map(|(plan, client)| send_batches(plan, client, deadline)).collect();
     for store in &in_flight {
         if let Ok(sent) = &store.sent {
@@ -157,36 +232,27 @@ pub fn collect_checkpoints_cached(
         }
     }
     for store in in_flight {
-        store.wait_into(service, config.max_ts, began, &mut result);
+        store.wait_into(service, config.max_ts, began, result);
     }
-    for failed in &result.failed {
-        cache.forget(failed);
-    }
-    result.advanced.sort();
-    result.failed.sort();
-    info!(
-        "collected checkpoints of {region_count} regions in {} ranges: {} advanced, {} failed, {} stores failed",
-        ranges.len(),
-        result.advanced.len(),
-        result.failed.len(),
-        result.store_errors.len()
-    );
-    Ok(result)
+    deadline
 }
 
-/// The regions of all ranges, each once. A region seen twice (two ranges in one region, or a
-/// region that changed between pages) is asked about in its newest epoch.
+/// The regions of all ranges, each once, and which of them the cache answered for. A region
+/// seen twice (two ranges in one region, or a region that changed between pages) is asked
+/// about in its newest epoch.
 fn scan_regions(
     meta: &dyn ClusterMeta,
     cache: &mut RegionCache,
     ranges: &[KeyRange],
     config: &CollectorConfig,
     timings: &mut Vec<Duration>,
-) -> Result<Vec<RegionWithLeader>> {
+) -> Result<(Vec<RegionWithLeader>, HashSet<RegionId>)> {
     let mut by_id: HashMap<RegionId, RegionWithLeader> = HashMap::new();
+    let mut cached = HashSet::new();
     for range in ranges {
         let started = Instant::now();
         let (mut regions, gaps) = cache.cover(range);
+        cached.extend(regions.iter().map(|r| r.id));
         for gap in gaps {
             let mut iter = RegionIter::new(meta, &gap);
             iter.page_size = config.page_size;
@@ -205,7 +271,7 @@ fn scan_regions(
     }
     let mut regions: Vec<_> = by_id.into_values().collect();
     regions.sort_by(|a, b| a.range.cmp(&b.range));
-    Ok(regions)
+    Ok((regions, cached))
 }
 
 /// The regions earlier polls saw, by start key, so that a steady tick asks PD nothing.
@@ -694,7 +760,8 @@ mod tests {
         let ranges = [KeyRange::new("a", "c"), KeyRange::new("c", "e")];
         let regions =
             scan_regions(&meta, &mut RegionCache::default(), &ranges, &CollectorConfig::default(), &mut Vec::new())
-                .unwrap();
+                .unwrap()
+                .0;
         let got: Vec<_> = regions.iter().map(|r| (r.id, r.range.clone())).collect();
         assert_eq!(got, vec![(1, KeyRange::new("", "b")), (2, KeyRange::new("b", "d")), (3, KeyRange::new("d", ""))]);
     }

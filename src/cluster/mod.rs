@@ -27,7 +27,7 @@ pub use collector::{
 };
 pub use pd::{PdClient, PdConfig};
 pub use region_iter::{check_region_consistency, RegionIter, ScanRetry};
-pub use subscriber::{FlushEvent, FlushSubscriber, SubscriberConfig};
+pub use subscriber::{FlushBatch, FlushSubscriber, SubscriberConfig};
 pub use tikv::{TikvClients, TikvConfig};
 
 /// The PD service-safe-point id under which the advancer blocks GC.

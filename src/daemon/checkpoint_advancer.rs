@@ -23,7 +23,7 @@ use crate::advancer::{latest_believable, Action, Advancer, Config, TaskStatus};
 use crate::cluster::deadline::{self, Scope};
 use crate::cluster::{
     collect_checkpoints, collect_checkpoints_cached, ClusterMeta, CollectResult, CollectorConfig, FailReason,
-    FailedRange, FlushEvent, FlushSubscriber, KvClients, LogBackupService, RegionCache, SubscriberConfig,
+    FailedRange, FlushBatch, FlushSubscriber, KvClients, LogBackupService, RegionCache, SubscriberConfig,
 };
 use crate::error::{Error, Result};
 use crate::etcd::Leadership;
@@ -33,9 +33,6 @@ use crate::storage::CheckpointCopier;
 use crate::timefmt::format_duration;
 use crate::types::{local_now_ts, ts_add, ts_distance, ts_sub, KeyRange, RegionId, StoreId, Ts};
 use crate::worker::Interrupt;
-
-/// Flush events merged into the frontier as one batch at most.
-const FLUSH_BATCH: usize = 4096;
 
 /// How much further than the elapsed time PD's clock may move between two readings before
 /// it counts as a jump.
@@ -179,7 +176,7 @@ impl CheckpointAdvancer {
     }
 
     /// For `select!`: the flush events of the subscriptions (none while standing by).
-    pub fn flush_events(&self) -> Receiver<FlushEvent> {
+    pub fn flush_events(&self) -> Receiver<FlushBatch> {
         self.subscriber.as_ref().map(|s| s.events().clone()).unwrap_or_else(never)
     }
 
@@ -220,29 +217,22 @@ impl CheckpointAdvancer {
         }
     }
 
-    /// Flushed ranges from the subscriptions, merged as one batch. Events above the current
-    /// time are dropped, counted and logged once per store.
-    pub fn on_flush_events(&mut self, batch: &[FlushEvent]) {
+    /// One store's flushed ranges from its subscription, merged as one batch. Events above
+    /// the current time are dropped, counted and logged once per store.
+    pub fn on_flush_events(&mut self, batch: &FlushBatch) {
         let now = self.estimated_now();
-        let refused = self.core.on_flushes(batch.iter().map(|e| (&e.range, e.ts)), now);
+        let refused = self.core.on_flushes(batch.iter(), now);
         if refused == 0 {
             return;
         }
         self.metrics.future_checkpoints.inc_by(["flush"], refused as u64);
-        let latest = latest_believable(now);
-        let mut by_store: BTreeMap<StoreId, (usize, Ts)> = BTreeMap::new();
-        for event in batch.iter().filter(|e| e.ts > latest) {
-            let entry = by_store.entry(event.store).or_default();
-            entry.0 += 1;
-            entry.1 = entry.1.max(event.ts);
-        }
-        for (store, (count, max)) in by_store {
-            if self.future_stores.insert(store) {
-                log::warn!(
-                    "store {store} sent {count} flush events above the current time {now} (up to {max}); they are \
-                     ignored, and so are later ones (counted in streamhelper_future_checkpoints_total)"
-                );
-            }
+        let store = batch.store;
+        if self.future_stores.insert(store) {
+            let max = batch.iter().map(|(_, _, ts)| ts).max().unwrap_or_default();
+            log::warn!(
+                "store {store} sent {refused} flush events above the current time {now} (up to {max}); they are \
+                 ignored, and so are later ones (counted in streamhelper_future_checkpoints_total)"
+            );
         }
     }
 
@@ -353,11 +343,7 @@ impl CheckpointAdvancer {
             self.on_task_event(event);
         }
         let flushes = self.flush_events();
-        loop {
-            let batch: Vec<_> = flushes.try_iter().take(FLUSH_BATCH).collect();
-            if batch.is_empty() {
-                break;
-            }
+        while let Ok(batch) = flushes.try_recv() {
             self.on_flush_events(&batch);
         }
     }
@@ -543,6 +529,9 @@ impl CheckpointAdvancer {
     /// the tasks: the rest of the list (the GC safepoint included) is dropped.
     fn apply(&mut self, actions: Vec<Action>, now: Ts) {
         for action in actions {
+            if matches!(action, Action::BlockGc { .. } | Action::UnblockGc) {
+                fail::fail_point!("before-gc-safepoint");
+            }
             match action {
                 Action::Upload { task, incarnation, ts } => {
                     if !self.upload(&task, incarnation, ts, now) {

@@ -3,7 +3,7 @@
 //! ```text
 //! owner thread    lease + election on /tidb/br-stream/owner ─ OwnerEvent ─┐
 //! task watcher    MetaStore::begin (list, then watch) ───── TaskEvent ────┤ bounded
-//! subscribers     one SubscribeFlushEvent stream per store ─ FlushEvent ──┤ channels
+//! subscribers     one SubscribeFlushEvent stream per store ─ FlushBatch ──┤ channels
 //! handle          update_config / config requests ────────── Request ─────┤
 //! ticker          select! { stop, tasks, owner, flushes, tick, requests } ◄┘
 //!                 owns the CheckpointAdvancer; rayon fan-out per store

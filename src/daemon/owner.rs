@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::json;
 
 use crate::error::{Error, Result};
@@ -17,7 +17,10 @@ use crate::worker::StopToken;
 
 pub enum OwnerEvent {
     Gained(Leadership),
-    Lost,
+    /// The ticker answers on `stood_down` once it has stopped acting as owner.
+    Lost {
+        stood_down: Sender<()>,
+    },
 }
 
 /// The last 12 hex digits (the UUID "node") of our owner ids: "shelpr" in ASCII. Keeps the
@@ -155,12 +158,21 @@ impl OwnerLoop {
         let end = self.lead(election, &leadership, &keeper);
         // Ordering:
         // 1. Lost first, so the ticker stops uploading before anything else happens.
-        // 2. Resign (delete our key) before revoking the lease (in `one_term`): the key is
+        // 2. Before resigning, wait until the ticker has stood down: a tick in flight makes
+        //    PD calls (the GC safepoint) that the key does not fence, and once the key is gone
+        //    a standby may lead and make its own. Ticks are bounded by their deadline; the
+        //    wait by the lease TTL, after which a standby could lead anyway.
+        // 3. Resign (delete our key) before revoking the lease (in `one_term`): the key is
         //    both the fence of our writes and what standbys wait on, so from the delete on
         //    nothing of ours lands and a standby may lead, even if we stall or die before
         //    the revoke with the lease still renewed.
-        let _ = self.events.send(OwnerEvent::Lost);
+        let (stood_down_tx, stood_down) = crossbeam_channel::bounded(1);
+        let _ = self.events.send(OwnerEvent::Lost { stood_down: stood_down_tx });
         if matches!(end, Ok(TermEnd::Stopped | TermEnd::Resigned)) && !self.crashed.load(Ordering::SeqCst) {
+            // A ticker that is gone dropped the sender: nothing to wait for.
+            if let Err(RecvTimeoutError::Timeout) = stood_down.recv_timeout(self.ttl) {
+                log::warn!("the ticker did not stand down within {:?}; resigning anyway", self.ttl);
+            }
             if let Err(e) = election.resign(&leadership) {
                 log::warn!("resigning ownership failed (the lease expiry will release it): {e}");
             }

@@ -16,7 +16,7 @@ use super::ticker::Ticker;
 use super::{run_ticker, Shared};
 use crate::advancer::Config;
 use crate::cluster::testing::{regions_from_boundaries, FixedDialer, MemMeta};
-use crate::cluster::{FlushEvent, KvClients, StoreInfo};
+use crate::cluster::{FlushBatch, KvClients, StoreInfo};
 use crate::etcd::Leadership;
 use crate::meta::testing::MemStore;
 use crate::meta::TaskEvent;
@@ -104,7 +104,16 @@ impl Fixture {
 
     /// A flush event over every key; `ts` must not be above the last tick's `now`.
     fn flushed(&mut self, ts: Ts) {
-        self.advancer.on_flush_events(&[FlushEvent { range: KeyRange::full(), ts, store: 1 }]);
+        self.flushed_by(1, &[("", "", ts)]);
+    }
+
+    /// One stream message of `store`: (start, end, ts) per event.
+    fn flushed_by(&mut self, store: StoreId, events: &[(&str, &str, Ts)]) {
+        let mut batch = FlushBatch::new(store);
+        for &(start, end, ts) in events {
+            batch.push(&KeyRange::new(start, end), ts);
+        }
+        self.advancer.on_flush_events(&batch);
     }
 
     fn uploads(&self) -> Vec<(String, Ts)> {
@@ -343,6 +352,27 @@ fn a_flush_from_the_future_is_dropped_and_counted() {
     assert_eq!(f.store.stored("t1"), Some(at(0)), "a claim above now never becomes the checkpoint");
 }
 
+#[test]
+fn batches_of_two_stores_advance_the_checkpoint_only_where_believable_events_cover_it() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(3));
+    // Store 1 covers the left half; its claim about the right half is from the future.
+    f.flushed_by(1, &[("", "g", at(2)), ("g", "m", at(3)), ("m", "", at(30))]);
+    f.tick_at(at(4));
+    assert_eq!(f.advancer.metrics().future_checkpoints.get(["flush"]), 1);
+    assert_eq!(f.store.stored("t1"), Some(at(0)), "the right half was never heard from");
+
+    f.flushed_by(2, &[("m", "", at(4))]);
+    f.tick_at(at(5));
+    assert_eq!(f.store.stored("t1"), Some(at(2)), "the slowest piece of the left half");
+    // An older event of another store lowers nothing.
+    f.flushed_by(2, &[("", "m", at(1))]);
+    f.tick_at(at(6));
+    assert_eq!(f.store.stored("t1"), Some(at(2)));
+}
+
 /// The ticker on its own thread, as the daemon runs it.
 struct RunningTicker {
     owner: crossbeam_channel::Sender<OwnerEvent>,
@@ -505,9 +535,7 @@ fn a_tick_cut_short_by_its_deadline_uploads_nothing_unchecked_and_the_next_one_r
     f.add_task("t1", at(0));
     f.own();
     f.tick_at(at(1));
-    let flushed = |f: &mut Fixture, start: &str, end: &str, ts: Ts| {
-        f.advancer.on_flush_events(&[FlushEvent { range: KeyRange::new(start, end), ts, store: 1 }]);
-    };
+    let flushed = |f: &mut Fixture, start: &str, end: &str, ts: Ts| f.flushed_by(1, &[(start, end, ts)]);
     // The truth: [-∞, m) at 2, [m, +∞) at 1.
     flushed(&mut f, "", "m", at(1));
     flushed(&mut f, "m", "", at(1));

@@ -12,7 +12,7 @@ use super::checkpoint_advancer::CheckpointAdvancer;
 use super::owner::OwnerEvent;
 use super::{PublishedTask, Shared, SlowestSpan, TaskView};
 use crate::advancer::Config;
-use crate::cluster::FlushEvent;
+use crate::cluster::FlushBatch;
 use crate::error::Result;
 use crate::meta::TaskEvent;
 use crate::timefmt::format_rfc3339;
@@ -29,7 +29,7 @@ pub enum Request {
 enum Message {
     Task(TaskEvent),
     Owner(OwnerEvent),
-    Flushes(Vec<FlushEvent>),
+    Flushes(FlushBatch),
     Tick,
     Request(Request),
 }
@@ -47,9 +47,6 @@ impl Message {
         }
     }
 }
-
-/// Flush events handled as one message at most.
-const FLUSH_BATCH: usize = 4096;
 
 pub struct Ticker {
     pub advancer: CheckpointAdvancer,
@@ -75,10 +72,8 @@ impl Ticker {
                     Ok(event) => Message::Owner(event),
                     Err(_) => break,
                 },
-                recv(flushes) -> event => match event {
-                    Ok(first) => Message::Flushes(
-                        std::iter::once(first).chain(flushes.try_iter().take(FLUSH_BATCH - 1)).collect(),
-                    ),
+                recv(flushes) -> batch => match batch {
+                    Ok(batch) => Message::Flushes(batch),
                     Err(_) => continue,
                 },
                 recv(ticks) -> _ => Message::Tick,
@@ -113,8 +108,9 @@ impl Ticker {
                 // upload by up to a whole tick (the scale bench's cold start).
                 self.tick();
             }
-            Message::Owner(OwnerEvent::Lost) => {
+            Message::Owner(OwnerEvent::Lost { stood_down }) => {
                 self.advancer.on_lose_owner();
+                let _ = stood_down.send(());
                 self.publish(None);
             }
             Message::Flushes(batch) => self.advancer.on_flush_events(&batch),

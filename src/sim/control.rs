@@ -18,6 +18,7 @@ controls (one per line; # starts a comment):
   remove-leader REGION
   scatter                       seeded random leader moves
   stop-store STORE | hang-store STORE | resume-store STORE | restart-store STORE
+  fail-over STORE               its leaders move to other live replicas (a Raft election)
   never-flush REGION on|off
   subscription STORE on|off     off: SubscribeFlushEvent answers UNIMPLEMENTED
   reset-subscriptions STORE     end the store's flush streams with UNAVAILABLE
@@ -39,6 +40,7 @@ pub enum Control {
     HangStore(StoreId),
     ResumeStore(StoreId),
     RestartStore(StoreId),
+    FailOver(StoreId),
     NeverFlush(RegionId, bool),
     Subscription(StoreId, bool),
     ResetSubscriptions(StoreId),
@@ -109,6 +111,7 @@ pub fn parse_line(line: &str) -> Result<Option<Control>> {
         "hang-store" => Control::HangStore(number(next(), "a store id", line)?),
         "resume-store" => Control::ResumeStore(number(next(), "a store id", line)?),
         "restart-store" => Control::RestartStore(number(next(), "a store id", line)?),
+        "fail-over" => Control::FailOver(number(next(), "a store id", line)?),
         "never-flush" => Control::NeverFlush(number(next(), "a region id", line)?, switch(next(), line)?),
         "subscription" => Control::Subscription(number(next(), "a store id", line)?, switch(next(), line)?),
         "reset-subscriptions" => Control::ResetSubscriptions(number(next(), "a store id", line)?),
@@ -170,6 +173,7 @@ impl Control {
                 format!("store {store} resumed")
             }
             Control::RestartStore(store) => format!("store {store} restarted at {}", sim.restart_store(*store)?),
+            Control::FailOver(store) => format!("store {store}: {} leaders moved off", sim.fail_over(*store)?),
             Control::NeverFlush(region, never) => {
                 sim.set_never_flush(*region, *never);
                 format!("region {region} never-flush {never}")
@@ -235,6 +239,7 @@ mod tests {
         assert_eq!(parse_line("split 0x61ff").unwrap(), Some(Control::Split(vec![0x61, 0xff])));
         assert_eq!(parse_line("split abc").unwrap(), Some(Control::Split(b"abc".to_vec())));
         assert_eq!(parse_line("transfer-leader 1001 2").unwrap(), Some(Control::TransferLeader(1001, 2)));
+        assert_eq!(parse_line("fail-over 3").unwrap(), Some(Control::FailOver(3)));
         assert_eq!(parse_line("never-flush 1001 on").unwrap(), Some(Control::NeverFlush(1001, true)));
         assert_eq!(
             parse_line("delay-store 3 250ms").unwrap(),

@@ -275,6 +275,15 @@ impl SimCluster {
         }
     }
 
+    /// Every region the store leads elects a leader on another of its replicas that is up,
+    /// as Raft does once the store is lost (or PD's evict-leader before a restart); PD
+    /// advertises the new leaders at once. Returns how many regions moved.
+    pub fn fail_over(&self, store: StoreId) -> Result<usize> {
+        self.state.store(store).ok_or_else(|| no_store(store))?;
+        let up: Vec<bool> = self.state.stores.iter().map(|s| s.run.lock().up).collect();
+        Ok(self.state.regions.write().move_leaders_off(store, |s| up[s as usize - 1]))
+    }
+
     /// Freezes the store like SIGSTOP: connections are accepted, nothing is answered and it
     /// does not flush, until `resume_store` (or a stop or restart).
     pub fn hang_store(&self, store: StoreId) {

@@ -304,12 +304,29 @@ impl RegionTable {
     /// Gives every region a random leader among its replicas on stores where `alive` holds
     /// (PD never elects a leader on a dead store); regions without such a replica keep theirs.
     pub fn scatter(&mut self, alive: impl Fn(StoreId) -> bool) {
-        for meta in self.by_start.values_mut() {
+        self.elect_leaders(|_| true, alive);
+    }
+
+    /// Every region `store` leads elects a random leader among its other replicas on stores
+    /// where `alive` holds, as Raft does once the leader is lost (and PD's evict-leader
+    /// before a planned restart); regions without such a replica keep theirs. Returns how
+    /// many regions moved.
+    pub fn move_leaders_off(&mut self, store: StoreId, alive: impl Fn(StoreId) -> bool) -> usize {
+        self.elect_leaders(|leader| leader == Some(store), |s| s != store && alive(s))
+    }
+
+    /// A random leader among the `alive` replicas for each region whose leader is `chosen`;
+    /// returns how many got one.
+    fn elect_leaders(&mut self, chosen: impl Fn(Option<StoreId>) -> bool, alive: impl Fn(StoreId) -> bool) -> usize {
+        let mut elected = 0;
+        for meta in self.by_start.values_mut().filter(|meta| chosen(meta.leader)) {
             let candidates: Vec<StoreId> = meta.peers.as_slice().iter().copied().filter(|&s| alive(s)).collect();
             if !candidates.is_empty() {
                 meta.leader = Some(candidates[self.rng.below(candidates.len() as u64) as usize]);
+                elected += 1;
             }
         }
+        elected
     }
 
     /// One flush by each store in `flush_ts`: its leader regions (never-flush ones aside)
@@ -403,6 +420,35 @@ mod tests {
         assert!(t.get(right).is_none());
         assert!(t.merge(merged, FIRST_REGION_ID).is_err(), "not the right neighbour");
         assert_eq!(t.true_checkpoint(&KeyRange::full()), 100);
+    }
+
+    #[test]
+    fn leaders_move_off_a_lost_store_to_live_replicas_only() {
+        let mut t = table(200);
+        let lost = 1;
+        let led_before: Vec<RegionId> = t.iter().filter(|(_, m)| m.leader == Some(lost)).map(|(_, m)| m.id).collect();
+        let others_before: Vec<_> =
+            t.iter().filter(|(_, m)| m.leader != Some(lost)).map(|(_, m)| (m.id, m.leader)).collect();
+        assert!(!led_before.is_empty());
+        let dead = 2;
+        let moved = t.move_leaders_off(lost, |s| s != dead);
+        let stuck = led_before.iter().filter(|&&id| t.get(id).unwrap().1.leader == Some(lost)).count();
+        assert_eq!(moved + stuck, led_before.len());
+        for &id in &led_before {
+            let meta = t.get(id).unwrap().1;
+            let leader = meta.leader.unwrap();
+            assert!(meta.peers.contains(leader), "a leader is one of the replicas");
+            assert_ne!(leader, dead, "never elected on a dead store");
+            if leader == lost {
+                assert!(
+                    meta.peers.as_slice().iter().all(|&s| s == lost || s == dead),
+                    "kept only without a live replica"
+                );
+            }
+        }
+        let others_after: Vec<_> =
+            t.iter().filter(|(_, m)| !led_before.contains(&m.id)).map(|(_, m)| (m.id, m.leader)).collect();
+        assert_eq!(others_after, others_before, "regions led elsewhere keep their leader");
     }
 
     #[test]
