@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use streamhelper::meta::keys;
 use streamhelper::sim::TxnSpec;
+use streamhelper::testing::Rng;
 use streamhelper::{Daemon, DaemonHandle, KeyRange, Ts};
 use support::{Fixture, TcpProxy, DEADLINE};
 
@@ -77,32 +78,6 @@ fn run(seed: u64, steps: u64, log: &mut Vec<String>) {
     chaos.heal();
     chaos.catch_up();
     assert_eq!(chaos.f.sim.txn_violations(), Vec::<String>::new());
-}
-
-/// SplitMix64: every seed, 0 included, gives a well-mixed sequence.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (0 when `n` is 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next().checked_rem(n).unwrap_or(0)
-    }
-
-    fn index(&mut self, len: usize) -> usize {
-        self.below(len as u64) as usize
-    }
-
-    fn coin(&mut self) -> bool {
-        self.next() & 1 == 0
-    }
 }
 
 /// One life of a task, from its creation to its deletion, and what may be claimed for it.
@@ -165,7 +140,7 @@ impl Chaos {
         let pd_proxy = TcpProxy::start(&f.sim.pd_endpoint());
         f.sim.advertise_pd_at(&pd_proxy.endpoint());
         let daemons = vec![f.daemon(), Daemon::start(f.daemon_config()).unwrap()];
-        let mut chaos = Chaos { pd_proxy, pd_black_holed: false, daemons, tasks, rng: Rng(seed), f };
+        let mut chaos = Chaos { pd_proxy, pd_black_holed: false, daemons, tasks, rng: Rng::new(seed), f };
         chaos.wait_for("every task's first checkpoint", DEADLINE, |chaos| {
             chaos.tasks.iter().all(|t| t.life.as_ref().is_some_and(|life| life.last > life.start))
         });

@@ -243,33 +243,52 @@ fn bad_metadata_of_one_task_in_a_relist_keeps_its_last_good_state() {
     assert!(seen.contains(&"Pause(t2)".to_string()), "the other task is unaffected: {seen:?}");
 }
 
+/// Two daemons over one flushing sim with task `t`: A owns, B stands by.
+struct Pair {
+    // Dropped last: the daemons go first.
+    a: streamhelper::DaemonHandle,
+    b: streamhelper::DaemonHandle,
+    election: Election,
+    meta: MetaDataClient,
+    start: Ts,
+    sim: SimCluster,
+    etcd: EtcdProcess,
+}
+
+impl Pair {
+    fn start() -> Pair {
+        let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
+        // Stores flush on their own, so whoever owns keeps uploading higher checkpoints.
+        let flushing = SimConfig {
+            stores: 1,
+            regions: 4,
+            seed: 7,
+            flush_interval: Some(Duration::from_millis(100)),
+            ..SimConfig::default()
+        };
+        let sim = SimCluster::start(flushing).unwrap();
+        let meta = MetaDataClient::new(EtcdClient::connect_plain([etcd.endpoint()]).unwrap());
+        let start = sim.now_ts();
+        Fixture::put_task(&meta, "t", start);
+        let config = DaemonConfig {
+            etcd_endpoints: vec![etcd.endpoint()],
+            advancer: support::fast_config(),
+            ..DaemonConfig::new(vec![sim.pd_endpoint()])
+        };
+        let a = Daemon::start(config.clone()).unwrap();
+        wait_until("A to own", || a.is_owner());
+        let b = Daemon::start(config).unwrap();
+        let election = Election::new(meta.etcd().clone(), keys::OWNER_PREFIX);
+        wait_until("B to stand by", || election.candidates().unwrap().len() == 2);
+        Pair { a, b, election, meta, start, sim, etcd }
+    }
+}
+
 #[test]
 fn a_standby_takes_over_while_the_old_owner_is_between_resign_and_revoke() {
     let _scenario = fail::FailScenario::setup();
-    let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
-    // Stores flush on their own, so whoever owns keeps uploading higher checkpoints.
-    let flushing = SimConfig {
-        stores: 1,
-        regions: 4,
-        seed: 7,
-        flush_interval: Some(Duration::from_millis(100)),
-        ..SimConfig::default()
-    };
-    let sim = SimCluster::start(flushing).unwrap();
-    let meta = MetaDataClient::new(EtcdClient::connect_plain([etcd.endpoint()]).unwrap());
+    let Pair { sim: _sim, etcd: _etcd, meta, a, b, election, start } = Pair::start();
     let ext = AdvancerExt::new(meta.clone());
-    let start = sim.now_ts();
-    Fixture::put_task(&meta, "t", start);
-    let config = DaemonConfig {
-        etcd_endpoints: vec![etcd.endpoint()],
-        advancer: support::fast_config(),
-        ..DaemonConfig::new(vec![sim.pd_endpoint()])
-    };
-    let a = Daemon::start(config.clone()).unwrap();
-    wait_until("A to own", || a.is_owner());
-    let b = Daemon::start(config).unwrap();
-    let election = Election::new(meta.etcd().clone(), keys::OWNER_PREFIX);
-    wait_until("B to stand by", || election.candidates().unwrap().len() == 2);
     let a_key = election.candidates().unwrap().remove(0);
     let a_term = Leadership { key: a_key.key.clone(), create_revision: a_key.create_revision, lease: a_key.lease };
     let stored = || ext.get_global_checkpoint("t").unwrap();
@@ -324,27 +343,7 @@ fn a_standby_takes_over_while_the_old_owner_is_between_resign_and_revoke() {
 #[test]
 fn a_resigning_owner_keeps_its_key_until_its_tick_in_flight_is_over() {
     let _scenario = fail::FailScenario::setup();
-    let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
-    let sim = SimCluster::start(SimConfig {
-        stores: 1,
-        regions: 4,
-        seed: 7,
-        flush_interval: Some(Duration::from_millis(100)),
-        ..SimConfig::default()
-    })
-    .unwrap();
-    let meta = MetaDataClient::new(EtcdClient::connect_plain([etcd.endpoint()]).unwrap());
-    Fixture::put_task(&meta, "t", sim.now_ts());
-    let config = DaemonConfig {
-        etcd_endpoints: vec![etcd.endpoint()],
-        advancer: support::fast_config(),
-        ..DaemonConfig::new(vec![sim.pd_endpoint()])
-    };
-    let a = Daemon::start(config.clone()).unwrap();
-    wait_until("A to own", || a.is_owner());
-    let b = Daemon::start(config).unwrap();
-    let election = Election::new(meta.etcd().clone(), keys::OWNER_PREFIX);
-    wait_until("B to stand by", || election.candidates().unwrap().len() == 2);
+    let Pair { sim: _sim, etcd: _etcd, meta, a, b, election, .. } = Pair::start();
     let a_key = election.candidates().unwrap().remove(0).key;
 
     // Only the first tick to reach the GC call after this (A's: B does not own) is held.
