@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use streamhelper::spans::SpanFrontier;
+use streamhelper::testing::Rng;
 use streamhelper::{KeyRange, Ts};
 
 /// Counts allocations and live bytes, to report allocations per operation and bytes per span.
@@ -46,19 +47,6 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// SplitMix64, seeded: both structures see the same operations on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % n as u64) as usize
-    }
-}
-
 /// What both structures must do.
 trait Frontier {
     fn merge(&mut self, start: &[u8], end: &[u8], ts: Ts);
@@ -85,7 +73,7 @@ impl Batch {
     fn fill(&mut self, rng: &mut Rng, n: usize, ts0: Ts) {
         self.0.clear();
         for j in 0..Self::SIZE {
-            let region = rng.below(n);
+            let region = rng.index(n);
             self.0.push((region_key(region), region_key(region + 1), region + 1 < n, ts0 + j as Ts));
         }
     }
@@ -277,9 +265,9 @@ fn memory_latency() -> f64 {
     let n = 64 << 20 >> 3;
     // Sattolo's shuffle: one cycle through every slot, so each read depends on the last.
     let mut next: Vec<usize> = (0..n).collect();
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     for i in (1..n).rev() {
-        next.swap(i, rng.below(i));
+        next.swap(i, rng.index(i));
     }
     let (steps, mut at) = (2_000_000, 0);
     let start = Instant::now();
@@ -308,9 +296,9 @@ fn build<F: Frontier>(n: usize, empty: impl FnOnce() -> F) -> (F, usize) {
     let live = LIVE_BYTES.load(Relaxed);
     let mut frontier = empty();
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     for i in (1..n).rev() {
-        order.swap(i, rng.below(i + 1));
+        order.swap(i, rng.index(i + 1));
     }
     for (ts, &region) in order.iter().enumerate() {
         report(&mut frontier, n, region, &region_key(region), ts as Ts + 1);
@@ -326,9 +314,9 @@ fn rows(n: usize, ours: &mut SpanFrontier, naive: &mut Naive, overhead: u64) -> 
     let scans = (20_000_000 / n).clamp(10, 20_000);
     let mut rows = Vec::new();
     let same = |f: &mut dyn Frontier| {
-        let mut rng = Rng(1);
+        let mut rng = Rng::new(1);
         measure(UPDATES, 1, overhead, |i, _| {
-            let region = rng.below(n);
+            let region = rng.index(n);
             report(f, n, region, &region_key(region), (2 * n + i) as Ts);
         })
     };
@@ -340,7 +328,7 @@ fn rows(n: usize, ours: &mut SpanFrontier, naive: &mut Naive, overhead: u64) -> 
     // `merge_batch`, alternating, each batch its own regions. Only the merges are timed (the
     // keys are computed before); ns and allocations per update.
     let batches = |f: &mut dyn Frontier| {
-        let (mut rng, mut batch) = (Rng(4), Batch(Vec::with_capacity(Batch::SIZE)));
+        let (mut rng, mut batch) = (Rng::new(4), Batch(Vec::with_capacity(Batch::SIZE)));
         let mut times: [Vec<u64>; 2] = Default::default();
         let mut allocations = [0; 2];
         for i in 0..UPDATES / Batch::SIZE {
@@ -365,12 +353,12 @@ fn rows(n: usize, ours: &mut SpanFrontier, naive: &mut Naive, overhead: u64) -> 
     // A region's first half reports (its piece splits), then the second half catches up at
     // the same ts (the halves coalesce again), so the piece count stays put.
     let split_then_join = |f: &mut dyn Frontier| {
-        let (mut rng, mut region) = (Rng(2), 0);
+        let (mut rng, mut region) = (Rng::new(2), 0);
         measure(UPDATES / 2, 1, overhead, |i, step| {
             let ts = (2 * n + 3 * UPDATES + i) as Ts;
             let mut mid = [0x80; 20];
             if step == 0 {
-                region = rng.below(n);
+                region = rng.index(n);
             }
             mid[..19].copy_from_slice(&region_key(region));
             match step {

@@ -63,4 +63,6 @@ pub mod format {
 }
 
 #[cfg(any(test, feature = "sim"))]
+mod rng;
+#[cfg(any(test, feature = "sim"))]
 pub mod testing;

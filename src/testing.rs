@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 pub use crate::daemon::status::{http_get, http_request};
 #[cfg(feature = "sim")]
 pub use crate::etcd::process::free_port;
+pub use crate::rng::Rng;
 #[cfg(feature = "sim")]
 pub use crate::sim::probe::*;
 

@@ -368,7 +368,7 @@ impl CheckpointAdvancer {
             }
             Err(e) => {
                 let warning = format!("PD TSO unavailable, using the local clock (no lag-limit pause meanwhile): {e}");
-                self.warn_repeated(Warning::Tso, Some(warning));
+                self.warn_repeated(Warning::Tso, Some((String::new(), warning)));
                 local_now_ts()
             }
         };
@@ -399,9 +399,12 @@ impl CheckpointAdvancer {
             }
         }
         let pending = subscriber.pending_errors();
-        let message = pending.as_ref().map(|e| format!("Subscriber meet error, would polling the checkpoint: {e}"));
-        self.warn_repeated(Warning::Subscription, message);
+        let failing: Vec<StoreId> = subscriber.store_errors().iter().map(|(store, _)| *store).collect();
+        let warning = pending
+            .as_ref()
+            .map(|e| (format!("{failing:?}"), format!("Subscriber meet error, would polling the checkpoint: {e}")));
         self.core.set_subscriptions_healthy(pending.is_none());
+        self.warn_repeated(Warning::Subscription, warning);
     }
 
     /// Answers above `latest_believable(now)` fail their region instead of advancing it.
@@ -546,7 +549,8 @@ impl CheckpointAdvancer {
                     Err(e) => {
                         // The safepoint moves with the checkpoint: only the error makes the warning.
                         log::debug!("failed to update service GC safe point to {safe_point}");
-                        self.warn_repeated(Warning::Gc, Some(format!("failed to update service GC safe point: {e}")));
+                        let line = format!("failed to update service GC safe point: {e}");
+                        self.warn_repeated(Warning::Gc, Some((String::new(), line)));
                     }
                 },
                 Action::UnblockGc => match self.env.cluster.unblock_gc() {
@@ -660,40 +664,44 @@ enum Warning {
 }
 
 impl CheckpointAdvancer {
-    fn warn_repeated(&mut self, which: Warning, message: Option<String>) {
+    /// `warning` as (what stays the same while it repeats, the line to log).
+    fn warn_repeated(&mut self, which: Warning, warning: Option<(String, String)>) {
         let slot = match which {
             Warning::Subscription => &mut self.subscription_warning,
             Warning::Tso => &mut self.tso_warning,
             Warning::Gc => &mut self.gc_warning,
         };
-        if let Some(line) = slot.observe(message) {
+        if let Some(line) = slot.observe(warning) {
             log::warn!("{line}");
         }
     }
 }
 
 /// A warning that would repeat every tick: logged when it first appears, and when it changes
-/// or ends with how many ticks it lasted.
+/// or ends with how many ticks it lasted. What counts as the same warning is its key (e.g.
+/// which stores fail), so an error text that varies from tick to tick is not logged anew.
 #[derive(Default)]
 pub(crate) struct RepeatedWarning {
-    current: Option<(String, u64)>,
+    /// Key, the line logged when it appeared, ticks seen.
+    current: Option<(String, String, u64)>,
 }
 
 impl RepeatedWarning {
-    /// This tick's warning (`None`: all is well); returns the line to log, if any.
-    pub(crate) fn observe(&mut self, message: Option<String>) -> Option<String> {
-        if let (Some((current, repeats)), Some(new)) = (&mut self.current, &message) {
-            if current == new {
+    /// This tick's warning as (key, line), `None` when all is well; returns the line to log,
+    /// if any.
+    pub(crate) fn observe(&mut self, warning: Option<(String, String)>) -> Option<String> {
+        if let (Some((key, _, repeats)), Some((new_key, _))) = (&mut self.current, &warning) {
+            if key == new_key {
                 *repeats += 1;
                 return None;
             }
         }
-        let ended = self.current.take().map(|(old, repeats)| format!("{old} (seen in {repeats} ticks)"));
-        self.current = message.clone().map(|m| (m, 1));
-        match (ended, message) {
-            (Some(ended), Some(new)) => Some(format!("{new}; before: {ended}")),
+        let ended = self.current.take().map(|(_, old, repeats)| format!("{old} (seen in {repeats} ticks)"));
+        self.current = warning.clone().map(|(key, line)| (key, line, 1));
+        match (ended, warning) {
+            (Some(ended), Some((_, new))) => Some(format!("{new}; before: {ended}")),
             (Some(ended), None) => Some(format!("resolved: {ended}")),
-            (None, new) => new,
+            (None, new) => new.map(|(_, line)| line),
         }
     }
 }

@@ -439,17 +439,25 @@ fn a_new_owner_ticks_at_once_instead_of_after_an_interval() {
 #[test]
 fn a_warning_repeated_every_tick_is_logged_once_then_summarised() {
     let mut w = RepeatedWarning::default();
-    let store_1 = || Some("store 1 has no subscription".to_string());
-    assert_eq!(w.observe(store_1()), store_1());
+    let warning = |line: &str| Some((line.to_string(), line.to_string()));
+    let store_1 = || warning("store 1 has no subscription");
+    let line = |l: &str| Some(l.to_string());
+    assert_eq!(w.observe(store_1()), line("store 1 has no subscription"));
     assert_eq!(w.observe(store_1()), None);
     assert_eq!(w.observe(store_1()), None);
-    assert_eq!(w.observe(None).as_deref(), Some("resolved: store 1 has no subscription (seen in 3 ticks)"));
+    assert_eq!(w.observe(None), line("resolved: store 1 has no subscription (seen in 3 ticks)"));
     assert_eq!(w.observe(None), None);
-    assert_eq!(w.observe(store_1()), store_1());
+    assert_eq!(w.observe(store_1()), line("store 1 has no subscription"));
     assert_eq!(
-        w.observe(Some("store 2 down".into())).as_deref(),
-        Some("store 2 down; before: store 1 has no subscription (seen in 1 ticks)")
+        w.observe(warning("store 2 down")),
+        line("store 2 down; before: store 1 has no subscription (seen in 1 ticks)")
     );
+    // The same stores failing with another error text is the same warning.
+    let mut w = RepeatedWarning::default();
+    let failing = |why: &str| Some(("[1, 2]".to_string(), format!("stores 1 and 2: {why}")));
+    assert_eq!(w.observe(failing("reset")), line("stores 1 and 2: reset"));
+    assert_eq!(w.observe(failing("refused")), None);
+    assert_eq!(w.observe(None), line("resolved: stores 1 and 2: reset (seen in 2 ticks)"));
 }
 
 #[test]

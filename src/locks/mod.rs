@@ -26,7 +26,7 @@ use crate::daemon::metrics::Metrics;
 use crate::error::{Error, Result};
 use crate::timefmt::format_duration;
 use crate::types::Ts;
-use crate::worker::{StopToken, Worker as Thread};
+use crate::worker::{catch_panic, StopToken, Worker as Thread};
 
 pub use plan::{target_bound, Schedule};
 pub use round::{run_round, RoundEnv, RoundReport, RoundRequest};
@@ -177,7 +177,15 @@ impl Worker {
                         request.deadline,
                         &stop,
                     );
-                    let report = run_round(&env, &self.pool, &request);
+                    // A panic (grpcio has unwraps of its own) fails this round only: the
+                    // thread lives on, or no round would ever run again.
+                    let report = catch_panic(|| run_round(&env, &self.pool, &request)).unwrap_or_else(|panic| {
+                        RoundReport {
+                            tasks: request.tasks.clone(),
+                            errors: vec![format!("the lock-resolution round panicked: {panic}")],
+                            ..RoundReport::default()
+                        }
+                    });
                     if !stop.send(&reports, report) {
                         return;
                     }

@@ -443,6 +443,7 @@ fn found_lock(mut info: crate::proto::kvrpcpb::LockInfo, region: &RegionWithLead
 /// Runs one round: scans the targets' ranges in parallel on `pool`, then settles the
 /// transactions found, in parallel too.
 pub fn run_round(env: &RoundEnv<'_>, pool: &rayon::ThreadPool, request: &RoundRequest) -> RoundReport {
+    fail::fail_point!("in-lock-round");
     let started = Instant::now();
     let mut report = RoundReport { tasks: request.tasks.clone(), ..RoundReport::default() };
     let ranges: Vec<KeyRange> = collapse(&request.targets.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>());

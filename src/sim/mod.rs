@@ -15,7 +15,6 @@ mod model;
 mod oracle;
 mod pd;
 pub(crate) mod probe;
-mod rng;
 mod server;
 mod state;
 mod tikv;

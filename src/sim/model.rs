@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::types::{DisplayKey, KeyRange, RegionId, StoreId, Ts};
 
 use super::oracle::{overlaps, Truth};
-use super::rng::SimRng;
+use crate::rng::Rng;
 
 /// A raw key shared between the table, the flush maps and events without copying.
 pub type Key = Arc<[u8]>;
@@ -85,7 +85,7 @@ pub struct RegionTable {
     start_of: HashMap<RegionId, Key>,
     stores: Vec<StoreId>,
     next_id: u64,
-    rng: SimRng,
+    rng: Rng,
 }
 
 /// TiDB's `codec.EncodeInt`: big-endian with the sign bit flipped, so keys sort like ids.
@@ -110,7 +110,7 @@ pub fn record_key(table: u64, row: u64) -> Vec<u8> {
 
 /// `count - 1` increasing split keys that look like a TiDB cluster's: each table starts a
 /// region, and its records are split at random row ids.
-fn boundaries(count: usize, rng: &mut SimRng) -> Vec<Key> {
+fn boundaries(count: usize, rng: &mut Rng) -> Vec<Key> {
     let mut keys: Vec<Key> = Vec::with_capacity(count.saturating_sub(1));
     let (mut table, mut row) = (FIRST_TABLE_ID, 0);
     if count > 1 {
@@ -132,7 +132,7 @@ fn boundaries(count: usize, rng: &mut SimRng) -> Vec<Key> {
 impl RegionTable {
     /// `regions` regions over `stores` (ids `1..=stores`), every key's truth at `start_ts`.
     pub fn build(stores: usize, regions: usize, seed: u64, start_ts: Ts) -> RegionTable {
-        let mut rng = SimRng::new(seed);
+        let mut rng = Rng::new(seed);
         let store_ids: Vec<StoreId> = (1..=stores as StoreId).collect();
         let replicas = stores.min(MAX_REPLICAS);
         let mut starts: Vec<Key> = vec![Key::from(&b""[..])];

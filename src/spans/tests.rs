@@ -1,5 +1,6 @@
 use super::mem::grow_push;
 use super::*;
+use crate::rng::Rng;
 
 fn kr(start: &str, end: &str) -> KeyRange {
     KeyRange::new(start, end)
@@ -224,27 +225,6 @@ fn growth_moves_items_into_huge_page_blocks() {
 
 // ---- Property tests against a naive model ----
 
-/// SplitMix64: a tiny seeded generator, enough for reproducible random cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
-
 /// Every key's value is the max of the merges covering it. Keys are grouped into the
 /// elementary intervals between consecutive boundaries of a fixed key pool; all tracked and
 /// merged ranges use pool keys, so each interval is wholly in or out of every range.
@@ -355,7 +335,7 @@ fn check_against(spans: &SpanFrontier, model: &Model, rng: &mut Rng, max_ts: Ts)
 /// every merge; the merged ts drift up to `max_ts` like checkpoints, with late (lower)
 /// reports mixed in. Returns the largest number of pieces seen.
 fn run_case(seed: u64, keys: &[Vec<u8>], ops: usize, max_ts: Ts, wide: u64) -> usize {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let tracked: Vec<KeyRange> =
         (0..rng.below(4)).map(|_| KeyRange::new(rng.pick(keys).clone(), rng.pick(keys).clone())).collect();
     let init = rng.below(3);
@@ -388,7 +368,7 @@ fn run_case(seed: u64, keys: &[Vec<u8>], ops: usize, max_ts: Ts, wide: u64) -> u
 fn random_merges_match_model() {
     let pool = key_pool();
     for seed in 0..3000 {
-        let mut rng = Rng(seed ^ 0xA5A5);
+        let mut rng = Rng::new(seed ^ 0xA5A5);
         let mut keys: Vec<Vec<u8>> = (0..3 + rng.below(6)).map(|_| rng.pick(&pool).clone()).collect();
         keys.sort();
         run_case(seed, &keys, 40, 6, 3);
@@ -411,7 +391,7 @@ fn random_merges_match_model_at_scale() {
 /// another ts), splits, coalesces, ranges over untracked gaps, empty and inverted ranges,
 /// and batches shorter and longer than the look-ahead window.
 fn run_batch_case(seed: u64, keys: &[Vec<u8>], batches: usize, most: u64, max_ts: Ts, wide: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let tracked: Vec<KeyRange> =
         (0..rng.below(4)).map(|_| KeyRange::new(rng.pick(keys).clone(), rng.pick(keys).clone())).collect();
     let init = rng.below(3);
@@ -445,7 +425,7 @@ fn run_batch_case(seed: u64, keys: &[Vec<u8>], batches: usize, most: u64, max_ts
 fn merge_batch_matches_one_by_one() {
     let pool = key_pool();
     for seed in 0..1000 {
-        let mut rng = Rng(seed ^ 0x5A5A);
+        let mut rng = Rng::new(seed ^ 0x5A5A);
         let mut keys: Vec<Vec<u8>> = (0..3 + rng.below(6)).map(|_| rng.pick(&pool).clone()).collect();
         keys.sort();
         run_batch_case(seed, &keys, 8, 40, 6, 3);

@@ -1,7 +1,8 @@
 //! Shared test helpers: waiting with deadlines, a loopback TCP proxy that can cut a client
 //! off from its server (a network partition without touching the server), stall it or
-//! black-hole it (a hung host whose connections stay open), an S3-compatible server, and the advancer's clients connected to the simulated cluster (also
-//! used by benches/locks.rs).
+//! black-hole it (a hung host whose connections stay open), an S3-compatible server, the
+//! advancer's clients connected to the simulated cluster (also used by benches/locks.rs), and
+//! the end-to-end fixture (a real etcd, the sim, daemons).
 #![allow(dead_code)]
 
 pub mod s3;
@@ -15,10 +16,12 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use streamhelper::cluster::{ClusterMeta, PdClient, PdConfig, RegionWithLeader, StoreInfo, TikvClients, TikvConfig};
-use streamhelper::meta::{parse_storage_url, MetaDataClient, TaskInfo};
+use streamhelper::etcd::{EtcdClient, EtcdProcess};
+use streamhelper::meta::{parse_storage_url, AdvancerExt, MetaDataClient, TaskInfo};
 use streamhelper::sim::{SimCluster, SimConfig};
 use streamhelper::Config;
 use streamhelper::Security;
+use streamhelper::{Daemon, DaemonConfig, DaemonHandle};
 use streamhelper::{KeyRange, Result, Ts};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -196,8 +199,6 @@ where
     }
 }
 
-/// Fast settings so that stories play out in seconds. The thresholds are explicit, so the
-/// sim's TiKV config (180 s flushes) does not replace them.
 /// Writes a task as BR would: every table, one range, the given storage URL.
 pub fn put_task(meta: &MetaDataClient, name: &str, start: Ts, range: KeyRange, storage: &str) {
     let task = TaskInfo::new(name)
@@ -210,6 +211,8 @@ pub fn put_task(meta: &MetaDataClient, name: &str, start: Ts, range: KeyRange, s
     meta.put_task(&task).unwrap();
 }
 
+/// Fast settings so that stories play out in seconds. The thresholds are explicit, so the
+/// sim's TiKV config (180 s flushes) does not replace them.
 pub fn fast_config() -> Config {
     Config {
         tick_interval: Duration::from_millis(200),
@@ -222,5 +225,52 @@ pub fn fast_config() -> Config {
         resolve_lock_interval: Duration::from_secs(1),
         explicit: ["try-advance-threshold", "resolve-lock-interval"].map(String::from).into(),
         ..Config::default()
+    }
+}
+
+/// A real etcd, the simulated cluster and the clients a test writes tasks with.
+pub struct Fixture {
+    pub etcd: EtcdProcess,
+    pub sim: SimCluster,
+    pub meta: MetaDataClient,
+    pub ext: AdvancerExt,
+}
+
+impl Fixture {
+    pub fn new(stores: usize, regions: usize) -> Fixture {
+        let etcd = EtcdProcess::start().expect("a real etcd is needed for these tests");
+        let sim = SimCluster::start(SimConfig { stores, regions, seed: 7, ..SimConfig::default() }).unwrap();
+        let meta = MetaDataClient::new(EtcdClient::connect_plain([etcd.endpoint()]).unwrap());
+        let ext = AdvancerExt::new(meta.clone());
+        Fixture { etcd, sim, meta, ext }
+    }
+
+    pub fn add_task(&self, name: &str, range: KeyRange) -> Ts {
+        self.add_task_stored_in(name, range, "noop://")
+    }
+
+    pub fn add_task_stored_in(&self, name: &str, range: KeyRange, storage: &str) -> Ts {
+        let start = self.sim.now_ts();
+        put_task(&self.meta, name, start, range, storage);
+        start
+    }
+
+    pub fn daemon_config(&self) -> DaemonConfig {
+        DaemonConfig {
+            etcd_endpoints: vec![self.etcd.endpoint()],
+            advancer: fast_config(),
+            status_addr: Some("127.0.0.1:0".into()),
+            ..DaemonConfig::new(vec![self.sim.pd_endpoint()])
+        }
+    }
+
+    pub fn daemon(&self) -> DaemonHandle {
+        let handle = Daemon::start(self.daemon_config()).unwrap();
+        wait_until("the daemon to become owner", || handle.is_owner());
+        handle
+    }
+
+    pub fn stored(&self, task: &str) -> Ts {
+        self.ext.get_global_checkpoint(task).unwrap()
     }
 }
