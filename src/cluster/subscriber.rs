@@ -12,10 +12,10 @@
 //! restarts.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
-use std::thread::{self, Thread};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -29,7 +29,7 @@ use crate::codec::decode_boundary_into;
 use crate::error::{Error, Result, ResultExt};
 use crate::proto::logbackuppb::{self, SubscribeFlushEventRequest, SubscribeFlushEventResponse};
 use crate::types::{DisplayKey, KeyRange, StoreId, Ts};
-use crate::worker::{catch_panic, StopToken, Worker};
+use crate::worker::{block_on_by, catch_panic, StopToken, Worker};
 
 #[derive(Clone, Debug)]
 pub struct SubscriberConfig {
@@ -527,38 +527,21 @@ enum Next<T> {
     Idle,
 }
 
-/// Wakes the stream thread when gRPC has something for it.
-struct Unparker(Thread);
-
-impl Wake for Unparker {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-}
-
 /// The next stream item, unless a stop is asked for (the stopper unparks this thread) or
 /// `deadline` passes first.
 fn next_before<S: Stream + Unpin>(stream: &mut S, stop: &StopToken, deadline: Instant) -> Next<S::Item> {
-    let waker = Waker::from(Arc::new(Unparker(thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    loop {
-        if let Poll::Ready(item) = Pin::new(&mut *stream).poll_next(&mut cx) {
-            return Next::Item(item);
-        }
-        if stop.is_stopped() {
-            return Next::Stopped;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Next::Idle;
-        }
-        // Spurious wake-ups are fine: the loop polls again.
-        thread::park_timeout(left);
-    }
+    let next = poll_fn(|cx| match Pin::new(&mut *stream).poll_next(cx) {
+        Poll::Ready(item) => Poll::Ready(Next::Item(item)),
+        Poll::Pending if stop.is_stopped() => Poll::Ready(Next::Stopped),
+        Poll::Pending => Poll::Pending,
+    });
+    block_on_by(next, deadline).unwrap_or(Next::Idle)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::thread;
+
     use futures_util::stream;
 
     use super::*;
