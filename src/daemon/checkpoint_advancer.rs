@@ -512,7 +512,7 @@ impl CheckpointAdvancer {
             return Some((failed.region?, failed.store.unwrap_or(0), failed.reason.label()));
         }
         let region = match self.regions.region_at(&span.start) {
-            Some(region) => region.clone(),
+            Some(region) => region,
             None => match self.env.cluster.region_scan(&span.start, &span.end, 1) {
                 Ok(regions) => {
                     let region = regions.into_iter().next()?;
