@@ -111,7 +111,7 @@ impl Default for RegionCache {
 impl RegionCache {
     /// The cached regions overlapping `range`, in key order, and the parts of it no cached
     /// region covers.
-    pub(crate) fn cover(&self, range: &KeyRange) -> (Vec<RegionWithLeader>, Vec<KeyRange>) {
+    pub fn cover(&self, range: &KeyRange) -> (Vec<RegionWithLeader>, Vec<KeyRange>) {
         let (mut regions, mut gaps) = (Vec::new(), Vec::<KeyRange>::new());
         let mut at = Some(self.locate(&range.start));
         while let Some(pos) = at {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{never, Receiver, Sender};
 
+use super::memory;
 use super::metrics::Metrics;
 use crate::advancer::{latest_believable, Action, Advancer, Config, TaskStatus};
 use crate::cluster::deadline::{self, Scope};
@@ -421,6 +422,7 @@ impl CheckpointAdvancer {
     /// deadline, not the tick, and a task not polled in time waits for the next tick.
     fn poll_lagging(&mut self, plans: &[crate::advancer::PollPlan], now: Ts) {
         let collector = self.collector_config(now);
+        let mut polled = 0;
         for plan in plans {
             if deadline::passed() {
                 log::warn!("tick interval used up; polling of task {} waits for the next tick", plan.task);
@@ -438,6 +440,7 @@ impl CheckpointAdvancer {
             );
             match collected {
                 Ok(result) => {
+                    polled += result.advanced.len() + result.failed.len();
                     self.count_poll(&result);
                     let failures = result.failed.iter().filter(|f| f.region.is_some()).cloned().collect();
                     self.last_failures.insert(plan.task.clone(), failures);
@@ -448,6 +451,9 @@ impl CheckpointAdvancer {
                 }
                 Err(e) => log::warn!("polling task {} failed: {e}", plan.task),
             }
+        }
+        if polled >= memory::TRIM_AFTER_REGIONS {
+            memory::give_back_freed_memory();
         }
     }
 
