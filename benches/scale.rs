@@ -990,6 +990,29 @@ fn write_docs(text: &str, (begin_marker, end_marker, heading): (&str, &str, &str
     std::fs::write(&path, updated).expect("write docs/benchmarks.md");
 }
 
+/// What the numbers ran on: CPU model and count, memory, and the commit measured.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / (1024.0 * 1024.0));
+    let commit = Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown".into(), |c| c.trim().to_string());
+    let binary = std::env::var("SCALE_BENCH_BIN").map_or_else(|_| format!("commit `{commit}`"), |b| format!("`{b}`"));
+    format!("{model}, {cpus} CPUs, {memory_gib:.0} GiB, {binary}")
+}
+
 fn main() {
     let settings = Settings::from_env();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -1017,7 +1040,7 @@ fn main() {
     println!("\n{text}");
     if std::env::var_os("SCALE_BENCH_NO_DOCS").is_none() {
         write_docs(
-            &format!("Run of {} ({cpus} CPUs):\n\n{text}", streamhelper::format::format_rfc3339(SystemTime::now())),
+            &format!("Run of {} on {}:\n\n{text}", streamhelper::format::format_rfc3339(SystemTime::now()), machine()),
             if settings.faults { DOCS_FAULTS } else { DOCS_STEADY },
         );
     }
