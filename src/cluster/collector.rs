@@ -552,31 +552,11 @@ mod tests {
     use std::net::TcpListener;
 
     use super::*;
+    use crate::cluster::region_cache::tests::{failed, region, without_peers};
     use crate::cluster::region_cache::MISSES_BEFORE_RESCAN;
     use crate::cluster::testing::{regions_from_boundaries, FixedDialer, MemMeta};
     use crate::proto::logbackuppb::RegionCheckpoint;
     use crate::testing::warnings_of;
-
-    fn region(id: RegionId, start: &str, end: &str, leader: Option<StoreId>) -> RegionWithLeader {
-        RegionWithLeader {
-            id,
-            range: KeyRange::new(start, end),
-            epoch_version: 5,
-            conf_ver: 1,
-            leader_store: leader,
-            leader_peer_id: 0,
-            peer_stores: vec![1, 2, 3],
-        }
-    }
-
-    /// Regions as the cache hands them out: it keeps no peer lists.
-    fn without_peers(regions: Vec<RegionWithLeader>) -> Vec<RegionWithLeader> {
-        regions.into_iter().map(|r| RegionWithLeader { peer_stores: Vec::new(), ..r }).collect()
-    }
-
-    fn failed(region: &RegionWithLeader, store: Option<StoreId>, reason: FailReason) -> FailedRange {
-        FailedRange { range: region.range.clone(), region: Some(region.id), store, reason }
-    }
 
     fn answer(id: RegionId, checkpoint: Ts, err: Option<errorpb::Error>) -> RegionCheckpoint {
         let mut cp = RegionCheckpoint::default();

@@ -336,7 +336,7 @@ fn in_key_order(regions: &[RegionWithLeader]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use proptest::prelude::*;
@@ -344,7 +344,8 @@ mod tests {
     use super::*;
     use crate::cluster::FailReason;
 
-    fn region(id: RegionId, start: &str, end: &str, leader: Option<StoreId>) -> RegionWithLeader {
+    /// A region at epoch 5 on stores 1-3 (shared with the collector's tests).
+    pub(crate) fn region(id: RegionId, start: &str, end: &str, leader: Option<StoreId>) -> RegionWithLeader {
         RegionWithLeader {
             id,
             range: KeyRange::new(start, end),
@@ -356,7 +357,7 @@ mod tests {
         }
     }
 
-    fn failed(region: &RegionWithLeader, store: Option<StoreId>, reason: FailReason) -> FailedRange {
+    pub(crate) fn failed(region: &RegionWithLeader, store: Option<StoreId>, reason: FailReason) -> FailedRange {
         FailedRange { range: region.range.clone(), region: Some(region.id), store, reason }
     }
 
@@ -552,7 +553,8 @@ mod tests {
         ]
     }
 
-    fn without_peers(regions: Vec<RegionWithLeader>) -> Vec<RegionWithLeader> {
+    /// Regions as the cache hands them out: it keeps no peer lists.
+    pub(crate) fn without_peers(regions: Vec<RegionWithLeader>) -> Vec<RegionWithLeader> {
         regions.into_iter().map(|r| RegionWithLeader { peer_stores: Vec::new(), ..r }).collect()
     }
 
