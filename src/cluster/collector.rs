@@ -1188,13 +1188,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_store_that_fails_fails_only_its_regions_while_every_later_page_is_asked() {
-        let (sim, _pd, dialer, pool) = sim_cluster(60);
+    /// A flushed sim cluster whose regions PD's pages come from a `MemMeta` instead (counted,
+    /// and scriptable), and the regions.
+    fn flushed_sim_behind_mem_meta(
+        regions: usize,
+    ) -> (crate::sim::SimCluster, MemMeta, FixedDialer, rayon::ThreadPool, Vec<RegionWithLeader>) {
+        let (sim, _pd, dialer, pool) = sim_cluster(regions);
         sim.flush_all();
         let regions = sim.regions();
-        // PD's pages of the sim's regions, counted.
-        let meta = MemMeta::new(regions.clone());
+        (sim, MemMeta::new(regions.clone()), dialer, pool, regions)
+    }
+
+    #[test]
+    fn a_store_that_fails_fails_only_its_regions_while_every_later_page_is_asked() {
+        let (sim, meta, dialer, pool, regions) = flushed_sim_behind_mem_meta(60);
         let down = regions[0].leader_store.unwrap();
         dialer.addresses.lock().remove(&down);
         let config = CollectorConfig { page_size: 8, batch_size: 3, ..Default::default() };
@@ -1221,10 +1228,7 @@ mod tests {
 
     #[test]
     fn a_listing_cut_short_by_the_deadline_still_answers_the_pages_asked_before() {
-        let (sim, _pd, dialer, pool) = sim_cluster(24);
-        sim.flush_all();
-        let regions = sim.regions();
-        let meta = MemMeta::new(regions.clone());
+        let (sim, meta, dialer, pool, regions) = flushed_sim_behind_mem_meta(24);
         let cut_short = || Err(Error::Timeout("PD ScanRegions (its deadline has passed)".into()));
         meta.script(Ok(regions[..4].to_vec()));
         meta.script(Ok(regions[4..8].to_vec()));
