@@ -37,6 +37,10 @@ use crate::worker::Interrupt;
 /// How much further than the elapsed time PD's clock may move between two readings before
 /// it counts as a jump.
 const CLOCK_JUMP_MARGIN: Duration = Duration::from_secs(30);
+/// What a tick keeps for its writes at most (a fifth of the interval below 5 s): polls that
+/// run out of time, a hung store's or a poll too big for one tick, would otherwise leave
+/// the GC safepoint update, a PD call after them, with no time at all.
+const WRITES_RESERVE: Duration = Duration::from_secs(1);
 
 /// What the advancer talks to (upstream's `Env`): region and store metadata, the stores'
 /// log-backup service, their transactional service (lock resolution, upstream's
@@ -299,7 +303,9 @@ impl CheckpointAdvancer {
         let now = self.now();
         self.refresh_subscriptions();
         let plans = self.core.plan_polls(now);
-        self.poll_lagging(&plans, now);
+        let reserve = (self.config().tick_interval / 5).min(WRITES_RESERVE);
+        let polls_due = Scope::current().deadline.map(|due| due - reserve);
+        deadline::within(polls_due, || self.poll_lagging(&plans, now));
         // A deletion (or pause) that came while PD or the stores were slow applies before
         // this tick decides what to write.
         self.apply_pending_events();
