@@ -872,33 +872,6 @@ mod tests {
         assert_eq!(FailReason::FromFuture(1).label(), "from-future");
     }
 
-    #[test]
-    fn the_cache_covers_what_it_holds_and_names_the_gaps() {
-        let mut cache = RegionCache::default();
-        cache.insert(&[region(1, "b", "d", Some(1)), region(2, "d", "f", Some(1))]);
-        cache.insert(&[region(3, "h", "", Some(1))]);
-        let ids = |regions: Vec<RegionWithLeader>| regions.iter().map(|r| r.id).collect::<Vec<_>>();
-
-        let (regions, gaps) = cache.cover(&KeyRange::new("c", "e"));
-        assert_eq!((ids(regions), gaps), (vec![1, 2], vec![]));
-        let (regions, gaps) = cache.cover(&KeyRange::full());
-        assert_eq!(
-            (ids(regions), gaps),
-            (vec![1, 2, 3], vec![KeyRange::new("", "b"), KeyRange::new("f", "h")]),
-            "regions reaching +∞ end the cover"
-        );
-        let (regions, gaps) = cache.cover(&KeyRange::new("e", "g"));
-        assert_eq!((ids(regions), gaps), (vec![2], vec![KeyRange::new("f", "g")]));
-
-        // A fresh scan replaces every entry it overlaps; a failed region is forgotten.
-        cache.insert(&[region(4, "c", "e", Some(2))]);
-        let (regions, gaps) = cache.cover(&KeyRange::new("b", "f"));
-        assert_eq!((ids(regions), gaps), (vec![4], vec![KeyRange::new("b", "c"), KeyRange::new("e", "f")]));
-        cache.forget(&failed(&region(3, "h", "", Some(1)), Some(1), FailReason::EpochNotMatch));
-        cache.forget(&failed(&region(9, "c", "e", Some(1)), Some(1), FailReason::NotLeader));
-        assert_eq!(cache.len(), 1, "only region 3 went: region 9 is not what the cache holds at c");
-    }
-
     /// The regions `list_regions` takes, in key order, and which came from the cache.
     fn scan_regions(
         meta: &dyn ClusterMeta,
@@ -1004,18 +977,6 @@ mod tests {
         })
         .unwrap();
         assert_eq!((pages, meta.scans.lock().len()), (6, 6), "21 regions in pages of 4, each asked for once");
-    }
-
-    #[test]
-    fn a_poll_where_most_stores_run_out_of_time_keeps_every_region() {
-        let mut cache = RegionCache::default();
-        let asked: HashSet<StoreId> = [1, 2, 3].into();
-        for _ in 0..3 {
-            assert_eq!(cache.note_misses(&asked, &[1, 2, 3]), asked, "the poll outgrew its deadline");
-            assert_eq!(cache.note_misses(&asked, &[1, 2]), [1, 2].into());
-        }
-        assert_eq!(cache.note_misses(&asked, &[3]), [3].into(), "one store late: it counts");
-        assert_eq!(cache.note_misses(&asked, &[3]), HashSet::new(), "late twice in a row: looked up again");
     }
 
     #[test]
