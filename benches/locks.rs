@@ -83,7 +83,7 @@ fn main() {
         deadline,
         &stop,
     );
-    let request = RoundRequest { tasks: vec!["bench".into()], targets: targets.clone(), deadline };
+    let request = RoundRequest::new(vec!["bench".into()], targets.clone(), deadline);
     let report = run_round(&env, &pool, &request);
 
     let rolled_back = txns.iter().filter(|t| sim.txn_outcome(**t) == Some(Outcome::RolledBack)).count();

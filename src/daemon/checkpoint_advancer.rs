@@ -307,7 +307,7 @@ impl CheckpointAdvancer {
         self.apply(actions, now);
         self.show_blockers(now);
         // Starts a round for tasks stuck past the resolve interval; never waits for one.
-        self.locks.after_tick(now, &mut self.core, &self.metrics);
+        self.locks.after_tick(now, &mut self.core, &self.regions, &self.metrics);
         // After the GC step, as upstream; the writes run on the copier's thread.
         self.storage.submit(self.core.config().tick_interval);
         now
