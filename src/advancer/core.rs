@@ -238,12 +238,17 @@ impl Advancer {
     /// Which spans to poll: those of running tasks older than the threshold (tighter while
     /// a subscription is broken), as collapsed ranges.
     pub fn plan_polls(&self, now: Ts) -> Vec<PollPlan> {
+        self.plan_polls_below(self.poll_below(now))
+    }
+
+    /// Spans valued below this are polled at `now`.
+    pub fn poll_below(&self, now: Ts) -> Ts {
         let threshold = if self.subscriptions_healthy {
             self.config.try_advance_threshold
         } else {
             self.config.degraded_threshold()
         };
-        self.plan_polls_below(ts_sub(now, threshold))
+        ts_sub(now, threshold)
     }
 
     /// The spans of running tasks older than `below`, as collapsed ranges per task.

@@ -406,22 +406,6 @@ impl RegionCache {
         region.range.contains(key).then_some(region)
     }
 
-    /// The cached regions from the start of `range` on, in key order, up to the first part
-    /// not cached or `limit` regions.
-    pub fn leading_regions(&self, range: &KeyRange, limit: usize) -> Vec<RegionWithLeader> {
-        let mut regions = Vec::new();
-        let mut key = range.start.clone();
-        while regions.len() < limit {
-            let Some(region) = self.region_at(&key) else { break };
-            regions.push(region.clone());
-            if region.range.end.is_empty() || (!range.end.is_empty() && region.range.end >= range.end) {
-                break;
-            }
-            key = region.range.end.clone();
-        }
-        regions
-    }
-
     /// Adds a fresh scan (regions in key order, tiling their span), replacing every entry
     /// that overlaps it: PD's answer is newer than anything cached.
     pub fn insert(&mut self, scanned: &[RegionWithLeader]) {

@@ -11,6 +11,7 @@
 
 pub(crate) mod collector;
 pub(crate) mod deadline;
+pub(crate) mod lagging;
 pub(crate) mod pd;
 pub(crate) mod region_iter;
 pub(crate) mod subscriber;
@@ -25,6 +26,7 @@ pub use collector::{
     collect_checkpoints, collect_checkpoints_cached, CollectResult, CollectorConfig, FailReason, FailedRange,
     RegionCache,
 };
+pub use lagging::most_lagging_within;
 pub use pd::{PdClient, PdConfig};
 pub use region_iter::{check_region_consistency, RegionIter, ScanRetry};
 pub use subscriber::{FlushBatch, FlushSubscriber, SubscriberConfig};

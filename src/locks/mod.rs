@@ -21,14 +21,14 @@ use crossbeam_channel::{after, bounded, Receiver, Sender};
 use parking_lot::Mutex;
 
 use crate::advancer::core::Advancer;
-use crate::cluster::{ClusterMeta, KvClients, RegionCache};
+use crate::cluster::{most_lagging_within, ClusterMeta, KvClients, RegionCache};
 use crate::daemon::metrics::Metrics;
 use crate::error::{Error, Result};
 use crate::timefmt::format_duration;
 use crate::types::Ts;
 use crate::worker::{catch_panic, StopToken, Worker as Thread};
 
-pub use plan::{most_lagging_targets, target_bound, Schedule, ROUND_REGIONS};
+pub use plan::{target_bound, Schedule, ROUND_REGIONS};
 pub use round::{run_round, RoundEnv, RoundReport, RoundRequest};
 pub use thresholds::fetch_flush_interval;
 
@@ -124,8 +124,7 @@ impl LockResolver {
             return;
         }
         let lagging = targets.len();
-        let (targets, known_regions) =
-            most_lagging_targets(targets, ROUND_REGIONS, |range, limit| regions.leading_regions(range, limit));
+        let (targets, known_regions) = most_lagging_within(regions, targets, ROUND_REGIONS);
         log::info!(
             "Advancer starts to resolve locks: tasks {due:?}, {} lagging ranges, the {} most lagging this round ({} \
              regions known)",

@@ -97,34 +97,6 @@ pub fn target_bound(checkpoint: Ts, interval: Duration, now: Ts) -> Ts {
 /// bench scans 1000 regions in about 250 ms.
 pub const ROUND_REGIONS: usize = 4096;
 
-/// The targets a round takes: the most lagging first, while the regions known to hold them
-/// fit in `budget` (`regions_of(range, limit)`: at most `limit` of them; a target with none
-/// known counts as one region). The first is always taken: the round's own limit bounds
-/// what it scans. Returns the targets and their known regions, in key order.
-pub fn most_lagging_targets(
-    mut targets: Vec<(KeyRange, Ts)>,
-    budget: usize,
-    regions_of: impl Fn(&KeyRange, usize) -> Vec<RegionWithLeader>,
-) -> (Vec<(KeyRange, Ts)>, Vec<RegionWithLeader>) {
-    targets.sort_by(|(a, a_ts), (b, b_ts)| a_ts.cmp(b_ts).then_with(|| a.cmp(b)));
-    let (mut taken, mut known, mut used) = (Vec::new(), Vec::new(), 0);
-    for (range, ts) in targets {
-        let left = budget.saturating_sub(used);
-        let regions = regions_of(&range, left.saturating_add(1));
-        let cost = regions.len().max(1);
-        if !taken.is_empty() && cost > left {
-            break;
-        }
-        used += cost;
-        known.extend(regions);
-        taken.push((range, ts));
-    }
-    known.sort_by(|a, b| a.range.start.cmp(&b.range.start));
-    known.dedup_by_key(|r| r.id);
-    taken.sort();
-    (taken, known)
-}
-
 /// ScanLock's max version: just above the largest target value, so every lock that can
 /// hold a target back (its start ts is at most the target's value) is seen, and locks of
 /// newer transactions are not.
@@ -282,37 +254,6 @@ mod tests {
         assert_eq!(target_bound(c, interval, at(500 * SEC)), at(120 * SEC), "slow pieces far above are not targets");
         let targets = vec![(KeyRange::new("a", "b"), c), (KeyRange::new("c", "d"), c + 5)];
         assert_eq!(scan_max_version(&targets), c + 6);
-    }
-
-    #[test]
-    fn a_round_takes_the_most_lagging_targets_whose_known_regions_fit() {
-        let region = |id, start: &str, end: &str| RegionWithLeader {
-            id,
-            range: KeyRange::new(start, end),
-            epoch_version: 1,
-            conf_ver: 1,
-            leader_store: Some(1),
-            leader_peer_id: 1,
-            peer_stores: vec![1],
-        };
-        // Two known regions in [a, c), one in [e, f), nothing known in [x, y).
-        let known = [region(1, "a", "b"), region(2, "b", "c"), region(3, "e", "f")];
-        let regions_of = |range: &KeyRange, limit: usize| -> Vec<RegionWithLeader> {
-            known.iter().filter(|r| r.range.overlaps(range)).take(limit).cloned().collect()
-        };
-        let targets = vec![
-            (KeyRange::new("a", "c"), at(5 * SEC)),
-            (KeyRange::new("e", "f"), at(SEC)),
-            (KeyRange::new("x", "y"), at(2 * SEC)),
-        ];
-        let (taken, regions) = most_lagging_targets(targets.clone(), 2, regions_of);
-        assert_eq!(taken, vec![targets[1].clone(), targets[2].clone()], "the two oldest, one region each");
-        assert_eq!(regions, vec![known[2].clone()], "[x, y) is located through PD");
-        let (taken, regions) = most_lagging_targets(targets.clone(), 4, regions_of);
-        assert_eq!(taken.len(), 3);
-        assert_eq!(regions, known.to_vec());
-        let (taken, _) = most_lagging_targets(targets[..1].to_vec(), 1, regions_of);
-        assert_eq!(taken, targets[..1].to_vec(), "the oldest is taken even when larger than the budget");
     }
 
     #[test]
