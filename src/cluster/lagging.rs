@@ -58,23 +58,13 @@ pub fn most_lagging_within(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn region(id: u64, start: &str, end: &str) -> RegionWithLeader {
-        RegionWithLeader {
-            id,
-            range: KeyRange::new(start, end),
-            epoch_version: 1,
-            conf_ver: 1,
-            leader_store: Some(1),
-            leader_peer_id: 1,
-            peer_stores: vec![1],
-        }
-    }
+    use crate::cluster::testing::regions_from_boundaries;
 
     #[test]
     fn the_oldest_spans_are_taken_while_their_known_regions_fit_and_the_last_is_cut() {
         // Two cached regions in [a, c), one in [e, f), nothing cached in [x, y).
-        let known = [region(1, "a", "b"), region(2, "b", "c"), region(3, "e", "f")];
+        let all = regions_from_boundaries(&[b"a", b"b", b"c", b"e", b"f"], &[1]);
+        let known = [all[1].clone(), all[2].clone(), all[4].clone()];
         let mut cache = RegionCache::default();
         cache.insert(&known[..2]);
         cache.insert(&known[2..]);

@@ -433,7 +433,8 @@ impl CheckpointAdvancer {
         let mut lagging: Vec<(String, Vec<(KeyRange, Ts)>)> = plans
             .into_iter()
             .map(|plan| {
-                let spans = self.core.lagging_spans(&plan.task, below);
+                // Each span holds a region at least: no more spans than that can fit.
+                let spans = self.core.oldest_spans(&plan.task, below, budget);
                 (plan.task, spans)
             })
             .collect();

@@ -115,7 +115,7 @@ impl LockResolver {
         let mut targets = Vec::new();
         for task in &due {
             let checkpoint = self.schedule.checkpoint(task).unwrap_or_default();
-            targets.extend(core.lagging_spans(task, target_bound(checkpoint, interval, now)));
+            targets.extend(core.oldest_spans(task, target_bound(checkpoint, interval, now), ROUND_REGIONS));
         }
         self.schedule.started(due.clone());
         if targets.is_empty() {
@@ -123,12 +123,9 @@ impl LockResolver {
             self.schedule.finished(now);
             return;
         }
-        let lagging = targets.len();
         let (targets, known_regions) = most_lagging_within(regions, targets, ROUND_REGIONS);
         log::info!(
-            "Advancer starts to resolve locks: tasks {due:?}, {} lagging ranges, the {} most lagging this round ({} \
-             regions known)",
-            lagging,
+            "Advancer starts to resolve locks: tasks {due:?}, the {} most lagging ranges ({} regions known)",
             targets.len(),
             known_regions.len()
         );
