@@ -8,12 +8,12 @@ use crate::types::{KeyRange, Ts};
 
 /// The cached regions from the start of `range` on, in key order, up to the first part not
 /// cached or `limit` regions.
-pub fn leading_regions(cache: &RegionCache, range: &KeyRange, limit: usize) -> Vec<RegionWithLeader> {
+pub fn leading_regions<'a>(cache: &'a RegionCache, range: &KeyRange, limit: usize) -> Vec<&'a RegionWithLeader> {
     let mut regions = Vec::new();
     let mut key = range.start.clone();
     while regions.len() < limit {
         let Some(region) = cache.region_at(&key) else { break };
-        regions.push(region.clone());
+        regions.push(region);
         if region.range.end.is_empty() || (!range.end.is_empty() && region.range.end >= range.end) {
             break;
         }
@@ -30,9 +30,9 @@ pub fn most_lagging_within(
     cache: &RegionCache,
     mut spans: Vec<(KeyRange, Ts)>,
     budget: usize,
-) -> (Vec<(KeyRange, Ts)>, Vec<RegionWithLeader>) {
+) -> (Vec<(KeyRange, Ts)>, Vec<&RegionWithLeader>) {
     spans.sort_by(|(a, a_ts), (b, b_ts)| a_ts.cmp(b_ts).then_with(|| a.cmp(b)));
-    let (mut taken, mut known) = (Vec::new(), Vec::<RegionWithLeader>::new());
+    let (mut taken, mut known) = (Vec::new(), Vec::<&RegionWithLeader>::new());
     let mut left = budget.max(1);
     for (mut span, ts) in spans {
         let regions = leading_regions(cache, &span, left.saturating_add(1));
@@ -71,12 +71,12 @@ mod tests {
         let spans = vec![(KeyRange::new("a", "c"), 5), (KeyRange::new("e", "f"), 1), (KeyRange::new("x", "y"), 2)];
         let (taken, regions) = most_lagging_within(&cache, spans.clone(), 2);
         assert_eq!(taken, vec![spans[1].clone(), spans[2].clone()], "the two oldest, one region each");
-        assert_eq!(regions, vec![known[2].clone()], "nothing is known of [x, y)");
+        assert_eq!(regions, vec![&known[2]], "nothing is known of [x, y)");
         let (taken, regions) = most_lagging_within(&cache, spans.clone(), 4);
         assert_eq!(taken.len(), 3);
-        assert_eq!(regions, known.to_vec());
+        assert_eq!(regions, known.iter().collect::<Vec<_>>());
         let (taken, regions) = most_lagging_within(&cache, spans[..1].to_vec(), 1);
         assert_eq!(taken, vec![(KeyRange::new("a", "b"), 5)], "cut after the regions that fit");
-        assert_eq!(regions, vec![known[0].clone()]);
+        assert_eq!(regions, vec![&known[0]]);
     }
 }

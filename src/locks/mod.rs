@@ -123,7 +123,8 @@ impl LockResolver {
             self.schedule.finished(now);
             return;
         }
-        let (targets, known_regions) = most_lagging_within(regions, targets, ROUND_REGIONS);
+        let (targets, known) = most_lagging_within(regions, targets, ROUND_REGIONS);
+        let known_regions: Vec<_> = known.into_iter().cloned().collect();
         log::info!(
             "Advancer starts to resolve locks: tasks {due:?}, the {} most lagging ranges ({} regions known)",
             targets.len(),
