@@ -38,6 +38,10 @@ use crate::worker::Interrupt;
 /// How much further than the elapsed time PD's clock may move between two readings before
 /// it counts as a jump.
 const CLOCK_JUMP_MARGIN: Duration = Duration::from_secs(30);
+/// What a tick keeps for its writes at most (a fifth of the interval below 5 s): polls that
+/// run out of time, a hung store's or a poll too big for one tick, would otherwise leave
+/// the GC safepoint update, a PD call after them, with no time at all.
+const WRITES_RESERVE: Duration = Duration::from_secs(1);
 
 /// What the advancer talks to (upstream's `Env`): region and store metadata, the stores'
 /// log-backup service, their transactional service (lock resolution, upstream's
@@ -304,7 +308,9 @@ impl CheckpointAdvancer {
         let now = self.now();
         self.refresh_subscriptions();
         let plans = self.planned_polls(now);
-        let poll = self.poll_lagging(&plans, now);
+        let reserve = (self.config().tick_interval / 5).min(WRITES_RESERVE);
+        let polls_due = Scope::current().deadline.map(|due| due - reserve);
+        let poll = deadline::within(polls_due, || self.poll_lagging(&plans, now));
         self.poll_budget.after_poll(&poll);
         // A deletion (or pause) that came while PD or the stores were slow applies before
         // this tick decides what to write.
@@ -466,7 +472,7 @@ impl CheckpointAdvancer {
             }
             let metrics = self.metrics.clone();
             let _timer = metrics.tick_duration.start_timer(["try-advance"]);
-            let collected = collect_checkpoints_cached(
+            let result = collect_checkpoints_cached(
                 self.env.cluster.as_ref(),
                 self.env.service.as_ref(),
                 &self.pool,
@@ -474,21 +480,25 @@ impl CheckpointAdvancer {
                 &plan.ranges,
                 &collector,
             );
-            match collected {
-                Ok(result) => {
-                    self.count_poll(&result);
-                    summary.asked += result.advanced.len() + result.failed.len();
-                    summary.answered += result.advanced.len();
-                    summary.out_of_time |= !result.out_of_time.is_empty();
-                    let failures = result.failed.iter().filter(|f| f.region.is_some()).cloned().collect();
-                    self.last_failures.insert(plan.task.clone(), failures);
-                    for error in &result.store_errors {
-                        log::warn!("task {}: {error}", plan.task);
-                    }
-                    self.core.on_poll_result(&plan.task, result.advanced.iter().map(|(r, ts)| (r, *ts)));
-                }
-                Err(e) => log::warn!("polling task {} failed: {e}", plan.task),
+            self.count_poll(&result);
+            summary.asked += result.advanced.len() + result.failed.len();
+            summary.answered += result.advanced.len();
+            summary.out_of_time |= !result.out_of_time.is_empty();
+            let failures = result.failed.iter().filter(|f| f.region.is_some()).cloned().collect();
+            self.last_failures.insert(plan.task.clone(), failures);
+            for error in &result.store_errors {
+                log::warn!("task {}: {error}", plan.task);
             }
+            if let Some(e) = &result.unlisted {
+                // What was listed before still counts: at 10^6 regions a cold start's listing
+                // may take more than one tick, and each tick merges what it got.
+                log::warn!(
+                    "polling task {} stopped part way ({} regions answered): {e}",
+                    plan.task,
+                    result.advanced.len()
+                );
+            }
+            self.core.on_poll_result(&plan.task, result.advanced.iter().map(|(r, ts)| (r, *ts)));
         }
         summary
     }

@@ -82,6 +82,9 @@ impl Ticker {
                     Err(_) => break,
                 },
             };
+            if matches!(message, Message::Tick) {
+                self.drain_flushes();
+            }
             self.handle(message);
             // A new interval applies at once, not after the next tick.
             let configured = self.advancer.config().tick_interval;
@@ -97,6 +100,7 @@ impl Ticker {
     fn handle(&mut self, message: Message) {
         let metrics = self.shared.metrics.clone();
         let _timer = metrics.message_duration.start_timer([message.label()]);
+        let _cpu = metrics.message_cpu.start_cpu_timer([message.label()]);
         match message {
             Message::Task(event) => {
                 self.advancer.on_task_event(event);
@@ -121,6 +125,15 @@ impl Ticker {
             Message::Request(Request::Config(reply)) => {
                 let _ = reply.send(self.advancer.config().clone());
             }
+        }
+    }
+
+    /// Merges the flush batches already queued as messages of their own, so that a tick's
+    /// time and CPU are the tick's and not those of the flushes that queued up before it.
+    fn drain_flushes(&mut self) {
+        let flushes = self.advancer.flush_events();
+        while let Ok(batch) = flushes.try_recv() {
+            self.handle(Message::Flushes(batch));
         }
     }
 
