@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use streamhelper::advancer::Advancer;
 use streamhelper::cluster::{collect_checkpoints, ClusterMeta, CollectorConfig, KvClients};
-use streamhelper::locks::{run_round, target_bound, RoundEnv, RoundRequest};
+use streamhelper::locks::{run_round, target_bound, RoundEnv, RoundRequest, ROUND_REGIONS};
 use streamhelper::proto::brpb::StreamBackupTaskInfo;
 use streamhelper::sim::{Outcome, SimCluster, SimConfig, TxnSpec};
 use streamhelper::Config;
@@ -63,7 +63,7 @@ fn main() {
     let checkpoint = core.status()[0].checkpoint;
     let now = sim.now_ts();
     let started = Instant::now();
-    let targets = core.lagging_spans("bench", target_bound(checkpoint, interval, now));
+    let targets = core.oldest_spans("bench", target_bound(checkpoint, interval, now), ROUND_REGIONS);
     let planned = started.elapsed();
 
     let stop = StopToken::never();
@@ -83,7 +83,7 @@ fn main() {
         deadline,
         &stop,
     );
-    let request = RoundRequest { tasks: vec!["bench".into()], targets: targets.clone(), deadline };
+    let request = RoundRequest::new(vec!["bench".into()], targets.clone(), deadline);
     let report = run_round(&env, &pool, &request);
 
     let rolled_back = txns.iter().filter(|t| sim.txn_outcome(**t) == Some(Outcome::RolledBack)).count();

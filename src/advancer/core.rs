@@ -238,12 +238,17 @@ impl Advancer {
     /// Which spans to poll: those of running tasks older than the threshold (tighter while
     /// a subscription is broken), as collapsed ranges.
     pub fn plan_polls(&self, now: Ts) -> Vec<PollPlan> {
+        self.plan_polls_below(self.poll_below(now))
+    }
+
+    /// Spans valued below this are polled at `now`.
+    pub fn poll_below(&self, now: Ts) -> Ts {
         let threshold = if self.subscriptions_healthy {
             self.config.try_advance_threshold
         } else {
             self.config.degraded_threshold()
         };
-        self.plan_polls_below(ts_sub(now, threshold))
+        ts_sub(now, threshold)
     }
 
     /// The spans of running tasks older than `below`, as collapsed ranges per task.
@@ -258,14 +263,12 @@ impl Advancer {
             .collect()
     }
 
-    /// The pieces of a running task's frontier valued below `below`, in key order: what
-    /// lock resolution scans.
-    pub fn lagging_spans(&self, task: &str, below: Ts) -> Vec<(KeyRange, Ts)> {
+    /// The `limit` oldest pieces of a running task's frontier valued below `below`, oldest
+    /// first: O(limit log limit), whatever the number of pieces. What a bounded poll and a
+    /// lock-resolution round look at.
+    pub fn oldest_spans(&self, task: &str, below: Ts, limit: usize) -> Vec<(KeyRange, Ts)> {
         let Some(state) = self.tasks.get(task).filter(|t| !t.paused) else { return Vec::new() };
-        let mut spans: Vec<(KeyRange, Ts)> =
-            state.frontier.below_unordered(below).map(|s| (KeyRange::new(s.start, s.end), s.ts)).collect();
-        spans.sort();
-        spans
+        state.frontier.below(below).take(limit).map(|s| (KeyRange::new(s.start, s.end), s.ts)).collect()
     }
 
     /// Moves each running task's checkpoint to its frontier's minimum (never down, never

@@ -11,6 +11,7 @@
 
 pub(crate) mod collector;
 pub(crate) mod deadline;
+pub(crate) mod lagging;
 pub(crate) mod pd;
 pub(crate) mod region_cache;
 pub(crate) mod region_iter;
@@ -25,6 +26,7 @@ use crate::types::{KeyRange, RegionId, StoreId, Ts};
 pub use collector::{
     collect_checkpoints, collect_checkpoints_cached, CollectResult, CollectorConfig, FailReason, FailedRange,
 };
+pub use lagging::most_lagging_within;
 pub use pd::{PdClient, PdConfig};
 pub use region_cache::RegionCache;
 pub use region_iter::{check_region_consistency, RegionIter, ScanRetry};

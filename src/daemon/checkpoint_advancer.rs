@@ -20,16 +20,17 @@ use crossbeam_channel::{never, Receiver, Sender};
 
 use super::memory;
 use super::metrics::Metrics;
-use crate::advancer::{latest_believable, Action, Advancer, Config, TaskStatus};
+use crate::advancer::{latest_believable, Action, Advancer, Config, PollPlan, TaskStatus};
 use crate::cluster::deadline::{self, Scope};
 use crate::cluster::{
-    collect_checkpoints, collect_checkpoints_cached, ClusterMeta, CollectResult, CollectorConfig, FailReason,
-    FailedRange, FlushBatch, FlushSubscriber, KvClients, LogBackupService, RegionCache, SubscriberConfig,
+    collect_checkpoints, collect_checkpoints_cached, most_lagging_within, ClusterMeta, CollectResult, CollectorConfig,
+    FailReason, FailedRange, FlushBatch, FlushSubscriber, KvClients, LogBackupService, RegionCache, SubscriberConfig,
 };
 use crate::error::{Error, Result};
 use crate::etcd::Leadership;
 use crate::locks::{LockResolver, ResolverSettings};
 use crate::meta::{Fence, MetaStore, TaskEvent, TaskWatcher, UploadOutcome};
+use crate::spans::collapse;
 use crate::storage::CheckpointCopier;
 use crate::timefmt::format_duration;
 use crate::types::{local_now_ts, ts_add, ts_distance, ts_sub, KeyRange, RegionId, StoreId, Ts};
@@ -76,6 +77,8 @@ pub struct CheckpointAdvancer {
     /// The regions polls saw, so that a poll asks PD only about regions not seen or failed;
     /// kept while owner.
     regions: RegionCache,
+    /// How many regions a tick polls, learnt from the polls before.
+    poll_budget: PollBudget,
     /// The regions that failed in each task's last poll: a blocker is shown with its reason.
     last_failures: HashMap<String, Vec<FailedRange>>,
     /// The subscription failure reported every tick while it lasts: logged once.
@@ -121,6 +124,7 @@ impl CheckpointAdvancer {
             last_tso: None,
             future_stores: HashSet::new(),
             regions: RegionCache::default(),
+            poll_budget: PollBudget::default(),
             last_failures: HashMap::new(),
             subscription_warning: RepeatedWarning::default(),
             tso_warning: RepeatedWarning::default(),
@@ -272,6 +276,7 @@ impl CheckpointAdvancer {
         }
         self.subscriber = None;
         self.regions = RegionCache::default();
+        self.poll_budget = PollBudget::default();
         self.storage.clear();
         self.last_failures.clear();
         // A standby's values would go stale next to the new owner's (upstream resets too).
@@ -303,10 +308,11 @@ impl CheckpointAdvancer {
         let _timer = metrics.tick_duration.start_timer(["tick"]);
         let now = self.now();
         self.refresh_subscriptions();
-        let plans = self.core.plan_polls(now);
+        let plans = self.planned_polls(now);
         let reserve = (self.config().tick_interval / 5).min(WRITES_RESERVE);
         let polls_due = Scope::current().deadline.map(|due| due - reserve);
-        deadline::within(polls_due, || self.poll_lagging(&plans, now));
+        let poll = deadline::within(polls_due, || self.poll_lagging(&plans, now));
+        self.poll_budget.after_poll(&poll);
         // A deletion (or pause) that came while PD or the stores were slow applies before
         // this tick decides what to write.
         self.apply_pending_events();
@@ -314,7 +320,7 @@ impl CheckpointAdvancer {
         self.apply(actions, now);
         self.show_blockers(now);
         // Starts a round for tasks stuck past the resolve interval; never waits for one.
-        self.locks.after_tick(now, &mut self.core, &self.metrics);
+        self.locks.after_tick(now, &mut self.core, &self.regions, &self.metrics);
         // After the GC step, as upstream; the writes run on the copier's thread.
         self.storage.submit(self.core.config().tick_interval);
         now
@@ -424,11 +430,42 @@ impl CheckpointAdvancer {
         }
     }
 
+    /// What this tick polls: every span older than the poll threshold, or, when the polls
+    /// before showed that they do not all fit in a tick, the most lagging of them across
+    /// tasks, as many regions as the budget allows.
+    pub(super) fn planned_polls(&self, now: Ts) -> Vec<PollPlan> {
+        let below = self.core.poll_below(now);
+        let plans = self.core.plan_polls_below(below);
+        let Some(budget) = self.poll_budget.regions else { return plans };
+        let mut lagging: Vec<(String, Vec<(KeyRange, Ts)>)> = plans
+            .into_iter()
+            .map(|plan| {
+                // Each span holds a region at least: no more spans than that can fit.
+                let spans = self.core.oldest_spans(&plan.task, below, budget);
+                (plan.task, spans)
+            })
+            .collect();
+        // The task lagging most goes first.
+        lagging.sort_by_key(|(_, spans)| spans.iter().map(|(_, ts)| *ts).min());
+        let mut left = budget;
+        let mut planned = Vec::new();
+        for (task, spans) in lagging {
+            if left == 0 {
+                break;
+            }
+            let (taken, known) = most_lagging_within(&self.regions, spans, left);
+            left = left.saturating_sub(known.len().max(taken.len()));
+            let ranges: Vec<KeyRange> = taken.into_iter().map(|(range, _)| range).collect();
+            planned.push(PollPlan { task, ranges: collapse(&ranges) });
+        }
+        planned
+    }
+
     /// Polls the planned spans by the tick's deadline: one hung store costs one RPC
     /// deadline, not the tick, and a task not polled in time waits for the next tick.
-    fn poll_lagging(&mut self, plans: &[crate::advancer::PollPlan], now: Ts) {
+    fn poll_lagging(&mut self, plans: &[PollPlan], now: Ts) -> PollSummary {
+        let mut summary = PollSummary::default();
         let collector = self.collector_config(now);
-        let mut polled = 0;
         for plan in plans {
             if deadline::passed() {
                 log::warn!("tick interval used up; polling of task {} waits for the next tick", plan.task);
@@ -444,8 +481,10 @@ impl CheckpointAdvancer {
                 &plan.ranges,
                 &collector,
             );
-            polled += result.advanced.len() + result.failed.len();
             self.count_poll(&result);
+            summary.asked += result.advanced.len() + result.failed.len();
+            summary.answered += result.advanced.len();
+            summary.out_of_time |= !result.out_of_time.is_empty();
             let failures = result.failed.iter().filter(|f| f.region.is_some()).cloned().collect();
             self.last_failures.insert(plan.task.clone(), failures);
             for error in &result.store_errors {
@@ -462,9 +501,10 @@ impl CheckpointAdvancer {
             }
             self.core.on_poll_result(&plan.task, result.advanced.iter().map(|(r, ts)| (r, *ts)));
         }
-        if polled >= memory::TRIM_AFTER_REGIONS {
+        if summary.asked >= memory::TRIM_AFTER_REGIONS {
             memory::give_back_freed_memory();
         }
+        summary
     }
 
     fn count_poll(&self, result: &CollectResult) {
@@ -659,6 +699,49 @@ impl CheckpointAdvancer {
             self.apply(vec![pause], now);
         }
         true
+    }
+}
+
+/// What a tick's polls asked and got, for the next tick's budget.
+#[derive(Debug, Default)]
+pub(crate) struct PollSummary {
+    pub asked: usize,
+    pub answered: usize,
+    /// Some store ran out of time.
+    pub out_of_time: bool,
+}
+
+/// A tick may always poll this many regions, most lagging first.
+pub(crate) const MIN_POLL_REGIONS: usize = 1024;
+
+/// How many regions a tick polls: all that lag, until a poll outgrows its tick (most of what
+/// it asked ran out of time: 10^6 regions in a 2 s tick, or a starved machine); then what
+/// such a poll got answered in time, most lagging first, doubled after each poll that kept
+/// up (no store out of time) while the budget held it back. Polling everything every tick
+/// got nothing answered at 10^6 regions on a loaded machine, so the checkpoint never moved.
+#[derive(Debug, Default)]
+pub(crate) struct PollBudget {
+    /// `None`: no limit.
+    pub regions: Option<usize>,
+}
+
+impl PollBudget {
+    pub(crate) fn after_poll(&mut self, poll: &PollSummary) {
+        if poll.out_of_time && poll.answered * 2 < poll.asked {
+            let regions = poll.answered.max(MIN_POLL_REGIONS);
+            let level = if self.regions.is_none() { log::Level::Info } else { log::Level::Debug };
+            log::log!(
+                level,
+                "a poll of {} regions ran out of time with {} answered: the next polls ask about the {regions} most \
+                 lagging regions, more while they keep up",
+                poll.asked,
+                poll.answered
+            );
+            self.regions = Some(regions);
+        } else if let Some(regions) = self.regions.filter(|r| !poll.out_of_time && poll.asked >= *r) {
+            log::debug!("a poll of {} regions kept up: polling up to {} next", poll.asked, regions * 2);
+            self.regions = Some(regions.saturating_mul(2));
+        }
     }
 }
 

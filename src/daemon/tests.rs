@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
-use super::checkpoint_advancer::{CheckpointAdvancer, Env, RepeatedWarning};
+use super::checkpoint_advancer::{CheckpointAdvancer, Env, PollBudget, PollSummary, RepeatedWarning, MIN_POLL_REGIONS};
 use super::owner::OwnerEvent;
 use super::ticker::Ticker;
 use super::{run_ticker, Shared};
-use crate::advancer::Config;
+use crate::advancer::{Config, PollPlan};
 use crate::cluster::testing::{regions_from_boundaries, FixedDialer, MemMeta};
 use crate::cluster::{FlushBatch, KvClients, StoreInfo};
 use crate::etcd::Leadership;
@@ -647,4 +647,57 @@ fn a_poll_that_runs_out_of_time_leaves_the_tick_time_for_the_gc_safepoint() {
     assert_eq!(f.store.stored("t1"), Some(at(0)), "the hung store's region holds the checkpoint");
     assert_eq!(f.cluster.gc.lock().len(), gc_calls + 1, "the GC safepoint was updated after the polls ran out of time");
     assert_eq!(f.cluster.gc.lock().last(), Some(&Some(at(0) - 1)));
+}
+
+/// At 10^6 regions on a loaded machine a poll of every lagging region never finished within
+/// its tick: nothing was answered in time, tick after tick, and the checkpoint stood still.
+/// After such a poll a tick asks about the most lagging regions only, as many as were
+/// answered (at least `MIN_POLL_REGIONS`), across its spans oldest first.
+#[test]
+fn after_a_poll_outgrows_its_tick_the_next_polls_ask_about_the_most_lagging_regions_first() {
+    let keys: Vec<Vec<u8>> = (1..1500).map(|i| format!("k{i:04}").into_bytes()).collect();
+    let boundaries: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    // Accepts connections and never answers: every call waits for its deadline.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = Config {
+        tick_interval: Duration::from_millis(300),
+        try_advance_threshold: Duration::from_secs(60),
+        lag_limit: Duration::ZERO,
+        ..Config::default()
+    };
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&boundaries, &[1])));
+    f.service.addresses.lock().insert(1, silent.local_addr().unwrap().to_string());
+    f.add_task("t1", at(0));
+    f.own();
+    // The first 1000 regions are newer than the rest; both lag.
+    f.flushed_by(1, &[("", "k1000", at(1))]);
+    f.tick_at(at(10));
+    assert_eq!(f.advancer.metrics().regions_polled.get([]), 1500, "every lagging region, none answered");
+
+    let planned = f.advancer.planned_polls(at(11));
+    let most_lagging = MIN_POLL_REGIONS - 500;
+    let expected = vec![KeyRange::new("", keys[most_lagging - 1].clone()), KeyRange::new("k1000", "")];
+    assert_eq!(planned, vec![PollPlan { task: "t1".into(), ranges: expected }], "the 500 oldest, then the next oldest");
+    f.tick_at(at(11));
+    assert_eq!(f.advancer.metrics().regions_polled.get([]), 1500 + MIN_POLL_REGIONS as u64);
+    assert_eq!(f.store.stored("t1"), Some(at(0)), "nothing answered, nothing advanced");
+}
+
+#[test]
+fn the_poll_budget_follows_what_polls_get_answered_in_time() {
+    let poll = |asked, answered, out_of_time| PollSummary { asked, answered, out_of_time };
+    let mut budget = PollBudget::default();
+    budget.after_poll(&poll(10_000, 10_000, false));
+    budget.after_poll(&poll(10_000, 9_000, true));
+    assert_eq!(budget.regions, None, "a late store alone does not limit the polls");
+    budget.after_poll(&poll(1_000_000, 300_000, true));
+    assert_eq!(budget.regions, Some(300_000));
+    budget.after_poll(&poll(300_000, 280_000, true));
+    assert_eq!(budget.regions, Some(300_000), "kept: most was answered, not all");
+    budget.after_poll(&poll(300_000, 300_000, false));
+    assert_eq!(budget.regions, Some(600_000), "doubled: the poll kept up");
+    budget.after_poll(&poll(5_000, 5_000, false));
+    assert_eq!(budget.regions, Some(600_000), "not doubled while it does not hold the polls back");
+    budget.after_poll(&poll(600_000, 0, true));
+    assert_eq!(budget.regions, Some(MIN_POLL_REGIONS), "nothing answered: the least a tick polls");
 }

@@ -21,14 +21,14 @@ use crossbeam_channel::{after, bounded, Receiver, Sender};
 use parking_lot::Mutex;
 
 use crate::advancer::core::Advancer;
-use crate::cluster::{ClusterMeta, KvClients};
+use crate::cluster::{most_lagging_within, ClusterMeta, KvClients, RegionCache};
 use crate::daemon::metrics::Metrics;
 use crate::error::{Error, Result};
 use crate::timefmt::format_duration;
 use crate::types::Ts;
 use crate::worker::{catch_panic, StopToken, Worker as Thread};
 
-pub use plan::{target_bound, Schedule};
+pub use plan::{target_bound, Schedule, ROUND_REGIONS};
 pub use round::{run_round, RoundEnv, RoundReport, RoundRequest};
 pub use thresholds::fetch_flush_interval;
 
@@ -83,8 +83,10 @@ impl LockResolver {
     }
 
     /// After each tick while owner: records a finished round, applies TiKV's thresholds,
-    /// and starts a round for tasks stuck past the resolve interval. Never blocks.
-    pub fn after_tick(&mut self, now: Ts, core: &mut Advancer, metrics: &Metrics) {
+    /// and starts a round for tasks stuck past the resolve interval, over the most lagging
+    /// of their lagging pieces ([`ROUND_REGIONS`] regions), located through `regions`
+    /// where it knows them. Never blocks.
+    pub fn after_tick(&mut self, now: Ts, core: &mut Advancer, regions: &RegionCache, metrics: &Metrics) {
         if let Ok(report) = self.reports.try_recv() {
             self.schedule.finished(now);
             record(&report, metrics);
@@ -113,7 +115,7 @@ impl LockResolver {
         let mut targets = Vec::new();
         for task in &due {
             let checkpoint = self.schedule.checkpoint(task).unwrap_or_default();
-            targets.extend(core.lagging_spans(task, target_bound(checkpoint, interval, now)));
+            targets.extend(core.oldest_spans(task, target_bound(checkpoint, interval, now), ROUND_REGIONS));
         }
         self.schedule.started(due.clone());
         if targets.is_empty() {
@@ -121,9 +123,17 @@ impl LockResolver {
             self.schedule.finished(now);
             return;
         }
-        log::info!("Advancer starts to resolve locks: tasks {due:?}, {} lagging ranges", targets.len());
+        let (targets, known) = most_lagging_within(regions, targets, ROUND_REGIONS);
+        let known_regions = known;
+        log::info!(
+            "Advancer starts to resolve locks: tasks {due:?}, the {} most lagging ranges ({} regions known)",
+            targets.len(),
+            known_regions.len()
+        );
         let deadline = Instant::now() + interval.max(self.rpc_timeout);
-        if self.rounds.try_send(RoundRequest { tasks: due, targets, deadline }).is_err() {
+        let request =
+            RoundRequest { known_regions, max_regions: ROUND_REGIONS, ..RoundRequest::new(due, targets, deadline) };
+        if self.rounds.try_send(request).is_err() {
             log::warn!("the lock resolver is still busy; the round waits for the next tick");
             self.schedule.finished(now);
         }
@@ -143,9 +153,10 @@ fn record(report: &RoundReport, metrics: &Metrics) {
         log::warn!("{line}");
     }
     log::info!(
-        "finish resolve locks for checkpoint: tasks {:?}, {} regions scanned, {} locks found, {:?}, {} RPCs in {:?}",
+        "finish resolve locks for checkpoint: tasks {:?}, {} regions scanned{}, {} locks found, {:?}, {} RPCs in {:?}",
         report.tasks,
         report.regions_scanned,
+        if report.regions_capped { " (as many as a round scans; the rest waits for the next)" } else { "" },
         report.locks_found,
         report.locks,
         report.rpcs,

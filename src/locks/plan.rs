@@ -91,6 +91,12 @@ pub fn target_bound(checkpoint: Ts, interval: Duration, now: Ts) -> Ts {
     stale.min(near)
 }
 
+/// Regions one round scans at most. A crashed transaction holds back the regions of its
+/// locks, which are the most lagging ones; a round over every lagging region of a cluster
+/// whose polls fall behind was 160 000 ScanLock calls in 10 s at 10^6 regions. The `locks`
+/// bench scans 1000 regions in about 250 ms.
+pub const ROUND_REGIONS: usize = 4096;
+
 /// ScanLock's max version: just above the largest target value, so every lock that can
 /// hold a target back (its start ts is at most the target's value) is seen, and locks of
 /// newer transactions are not.

@@ -4,7 +4,7 @@
 //! store and key, and left for a later round.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use grpcio::CallOption;
@@ -38,6 +38,19 @@ pub struct RoundRequest {
     pub tasks: Vec<String>,
     pub targets: Vec<(KeyRange, Ts)>,
     pub deadline: Instant,
+    /// Regions the advancer already knows to hold the targets (its region cache): scanned
+    /// without asking PD where they are. A stale one costs a region error and a PD lookup.
+    pub known_regions: Vec<RegionWithLeader>,
+    /// The round scans at most this many regions: a stuck checkpoint over a cluster whose
+    /// polls fall behind makes every region a target (a million ScanLock calls a round).
+    pub max_regions: usize,
+}
+
+impl RoundRequest {
+    /// A round over `targets` that locates every region through PD and scans them all.
+    pub fn new(tasks: Vec<String>, targets: Vec<(KeyRange, Ts)>, deadline: Instant) -> Self {
+        RoundRequest { tasks, targets, deadline, known_regions: Vec::new(), max_regions: usize::MAX }
+    }
 }
 
 /// How a round went. `locks` counts locks by outcome: `committed`, `rolled-back`, `alive`
@@ -46,6 +59,8 @@ pub struct RoundRequest {
 pub struct RoundReport {
     pub tasks: Vec<String>,
     pub regions_scanned: usize,
+    /// The round stopped at its `max_regions`; the rest waits for a later round.
+    pub regions_capped: bool,
     pub locks_found: usize,
     pub locks: BTreeMap<&'static str, usize>,
     pub rpcs: usize,
@@ -92,6 +107,31 @@ fn context_of(region: &RegionWithLeader) -> Context {
     context.mut_peer().set_id(region.leader_peer_id);
     context.mut_peer().set_store_id(region.leader_store.unwrap_or_default());
     context
+}
+
+/// The regions a round may scan: those known beforehand, and how many are left to scan.
+struct RoundRegions<'a> {
+    /// In key order, not overlapping.
+    known: &'a [RegionWithLeader],
+    left: AtomicUsize,
+    /// Some scan wanted a region when none was left.
+    ran_out: AtomicBool,
+}
+
+impl RoundRegions<'_> {
+    fn known_at(&self, key: &[u8]) -> Option<RegionWithLeader> {
+        let after = self.known.partition_point(|r| r.range.start.as_slice() <= key);
+        after.checked_sub(1).map(|i| &self.known[i]).filter(|r| r.range.contains(key)).cloned()
+    }
+
+    /// Takes one region from what is left; false once none is.
+    fn take_one(&self) -> bool {
+        let taken = self.left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(1)).is_ok();
+        if !taken {
+            self.ran_out.store(true, Ordering::Relaxed);
+        }
+        taken
+    }
 }
 
 /// `[from, to)` clipped to the region.
@@ -220,24 +260,40 @@ impl<'a> RoundEnv<'a> {
 
     /// Every lock with start ts below `max_version` in `range`, region by region on their
     /// leaders, in pages. Errors leave the rest of the range for a later round.
-    fn scan_range(&self, range: &KeyRange, max_version: Ts, floor: Ts) -> (Vec<FoundLock>, usize, Vec<String>) {
+    fn scan_range(
+        &self,
+        range: &KeyRange,
+        max_version: Ts,
+        floor: Ts,
+        allowed: &RoundRegions<'_>,
+    ) -> (Vec<FoundLock>, usize, Vec<String>) {
         let (mut found, mut regions, mut errors) = (Vec::new(), 0, Vec::new());
         let mut located: std::collections::VecDeque<RegionWithLeader> = Default::default();
         let mut from = range.start.clone();
         let mut version = max_version;
         let mut locked_retries = 0;
+        let mut taken = false;
         while range.end.is_empty() || from < range.end {
-            located.retain(|r| r.range.contains(&from) || r.range.start > from);
-            if located.front().map_or(true, |r| !r.range.contains(&from)) {
-                match self.meta.region_scan(&from, &range.end, LOCATE_PAGE) {
-                    Ok(page) => located = page.into_iter().filter(|r| r.leader_store.is_some()).collect(),
-                    Err(e) => {
-                        errors.push(located_error("locating regions for KvScanLock", None, &from, e));
-                        break;
-                    }
-                }
+            if !taken && !allowed.take_one() {
+                break;
             }
-            let hint = located.front().filter(|r| r.range.contains(&from)).cloned();
+            taken = true;
+            let hint = match allowed.known_at(&from) {
+                Some(region) => Some(region),
+                None => {
+                    located.retain(|r| r.range.contains(&from) || r.range.start > from);
+                    if located.front().map_or(true, |r| !r.range.contains(&from)) {
+                        match self.meta.region_scan(&from, &range.end, LOCATE_PAGE) {
+                            Ok(page) => located = page.into_iter().filter(|r| r.leader_store.is_some()).collect(),
+                            Err(e) => {
+                                errors.push(located_error("locating regions for KvScanLock", None, &from, e));
+                                break;
+                            }
+                        }
+                    }
+                    located.front().filter(|r| r.range.contains(&from)).cloned()
+                }
+            };
             let answer = self.on_region("KvScanLock", &from, hint, |client, region, option| {
                 let mut request = ScanLockRequest::new();
                 request.set_context(context_of(region));
@@ -286,6 +342,7 @@ impl<'a> RoundEnv<'a> {
                 found.extend(locks.into_iter().map(|l| found_lock(l, &region)));
             }
             regions += 1;
+            taken = false;
             version = max_version;
             locked_retries = 0;
             if region.range.end.is_empty() {
@@ -456,7 +513,14 @@ pub fn run_round(env: &RoundEnv<'_>, pool: &rayon::ThreadPool, request: &RoundRe
             return report;
         }
     };
-    let scans: Vec<_> = pool.install(|| ranges.par_iter().map(|r| env.scan_range(r, max_version, floor)).collect());
+    let allowed = RoundRegions {
+        known: &request.known_regions,
+        left: AtomicUsize::new(request.max_regions),
+        ran_out: AtomicBool::new(false),
+    };
+    let scans: Vec<_> =
+        pool.install(|| ranges.par_iter().map(|r| env.scan_range(r, max_version, floor, &allowed)).collect());
+    report.regions_capped = allowed.ran_out.load(Ordering::Relaxed);
     let mut found = Vec::new();
     for (locks, regions, errors) in scans {
         found.extend(locks);
