@@ -221,11 +221,21 @@ impl Advancer {
     {
         let latest = latest_believable(now);
         let flushes = flushes.into_iter();
-        let believable = flushes.clone().filter(move |(_, _, ts)| *ts <= latest);
-        for task in self.tasks.values_mut() {
-            task.frontier.merge_batch(believable.clone());
-        }
+        self.merge_flushes(flushes.clone().filter(move |(_, _, ts)| *ts <= latest));
         flushes.filter(|(_, _, ts)| *ts > latest).count()
+    }
+
+    /// Flushed ranges already found believable (see [`Advancer::on_flushes`]), merged as
+    /// one batch per task.
+    pub fn merge_flushes<'a, I>(&mut self, flushes: I)
+    where
+        I: IntoIterator<Item = (&'a [u8], &'a [u8], Ts)>,
+        I::IntoIter: Clone,
+    {
+        let flushes = flushes.into_iter();
+        for task in self.tasks.values_mut() {
+            task.frontier.merge_batch(flushes.clone());
+        }
     }
 
     /// Region checkpoints polled for `task`.

@@ -113,7 +113,7 @@ impl Fixture {
         for &(start, end, ts) in events {
             batch.push(&KeyRange::new(start, end), ts);
         }
-        self.advancer.on_flush_events(&batch);
+        self.advancer.on_flush_events(batch);
     }
 
     fn uploads(&self) -> Vec<(String, Ts)> {
@@ -350,6 +350,21 @@ fn a_flush_from_the_future_is_dropped_and_counted() {
     f.tick_at(at(2));
     assert_eq!(f.advancer.metrics().future_checkpoints.get(["flush"]), 1);
     assert_eq!(f.store.stored("t1"), Some(at(0)), "a claim above now never becomes the checkpoint");
+}
+
+#[test]
+fn flushes_received_before_a_task_was_added_never_reach_it() {
+    let mut f = Fixture::new();
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(2));
+    // Received (and kept for the next tick's merge) before t2 existed: TiKV flushed
+    // nothing of t2 there.
+    f.flushed(at(2));
+    f.add_task("t2", at(1));
+    f.tick_at(at(3));
+    assert_eq!(f.store.stored("t1"), Some(at(2)));
+    assert_eq!(f.store.stored("t2"), Some(at(1)), "t2 starts from its own start ts");
 }
 
 #[test]

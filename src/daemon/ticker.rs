@@ -113,7 +113,7 @@ impl Ticker {
                 let _ = stood_down.send(());
                 self.publish(None);
             }
-            Message::Flushes(batch) => self.advancer.on_flush_events(&batch),
+            Message::Flushes(batch) => self.advancer.on_flush_events(batch),
             Message::Tick => self.tick(),
             Message::Request(Request::UpdateConfig(config, reply)) => {
                 let _ = reply.send(self.advancer.update_config(config));
