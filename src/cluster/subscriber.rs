@@ -11,6 +11,7 @@
 //! with backoff; a store without the service (`UNIMPLEMENTED`) stays reported until it
 //! restarts.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::poll_fn;
 use std::io::Read;
@@ -547,10 +548,16 @@ impl FlushMessage {
 }
 
 fn decode_flush_message(mut reader: MessageReader) -> grpcio::Result<FlushMessage> {
-    let mut bytes = Vec::with_capacity(reader.len());
-    reader.read_to_end(&mut bytes).map_err(|e| grpcio::Error::Codec(e.into()))?;
-    parse_flush_message(&bytes)
-        .map_err(|e| grpcio::Error::Codec(format!("bad SubscribeFlushEventResponse: {e}").into()))
+    thread_local! {
+        /// The message's bytes, in one piece; kept for the thread's next message.
+        static BYTES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    BYTES.with_borrow_mut(|bytes| {
+        bytes.clear();
+        reader.read_to_end(bytes).map_err(|e| grpcio::Error::Codec(e.into()))?;
+        parse_flush_message(bytes)
+            .map_err(|e| grpcio::Error::Codec(format!("bad SubscribeFlushEventResponse: {e}").into()))
+    })
 }
 
 /// Reads `SubscribeFlushEventResponse { repeated FlushEvent events = 1; }` and each
@@ -577,6 +584,9 @@ fn parse_flush_message(mut bytes: &[u8]) -> std::result::Result<FlushMessage, St
             message.skipped.get_or_insert((0, e)).0 += 1;
         }
     }
+    // Batches wait for the next tick: they keep no slack.
+    message.batch.keys.shrink_to_fit();
+    message.batch.events.shrink_to_fit();
     Ok(message)
 }
 

@@ -268,7 +268,7 @@ impl CheckpointAdvancer {
             .pending_flushes
             .iter()
             .flat_map(|(batch, latest)| batch.iter().filter(move |&(_, _, ts)| ts <= *latest));
-        self.core.merge_flushes(believable);
+        self.core.merge_flushes(believable, self.pending_flush_events);
         self.pending_flushes.clear();
         self.pending_flush_events = 0;
     }

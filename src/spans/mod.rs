@@ -58,8 +58,8 @@ const GROWN_LOAD: usize = 74;
 /// memory is cached; the window's items are ~LOOK_AHEAD * 100 bytes of cache.
 const LOOK_AHEAD: usize = 16;
 
-/// [`SpanFrontier::merge_batch`] stops ordering the heap at each raise once it has merged
-/// this share (1/n) of the pieces, and orders it once at the end. At 10^6 pieces a rebuild
+/// [`SpanFrontier::merge_batch`] orders the heap once at the end of a batch of this share
+/// (1/n) of the pieces or more, instead of at each raise. At 10^6 pieces a rebuild
 /// measured ~1.5 record reads per piece (the ~40 ms of one rebuild under load), and a raise
 /// to a new maximum ~8 uncached reads: rebuilding wins once a batch raises about a fifth
 /// of the pieces.
@@ -204,13 +204,25 @@ impl SpanFrontier {
     /// is allocated. On a frontier that fits in cache the bookkeeping costs a little per
     /// item; on one that does not, hiding the reads wins (figures in docs/benchmarks.md).
     ///
-    /// A batch of more than 1/[`DEFER_SHARE`] of the pieces orders the heap once at its end
-    /// instead of at each raise (see [`heap`]): a batch is never observed half-merged.
+    /// A batch of 1/[`DEFER_SHARE`] of the pieces or more orders the heap once at its end
+    /// instead of at each raise (see [`heap`]): a batch is never observed half-merged. Its
+    /// size is taken from the iterator's `size_hint`; see [`merge_batch_of`](Self::merge_batch_of).
     pub fn merge_batch<'a>(&mut self, items: impl IntoIterator<Item = (&'a [u8], &'a [u8], Ts)>) {
+        let items = items.into_iter();
+        self.merge_batch_of(items.size_hint().0, items);
+    }
+
+    /// [`merge_batch`](Self::merge_batch) of about `expected` items, for iterators that
+    /// cannot tell. Only a hint: from `expected` it decides whether to order the heap once at
+    /// the end from the first item on; a batch found larger than that share (or expected so
+    /// and not) is still merged exactly, ordering the heap at each raise until it has
+    /// merged that share.
+    pub fn merge_batch_of<'a>(&mut self, expected: usize, items: impl IntoIterator<Item = (&'a [u8], &'a [u8], Ts)>) {
         let mut items = items.into_iter();
         let mut window = [Pending::new(&[], &[], 0); LOOK_AHEAD];
         let (mut taken, mut done) = (0, 0);
-        let defer_after = self.len() / DEFER_SHARE;
+        let share = self.len() / DEFER_SHARE;
+        let defer_after = if expected >= share { 0 } else { share };
         loop {
             while taken - done < LOOK_AHEAD {
                 let Some((start, end, ts)) = items.next() else { break };

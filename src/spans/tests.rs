@@ -502,7 +502,13 @@ fn run_store_flushes(stores: u64, rounds: u64) {
                 .map(|(range, _)| (range, if rng.below(50) == 0 { ts - 1500 } else { ts }))
                 .collect();
             deferred_batches += usize::from(batch.len() > batched.len() / DEFER_SHARE);
-            batched.merge_batch(batch.iter().map(|(r, ts)| (r.start.as_slice(), r.end.as_slice(), *ts)));
+            let items = batch.iter().map(|(r, ts)| (r.start.as_slice(), r.end.as_slice(), *ts));
+            if store % 2 == 0 {
+                batched.merge_batch(items);
+            } else {
+                // Of a size it cannot tell: the heap is ordered at each raise up to the share.
+                batched.merge_batch_of(0, items);
+            }
             for &(range, ts) in &batch {
                 one_by_one.merge_keys(&range.start, &range.end, ts);
                 model.merge(range, ts);
