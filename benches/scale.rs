@@ -340,6 +340,9 @@ impl Advancer {
             cpu: cpu_seconds(&self.process.pid().to_string()),
             ticks: sample(&page, "tidb_log_backup_advancer_tick_duration_sec_count{step=\"tick\"}").unwrap_or(0.0),
             polled: sample(&page, "streamhelper_regions_polled_total").unwrap_or(0.0),
+            tick_cpu: sample(&page, "streamhelper_advancer_message_cpu_seconds_sum{message=\"tick\"}").unwrap_or(0.0),
+            tick_messages: sample(&page, "streamhelper_advancer_message_cpu_seconds_count{message=\"tick\"}")
+                .unwrap_or(0.0),
             checkpoint: sample(&page, &format!("tidb_log_backup_last_checkpoint{{task=\"{TASK}\"}}")).unwrap_or(0.0),
         }
     }
@@ -351,6 +354,9 @@ struct Counters {
     cpu: f64,
     ticks: f64,
     polled: f64,
+    /// The ticker thread's CPU on tick messages (flush merges are messages of their own).
+    tick_cpu: f64,
+    tick_messages: f64,
     checkpoint: f64,
 }
 
@@ -358,6 +364,7 @@ struct Counters {
 struct Steady {
     cpu_per_second: f64,
     cpu_per_tick: f64,
+    tick_thread_cpu: f64,
     cpu_per_flush: f64,
     polled_per_tick: f64,
     pd_calls_per_tick: f64,
@@ -382,6 +389,7 @@ fn measure_steady(sim: &Sim, advancer: &Advancer, settings: &Settings) -> Steady
     Steady {
         cpu_per_second: cpu / seconds,
         cpu_per_tick: cpu / ticks,
+        tick_thread_cpu: (after.tick_cpu - before.tick_cpu) / (after.tick_messages - before.tick_messages).max(1.0),
         cpu_per_flush: cpu / flushes,
         polled_per_tick: (after.polled - before.polled) / ticks,
         pd_calls_per_tick: (scans_after.0 - scans_before.0) as f64 / ticks,
@@ -938,17 +946,23 @@ fn table(rows: &[Row], settings: &Settings) -> String {
             ms(r.decode_cpu_per_flush),
         ));
     }
-    out.push_str("\nSteady state (advancer process; CPU from /proc, regions polled from its metrics, PD scans from the sim's counters):\n\n");
-    out.push_str("| regions | mode | load | CPU ms/s | CPU ms/tick (goal 50) | CPU ms/flush | / decode floor (goal 2x) | regions polled/tick | PD scan calls/tick | PD regions scanned/tick | checkpoint lag s | RSS MiB now / peak (goal 400) |\n");
-    out.push_str("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str(
+        "\nSteady state (advancer process; CPU from /proc, regions polled from its metrics, PD scans from the sim's \
+         counters; a tick's own CPU is the ticker thread's on tick messages, from \
+         `streamhelper_advancer_message_cpu_seconds`, apart from flush merges and from polls fanned out to other \
+         threads):\n\n",
+    );
+    out.push_str("| regions | mode | load | CPU ms/s | CPU ms per tick interval | tick's own CPU ms (goal 50) | CPU ms/flush | / decode floor (goal 2x) | regions polled/tick | PD scan calls/tick | PD regions scanned/tick | checkpoint lag s | RSS MiB now / peak (goal 400) |\n");
+    out.push_str("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         for (mode, s) in [("subscriptions", &r.subscribed), ("polling only", &r.polling)] {
             out.push_str(&format!(
-                "| {} | {mode} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {:.0} / {:.0} |\n",
+                "| {} | {mode} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {:.0} | {:.1} | {:.0} / {:.0} |\n",
                 r.regions,
                 s.load,
                 ms(s.cpu_per_second),
                 ms(s.cpu_per_tick),
+                ms(s.tick_thread_cpu),
                 ms(s.cpu_per_flush),
                 ratio(s.cpu_per_flush, r.decode_cpu_per_flush),
                 s.polled_per_tick,
@@ -974,6 +988,29 @@ fn write_docs(text: &str, (begin_marker, end_marker, heading): (&str, &str, &str
         _ => format!("{}\n{heading}\n\n{block}\n", docs.trim_end()),
     };
     std::fs::write(&path, updated).expect("write docs/benchmarks.md");
+}
+
+/// What the numbers ran on: CPU model and count, memory, and the commit measured.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / (1024.0 * 1024.0));
+    let commit = Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown".into(), |c| c.trim().to_string());
+    let binary = std::env::var("SCALE_BENCH_BIN").map_or_else(|_| format!("commit `{commit}`"), |b| format!("`{b}`"));
+    format!("{model}, {cpus} CPUs, {memory_gib:.0} GiB, {binary}")
 }
 
 fn main() {
@@ -1003,7 +1040,7 @@ fn main() {
     println!("\n{text}");
     if std::env::var_os("SCALE_BENCH_NO_DOCS").is_none() {
         write_docs(
-            &format!("Run of {} ({cpus} CPUs):\n\n{text}", streamhelper::format::format_rfc3339(SystemTime::now())),
+            &format!("Run of {} on {}:\n\n{text}", streamhelper::format::format_rfc3339(SystemTime::now()), machine()),
             if settings.faults { DOCS_FAULTS } else { DOCS_STEADY },
         );
     }

@@ -197,6 +197,8 @@ pub(crate) mod testing {
         }
 
         fn gc_call_fails(&self) -> Result<()> {
+            // As the real client: no call is started once the tick's deadline has passed.
+            deadline::bounded(Duration::from_secs(10), "PD UpdateServiceGCSafePoint")?;
             self.black_hole("UpdateServiceGCSafePoint")?;
             let mut failing = self.failing_gc.lock();
             if *failing == 0 {

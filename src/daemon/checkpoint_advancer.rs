@@ -41,6 +41,10 @@ const MAX_PENDING_FLUSH_EVENTS: usize = 1 << 19;
 /// How much further than the elapsed time PD's clock may move between two readings before
 /// it counts as a jump.
 const CLOCK_JUMP_MARGIN: Duration = Duration::from_secs(30);
+/// What a tick keeps for its writes at most (a fifth of the interval below 5 s): polls that
+/// run out of time, a hung store's or a poll too big for one tick, would otherwise leave
+/// the GC safepoint update, a PD call after them, with no time at all.
+const WRITES_RESERVE: Duration = Duration::from_secs(1);
 
 /// What the advancer talks to (upstream's `Env`): region and store metadata, the stores'
 /// log-backup service, their transactional service (lock resolution, upstream's
@@ -201,7 +205,7 @@ impl CheckpointAdvancer {
     pub fn on_task_event(&mut self, event: TaskEvent) {
         log::info!("meet task event {event}");
         // Flushes that came before the event are the old task's, never a new one's.
-        self.merge_pending_flushes();
+        self.merge_received_flushes();
         match event {
             TaskEvent::Add { info, incarnation, ranges, paused } => {
                 let stored = self.stored_checkpoint(info.get_name(), incarnation);
@@ -255,12 +259,13 @@ impl CheckpointAdvancer {
         self.pending_flush_events += batch.len();
         self.pending_flushes.push((batch, latest));
         if self.pending_flush_events >= MAX_PENDING_FLUSH_EVENTS {
-            self.merge_pending_flushes();
+            self.merge_received_flushes();
         }
     }
 
-    /// Merges every pending flush batch into the frontiers, as one batch per task.
-    fn merge_pending_flushes(&mut self) {
+    /// Merges every kept flush batch into the frontiers, as one batch per task (the next
+    /// tick does it anyway; a caller that times ticks calls it first).
+    pub fn merge_received_flushes(&mut self) {
         if self.pending_flushes.is_empty() {
             return;
         }
@@ -336,7 +341,9 @@ impl CheckpointAdvancer {
         let now = self.now();
         self.refresh_subscriptions();
         let plans = self.core.plan_polls(now);
-        self.poll_lagging(&plans, now);
+        let reserve = (self.config().tick_interval / 5).min(WRITES_RESERVE);
+        let polls_due = Scope::current().deadline.map(|due| due - reserve);
+        deadline::within(polls_due, || self.poll_lagging(&plans, now));
         // A deletion (or pause) that came while PD or the stores were slow applies before
         // this tick decides what to write.
         self.apply_pending_events();
@@ -383,7 +390,7 @@ impl CheckpointAdvancer {
         while let Ok(batch) = flushes.try_recv() {
             self.on_flush_events(batch);
         }
-        self.merge_pending_flushes();
+        self.merge_received_flushes();
     }
 
     /// PD's TSO, or the local clock when PD does not answer. A fallback reading, or a TSO

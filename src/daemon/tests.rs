@@ -638,3 +638,28 @@ fn pd_calls_per_tick_do_not_grow_with_the_number_of_tasks() {
     assert_eq!(one, (1, 0, 1), "one TSO, no scan (the region cache holds them), one GC safepoint update");
     assert_eq!(pd_calls_per_tick(300), one, "(TSO, region scans, GC safepoint) calls of a steady tick");
 }
+
+/// A store that accepts connections and never answers takes the whole poll budget of a
+/// tick: the GC safepoint, a PD call after the polls, still moves with the checkpoint,
+/// since polls stop short of the tick's end.
+#[test]
+fn a_poll_that_runs_out_of_time_leaves_the_tick_time_for_the_gc_safepoint() {
+    let tick = Duration::from_millis(400);
+    let config = Config {
+        tick_interval: tick,
+        try_advance_threshold: Duration::from_millis(1),
+        lag_limit: Duration::ZERO,
+        ..Config::default()
+    };
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&[b"m"], &[1, 2])));
+    let hung = TcpListener::bind("127.0.0.1:0").unwrap();
+    f.service.addresses.lock().insert(1, hung.local_addr().unwrap().to_string());
+    f.add_task("t1", at(0));
+    f.own();
+    f.flushed_by(2, &[("m", "", at(1))]);
+    let gc_calls = f.cluster.gc.lock().len();
+    f.tick_at(at(2));
+    assert_eq!(f.store.stored("t1"), Some(at(0)), "the hung store's region holds the checkpoint");
+    assert_eq!(f.cluster.gc.lock().len(), gc_calls + 1, "the GC safepoint was updated after the polls ran out of time");
+    assert_eq!(f.cluster.gc.lock().last(), Some(&Some(at(0) - 1)));
+}

@@ -30,6 +30,9 @@ enum Message {
     Task(TaskEvent),
     Owner(OwnerEvent),
     Flushes(FlushBatch),
+    /// The kept flush batches merged into the frontiers, before a tick (not an input: the
+    /// ticker sends it itself, so that the merge is timed apart from the tick).
+    MergeFlushes,
     Tick,
     Request(Request),
 }
@@ -41,6 +44,7 @@ impl Message {
             Message::Task(_) => "task-event",
             Message::Owner(_) => "owner-event",
             Message::Flushes(_) => "flush-events",
+            Message::MergeFlushes => "flush-merge",
             Message::Tick => "tick",
             Message::Request(Request::UpdateConfig(..)) => "update-config",
             Message::Request(Request::Config(_)) => "config",
@@ -82,6 +86,9 @@ impl Ticker {
                     Err(_) => break,
                 },
             };
+            if matches!(message, Message::Tick) {
+                self.drain_flushes();
+            }
             self.handle(message);
             // A new interval applies at once, not after the next tick.
             let configured = self.advancer.config().tick_interval;
@@ -97,6 +104,7 @@ impl Ticker {
     fn handle(&mut self, message: Message) {
         let metrics = self.shared.metrics.clone();
         let _timer = metrics.message_duration.start_timer([message.label()]);
+        let _cpu = metrics.message_cpu.start_cpu_timer([message.label()]);
         match message {
             Message::Task(event) => {
                 self.advancer.on_task_event(event);
@@ -114,6 +122,7 @@ impl Ticker {
                 self.publish(None);
             }
             Message::Flushes(batch) => self.advancer.on_flush_events(batch),
+            Message::MergeFlushes => self.advancer.merge_received_flushes(),
             Message::Tick => self.tick(),
             Message::Request(Request::UpdateConfig(config, reply)) => {
                 let _ = reply.send(self.advancer.update_config(config));
@@ -122,6 +131,17 @@ impl Ticker {
                 let _ = reply.send(self.advancer.config().clone());
             }
         }
+    }
+
+    /// Takes the flush batches already queued, and merges every kept batch, as messages of
+    /// their own, so that a tick's time and CPU are the tick's and not those of the flushes
+    /// that came before it.
+    fn drain_flushes(&mut self) {
+        let flushes = self.advancer.flush_events();
+        while let Ok(batch) = flushes.try_recv() {
+            self.handle(Message::Flushes(batch));
+        }
+        self.handle(Message::MergeFlushes);
     }
 
     fn tick(&mut self) {
