@@ -59,10 +59,10 @@ const GROWN_LOAD: usize = 74;
 const LOOK_AHEAD: usize = 16;
 
 /// [`SpanFrontier::merge_batch`] orders the heap once at the end of a batch of this share
-/// (1/n) of the pieces or more, instead of at each raise. At 10^6 pieces a rebuild
-/// measured ~1.5 record reads per piece (the ~40 ms of one rebuild under load), and a raise
-/// to a new maximum ~8 uncached reads: rebuilding wins once a batch raises about a fifth
-/// of the pieces.
+/// (1/n) of the pieces or more, instead of at each raise. A rebuild reads each piece's
+/// record about once (every entry is some parent's child) plus the deeper sifts; a raise
+/// to a new maximum reads 8 records at each level it sinks, a few of them uncached at 10^6:
+/// by that count rebuilding wins from about a fifth of the pieces (docs/benchmarks.md).
 const DEFER_SHARE: usize = 4;
 
 /// An update with its keys' hashes, computed once.
@@ -213,10 +213,9 @@ impl SpanFrontier {
     }
 
     /// [`merge_batch`](Self::merge_batch) of about `expected` items, for iterators that
-    /// cannot tell. Only a hint: from `expected` it decides whether to order the heap once at
-    /// the end from the first item on; a batch found larger than that share (or expected so
-    /// and not) is still merged exactly, ordering the heap at each raise until it has
-    /// merged that share.
+    /// cannot tell. Only a hint, with the same result either way: `expected` at or above the
+    /// share orders the heap once at the end from the first item on; a batch found larger
+    /// than expected switches to that once it has merged the share.
     pub fn merge_batch_of<'a>(&mut self, expected: usize, items: impl IntoIterator<Item = (&'a [u8], &'a [u8], Ts)>) {
         let mut items = items.into_iter();
         let mut window = [Pending::new(&[], &[], 0); LOOK_AHEAD];
