@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use grpcio::CallOption;
 use log::{debug, info, warn};
-use rayon::prelude::*;
 
 use super::region_iter::{RegionIter, ScanRetry, DEFAULT_PAGE_SIZE};
 use super::{deadline, ClusterMeta, LogBackupService, RegionWithLeader};
@@ -121,11 +120,14 @@ pub struct CollectResult {
     /// Stores that only ran out of time (the deadline passed or the poll was stopped), as
     /// opposed to refusing, failing the call or not accepting a connection; sorted.
     pub out_of_time: Vec<StoreId>,
+    /// Why listing the ranges' regions stopped part way: the regions after the last page
+    /// listed were not asked about (neither advanced nor failed).
+    pub unlisted: Option<Error>,
 }
 
 /// Asks the leaders of all regions overlapping `ranges` for their last flushed checkpoint.
-/// Fails only when the regions cannot be listed; everything a store or region gets wrong is
-/// reported in the result. Takes at most the scan, one dial deadline and
+/// Fails only when the regions cannot all be listed; everything a store or region gets wrong
+/// is reported in the result. Takes at most the scan, one dial deadline and
 /// `config.rpc_timeout`, and no longer than the tick's deadline when one is in force
 /// (the scope the ticker sets; see `docs/architecture.md`, "Lifecycle guarantees").
 pub fn collect_checkpoints(
@@ -135,16 +137,26 @@ pub fn collect_checkpoints(
     ranges: &[KeyRange],
     config: &CollectorConfig,
 ) -> Result<CollectResult> {
-    collect_checkpoints_cached(meta, service, pool, &mut RegionCache::default(), ranges, config)
+    let mut result = collect_checkpoints_cached(meta, service, pool, &mut RegionCache::default(), ranges, config);
+    match result.unlisted.take() {
+        Some(e) => Err(e),
+        None => Ok(result),
+    }
 }
 
 /// [`collect_checkpoints`] that asks PD only about the parts of `ranges` the cache does not
 /// tile, and drops the regions that failed from the cache (see [`RegionCache`] for which).
 ///
+/// The stores are asked while PD still lists: each page of regions goes out in batches as
+/// they fill, so the listing and the stores' answers overlap (a cold start lists every region
+/// of the cluster). A listing that fails or runs out of time part way leaves the rest of the
+/// ranges unasked (`unlisted`); what was asked is answered as usual.
+///
 /// A cached region that failed in a way PD's newer view may cure (its leader moved, it split
 /// or merged, its store went) is looked up again and asked about once more within the same
 /// deadline: a leader move must not cost its range a whole tick. Takes at most two scans,
-/// two dial deadlines and `config.rpc_timeout`, and no longer than the tick's deadline.
+/// two dial deadlines and `config.rpc_timeout` after the last batch is sent, and no longer
+/// than the tick's deadline.
 pub fn collect_checkpoints_cached(
     meta: &dyn ClusterMeta,
     service: &dyn LogBackupService,
@@ -152,14 +164,11 @@ pub fn collect_checkpoints_cached(
     cache: &mut RegionCache,
     ranges: &[KeyRange],
     config: &CollectorConfig,
-) -> Result<CollectResult> {
+) -> CollectResult {
     let began = Instant::now();
     let mut result = CollectResult::default();
-    let (regions, cached) = scan_regions(meta, cache, ranges, config, &mut result.range_scans)?;
-    let region_count = regions.len();
-    let asked: HashSet<StoreId> = regions.iter().filter_map(|r| r.leader_store).collect();
-    let deadline = ask_leaders(service, pool, regions, config, None, began, &mut result);
-    let kept = cache.note_misses(&asked, &result.out_of_time);
+    let first = ask_as_listed(meta, service, pool, cache, ranges, config, &|_| true, None, began, &mut result);
+    let kept = cache.note_misses(&first.stores, &result.out_of_time);
     let mut forgotten = Vec::new();
     for failed in std::mem::take(&mut result.failed) {
         if failed.reason == FailReason::StoreFailed && failed.store.is_some_and(|store| kept.contains(&store)) {
@@ -171,33 +180,29 @@ pub fn collect_checkpoints_cached(
     }
     let (stale, failed): (Vec<FailedRange>, Vec<FailedRange>) = forgotten
         .into_iter()
-        .partition(|f| f.region.is_some_and(|id| cached.contains(&id)) && f.reason.may_be_stale_location());
+        .partition(|f| f.region.is_some_and(|id| first.cached.contains(&id)) && f.reason.may_be_stale_location());
     result.failed.extend(failed);
-    if !stale.is_empty() && Instant::now() < deadline {
+    if !stale.is_empty() && Instant::now() < first.deadline {
         let mut stale_ranges: Vec<KeyRange> = stale.iter().map(|f| f.range.clone()).collect();
         stale_ranges.sort();
         // Looked up as gaps of the whole ranges, not one range each: a lost store's regions
         // are thousands of scattered ranges, which take a few pages rather than a call each.
-        match scan_regions(meta, cache, ranges, config, &mut result.range_scans) {
-            Ok((mut regions, _)) => {
-                regions.retain(|r| overlaps_any(&stale_ranges, &r.range));
-                let mut retried = CollectResult::default();
-                ask_leaders(service, pool, regions, config, Some(deadline), began, &mut retried);
-                // Out of time by now whatever the store: nothing of the retry is kept.
-                for failed in &retried.failed {
-                    cache.forget(failed);
-                }
-                result.out_of_time.extend(retried.out_of_time);
-                result.advanced.extend(retried.advanced);
-                result.failed.extend(retried.failed);
-                result.store_errors.extend(retried.store_errors);
-                result.batch_sizes.extend(retried.batch_sizes);
-            }
-            Err(e) => {
-                warn!("looking up {} regions that failed again: {e}", stale.len());
-                result.failed.extend(stale);
-            }
+        let mut retried = CollectResult::default();
+        let wanted = |r: &RegionWithLeader| overlaps_any(&stale_ranges, &r.range);
+        ask_as_listed(meta, service, pool, cache, ranges, config, &wanted, Some(first.deadline), began, &mut retried);
+        // Out of time by now whatever the store: nothing of the retry is kept.
+        for failed in &retried.failed {
+            cache.forget(failed);
         }
+        if let Some(e) = retried.unlisted {
+            warn!("looking up {} regions that failed again: {e}", stale.len());
+            result.failed.extend(stale);
+        }
+        result.out_of_time.extend(retried.out_of_time);
+        result.advanced.extend(retried.advanced);
+        result.failed.extend(retried.failed);
+        result.store_errors.extend(retried.store_errors);
+        result.batch_sizes.extend(retried.batch_sizes);
     } else {
         result.failed.extend(stale);
     }
@@ -206,100 +211,186 @@ pub fn collect_checkpoints_cached(
     result.out_of_time.sort();
     result.out_of_time.dedup();
     info!(
-        "collected checkpoints of {region_count} regions in {} ranges: {} advanced, {} failed, {} stores failed",
+        "collected checkpoints of {} regions in {} ranges in {:?} (listed in {:?}): {} advanced, {} failed, {} stores \
+         failed{}",
+        first.regions,
         ranges.len(),
+        began.elapsed(),
+        first.listed_in,
         result.advanced.len(),
         result.failed.len(),
-        result.store_errors.len()
+        result.store_errors.len(),
+        if result.unlisted.is_some() { ", listing cut short" } else { "" }
     );
-    Ok(result)
+    result
 }
 
-/// Asks the leaders of `regions` for their checkpoints into `result`: every store dialed in
-/// parallel, then every batch in flight at once until `deadline` (by default
-/// `config.rpc_timeout` from when they are sent), which it returns.
-fn ask_leaders(
+/// What [`ask_as_listed`] saw.
+struct Asked {
+    /// Regions taken (asked about, or failed for want of a leader).
+    regions: usize,
+    /// The regions the cache answered for.
+    cached: HashSet<RegionId>,
+    /// The stores asked.
+    stores: HashSet<StoreId>,
+    /// The latest deadline a call was sent with.
+    deadline: Instant,
+    listed_in: Duration,
+}
+
+/// Lists the regions of `ranges` that are `wanted` and asks their leaders, into `result`:
+/// every batch is sent as soon as it is full and its store dialed (stores are dialed in
+/// parallel on `pool` the first time one of their regions comes), the rest once the
+/// listing ends; then every answer is waited for. Calls get `deadline`, by default
+/// `config.rpc_timeout` from when each is sent.
+#[allow(clippy::too_many_arguments)]
+fn ask_as_listed(
+    meta: &dyn ClusterMeta,
     service: &dyn LogBackupService,
     pool: &rayon::ThreadPool,
-    regions: Vec<RegionWithLeader>,
+    cache: &mut RegionCache,
+    ranges: &[KeyRange],
     config: &CollectorConfig,
+    wanted: &(dyn Fn(&RegionWithLeader) -> bool + Sync),
     deadline: Option<Instant>,
     began: Instant,
     result: &mut CollectResult,
-) -> Instant {
-    let plans = plan_requests(regions, config.batch_size, &mut result.failed);
-    // The tick's deadline and stop go along to the fan-out threads.
+) -> Asked {
+    let started = Instant::now();
+    let mut fanout = Fanout::new(config, deadline);
+    let mut cached = HashSet::new();
+    // The tick's deadline and stop go along to the dialing threads.
     let scope = deadline::Scope::current();
-    let dialed: Vec<(StorePlan, Result<LogBackupClient>)> = pool.install(|| {
-        plans
-            .into_par_iter()
-            .map(|plan| {
-                let client = scope.clone().run(|| service.client(plan.store));
-                (plan, client)
-            })
-            .collect()
-    });
-
-    // Past the tick's deadline nothing is waited for: every store's regions fail.
-    let deadline = deadline.unwrap_or_else(|| {
-        Instant::now() + deadline::bounded(config.rpc_timeout, "polling checkpoints").unwrap_or_default()
-    });
-    let in_flight: Vec<_> = dialed.into_iter().map(|(plan, client)| send_batches(plan, client, deadline)).collect();
-    for store in &in_flight {
-        if let Ok(sent) = &store.sent {
-            result.batch_sizes.extend(sent.calls.iter().map(|(batch, _)| batch.len()));
+    let (dialed_tx, dialed_rx) = crossbeam_channel::unbounded();
+    let listed_in = pool.in_place_scope(|threads| {
+        let mut dialing = 0;
+        let listed = list_regions(meta, cache, ranges, config, &mut result.range_scans, |regions, from_cache| {
+            if from_cache {
+                cached.extend(regions.iter().filter(|r| wanted(r)).map(|r| r.id));
+            }
+            fanout.add(regions.into_iter().filter(|r| wanted(r)));
+            for store in fanout.to_dial.drain(..) {
+                dialing += 1;
+                let (dialed, scope) = (dialed_tx.clone(), scope.clone());
+                threads.spawn(move |_| {
+                    let _ = dialed.send((store, scope.run(|| service.client(store))));
+                });
+            }
+            for (store, client) in dialed_rx.try_iter() {
+                dialing -= 1;
+                fanout.dialed(store, client);
+            }
+        });
+        let listed_in = started.elapsed();
+        if let Err(e) = listed {
+            result.unlisted = Some(e);
         }
-    }
-    for store in in_flight {
+        drop(dialed_tx);
+        // Each dial ends by its own deadline (and the tick's).
+        while dialing > 0 {
+            let Ok((store, client)) = dialed_rx.recv() else { break };
+            dialing -= 1;
+            fanout.dialed(store, client);
+        }
+        listed_in
+    });
+    let (calls, asked) = fanout.finish(result);
+    for store in calls {
         store.wait_into(service, config.max_ts, began, result);
     }
-    deadline
+    Asked { cached, listed_in, ..asked }
 }
 
-/// The regions of all ranges, each once, and which of them the cache answered for. A region
-/// seen twice (two ranges in one region, or a region that changed between pages) is asked
-/// about in its newest epoch.
-fn scan_regions(
+/// Hands `take` the regions of every range, a batch at a time: first those the cache holds
+/// (`true`), then each page PD lists for the rest (`false`), each kept in the cache as it
+/// arrives: a listing the tick's deadline cuts short is not lost, and the next poll's gaps
+/// start after what it got. PD is asked for the next page on a thread of its own while the
+/// last one is cached and handed out (at 10^6 regions, 490 pages one after another). Fails
+/// when a page cannot be listed; the pages before it were taken.
+fn list_regions(
     meta: &dyn ClusterMeta,
     cache: &mut RegionCache,
     ranges: &[KeyRange],
     config: &CollectorConfig,
     timings: &mut Vec<Duration>,
-) -> Result<(Vec<RegionWithLeader>, HashSet<RegionId>)> {
-    let mut by_id: HashMap<RegionId, RegionWithLeader> = HashMap::new();
-    let mut cached = HashSet::new();
+    mut take: impl FnMut(Vec<RegionWithLeader>, bool),
+) -> Result<()> {
+    // Every range's gaps are known before its first page arrives: a page reaching into the
+    // next range is listed again there, and the fanout asks its regions once.
+    let mut gaps_by_range = Vec::with_capacity(ranges.len());
     for range in ranges {
-        let started = Instant::now();
         let (mut regions, mut gaps) = cache.cover(range);
         if worth_scanning_across(gaps.len(), regions.len(), config.page_size) {
             let across = KeyRange { start: gaps[0].start.clone(), end: gaps[gaps.len() - 1].end.clone() };
             regions.retain(|r| !r.range.overlaps(&across));
             gaps = vec![across];
         }
-        cached.extend(regions.iter().map(|r| r.id));
+        take(regions, true);
+        gaps_by_range.push(gaps);
+    }
+    let (sender, pages) = crossbeam_channel::bounded(PAGES_AHEAD);
+    let scope = deadline::Scope::current();
+    std::thread::scope(|threads| {
+        let gaps_by_range = &gaps_by_range;
+        std::thread::Builder::new()
+            .name("sh-region-list".into())
+            .spawn_scoped(threads, move || scope.run(|| list_gaps(meta, gaps_by_range, config, &sender)))
+            .map_err(|source| Error::Io { what: "starting the region listing thread".into(), source })?;
+        // Ends when the lister has sent everything (or we stop taking, which ends it).
+        for listed in pages {
+            match listed {
+                Listed::Page(page) => {
+                    cache.insert(&page);
+                    take(page, false);
+                }
+                Listed::Range(took) => timings.push(took),
+                Listed::Failed(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Pages PD may list ahead of the one being taken.
+const PAGES_AHEAD: usize = 2;
+
+/// What the listing thread sends, in order.
+enum Listed {
+    Page(Vec<RegionWithLeader>),
+    /// One range's gaps are all listed, in this long.
+    Range(Duration),
+    /// The last message.
+    Failed(Error),
+}
+
+/// Lists the gaps of each range page by page into `pages`, until done, a page fails or
+/// nobody takes them any more.
+fn list_gaps(
+    meta: &dyn ClusterMeta,
+    gaps_by_range: &[Vec<KeyRange>],
+    config: &CollectorConfig,
+    pages: &crossbeam_channel::Sender<Listed>,
+) {
+    for gaps in gaps_by_range {
+        let started = Instant::now();
         for gap in gaps {
-            let mut iter = RegionIter::new(meta, &gap);
+            let mut iter = RegionIter::new(meta, gap);
             iter.page_size = config.page_size;
             iter.retry = config.scan_retry.clone();
-            // Cached page by page: a scan the tick's deadline cuts short is not lost, and the
-            // next poll's gaps start after what it got.
             while !iter.done() {
-                let page = iter.next_page()?;
-                cache.insert(&page);
-                regions.extend(page);
+                let (listed, failed) = match iter.next_page() {
+                    Ok(page) => (Listed::Page(page), false),
+                    Err(e) => (Listed::Failed(e), true),
+                };
+                if pages.send(listed).is_err() || failed {
+                    return;
+                }
             }
         }
-        for region in regions {
-            let newer = by_id.get(&region.id).map_or(true, |seen| seen.epoch_version < region.epoch_version);
-            if newer {
-                by_id.insert(region.id, region);
-            }
+        if pages.send(Listed::Range(started.elapsed())).is_err() {
+            return;
         }
-        timings.push(started.elapsed());
     }
-    let mut regions: Vec<_> = by_id.into_values().collect();
-    regions.sort_by(|a, b| a.range.cmp(&b.range));
-    Ok((regions, cached))
 }
 
 /// Whether `range` overlaps one of `sorted`, ranges in key order that do not overlap.
@@ -444,46 +535,153 @@ impl RegionCache {
     }
 }
 
-/// The batches to send to one store.
-#[derive(Debug, PartialEq)]
-struct StorePlan {
-    store: StoreId,
-    batches: Vec<Batch>,
+/// Regions on their way to their leaders: grouped by store in batches of
+/// `config.batch_size`, each sent as soon as it is full and its store dialed, so that the
+/// stores answer while PD still lists. Leaderless regions fail right away.
+struct Fanout<'a> {
+    config: &'a CollectorConfig,
+    /// Every call's deadline (a retry within the first calls' time); `None`:
+    /// `config.rpc_timeout` from when each call is sent.
+    fixed_deadline: Option<Instant>,
+    latest_deadline: Option<Instant>,
+    stores: BTreeMap<StoreId, StoreFanout>,
+    /// Stores seen for the first time, for the caller to dial.
+    to_dial: Vec<StoreId>,
+    /// A region inside two ranges is asked about once; one seen in two epochs (it changed
+    /// between pages) in both, and the stale one fails.
+    taken: HashSet<(RegionId, u64)>,
+    failed: Vec<FailedRange>,
+    batch_sizes: Vec<usize>,
 }
 
-/// Groups regions by leader store in batches; leaderless regions fail right away.
-fn plan_requests(regions: Vec<RegionWithLeader>, batch_size: usize, failed: &mut Vec<FailedRange>) -> Vec<StorePlan> {
-    let mut by_store: BTreeMap<StoreId, Vec<RegionWithLeader>> = BTreeMap::new();
-    let failed_before = failed.len();
-    for region in regions {
-        match region.leader_store {
-            Some(store) => by_store.entry(store).or_default().push(region),
-            None => {
-                failed.push(FailedRange {
+/// One store's share of a [`Fanout`].
+struct StoreFanout {
+    link: Link,
+    filling: Batch,
+    /// Full batches waiting for the store to be dialed.
+    unsent: Vec<Batch>,
+    calls: Vec<(Batch, PendingAnswer)>,
+}
+
+enum Link {
+    Dialing,
+    Up(LogBackupClient),
+    Down(Error),
+}
+
+impl<'a> Fanout<'a> {
+    fn new(config: &'a CollectorConfig, fixed_deadline: Option<Instant>) -> Self {
+        Fanout {
+            config,
+            fixed_deadline,
+            latest_deadline: None,
+            stores: BTreeMap::new(),
+            to_dial: Vec::new(),
+            taken: HashSet::new(),
+            failed: Vec::new(),
+            batch_sizes: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, regions: impl IntoIterator<Item = RegionWithLeader>) {
+        for region in regions {
+            if !self.taken.insert((region.id, region.epoch_version)) {
+                continue;
+            }
+            let Some(store) = region.leader_store else {
+                self.failed.push(FailedRange {
                     range: region.range,
                     region: Some(region.id),
                     store: None,
                     reason: FailReason::NoLeader,
                 });
+                continue;
+            };
+            let share = self.stores.entry(store).or_insert_with(|| {
+                self.to_dial.push(store);
+                StoreFanout { link: Link::Dialing, filling: Vec::new(), unsent: Vec::new(), calls: Vec::new() }
+            });
+            share.filling.push(region);
+            if share.filling.len() >= self.config.batch_size.max(1) {
+                share.unsent.push(std::mem::take(&mut share.filling));
+                self.send_ready(store);
             }
         }
     }
-    // One line per collection, however many regions lack a leader.
-    if let Some(first) = failed.get(failed_before) {
-        warn!(
-            "{} regions have no leader (region {} {} among them); their ranges cannot advance this time",
-            failed.len() - failed_before,
-            first.region.unwrap_or_default(),
-            first.range
-        );
+
+    fn dialed(&mut self, store: StoreId, client: Result<LogBackupClient>) {
+        let Some(share) = self.stores.get_mut(&store) else { return };
+        share.link = match client {
+            Ok(client) => Link::Up(client),
+            Err(e) => Link::Down(e),
+        };
+        self.send_ready(store);
     }
-    by_store
-        .into_iter()
-        .map(|(store, regions)| StorePlan {
-            store,
-            batches: regions.chunks(batch_size.max(1)).map(<[RegionWithLeader]>::to_vec).collect(),
-        })
-        .collect()
+
+    /// Sends the store's full batches if it is dialed.
+    fn send_ready(&mut self, store: StoreId) {
+        let share = self.stores.get_mut(&store).expect("a store of the fanout");
+        let Link::Up(client) = &share.link else { return };
+        for batch in share.unsent.drain(..) {
+            // Past the tick's deadline nothing is waited for: the call fails at once.
+            let deadline = self.fixed_deadline.unwrap_or_else(|| {
+                Instant::now() + deadline::bounded(self.config.rpc_timeout, "polling checkpoints").unwrap_or_default()
+            });
+            self.latest_deadline = self.latest_deadline.max(Some(deadline));
+            let option = CallOption::default().timeout(deadline.saturating_duration_since(Instant::now()));
+            let call = client
+                .get_last_flush_ts_of_region_async_opt(&request_for(&batch), option)
+                .map_err(|e| rpc_error(store, e));
+            self.batch_sizes.push(batch.len());
+            share.calls.push((batch, call));
+        }
+    }
+
+    /// Sends what is left (every dial has ended) and returns each store's calls, with what
+    /// was taken; leaderless regions and batch sizes go to `result`.
+    fn finish(mut self, result: &mut CollectResult) -> (Vec<StoreCalls>, Asked) {
+        let stores: Vec<StoreId> = self.stores.keys().copied().collect();
+        for &store in &stores {
+            let share = self.stores.get_mut(&store).expect("listed");
+            if !share.filling.is_empty() {
+                share.unsent.push(std::mem::take(&mut share.filling));
+            }
+            self.send_ready(store);
+        }
+        // One line per collection, however many regions lack a leader.
+        if let Some(first) = self.failed.first() {
+            warn!(
+                "{} regions have no leader (region {} {} among them); their ranges cannot advance this time",
+                self.failed.len(),
+                first.region.unwrap_or_default(),
+                first.range
+            );
+        }
+        let asked = Asked {
+            regions: self.taken.len(),
+            cached: HashSet::new(),
+            stores: stores.iter().copied().collect(),
+            deadline: self.latest_deadline.or(self.fixed_deadline).unwrap_or_else(|| {
+                Instant::now() + deadline::bounded(self.config.rpc_timeout, "polling checkpoints").unwrap_or_default()
+            }),
+            listed_in: Duration::ZERO,
+        };
+        result.failed.append(&mut self.failed);
+        result.batch_sizes.append(&mut self.batch_sizes);
+        let calls = self
+            .stores
+            .into_iter()
+            .map(|(store, share)| {
+                let sent = match share.link {
+                    Link::Up(client) => Ok(InFlight { _client: client, calls: share.calls }),
+                    Link::Down(e) => Err((share.unsent, e)),
+                    Link::Dialing => Err((share.unsent, Error::Stopped(format!("dialing store {store}")))),
+                };
+                StoreCalls { store, sent }
+            })
+            .collect();
+        (calls, asked)
+    }
 }
 
 type Batch = Vec<RegionWithLeader>;
@@ -500,28 +698,6 @@ struct InFlight {
     /// goes, so this one is kept until they are answered.
     _client: LogBackupClient,
     calls: Vec<(Batch, PendingAnswer)>,
-}
-
-fn send_batches(plan: StorePlan, client: Result<LogBackupClient>, deadline: Instant) -> StoreCalls {
-    let store = plan.store;
-    let sent = match client {
-        Err(e) => Err((plan.batches, e)),
-        Ok(client) => {
-            let calls = plan
-                .batches
-                .into_iter()
-                .map(|batch| {
-                    let option = CallOption::default().timeout(deadline.saturating_duration_since(Instant::now()));
-                    let call = client
-                        .get_last_flush_ts_of_region_async_opt(&request_for(&batch), option)
-                        .map_err(|e| rpc_error(store, e));
-                    (batch, call)
-                })
-                .collect();
-            Ok(InFlight { _client: client, calls })
-        }
-    };
-    StoreCalls { store, sent }
 }
 
 impl StoreCalls {
@@ -706,29 +882,44 @@ mod tests {
         cp
     }
 
+    /// The batches a fanout forms when no store can be dialed, by store, and what failed.
+    fn undialed_batches(
+        regions: Vec<RegionWithLeader>,
+        batch_size: usize,
+    ) -> (Vec<(StoreId, Vec<Batch>)>, CollectResult) {
+        let config = CollectorConfig { batch_size, ..Default::default() };
+        let mut fanout = Fanout::new(&config, None);
+        fanout.add(regions);
+        for store in std::mem::take(&mut fanout.to_dial) {
+            fanout.dialed(store, Err(Error::Store { store_id: store, address: "-".into(), reason: "down".into() }));
+        }
+        let mut result = CollectResult::default();
+        let (calls, _) = fanout.finish(&mut result);
+        let batches = calls.into_iter().map(|c| (c.store, c.sent.err().expect("never sent").0)).collect();
+        (batches, result)
+    }
+
     #[test]
-    fn plan_groups_regions_by_leader_in_batches_and_fails_leaderless_ones() {
-        let regions = vec![
+    fn regions_go_by_leader_in_batches_once_each_and_leaderless_ones_fail() {
+        let regions = [
             region(1, "", "b", Some(1)),
             region(2, "b", "c", Some(2)),
             region(3, "c", "d", Some(1)),
             region(4, "d", "e", None),
             region(5, "e", "", Some(1)),
         ];
-        let mut failed_ranges = Vec::new();
-        let plans = plan_requests(regions.clone(), 2, &mut failed_ranges);
+        // The second copy is a region inside two ranges: asked about once.
+        let twice = regions.iter().chain(&regions[..1]).cloned().collect();
+        let (batches, result) = undialed_batches(twice, 2);
         assert_eq!(
-            plans,
+            batches,
             vec![
-                StorePlan {
-                    store: 1,
-                    batches: vec![vec![regions[0].clone(), regions[2].clone()], vec![regions[4].clone()]]
-                },
-                StorePlan { store: 2, batches: vec![vec![regions[1].clone()]] },
+                (1, vec![vec![regions[0].clone(), regions[2].clone()], vec![regions[4].clone()]]),
+                (2, vec![vec![regions[1].clone()]]),
             ]
         );
-        assert_eq!(failed_ranges, vec![failed(&regions[3], None, FailReason::NoLeader)]);
-        let req = request_for(&plans[0].batches[0]);
+        assert_eq!(result.failed, vec![failed(&regions[3], None, FailReason::NoLeader)]);
+        let req = request_for(&batches[0].1[0]);
         let sent: Vec<(u64, u64)> = req.get_regions().iter().map(|r| (r.get_id(), r.get_epoch_version())).collect();
         assert_eq!(sent, vec![(1, 5), (3, 5)]);
     }
@@ -793,7 +984,7 @@ mod tests {
         assert!(lines[0].contains("2000 regions") && lines[0].contains("region 100"), "{lines:?}");
 
         let leaderless: Vec<_> = (0..500).map(|i| region(i, "", "", None)).collect();
-        let lines = warnings_of(|| drop(plan_requests(leaderless, 10, &mut Vec::new())));
+        let lines = warnings_of(|| drop(undialed_batches(leaderless, 10)));
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(lines[0].starts_with("500 regions have no leader"), "{lines:?}");
     }
@@ -846,16 +1037,22 @@ mod tests {
         assert_eq!(cache.len(), 1, "only region 3 went: region 9 is not what the cache holds at c");
     }
 
-    #[test]
-    fn a_region_inside_two_ranges_is_asked_about_once() {
-        let meta = MemMeta::new(regions_from_boundaries(&[b"b", b"d"], &[1]));
-        let ranges = [KeyRange::new("a", "c"), KeyRange::new("c", "e")];
-        let regions =
-            scan_regions(&meta, &mut RegionCache::default(), &ranges, &CollectorConfig::default(), &mut Vec::new())
-                .unwrap()
-                .0;
-        let got: Vec<_> = regions.iter().map(|r| (r.id, r.range.clone())).collect();
-        assert_eq!(got, vec![(1, KeyRange::new("", "b")), (2, KeyRange::new("b", "d")), (3, KeyRange::new("d", ""))]);
+    /// The regions `list_regions` takes, in key order, and which came from the cache.
+    fn scan_regions(
+        meta: &dyn ClusterMeta,
+        cache: &mut RegionCache,
+        ranges: &[KeyRange],
+        config: &CollectorConfig,
+    ) -> Result<(Vec<RegionWithLeader>, HashSet<RegionId>)> {
+        let (mut regions, mut cached) = (Vec::new(), HashSet::new());
+        list_regions(meta, cache, ranges, config, &mut Vec::new(), |taken, from_cache| {
+            if from_cache {
+                cached.extend(taken.iter().map(|r| r.id));
+            }
+            regions.extend(taken);
+        })?;
+        regions.sort_by(|a, b| a.range.cmp(&b.range));
+        Ok((regions, cached))
     }
 
     #[test]
@@ -866,7 +1063,7 @@ mod tests {
         let config = CollectorConfig::default();
         let scan = |cache: &mut RegionCache, ranges: &[KeyRange]| {
             let scans_before = meta.scans.lock().len();
-            let (regions, cached) = scan_regions(&meta, cache, ranges, &config, &mut Vec::new()).unwrap();
+            let (regions, cached) = scan_regions(&meta, cache, ranges, &config).unwrap();
             (regions, cached, meta.scans.lock().len() - scans_before)
         };
         let mut cache = RegionCache::default();
@@ -914,14 +1111,37 @@ mod tests {
         meta.script(Ok(all[..4].to_vec()));
         meta.script(Err(Error::Timeout("ScanRegions (its deadline has passed)".into())));
         let mut cache = RegionCache::default();
-        assert!(scan_regions(&meta, &mut cache, &[KeyRange::full()], &config, &mut Vec::new()).is_err());
+        assert!(scan_regions(&meta, &mut cache, &[KeyRange::full()], &config).is_err());
         assert_eq!(cache.len(), 4, "the first page is kept");
 
         let scans_before = meta.scans.lock().len();
-        let (regions, cached) = scan_regions(&meta, &mut cache, &[KeyRange::full()], &config, &mut Vec::new()).unwrap();
+        let (regions, cached) = scan_regions(&meta, &mut cache, &[KeyRange::full()], &config).unwrap();
         assert_eq!(regions, all);
         assert_eq!(cached.len(), 4);
         assert_eq!(meta.scans.lock()[scans_before].0, all[4].range.start, "the next scan starts after the kept page");
+    }
+
+    #[test]
+    fn the_next_page_is_asked_for_while_the_last_is_taken() {
+        let keys: Vec<Vec<u8>> = (0..20).map(|i| format!("{i:02}").into_bytes()).collect();
+        let boundaries: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let meta = MemMeta::new(regions_from_boundaries(&boundaries, &[1]));
+        let config = CollectorConfig { page_size: 4, ..Default::default() };
+        let mut pages = 0;
+        list_regions(&meta, &mut RegionCache::default(), &[KeyRange::full()], &config, &mut Vec::new(), |_, cached| {
+            if cached {
+                return;
+            }
+            pages += 1;
+            // One page after another, the second would only be asked for once this returns.
+            if pages == 1 {
+                crate::testing::wait_until("PD asked for the second page", Duration::from_secs(10), || {
+                    meta.scans.lock().len() >= 2
+                });
+            }
+        })
+        .unwrap();
+        assert_eq!((pages, meta.scans.lock().len()), (6, 6), "21 regions in pages of 4, each asked for once");
     }
 
     #[test]
@@ -1002,8 +1222,7 @@ mod tests {
         let config = CollectorConfig { rpc_timeout: Duration::from_millis(200), ..Default::default() };
         let mut cache = RegionCache::default();
         let poll = |cache: &mut RegionCache| {
-            let result =
-                collect_checkpoints_cached(&meta, &dialer, &pool, cache, &[KeyRange::full()], &config).unwrap();
+            let result = collect_checkpoints_cached(&meta, &dialer, &pool, cache, &[KeyRange::full()], &config);
             assert!(result.advanced.is_empty(), "{:?}", result.advanced);
             let expected: Vec<_> = regions.iter().map(|r| failed(r, r.leader_store, FailReason::StoreFailed)).collect();
             assert_eq!(result.failed, expected);
@@ -1037,13 +1256,119 @@ mod tests {
         (sim, pd, dialer, pool)
     }
 
+    /// Every advanced range is one of `regions` at most at its leader's last flush.
+    fn assert_at_most_last_flush(sim: &crate::sim::SimCluster, result: &CollectResult) {
+        for (range, ts) in &result.advanced {
+            let region = sim.region_at(&range.start);
+            assert_eq!(&region.range, range);
+            let truth = region.leader_store.and_then(|leader| sim.last_flush_ts(leader));
+            assert!(truth.is_some_and(|truth| *ts <= truth), "{range} advanced to {ts}, truth {truth:?}");
+        }
+    }
+
+    /// A flushed sim cluster whose regions PD's pages come from a `MemMeta` instead (counted,
+    /// and scriptable), and the regions.
+    fn flushed_sim_behind_mem_meta(
+        regions: usize,
+    ) -> (crate::sim::SimCluster, MemMeta, FixedDialer, rayon::ThreadPool, Vec<RegionWithLeader>) {
+        let (sim, _pd, dialer, pool) = sim_cluster(regions);
+        sim.flush_all();
+        let regions = sim.regions();
+        (sim, MemMeta::new(regions.clone()), dialer, pool, regions)
+    }
+
+    #[test]
+    fn a_store_that_fails_fails_only_its_regions_while_every_later_page_is_asked() {
+        let (sim, meta, dialer, pool, regions) = flushed_sim_behind_mem_meta(60);
+        let down = regions[0].leader_store.unwrap();
+        dialer.addresses.lock().remove(&down);
+        let config = CollectorConfig { page_size: 8, batch_size: 3, ..Default::default() };
+        let result = collect_checkpoints_cached(
+            &meta,
+            &dialer,
+            &pool,
+            &mut RegionCache::default(),
+            &[KeyRange::full()],
+            &config,
+        );
+
+        let (theirs, others): (Vec<_>, Vec<_>) = regions.iter().partition(|r| r.leader_store == Some(down));
+        let expected: Vec<_> = theirs.iter().map(|r| failed(r, Some(down), FailReason::StoreFailed)).collect();
+        assert_eq!(result.failed, expected);
+        let advanced: Vec<&KeyRange> = result.advanced.iter().map(|(range, _)| range).collect();
+        assert_eq!(advanced, others.iter().map(|r| &r.range).collect::<Vec<_>>(), "every other region, every page");
+        assert_at_most_last_flush(&sim, &result);
+        assert_eq!(result.store_errors.len(), 1, "{:?}", result.store_errors);
+        assert!(result.unlisted.is_none());
+        assert_eq!(meta.scans.lock().len(), regions.len().div_ceil(8), "one pass of pages");
+        assert_eq!(dialer.dials_of(down), 1, "dialed once, however many of its batches filled");
+    }
+
+    #[test]
+    fn a_listing_cut_short_by_the_deadline_still_answers_the_pages_asked_before() {
+        let (sim, meta, dialer, pool, regions) = flushed_sim_behind_mem_meta(24);
+        let cut_short = || Err(Error::Timeout("PD ScanRegions (its deadline has passed)".into()));
+        meta.script(Ok(regions[..4].to_vec()));
+        meta.script(Ok(regions[4..8].to_vec()));
+        meta.script(cut_short());
+        let config = CollectorConfig {
+            page_size: 4,
+            batch_size: 3,
+            scan_retry: ScanRetry { attempts: 1, ..ScanRetry::default() },
+            ..Default::default()
+        };
+        let mut cache = RegionCache::default();
+        let result = collect_checkpoints_cached(&meta, &dialer, &pool, &mut cache, &[KeyRange::full()], &config);
+        let unlisted = result.unlisted.as_ref().map(ToString::to_string).unwrap_or_default();
+        assert!(unlisted.contains("deadline"), "{unlisted:?}");
+        let advanced: Vec<&KeyRange> = result.advanced.iter().map(|(range, _)| range).collect();
+        let listed: Vec<&KeyRange> = regions[..8].iter().map(|r| &r.range).collect();
+        assert_eq!(advanced, listed, "the regions of the two pages listed, and no other");
+        assert!(result.failed.is_empty(), "{:?}", result.failed);
+        assert_at_most_last_flush(&sim, &result);
+        assert_eq!(cache.len(), 8);
+
+        // Without a cache to resume from, a partial listing is an error.
+        meta.script(cut_short());
+        let err = collect_checkpoints(&meta, &dialer, &pool, &[KeyRange::full()], &config).unwrap_err();
+        assert!(err.to_string().contains("deadline"), "{err}");
+    }
+
+    #[test]
+    fn asking_page_by_page_answers_what_listing_everything_first_does_after_splits() {
+        let (sim, pd, dialer, pool) = sim_cluster(40);
+        for region in sim.regions().iter().step_by(3) {
+            let mut inside = region.range.start.clone();
+            inside.push(7);
+            sim.split(&inside).unwrap();
+        }
+        sim.flush_all();
+        // Two ranges meeting inside a region: it is asked about once.
+        let mut middle = sim.regions()[20].range.start.clone();
+        middle.push(1);
+        let ranges = [KeyRange::new(Vec::new(), middle.clone()), KeyRange::new(middle, Vec::new())];
+        let poll = |page_size, batch_size| {
+            let config = CollectorConfig { page_size, batch_size, ..Default::default() };
+            collect_checkpoints(&pd, &dialer, &pool, &ranges, &config).unwrap()
+        };
+        // One page holding every region: the whole listing comes before the first call.
+        let listed_first = poll(10_000, 1024);
+        let paged = poll(4, 3);
+        assert_eq!(paged.advanced, listed_first.advanced);
+        assert_eq!(paged.failed, listed_first.failed);
+        assert!(paged.failed.is_empty(), "{:?}", paged.failed);
+        assert_eq!(paged.advanced.len(), sim.regions().len());
+        assert_eq!(paged.batch_sizes.iter().sum::<usize>(), sim.regions().len(), "each region asked once");
+        assert_at_most_last_flush(&sim, &paged);
+    }
+
     #[test]
     fn a_hung_store_whose_leaders_moved_never_advances_them_past_the_new_leaders_flush() {
         let (sim, pd, dialer, pool) = sim_cluster(24);
         let config = CollectorConfig { rpc_timeout: Duration::from_millis(300), ..Default::default() };
         let mut cache = RegionCache::default();
         let poll = |cache: &mut RegionCache| {
-            let result = collect_checkpoints_cached(&pd, &dialer, &pool, cache, &[KeyRange::full()], &config).unwrap();
+            let result = collect_checkpoints_cached(&pd, &dialer, &pool, cache, &[KeyRange::full()], &config);
             // The truth of a range: what its leader now has flushed.
             for (range, ts) in &result.advanced {
                 let region = sim.region_at(&range.start);
@@ -1088,7 +1413,7 @@ mod tests {
         let mut cache = RegionCache::default();
         let mut poll = || collect_checkpoints_cached(&pd, &dialer, &pool, &mut cache, &[KeyRange::full()], &config);
         sim.flush_all();
-        assert!(poll().unwrap().failed.is_empty());
+        assert!(poll().failed.is_empty());
 
         // Store 2 goes (it can no longer be dialed) and PD moves its leaders to the others.
         dialer.addresses.lock().remove(&2);
@@ -1096,7 +1421,7 @@ mod tests {
         assert!(moved > 100, "{moved} regions moved");
         sim.flush_all();
         let scans_before = sim.pd_scans().0;
-        let result = poll().unwrap();
+        let result = poll();
         assert!(result.failed.is_empty(), "{:?}", result.failed);
         assert_eq!(result.advanced.len(), 600);
         let scans = sim.pd_scans().0 - scans_before;

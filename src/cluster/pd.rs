@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +53,9 @@ pub struct PdClient {
     state: Mutex<State>,
     /// Fired by [`PdClient::close`].
     closed: Interrupt,
+    /// PD answered BatchScanRegions with UNIMPLEMENTED (before v8.1): regions are listed
+    /// with ScanRegions from then on.
+    no_batch_scan: AtomicBool,
 }
 
 #[derive(Default)]
@@ -88,7 +92,14 @@ impl PdClient {
         for endpoint in &config.endpoints {
             strip_scheme(endpoint)?;
         }
-        Ok(PdClient { config, security, env: grpc_env(), state: Mutex::default(), closed: Interrupt::default() })
+        Ok(PdClient {
+            config,
+            security,
+            env: grpc_env(),
+            state: Mutex::default(),
+            closed: Interrupt::default(),
+            no_batch_scan: AtomicBool::new(false),
+        })
     }
 
     /// Fails every call in flight and every later one at once: for shutting down, so that
@@ -296,8 +307,39 @@ impl PdClient {
     }
 }
 
+impl PdClient {
+    /// One range's regions through BatchScanRegions, keys encoded as for ScanRegions.
+    fn batch_scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<RegionWithLeader>> {
+        let mut req = pdpb::BatchScanRegionsRequest::default();
+        let mut range = pdpb::KeyRange::default();
+        range.set_start_key(encode_bytes(start));
+        range.set_end_key(encode_end_key(end));
+        req.mut_ranges().push(range);
+        req.set_limit(i32::try_from(limit).unwrap_or(i32::MAX));
+        let resp = self.call("BatchScanRegions", req, |c, r, o| c.batch_scan_regions_async_opt(r, o))?;
+        resp.get_regions()
+            .iter()
+            .map(|r| region_from_pb(r.get_region(), r.get_leader()))
+            .collect::<Result<_, _>>()
+            .map_err(|reason| Error::RegionScan { range: KeyRange::new(start, end), reason })
+    }
+}
+
 impl ClusterMeta for PdClient {
+    /// BatchScanRegions where PD serves it: it sends each region once, where ScanRegions
+    /// also fills two legacy lists with the same regions and leaders, so listing 10^6
+    /// regions cost PD and us twice the encoding and decoding.
     fn region_scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<RegionWithLeader>> {
+        if !self.no_batch_scan.load(Ordering::Relaxed) {
+            match self.batch_scan(start, end, limit) {
+                Err(e) if e.rpc_status() == Some(RpcStatusCode::UNIMPLEMENTED) => {
+                    if !self.no_batch_scan.swap(true, Ordering::Relaxed) {
+                        info!("PD does not serve BatchScanRegions (older than v8.1): listing regions with ScanRegions");
+                    }
+                }
+                answer => return answer,
+            }
+        }
         let mut req = pdpb::ScanRegionsRequest::default();
         // As TiDB's codec PD client: the start is always encoded (even when empty), the end
         // only when it is not +∞.
@@ -514,6 +556,7 @@ pd_messages! {
     GetAllStoresRequest => GetAllStoresResponse,
     GetStoreRequest => GetStoreResponse,
     ScanRegionsRequest => ScanRegionsResponse,
+    BatchScanRegionsRequest => BatchScanRegionsResponse,
     TsoRequest => TsoResponse,
     UpdateServiceGCSafePointRequest => UpdateServiceGCSafePointResponse,
     GetGCSafePointRequest => GetGCSafePointResponse,
@@ -671,6 +714,41 @@ mod tests {
         }
         let state = client.state.lock();
         assert_eq!(state.clients.keys().collect::<Vec<_>>(), ["http://127.0.0.1:39"], "one channel per member now");
+    }
+
+    #[test]
+    fn regions_are_listed_with_batch_scan_regions_or_with_scan_regions_from_a_pd_without_it() {
+        use crate::cluster::RegionIter;
+        use crate::sim::{Faults, SimCluster, SimConfig};
+
+        let sim = SimCluster::start(SimConfig { stores: 3, regions: 50, ..Default::default() }).unwrap();
+        let config = PdConfig { timeout: Duration::from_secs(2), ..PdConfig::new(vec![sim.pd_endpoint()]) };
+        let pd = PdClient::connect(config, Security::insecure()).unwrap();
+        let list = |pd: &PdClient| {
+            let mut iter = RegionIter::new(pd, &KeyRange::full());
+            iter.page_size = 16;
+            iter.collect_all()
+        };
+        assert_eq!(list(&pd).unwrap(), sim.regions());
+        assert!(!pd.no_batch_scan.load(Ordering::Relaxed), "PD serves BatchScanRegions: no fallback");
+
+        sim.set_faults(Faults { no_batch_scan: true, ..Faults::default() });
+        assert_eq!(list(&pd).unwrap(), sim.regions(), "the same regions from ScanRegions");
+        assert!(pd.no_batch_scan.load(Ordering::Relaxed));
+
+        // PD's faults reach both calls: a page naming a region twice is refused either way.
+        for no_batch_scan in [true, false] {
+            let pd = PdClient::connect(
+                PdConfig { timeout: Duration::from_secs(2), ..PdConfig::new(vec![sim.pd_endpoint()]) },
+                Security::insecure(),
+            )
+            .unwrap();
+            sim.set_faults(Faults { no_batch_scan, duplicated_regions: true, ..Faults::default() });
+            let mut iter = RegionIter::new(&pd, &KeyRange::full());
+            iter.retry = crate::cluster::ScanRetry { attempts: 1, backoff: Duration::ZERO };
+            let err = iter.next_page().unwrap_err().to_string();
+            assert!(err.contains("appears twice"), "{err}");
+        }
     }
 
     #[test]

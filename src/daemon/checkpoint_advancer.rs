@@ -473,7 +473,7 @@ impl CheckpointAdvancer {
             }
             let metrics = self.metrics.clone();
             let _timer = metrics.tick_duration.start_timer(["try-advance"]);
-            let collected = collect_checkpoints_cached(
+            let result = collect_checkpoints_cached(
                 self.env.cluster.as_ref(),
                 self.env.service.as_ref(),
                 &self.pool,
@@ -481,18 +481,22 @@ impl CheckpointAdvancer {
                 &plan.ranges,
                 &collector,
             );
-            match collected {
-                Ok(result) => {
-                    self.count_poll(&result);
-                    let failures = result.failed.iter().filter(|f| f.region.is_some()).cloned().collect();
-                    self.last_failures.insert(plan.task.clone(), failures);
-                    for error in &result.store_errors {
-                        log::warn!("task {}: {error}", plan.task);
-                    }
-                    self.core.on_poll_result(&plan.task, result.advanced.iter().map(|(r, ts)| (r, *ts)));
-                }
-                Err(e) => log::warn!("polling task {} failed: {e}", plan.task),
+            self.count_poll(&result);
+            let failures = result.failed.iter().filter(|f| f.region.is_some()).cloned().collect();
+            self.last_failures.insert(plan.task.clone(), failures);
+            for error in &result.store_errors {
+                log::warn!("task {}: {error}", plan.task);
             }
+            if let Some(e) = &result.unlisted {
+                // What was listed before still counts: at 10^6 regions a cold start's listing
+                // may take more than one tick, and each tick merges what it got.
+                log::warn!(
+                    "polling task {} stopped part way ({} regions answered): {e}",
+                    plan.task,
+                    result.advanced.len()
+                );
+            }
+            self.core.on_poll_result(&plan.task, result.advanced.iter().map(|(r, ts)| (r, *ts)));
         }
     }
 

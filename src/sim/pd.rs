@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
 use grpcio::{DuplexSink, RequestStream, RpcContext, RpcStatus, RpcStatusCode, UnarySink, WriteFlags};
+use protobuf::RepeatedField;
 
 use crate::codec::decode_boundary;
 use crate::proto::metapb;
@@ -123,28 +124,33 @@ fn leader_proto(meta: &RegionMeta) -> metapb::Peer {
     meta.leader.map(|store| peer_proto(meta, store)).unwrap_or_default()
 }
 
-/// Applies the region faults PD is told to have to one scan answer.
-fn misbehave(faults: &Faults, response: &mut ScanRegionsResponse) {
-    if faults.duplicated_regions && !response.get_regions().is_empty() {
-        let (region, meta, leader) = (
-            response.get_regions()[0].clone(),
-            response.get_region_metas()[0].clone(),
-            response.get_leaders()[0].clone(),
-        );
-        response.mut_regions().push(region);
-        response.mut_region_metas().push(meta);
-        response.mut_leaders().push(leader);
+/// The legacy lists of a ScanRegions answer, beside its regions.
+type LegacyLists<'a> = (&'a mut RepeatedField<metapb::Region>, &'a mut RepeatedField<metapb::Peer>);
+
+/// Applies the region faults PD is told to have to one scan answer: its regions and, for
+/// ScanRegions, the legacy lists.
+fn misbehave(faults: &Faults, regions: &mut RepeatedField<pdpb::Region>, mut legacy: Option<LegacyLists>) {
+    if faults.duplicated_regions && !regions.is_empty() {
+        let first = regions[0].clone();
+        regions.push(first);
+        if let Some((metas, leaders)) = legacy.as_mut() {
+            let (meta, leader) = (metas[0].clone(), leaders[0].clone());
+            metas.push(meta);
+            leaders.push(leader);
+        }
     }
     if faults.inverted_regions {
         let bounded = |r: &metapb::Region| !r.get_start_key().is_empty() && !r.get_end_key().is_empty();
-        if let Some(i) = response.get_region_metas().iter().position(bounded) {
+        if let Some(i) = regions.iter().position(|r| bounded(r.get_region())) {
             let invert = |region: &mut metapb::Region| {
                 let (start, end) = (region.take_start_key(), region.take_end_key());
                 region.set_start_key(end);
                 region.set_end_key(start);
             };
-            invert(&mut response.mut_region_metas()[i]);
-            invert(response.mut_regions()[i].mut_region());
+            invert(regions[i].mut_region());
+            if let Some((metas, _)) = legacy.as_mut() {
+                invert(&mut metas[i]);
+            }
         }
     }
 }
@@ -302,13 +308,16 @@ impl Pd for PdService {
             let end = raw_key(request.get_end_key(), "end_key")?;
             let table = state.regions.read();
             let mut response = ScanRegionsResponse::new();
-            // Both the current and the legacy fields, as PD fills them.
+            // Both the current and the legacy fields, as PD fills them (from one region each,
+            // as PD does from its cache).
             for (s, meta) in scan(&table, &start, &end, request.get_limit()) {
-                response.mut_regions().push(pd_region(s, meta));
-                response.mut_region_metas().push(region_proto(s, meta));
+                let region = pd_region(s, meta);
+                response.mut_region_metas().push(region.get_region().clone());
                 response.mut_leaders().push(leader_proto(meta));
+                response.mut_regions().push(region);
             }
-            misbehave(&state.faults.lock(), &mut response);
+            let ScanRegionsResponse { regions, region_metas, leaders, .. } = &mut response;
+            misbehave(&state.faults.lock(), regions, Some((region_metas, leaders)));
             state.pd_scans.count(response.get_regions().len());
             Ok(response)
         });
@@ -320,6 +329,11 @@ impl Pd for PdService {
         request: BatchScanRegionsRequest,
         sink: UnarySink<BatchScanRegionsResponse>,
     ) {
+        if self.state.faults.lock().no_batch_scan {
+            let status =
+                RpcStatus::with_message(RpcStatusCode::UNIMPLEMENTED, "unknown method BatchScanRegions".into());
+            return reply(sink, Err(status));
+        }
         // The table tiles the key space, so `contain_all_key_range` can never fail here.
         self.answer(request.get_header(), sink, |state| {
             let table = state.regions.read();
@@ -341,6 +355,7 @@ impl Pd for PdService {
                     break;
                 }
             }
+            misbehave(&state.faults.lock(), response.mut_regions(), None);
             state.pd_scans.count(response.get_regions().len());
             Ok(response)
         });

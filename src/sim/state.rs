@@ -164,6 +164,8 @@ pub struct Faults {
     /// PD's region scans give one region of each answer (one with both boundaries) an end
     /// before its start.
     pub inverted_regions: bool,
+    /// PD is older than v8.1: BatchScanRegions answers UNIMPLEMENTED.
+    pub no_batch_scan: bool,
     /// PD lists the first store twice, the second time at a dead address.
     pub duplicate_store: bool,
     /// Addresses PD advertises instead of the stores' own (NUL bytes, garbage).
