@@ -6,43 +6,19 @@
 //! Every operation is timed on its own; medians and means have the timer's own cost taken
 //! off. Both structures receive the same operations and must end up equal.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::ops::Bound::{Excluded, Included, Unbounded};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use streamhelper::spans::SpanFrontier;
 use streamhelper::testing::Rng;
 use streamhelper::{KeyRange, Ts};
 
-/// Counts allocations and live bytes, to report allocations per operation and bytes per span.
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts on the side.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        LIVE_BYTES.fetch_add(layout.size(), Relaxed);
-        System.alloc(layout)
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size(), Relaxed);
-        System.dealloc(ptr, layout)
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        LIVE_BYTES.fetch_add(new_size, Relaxed);
-        LIVE_BYTES.fetch_sub(layout.size(), Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
-}
+#[path = "common/counting.rs"]
+mod counting;
+use counting::{Counting, ALLOCATIONS, LIVE_BYTES};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;

@@ -111,6 +111,22 @@ pub fn termination_flag() -> Result<Arc<AtomicBool>> {
 }
 
 /// Waits for a signal, then stops the daemon (resigning ownership, joining threads).
+/// glibc's malloc arenas for the whole process: by default up to 8 per core. Each thread
+/// that allocates (20 subscriptions, the rayon pool, gRPC's completion queues) came to own
+/// one, and each kept what a 10^6-region poll freed in it: with its region cache full the
+/// advancer sat at 1.1-1.3 GiB, 0.4 GiB with two arenas (docs/benchmarks.md, "Memory at
+/// 10^6 regions"). Two, so that the tick and the subscriptions rarely wait for each other's
+/// lock. Before any thread starts, as `MALLOC_ARENA_MAX` would; that variable still wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a glibc tunable; no allocation is in flight on another thread.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) };
+    }
+}
+
+const MALLOC_ARENAS: libc::c_int = 2;
+
 pub fn run_until_signal(handle: DaemonHandle, terminate: &AtomicBool) {
     while !terminate.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
@@ -120,6 +136,7 @@ pub fn run_until_signal(handle: DaemonHandle, terminate: &AtomicBool) {
 }
 
 pub fn run(args: AdvancerArgs) -> Result<()> {
+    limit_malloc_arenas();
     let terminate = termination_flag()?;
     let settings = args.settings()?;
     if args.take_over {

@@ -12,6 +12,7 @@
 pub(crate) mod collector;
 pub(crate) mod deadline;
 pub(crate) mod pd;
+pub(crate) mod region_cache;
 pub(crate) mod region_iter;
 pub(crate) mod subscriber;
 pub(crate) mod tikv;
@@ -23,9 +24,9 @@ use crate::types::{KeyRange, RegionId, StoreId, Ts};
 
 pub use collector::{
     collect_checkpoints, collect_checkpoints_cached, CollectResult, CollectorConfig, FailReason, FailedRange,
-    RegionCache,
 };
 pub use pd::{PdClient, PdConfig};
+pub use region_cache::RegionCache;
 pub use region_iter::{check_region_consistency, RegionIter, ScanRetry};
 pub use subscriber::{FlushBatch, FlushSubscriber, SubscriberConfig};
 pub use tikv::{TikvClients, TikvConfig};

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{never, Receiver, Sender};
 
+use super::memory;
 use super::metrics::Metrics;
 use crate::advancer::{latest_believable, Action, Advancer, Config, TaskStatus};
 use crate::cluster::deadline::{self, Scope};
@@ -466,6 +467,7 @@ impl CheckpointAdvancer {
     /// deadline, not the tick, and a task not polled in time waits for the next tick.
     fn poll_lagging(&mut self, plans: &[crate::advancer::PollPlan], now: Ts) {
         let collector = self.collector_config(now);
+        let mut polled = 0;
         for plan in plans {
             if deadline::passed() {
                 log::warn!("tick interval used up; polling of task {} waits for the next tick", plan.task);
@@ -481,6 +483,7 @@ impl CheckpointAdvancer {
                 &plan.ranges,
                 &collector,
             );
+            polled += result.advanced.len() + result.failed.len();
             self.count_poll(&result);
             let failures = result.failed.iter().filter(|f| f.region.is_some()).cloned().collect();
             self.last_failures.insert(plan.task.clone(), failures);
@@ -497,6 +500,9 @@ impl CheckpointAdvancer {
                 );
             }
             self.core.on_poll_result(&plan.task, result.advanced.iter().map(|(r, ts)| (r, *ts)));
+        }
+        if polled >= memory::TRIM_AFTER_REGIONS {
+            memory::give_back_freed_memory();
         }
     }
 
@@ -561,7 +567,7 @@ impl CheckpointAdvancer {
             return Some((failed.region?, failed.store.unwrap_or(0), failed.reason.label()));
         }
         let region = match self.regions.region_at(&span.start) {
-            Some(region) => region.clone(),
+            Some(region) => region,
             None => match self.env.cluster.region_scan(&span.start, &span.end, 1) {
                 Ok(regions) => {
                     let region = regions.into_iter().next()?;

@@ -15,6 +15,7 @@
 //! program that wants its own thread drives a [`CheckpointAdvancer`] directly.
 
 mod checkpoint_advancer;
+mod memory;
 pub mod metrics;
 mod owner;
 pub(crate) mod status;
