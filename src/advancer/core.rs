@@ -221,11 +221,22 @@ impl Advancer {
     {
         let latest = latest_believable(now);
         let flushes = flushes.into_iter();
-        let believable = flushes.clone().filter(move |(_, _, ts)| *ts <= latest);
-        for task in self.tasks.values_mut() {
-            task.frontier.merge_batch(believable.clone());
-        }
+        let expected = flushes.size_hint().0;
+        self.merge_flushes(flushes.clone().filter(move |(_, _, ts)| *ts <= latest), expected);
         flushes.filter(|(_, _, ts)| *ts > latest).count()
+    }
+
+    /// About `expected` flushed ranges already found believable (see
+    /// [`Advancer::on_flushes`]), merged as one batch per task.
+    pub fn merge_flushes<'a, I>(&mut self, flushes: I, expected: usize)
+    where
+        I: IntoIterator<Item = (&'a [u8], &'a [u8], Ts)>,
+        I::IntoIter: Clone,
+    {
+        let flushes = flushes.into_iter();
+        for task in self.tasks.values_mut() {
+            task.frontier.merge_batch_of(expected, flushes.clone());
+        }
     }
 
     /// Region checkpoints polled for `task`.

@@ -30,6 +30,9 @@ enum Message {
     Task(TaskEvent),
     Owner(OwnerEvent),
     Flushes(FlushBatch),
+    /// The kept flush batches merged into the frontiers, before a tick (not an input: the
+    /// ticker sends it itself, so that the merge is timed apart from the tick).
+    MergeFlushes,
     Tick,
     Request(Request),
 }
@@ -41,6 +44,7 @@ impl Message {
             Message::Task(_) => "task-event",
             Message::Owner(_) => "owner-event",
             Message::Flushes(_) => "flush-events",
+            Message::MergeFlushes => "flush-merge",
             Message::Tick => "tick",
             Message::Request(Request::UpdateConfig(..)) => "update-config",
             Message::Request(Request::Config(_)) => "config",
@@ -117,7 +121,8 @@ impl Ticker {
                 let _ = stood_down.send(());
                 self.publish(None);
             }
-            Message::Flushes(batch) => self.advancer.on_flush_events(&batch),
+            Message::Flushes(batch) => self.advancer.on_flush_events(batch),
+            Message::MergeFlushes => self.advancer.merge_received_flushes(),
             Message::Tick => self.tick(),
             Message::Request(Request::UpdateConfig(config, reply)) => {
                 let _ = reply.send(self.advancer.update_config(config));
@@ -128,13 +133,15 @@ impl Ticker {
         }
     }
 
-    /// Merges the flush batches already queued as messages of their own, so that a tick's
-    /// time and CPU are the tick's and not those of the flushes that queued up before it.
+    /// Takes the flush batches already queued, and merges every kept batch, as messages of
+    /// their own, so that a tick's time and CPU are the tick's and not those of the flushes
+    /// that came before it.
     fn drain_flushes(&mut self) {
         let flushes = self.advancer.flush_events();
         while let Ok(batch) = flushes.try_recv() {
             self.handle(Message::Flushes(batch));
         }
+        self.handle(Message::MergeFlushes);
     }
 
     fn tick(&mut self) {

@@ -58,6 +58,13 @@ const GROWN_LOAD: usize = 74;
 /// memory is cached; the window's items are ~LOOK_AHEAD * 100 bytes of cache.
 const LOOK_AHEAD: usize = 16;
 
+/// [`SpanFrontier::merge_batch`] orders the heap once at the end of a batch of this share
+/// (1/n) of the pieces or more, instead of at each raise. A rebuild reads each piece's
+/// record about once (every entry is some parent's child) plus the deeper sifts; a raise
+/// to a new maximum reads 8 records at each level it sinks, a few of them uncached at 10^6:
+/// by that count rebuilding wins from about a fifth of the pieces (docs/benchmarks.md).
+const DEFER_SHARE: usize = 4;
+
 /// An update with its keys' hashes, computed once.
 #[derive(Clone, Copy)]
 struct Pending<'a> {
@@ -196,10 +203,25 @@ impl SpanFrontier {
     /// never correctness. Any iterator works; items are buffered a few at a time and nothing
     /// is allocated. On a frontier that fits in cache the bookkeeping costs a little per
     /// item; on one that does not, hiding the reads wins (figures in docs/benchmarks.md).
+    ///
+    /// A batch of 1/[`DEFER_SHARE`] of the pieces or more orders the heap once at its end
+    /// instead of at each raise (see [`heap`]): a batch is never observed half-merged. Its
+    /// size is taken from the iterator's `size_hint`; see [`merge_batch_of`](Self::merge_batch_of).
     pub fn merge_batch<'a>(&mut self, items: impl IntoIterator<Item = (&'a [u8], &'a [u8], Ts)>) {
+        let items = items.into_iter();
+        self.merge_batch_of(items.size_hint().0, items);
+    }
+
+    /// [`merge_batch`](Self::merge_batch) of about `expected` items, for iterators that
+    /// cannot tell. Only a hint, with the same result either way: `expected` at or above the
+    /// share orders the heap once at the end from the first item on; a batch found larger
+    /// than expected switches to that once it has merged the share.
+    pub fn merge_batch_of<'a>(&mut self, expected: usize, items: impl IntoIterator<Item = (&'a [u8], &'a [u8], Ts)>) {
         let mut items = items.into_iter();
         let mut window = [Pending::new(&[], &[], 0); LOOK_AHEAD];
         let (mut taken, mut done) = (0, 0);
+        let share = self.len() / DEFER_SHARE;
+        let defer_after = if expected >= share { 0 } else { share };
         loop {
             while taken - done < LOOK_AHEAD {
                 let Some((start, end, ts)) = items.next() else { break };
@@ -211,21 +233,32 @@ impl SpanFrontier {
                 taken += 1;
             }
             if done == taken {
+                self.heap.restore(&mut self.recs);
                 return;
             }
-            if done + LOOK_AHEAD / 2 < taken {
-                let ahead = &mut window[(done + LOOK_AHEAD / 2) % LOOK_AHEAD];
-                // Its groups are cached by now: the exact lookup of its start is cheap.
-                ahead.guess = self.index.get(&self.recs, [ahead.start], [ahead.hashes[0]])[0].unwrap_or(NIL);
-            }
-            if done + LOOK_AHEAD / 4 < taken {
-                self.heap.prefetch_children(&self.recs, window[(done + LOOK_AHEAD / 4) % LOOK_AHEAD].guess, false);
-            }
-            if done + LOOK_AHEAD / 8 < taken {
-                self.heap.prefetch_children(&self.recs, window[(done + LOOK_AHEAD / 8) % LOOK_AHEAD].guess, true);
+            if done == defer_after {
+                self.heap.defer();
+            } else if done < defer_after {
+                self.prefetch_heap(&mut window, done, taken);
             }
             self.merge_hashed(&window[done % LOOK_AHEAD]);
             done += 1;
+        }
+    }
+
+    /// The heap stage of [`merge_batch`](Self::merge_batch)'s look-ahead: what raising the
+    /// pieces of the items a few places ahead of `done` will read.
+    fn prefetch_heap(&self, window: &mut [Pending<'_>; LOOK_AHEAD], done: usize, taken: usize) {
+        if done + LOOK_AHEAD / 2 < taken {
+            let ahead = &mut window[(done + LOOK_AHEAD / 2) % LOOK_AHEAD];
+            // Its groups are cached by now: the exact lookup of its start is cheap.
+            ahead.guess = self.index.get(&self.recs, [ahead.start], [ahead.hashes[0]])[0].unwrap_or(NIL);
+        }
+        if done + LOOK_AHEAD / 4 < taken {
+            self.heap.prefetch_children(&self.recs, window[(done + LOOK_AHEAD / 4) % LOOK_AHEAD].guess, false);
+        }
+        if done + LOOK_AHEAD / 8 < taken {
+            self.heap.prefetch_children(&self.recs, window[(done + LOOK_AHEAD / 8) % LOOK_AHEAD].guess, true);
         }
     }
 

@@ -468,3 +468,67 @@ impl SpanFrontier {
         self.heap.check(&self.recs, &tracked);
     }
 }
+
+/// Flushes as the advancer receives them: each region led by one of `stores` stores, each
+/// store's flush one batch raising all its regions to one ts (with a few late reports),
+/// leaders moving between rounds. With few stores every batch is past the share at which
+/// `merge_batch` defers the heap's order to its end, with many none is: either way the
+/// result, the minimum and the lagging pieces after every batch are those of the same
+/// merges one by one.
+fn run_store_flushes(stores: u64, rounds: u64) {
+    let keys: Vec<Vec<u8>> = (0..2000u64)
+        .map(|i| [b"t".as_slice(), &(i / 64).to_be_bytes(), b"_r", &(i % 64).to_be_bytes()].concat())
+        .collect();
+    let mut rng = Rng::new(stores);
+    let regions: Vec<KeyRange> = keys.windows(2).map(|pair| KeyRange::new(pair[0].clone(), pair[1].clone())).collect();
+    let mut leaders: Vec<u64> = regions.iter().map(|_| rng.below(stores)).collect();
+    let tracked = [kr("", "")];
+    let (mut batched, mut one_by_one) = (SpanFrontier::new(&tracked, 0), SpanFrontier::new(&tracked, 0));
+    let mut model = Model::new(&keys, &tracked, 0);
+    // A first poll gives every region a distinct ts: one piece each.
+    let polled: Vec<(&KeyRange, Ts)> = regions.iter().zip(1..).collect();
+    batched.merge_batch(polled.iter().map(|(r, ts)| (r.start.as_slice(), r.end.as_slice(), *ts)));
+    for &(range, ts) in &polled {
+        one_by_one.merge_keys(&range.start, &range.end, ts);
+        model.merge(range, ts);
+    }
+    let max_ts = (rounds + 3) * 1000;
+    let mut deferred_batches = 0;
+    for round in 1..=rounds {
+        for store in 0..stores {
+            let ts = (round + 2) * 1000 + store;
+            let batch: Vec<(&KeyRange, Ts)> = (regions.iter().zip(&leaders))
+                .filter(|&(_, &leader)| leader == store)
+                .map(|(range, _)| (range, if rng.below(50) == 0 { ts - 1500 } else { ts }))
+                .collect();
+            deferred_batches += usize::from(batch.len() > batched.len() / DEFER_SHARE);
+            let items = batch.iter().map(|(r, ts)| (r.start.as_slice(), r.end.as_slice(), *ts));
+            if store % 2 == 0 {
+                batched.merge_batch(items);
+            } else {
+                // Of a size it cannot tell: the heap is ordered at each raise up to the share.
+                batched.merge_batch_of(0, items);
+            }
+            for &(range, ts) in &batch {
+                one_by_one.merge_keys(&range.start, &range.end, ts);
+                model.merge(range, ts);
+            }
+            check_against(&batched, &model, &mut rng, max_ts);
+            assert_eq!(batched.snapshot(), one_by_one.snapshot(), "round {round} store {store}");
+            assert_eq!(batched.min(), one_by_one.min(), "round {round} store {store}");
+        }
+        for leader in leaders.iter_mut() {
+            if rng.below(10) == 0 {
+                *leader = rng.below(stores);
+            }
+        }
+    }
+    let all = (rounds * stores) as usize;
+    assert_eq!(deferred_batches, if stores < DEFER_SHARE as u64 { all } else { 0 });
+}
+
+#[test]
+fn whole_store_flushes_match_one_by_one() {
+    run_store_flushes(3, 5);
+    run_store_flushes(40, 2);
+}
