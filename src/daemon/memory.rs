@@ -1,11 +1,12 @@
-//! Handing the memory a big poll freed back to the system.
+//! Handing the memory a big poll (or a tick's flush batches) freed back to the system.
 //!
 //! A poll of 10^6 regions allocates a few hundred MB for a moment (the regions of its scan,
 //! its requests and answers, gRPC's buffers) on the threads that ran it. glibc keeps what
 //! they free in those threads' arenas for reuse, so the process stayed that large between
 //! polls (measured in docs/benchmarks.md, "Memory at 10^6 regions").
 
-/// A poll of at least this many regions is followed by a trim: smaller ones free too little
+/// A poll of at least this many regions (or a merge of as many flush events) is followed
+/// by a trim: smaller ones free too little
 /// to matter, and a trim walks every arena's free lists (milliseconds at 10^6 regions).
 pub(crate) const TRIM_AFTER_REGIONS: usize = 100_000;
 
