@@ -930,24 +930,3 @@ fn a_task_past_a_3s_lag_limit_is_paused_within_8s() {
     let shown: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(shown[0]["paused"], true, "task status: {shown}");
 }
-
-/// A new owner takes in the checkpoints its stores send right after it subscribes (their
-/// last flush) before its first tick, which then has nothing to poll: polling every region
-/// first made a cold start at 10^6 regions wait a tick for those checkpoints (scale bench).
-#[test]
-fn a_new_owner_covers_every_region_from_the_subscription_snapshots_without_polling() {
-    let f = Fixture::new(3, 64);
-    let threshold = Duration::from_secs(2);
-    let start = f.add_task("t1", KeyRange::full());
-    // Every piece lags past the threshold by the time the daemon starts; the flush does not.
-    std::thread::sleep(threshold + Duration::from_millis(100));
-    f.sim.flush_all();
-    let mut config = f.daemon_config();
-    config.advancer.try_advance_threshold = threshold;
-    config.advancer.tick_interval = Duration::from_millis(500);
-    let daemon = Daemon::start(config).unwrap();
-    let mut safety = Safety::new(&f, "t1", KeyRange::full());
-    support::wait_until("the first upload covering every region", || safety.check() > start);
-    assert_eq!(daemon.metrics().regions_polled.get([]), 0, "the first tick polled regions the snapshots covered");
-    daemon.stop();
-}

@@ -310,11 +310,6 @@ impl CheckpointAdvancer {
         log::info!("became owner: ticking every {:?}", self.config().tick_interval);
     }
 
-    /// Whether some flush subscription is up (or still connecting).
-    pub fn subscriptions_up(&self) -> bool {
-        self.subscriber.as_ref().is_some_and(|s| s.store_states().iter().any(|&(_, up)| up))
-    }
-
     /// Ownership lost (or given up): uploads stop at once and the subscriber's threads are
     /// joined.
     pub fn on_lose_owner(&mut self) {

@@ -5,9 +5,8 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use crossbeam_channel::{after, tick, Receiver, Sender};
+use crossbeam_channel::{tick, Receiver, Sender};
 
 use super::checkpoint_advancer::CheckpointAdvancer;
 use super::owner::OwnerEvent;
@@ -19,14 +18,6 @@ use crate::meta::TaskEvent;
 use crate::timefmt::format_rfc3339;
 use crate::types::{local_now_ts, system_time_of, ts_distance, Ts};
 use crate::worker::StopToken;
-
-/// What a new owner waits, at most, for its stores' flush snapshots: for the first message,
-/// for the next one, and in all (never beyond one tick interval).
-const SNAPSHOT_FIRST_WAIT: Duration = Duration::from_secs(1);
-const SNAPSHOT_QUIET_GAP: Duration = Duration::from_millis(200);
-const SNAPSHOT_WAIT_LIMIT: Duration = Duration::from_secs(3);
-/// How often that wait checks that some subscription is still up.
-const SUBSCRIPTION_CHECK: Duration = Duration::from_millis(50);
 
 /// What the handle asks of the running advancer; each carries where the answer goes.
 pub enum Request {
@@ -121,10 +112,8 @@ impl Ticker {
             }
             Message::Owner(OwnerEvent::Gained(leadership)) => {
                 self.advancer.on_become_owner(leadership);
-                self.await_subscription_snapshots();
                 // A new owner ticks at once: waiting for the interval delayed its first
                 // upload by up to a whole tick (the scale bench's cold start).
-                self.drain_flushes();
                 self.tick();
             }
             Message::Owner(OwnerEvent::Lost { stood_down }) => {
@@ -153,37 +142,6 @@ impl Ticker {
             self.handle(Message::Flushes(batch));
         }
         self.handle(Message::MergeFlushes);
-    }
-
-    /// Right after subscribing, each store sends the checkpoints of its last flush (TiKV
-    /// queues a snapshot for a new subscriber): a new owner takes them in before its first
-    /// tick, which then polls only what they left lagging. Polling every region first took a
-    /// whole tick at 10^6 regions (listing them from PD alone is over a second) while the
-    /// snapshots waited in the channel for the tick after. Bounded: at most one tick
-    /// interval (and 3 s), a second for the first message, 200 ms of quiet after the last,
-    /// and it ends once no subscription is up (stores without the service).
-    fn await_subscription_snapshots(&mut self) {
-        let limit = Instant::now() + self.advancer.config().tick_interval.min(SNAPSHOT_WAIT_LIMIT);
-        let flushes = self.advancer.flush_events();
-        let mut quiet_until = (Instant::now() + SNAPSHOT_FIRST_WAIT).min(limit);
-        while self.advancer.subscriptions_up() {
-            let now = Instant::now();
-            if now >= quiet_until {
-                return;
-            }
-            let wait = quiet_until.saturating_duration_since(now).min(SUBSCRIPTION_CHECK);
-            crossbeam_channel::select! {
-                recv(self.stop.receiver()) -> _ => return,
-                recv(flushes) -> batch => match batch {
-                    Ok(batch) => {
-                        self.handle(Message::Flushes(batch));
-                        quiet_until = (Instant::now() + SNAPSHOT_QUIET_GAP).min(limit);
-                    }
-                    Err(_) => return,
-                },
-                recv(after(wait)) -> _ => {}
-            }
-        }
     }
 
     fn tick(&mut self) {
