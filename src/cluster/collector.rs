@@ -604,16 +604,11 @@ impl StoreCalls {
             }
         };
         if let Some(e) = first_error {
-            // A store that only ran out of time keeps its connection: dropping it made the
-            // next tick redial every store that was merely slow (in a rolling restart at 10^5
-            // regions, all 20 after each eviction's retry outran its deadline). A store whose
-            // address changed fails to connect, which still drops it.
             if is_out_of_time(&e) {
                 result.out_of_time.push(store);
-            } else {
-                service.clear_cache(store);
             }
             warn!("store {store} failed to report checkpoints: {e}");
+            service.clear_cache(store);
             result.store_errors.push(e);
         }
     }
@@ -1019,7 +1014,7 @@ mod tests {
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].contains("store 1") && errors[0].contains("cannot connect"), "{errors:?}");
         assert!(errors[1].contains("store 2") && errors[1].contains("DEADLINE_EXCEEDED"), "{errors:?}");
-        assert_eq!(*dialer.cleared.lock(), vec![1], "the store out of time keeps its connection");
+        assert_eq!(*dialer.cleared.lock(), vec![1, 2]);
     }
 
     #[test]
