@@ -6,8 +6,8 @@
 //! polls (measured in docs/benchmarks.md, "Memory at 10^6 regions").
 
 /// A poll of at least this many regions (or a merge of as many flush events) is followed
-/// by a trim: smaller ones free too little
-/// to matter, and a trim walks every arena's free lists (milliseconds at 10^6 regions).
+/// by a trim: smaller ones free too little to matter, and a trim walks every arena's free
+/// lists (milliseconds at 10^6 regions).
 pub(crate) const TRIM_AFTER_REGIONS: usize = 100_000;
 
 /// Returns the free pages of every malloc arena to the system (glibc's `malloc_trim`); what
