@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 use grpcio::CallOption;
 use log::{debug, info, warn};
 
-use super::region_cache::RegionCache;
+use super::region_cache::{RegionCache, Walked};
 use super::region_iter::{RegionIter, ScanRetry, DEFAULT_PAGE_SIZE};
 use super::{deadline, ClusterMeta, LogBackupService, RegionWithLeader};
 use crate::error::{Error, Result};
 use crate::proto::errorpb;
 use crate::proto::logbackuppb::{GetLastFlushTSOfRegionRequest, GetLastFlushTSOfRegionResponse, RegionIdentity};
 use crate::proto::logbackuppb_grpc::LogBackupClient;
+use crate::spans::collapse;
 use crate::types::{ts_add, KeyRange, RegionId, StoreId, Ts};
 
 #[derive(Clone, Debug)]
@@ -316,35 +317,27 @@ fn list_regions(
     timings: &mut Vec<Duration>,
     mut take: impl FnMut(Vec<RegionWithLeader>, bool),
 ) -> Result<()> {
-    // Every range's gaps are known before its first page arrives: a page reaching into the
-    // next range is listed again there, and the fanout asks its regions once.
-    let mut gaps_by_range = Vec::with_capacity(ranges.len());
-    for range in ranges {
-        let (mut regions, mut gaps) = cache.cover(range);
-        if worth_scanning_across(gaps.len(), regions.len(), config.page_size) {
-            let across = KeyRange { start: gaps[0].start.clone(), end: gaps[gaps.len() - 1].end.clone() };
-            regions.retain(|r| !r.range.overlaps(&across));
-            gaps = vec![across];
-        }
-        take(regions, true);
-        gaps_by_range.push(gaps);
-    }
+    let ranges = collapse(ranges);
+    let (cached, scans) = plan_listing(cache, &ranges, config.page_size);
+    take(cached, true);
     let (sender, pages) = crossbeam_channel::bounded(PAGES_AHEAD);
     let scope = deadline::Scope::current();
     std::thread::scope(|threads| {
-        let gaps_by_range = &gaps_by_range;
+        let scans = &scans;
         std::thread::Builder::new()
             .name("sh-region-list".into())
-            .spawn_scoped(threads, move || scope.run(|| list_gaps(meta, gaps_by_range, config, &sender)))
+            .spawn_scoped(threads, move || scope.run(|| list_scans(meta, scans, config, &sender)))
             .map_err(|source| Error::Io { what: "starting the region listing thread".into(), source })?;
         // Ends when the lister has sent everything (or we stop taking, which ends it).
         for listed in pages {
             match listed {
                 Listed::Page(page) => {
                     cache.insert(&page);
-                    take(page, false);
+                    // A scan joined across ranges lists the regions between them too: cached,
+                    // not asked about.
+                    take(page.into_iter().filter(|r| overlaps_any(&ranges, &r.range)).collect(), false);
                 }
-                Listed::Range(took) => timings.push(took),
+                Listed::All(took) => timings.push(took),
                 Listed::Failed(e) => return Err(e),
             }
         }
@@ -358,40 +351,36 @@ const PAGES_AHEAD: usize = 2;
 /// What the listing thread sends, in order.
 enum Listed {
     Page(Vec<RegionWithLeader>),
-    /// One range's gaps are all listed, in this long.
-    Range(Duration),
+    /// Every scan is listed, in this long.
+    All(Duration),
     /// The last message.
     Failed(Error),
 }
 
-/// Lists the gaps of each range page by page into `pages`, until done, a page fails or
-/// nobody takes them any more.
-fn list_gaps(
+/// Lists each scan page by page into `pages`, until done, a page fails or nobody takes
+/// them any more.
+fn list_scans(
     meta: &dyn ClusterMeta,
-    gaps_by_range: &[Vec<KeyRange>],
+    scans: &[KeyRange],
     config: &CollectorConfig,
     pages: &crossbeam_channel::Sender<Listed>,
 ) {
-    for gaps in gaps_by_range {
-        let started = Instant::now();
-        for gap in gaps {
-            let mut iter = RegionIter::new(meta, gap);
-            iter.page_size = config.page_size;
-            iter.retry = config.scan_retry.clone();
-            while !iter.done() {
-                let (listed, failed) = match iter.next_page() {
-                    Ok(page) => (Listed::Page(page), false),
-                    Err(e) => (Listed::Failed(e), true),
-                };
-                if pages.send(listed).is_err() || failed {
-                    return;
-                }
+    let started = Instant::now();
+    for scan in scans {
+        let mut iter = RegionIter::new(meta, scan);
+        iter.page_size = config.page_size;
+        iter.retry = config.scan_retry.clone();
+        while !iter.done() {
+            let (listed, failed) = match iter.next_page() {
+                Ok(page) => (Listed::Page(page), false),
+                Err(e) => (Listed::Failed(e), true),
+            };
+            if pages.send(listed).is_err() || failed {
+                return;
             }
         }
-        if pages.send(Listed::Range(started.elapsed())).is_err() {
-            return;
-        }
     }
+    let _ = pages.send(Listed::All(started.elapsed()));
 }
 
 /// Whether `range` overlaps one of `sorted`, ranges in key order that do not overlap.
@@ -400,15 +389,48 @@ fn overlaps_any(sorted: &[KeyRange], range: &KeyRange) -> bool {
     sorted.get(first_ending_after_start).is_some_and(|r| r.overlaps(range))
 }
 
-/// Up to this many gaps in one range are scanned one PD call each.
+/// Up to this many uncached parts in all are listed one PD call each.
 const GAPS_SCANNED_ONE_BY_ONE: usize = 32;
+/// Cached regions listed again rather than making one more PD call.
+const RESCAN_RATHER_THAN_CALL: usize = 256;
 
-/// Whether one paged scan from a range's first gap to its last takes fewer PD calls than a
-/// scan per gap: the cached regions between them (at most `cached`) are scanned again too.
-/// A store that failed leaves its regions as thousands of scattered gaps, and a call each
-/// made the next poll slower still.
-fn worth_scanning_across(gaps: usize, cached: usize, page_size: usize) -> bool {
-    gaps > GAPS_SCANNED_ONE_BY_ONE && gaps > cached / page_size.max(1) + 1
+/// Splits what `ranges` (in key order, apart) need into the regions the cache holds and the
+/// ranges PD lists (what [`RegionCache::walk`] found uncovered). A few uncached parts are
+/// listed one call each; more are joined into paged scans wherever fewer than a page (and
+/// than [`RESCAN_RATHER_THAN_CALL`]) of cache entries lie between two of them, within one range or across ranges (the
+/// cached regions in between are listed again). A lost store leaves thousands of scattered
+/// regions uncached, in as many lagging ranges: a call each (a PD call per range at a
+/// new owner's first polls, 4 752 a tick at 10^6 regions) made the next poll slower still.
+/// So the calls are one per page of what is listed, or one per part at most when the
+/// parts lie further apart.
+pub(crate) fn plan_listing(
+    cache: &RegionCache,
+    ranges: &[KeyRange],
+    page_size: usize,
+) -> (Vec<RegionWithLeader>, Vec<KeyRange>) {
+    // Joining never takes more calls below a page between; and about what one more call
+    // costs, counted in regions listed again, is a few hundred.
+    let rescan_below = page_size.clamp(1, RESCAN_RATHER_THAN_CALL);
+    let walked = cache.walk(ranges, rescan_below);
+    let join = walked.iter().filter(|w| matches!(w, Walked::Gap { .. })).count() > GAPS_SCANNED_ONE_BY_ONE;
+    let (mut cached, mut scans, mut since_scan) = (Vec::new(), Vec::<KeyRange>::new(), Vec::new());
+    for step in walked {
+        match step {
+            Walked::Region(region) => since_scan.push(region),
+            Walked::Gap { range, skipped } => match scans.last_mut() {
+                Some(last) if join && since_scan.len() + skipped < rescan_below => {
+                    last.end = range.end;
+                    since_scan.clear();
+                }
+                _ => {
+                    cached.append(&mut since_scan);
+                    scans.push(range);
+                }
+            },
+        }
+    }
+    cached.append(&mut since_scan);
+    (cached, scans)
 }
 
 /// Regions on their way to their leaders: grouped by store in batches of
@@ -928,6 +950,54 @@ mod tests {
         }
         let (regions, _, scans) = scan(&mut cache, &ranges);
         assert_eq!((without_peers(regions), scans), (without_peers(all[1001..2001].to_vec()), 25), "25 gaps, 25 calls");
+    }
+
+    /// A new owner's first polls ask about thousands of scattered lagging regions, each its
+    /// own range: they were listed one PD call per range, with an empty cache and with one
+    /// that a lost store left full of holes (1 238 and 4 752 calls a tick at 10^6 regions).
+    #[test]
+    fn scattered_ranges_are_listed_in_pages_across_ranges_unless_far_apart() {
+        let keys: Vec<Vec<u8>> = (0..9_999).map(|i| format!("{i:06}").into_bytes()).collect();
+        let boundaries: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let meta = MemMeta::new(regions_from_boundaries(&boundaries, &[1, 2, 3]));
+        let all = meta.regions.clone();
+        let config = CollectorConfig::default();
+        let scan = |cache: &mut RegionCache, ranges: &[KeyRange]| {
+            let scans_before = meta.scans.lock().len();
+            let (regions, cached) = scan_regions(&meta, cache, ranges, &config).unwrap();
+            (regions, cached, meta.scans.lock().len() - scans_before)
+        };
+        let every = |step: usize| -> Vec<&RegionWithLeader> { all.iter().skip(1).step_by(step).collect() };
+        let ranges_of = |regions: &[&RegionWithLeader]| regions.iter().map(|r| r.range.clone()).collect::<Vec<_>>();
+
+        // 1000 ranges, every tenth region, nothing cached: one paged scan, the rest cached.
+        let tenth = every(10);
+        let mut cache = RegionCache::default();
+        let (regions, cached, scans) = scan(&mut cache, &ranges_of(&tenth));
+        let owned = |regions: &[&RegionWithLeader]| regions.iter().map(|&r| r.clone()).collect::<Vec<_>>();
+        assert_eq!(without_peers(regions), without_peers(owned(&tenth)), "only the ranges' regions are asked about");
+        assert!(cached.is_empty());
+        assert_eq!(scans, 5, "pages of 2048 from the first range to the last, not 1000 calls");
+        assert_eq!(cache.len(), 9_991, "the regions between the ranges are cached too");
+
+        // The cache full, those 1000 regions forgotten: pages again.
+        cache.insert(&all);
+        for region in &tenth {
+            cache.forget(&failed(region, region.leader_store, FailReason::NotLeader));
+        }
+        let (regions, _, scans) = scan(&mut cache, &ranges_of(&tenth));
+        assert_eq!(without_peers(regions), without_peers(owned(&tenth)));
+        assert_eq!(scans, 5);
+
+        // 33 ranges 303 regions apart: a call each, not a re-listing of what lies between.
+        let apart = every(303);
+        assert_eq!(apart.len(), GAPS_SCANNED_ONE_BY_ONE + 1);
+        for region in &apart {
+            cache.forget(&failed(region, region.leader_store, FailReason::NotLeader));
+        }
+        let (regions, _, scans) = scan(&mut cache, &ranges_of(&apart));
+        assert_eq!(without_peers(regions), without_peers(owned(&apart)));
+        assert_eq!(scans, apart.len());
     }
 
     /// At 10^6 regions a re-scan did not fit one tick: cut short, it kept nothing, so every
