@@ -318,7 +318,7 @@ fn list_regions(
     mut take: impl FnMut(Vec<RegionWithLeader>, bool),
 ) -> Result<()> {
     let ranges = collapse(ranges);
-    let (cached, scans) = plan_listing(cache, &ranges, config.page_size);
+    let (cached, scans) = plan_listing(cache, &ranges, config.page_size, true);
     take(cached, true);
     let (sender, pages) = crossbeam_channel::bounded(PAGES_AHEAD);
     let scope = deadline::Scope::current();
@@ -402,16 +402,18 @@ const RESCAN_RATHER_THAN_CALL: usize = 256;
 /// regions uncached, in as many lagging ranges: a call each (a PD call per range at a
 /// new owner's first polls, 4 752 a tick at 10^6 regions) made the next poll slower still.
 /// So the calls are one per page of what is listed, or one per part at most when the
-/// parts lie further apart.
+/// parts lie further apart. Without `with_regions`, the regions are only counted (none
+/// returned).
 pub(crate) fn plan_listing(
     cache: &RegionCache,
     ranges: &[KeyRange],
     page_size: usize,
+    with_regions: bool,
 ) -> (Vec<RegionWithLeader>, Vec<KeyRange>) {
     // Joining never takes more calls below a page between; and about what one more call
     // costs, counted in regions listed again, is a few hundred.
     let rescan_below = page_size.clamp(1, RESCAN_RATHER_THAN_CALL);
-    let walked = cache.walk(ranges, rescan_below);
+    let walked = cache.walk(ranges, rescan_below, with_regions);
     let join = walked.iter().filter(|w| matches!(w, Walked::Gap { .. })).count() > GAPS_SCANNED_ONE_BY_ONE;
     let (mut cached, mut scans, mut since_scan) = (Vec::new(), Vec::<KeyRange>::new(), Vec::new());
     for step in walked {

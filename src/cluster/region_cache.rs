@@ -78,7 +78,8 @@ pub(crate) enum Walked {
     Region(RegionWithLeader),
     /// A part of a range no cached region covers, and how many cache entries (regions, or
     /// uncached stretches outside the ranges) lie between the ranges walked since the last
-    /// such part: none within one stretch, counted up to the walk's limit at least.
+    /// such part, counted up to the walk's limit at least, plus the regions walked and not
+    /// handed out: none within one stretch.
     Gap {
         range: KeyRange,
         skipped: usize,
@@ -126,7 +127,7 @@ impl RegionCache {
     /// region covers.
     pub fn cover(&self, range: &KeyRange) -> (Vec<RegionWithLeader>, Vec<KeyRange>) {
         let (mut regions, mut gaps) = (Vec::new(), Vec::<KeyRange>::new());
-        for step in self.walk(std::slice::from_ref(range), 0) {
+        for step in self.walk(std::slice::from_ref(range), 0, true) {
             match step {
                 Walked::Region(region) => regions.push(region),
                 Walked::Gap { range, .. } => gaps.push(range),
@@ -136,11 +137,11 @@ impl RegionCache {
     }
 
     /// One ordered pass over `ranges` (in key order, apart, as `spans::collapse` leaves
-    /// them): every cached region overlapping them, once, and every part of them no cached
-    /// region covers, in key order. Each range is found by a binary search and walked entry
-    /// by entry; covering 87 082 fragmented ranges one `cover` each took 646 ms at 10^6
-    /// regions.
-    pub(crate) fn walk(&self, ranges: &[KeyRange], count_up_to: usize) -> Vec<Walked> {
+    /// them): every cached region overlapping them, once (`with_regions`; else only
+    /// counted, in the next part's `skipped`), and every part of them no cached region
+    /// covers, in key order. Each range is found by a binary search and walked entry by
+    /// entry; covering 87 082 fragmented ranges one `cover` each took 646 ms at 10^6 regions.
+    pub(crate) fn walk(&self, ranges: &[KeyRange], count_up_to: usize, with_regions: bool) -> Vec<Walked> {
         let mut walked = Vec::new();
         let mut last: Option<Pos> = None;
         // Entries passed over between ranges since the last uncached part.
@@ -162,8 +163,11 @@ impl RegionCache {
                 }
                 at = self.next(pos);
                 last = Some(pos);
-                if let Some(region) = self.region(pos) {
-                    walked.push(Walked::Region(region));
+                if !entry.is_gap() {
+                    match with_regions {
+                        true => walked.extend(self.region(pos).map(Walked::Region)),
+                        false => skipped += 1,
+                    }
                     continue;
                 }
                 let start = entry.start.as_ref().max(range.start.as_slice());
@@ -708,7 +712,7 @@ pub(crate) mod tests {
                         }
                         // A region reaching over two ranges is walked once.
                         regions.dedup();
-                        let walked = cache.walk(&ranges, 4);
+                        let walked = cache.walk(&ranges, 4, true);
                         let walked_regions: Vec<RegionWithLeader> = walked.iter().filter_map(|w| match w {
                             Walked::Region(r) => Some(r.clone()),
                             Walked::Gap { .. } => None,
