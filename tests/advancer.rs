@@ -931,9 +931,11 @@ fn a_task_past_a_3s_lag_limit_is_paused_within_8s() {
     assert_eq!(shown[0]["paused"], true, "task status: {shown}");
 }
 
-/// A new owner whose stores have all flushed: it subscribes, waits (boundedly) for their
-/// snapshots and starts its first tick with the frontier already past the poll threshold.
-fn daemon_after_a_flush(f: &Fixture, start: Ts) -> (DaemonHandle, Duration) {
+/// Task `t1` over every key, and a new owner whose stores have all flushed since every
+/// piece lagged past the poll threshold: it subscribes, waits (boundedly) for their
+/// snapshots, ticks, and has uploaded a checkpoint covering every region when this returns.
+fn first_upload_after_a_flush(f: &Fixture) -> (DaemonHandle, Safety<'_>, Duration) {
+    let start = f.add_task("t1", KeyRange::full());
     let threshold = Duration::from_secs(2);
     // Every piece lags past the threshold by the time the daemon starts; the flush does not.
     while f.sim.now_ts() <= ts_add(start, threshold + Duration::from_millis(100)) {
@@ -946,7 +948,10 @@ fn daemon_after_a_flush(f: &Fixture, start: Ts) -> (DaemonHandle, Duration) {
     config.advancer.tick_interval = Duration::from_secs(1);
     // No lock round: their PD calls are not what these tests count.
     config.advancer.resolve_lock_interval = Duration::from_secs(600);
-    (Daemon::start(config).unwrap(), threshold)
+    let daemon = Daemon::start(config).unwrap();
+    let mut safety = Safety::new(f, "t1", KeyRange::full());
+    support::wait_until("the first upload covering every region", || safety.check() > start);
+    (daemon, safety, threshold)
 }
 
 /// A new owner takes in the checkpoints its stores send right after it subscribes (their
@@ -958,10 +963,7 @@ fn daemon_after_a_flush(f: &Fixture, start: Ts) -> (DaemonHandle, Duration) {
 #[test]
 fn a_new_owner_covers_every_region_from_the_subscription_snapshots_without_polling() {
     let f = Fixture::new(3, 64);
-    let start = f.add_task("t1", KeyRange::full());
-    let (daemon, _) = daemon_after_a_flush(&f, start);
-    let mut safety = Safety::new(&f, "t1", KeyRange::full());
-    support::wait_until("the first upload covering every region", || safety.check() > start);
+    let (daemon, mut safety, _) = first_upload_after_a_flush(&f);
     assert_eq!(daemon.metrics().regions_polled.get([]), 0, "the first tick polled regions the snapshots covered");
     daemon.stop();
 
@@ -991,10 +993,7 @@ fn a_store_that_sends_no_snapshot_is_polled_at_the_first_tick() {
     let f = Fixture::new(3, 48);
     let silent = f.sim.store_ids()[2];
     f.sim.set_subscription_supported(silent, false);
-    let start = f.add_task("t1", KeyRange::full());
-    let (daemon, _) = daemon_after_a_flush(&f, start);
-    let mut safety = Safety::new(&f, "t1", KeyRange::full());
-    support::wait_until("the first upload covering every region", || safety.check() > start);
+    let (daemon, _, _) = first_upload_after_a_flush(&f);
     let polled = daemon.metrics().regions_polled.get([]);
     let theirs = f.sim.regions().iter().filter(|r| r.leader_store == Some(silent)).count() as u64;
     assert!(polled >= theirs, "{polled} regions polled, the silent store leads {theirs}");
@@ -1007,10 +1006,7 @@ fn a_store_that_sends_no_snapshot_is_polled_at_the_first_tick() {
 #[test]
 fn after_the_warm_up_scattered_lagging_regions_are_polled_without_pd_calls() {
     let f = Fixture::new(3, 400);
-    let start = f.add_task("t1", KeyRange::full());
-    let (daemon, threshold) = daemon_after_a_flush(&f, start);
-    let mut safety = Safety::new(&f, "t1", KeyRange::full());
-    support::wait_until("the first upload covering every region", || safety.check() > start);
+    let (daemon, mut safety, threshold) = first_upload_after_a_flush(&f);
     assert_eq!(daemon.metrics().regions_polled.get([]), 0, "the first tick polled nothing");
     safety.until("the warm-up to list every region", || f.sim.pd_scans().1 >= 400);
     assert_eq!(daemon.metrics().regions_polled.get([]), 0, "the regions were listed by the warm-up, not by polls");
