@@ -317,8 +317,18 @@ fn list_regions(
     timings: &mut Vec<Duration>,
     mut take: impl FnMut(Vec<RegionWithLeader>, bool),
 ) -> Result<()> {
-    let ranges = collapse(ranges);
-    let (cached, scans) = plan_listing(cache, &ranges, config.page_size, true);
+    // A poll's ranges come collapsed already (87 082 of them at 10^6 regions).
+    let collapsed;
+    let in_order = ranges.iter().all(|r| r.end.is_empty() || r.start < r.end)
+        && ranges.windows(2).all(|w| !w[0].end.is_empty() && w[0].end <= w[1].start);
+    let ranges = match in_order {
+        true => ranges,
+        false => {
+            collapsed = collapse(ranges);
+            collapsed.as_slice()
+        }
+    };
+    let (cached, scans) = plan_listing(cache, ranges, config.page_size, true);
     take(cached, true);
     let (sender, pages) = crossbeam_channel::bounded(PAGES_AHEAD);
     let scope = deadline::Scope::current();
@@ -335,7 +345,7 @@ fn list_regions(
                     cache.insert(&page);
                     // A scan joined across ranges lists the regions between them too: cached,
                     // not asked about.
-                    take(page.into_iter().filter(|r| overlaps_any(&ranges, &r.range)).collect(), false);
+                    take(page.into_iter().filter(|r| overlaps_any(ranges, &r.range)).collect(), false);
                 }
                 Listed::All(took) => timings.push(took),
                 Listed::Failed(e) => return Err(e),
