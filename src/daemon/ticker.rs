@@ -27,6 +27,9 @@ const SNAPSHOT_WAIT_LIMIT: Duration = Duration::from_secs(3);
 const SNAPSHOT_QUIET_GAP: Duration = Duration::from_millis(200);
 /// How often that wait checks which subscriptions are up.
 const SUBSCRIPTION_CHECK: Duration = Duration::from_millis(50);
+/// TiKV's events per flush message: a snapshot is split into messages this full, so a
+/// message with fewer ends the store's snapshot (wire-spec 4.2).
+const FULL_MESSAGE: usize = 1024;
 
 /// What the handle asks of the running advancer; each carries where the answer goes.
 pub enum Request {
@@ -166,26 +169,39 @@ impl Ticker {
     /// before its first tick, which then polls only what they left lagging. Polling every
     /// region first took a whole tick at 10^6 regions (listing them from PD alone is over a
     /// CPU second) while the snapshots waited in the channel for the tick after. It waits
-    /// until every store whose subscription is up sent something and 200 ms passed without
-    /// a message (a snapshot of 10^6 regions is a thousand messages), 3 s and one tick
-    /// interval at most: a store that never flushed sends nothing. It ends at once when no
-    /// subscription is up (subscriptions off: the first tick polls every region, as before).
+    /// until every store whose subscription is up sent a message less than full (the end of
+    /// its snapshot), or sent something and 200 ms passed without a message (a snapshot of
+    /// 10^6 regions is a thousand messages, and ones that happen to end full), 3 s and one
+    /// tick interval at most: a store that never flushed sends nothing. It ends at once when
+    /// no subscription is up (subscriptions off: the first tick polls every region, as
+    /// before). Waiting for 200 ms of quiet alone ran to the bound at 10^6 regions, the
+    /// stores' regular flushes arriving meanwhile.
     fn await_subscription_snapshots(&mut self) {
         let limit = Instant::now() + self.advancer.config().tick_interval.min(SNAPSHOT_WAIT_LIMIT);
         let flushes = self.advancer.flush_events();
-        let mut heard = HashSet::new();
+        let (mut heard, mut ended) = (HashSet::new(), HashSet::new());
         let mut quiet_until = Instant::now();
         loop {
             let up = self.advancer.subscriptions_up();
             let now = Instant::now();
-            if up.is_empty() || now >= limit || (now >= quiet_until && up.iter().all(|s| heard.contains(s))) {
+            let quiet = now >= quiet_until && up.iter().all(|s| heard.contains(s));
+            if up.is_empty() || now >= limit || quiet || up.iter().all(|s| ended.contains(s)) {
                 return;
             }
             crossbeam_channel::select! {
                 recv(self.stop.receiver()) -> _ => return,
+                // Flushes reach only the tasks known when they are merged: a task loaded
+                // during the wait is added before the snapshots that come after it.
+                recv(self.advancer.task_events()) -> event => match event {
+                    Ok(event) => self.handle(Message::Task(event)),
+                    Err(_) => return,
+                },
                 recv(flushes) -> batch => match batch {
                     Ok(batch) => {
                         heard.insert(batch.store);
+                        if batch.len() < FULL_MESSAGE {
+                            ended.insert(batch.store);
+                        }
                         self.handle(Message::Flushes(batch));
                         quiet_until = Instant::now() + SNAPSHOT_QUIET_GAP;
                     }
