@@ -528,6 +528,7 @@ impl CheckpointAdvancer {
             summary.asked += result.advanced.len() + result.failed.len();
             summary.answered += result.advanced.len();
             summary.out_of_time |= !result.out_of_time.is_empty();
+            summary.cut_short |= result.unlisted.is_some();
             let failures = result.failed.iter().filter(|f| f.region.is_some()).cloned().collect();
             self.last_failures.insert(plan.task.clone(), failures);
             for error in &result.store_errors {
@@ -752,16 +753,30 @@ pub(crate) struct PollSummary {
     pub answered: usize,
     /// Some store ran out of time.
     pub out_of_time: bool,
+    /// Some listing of regions was cut short (PD, not the stores, ran out of time).
+    pub cut_short: bool,
+}
+
+impl PollSummary {
+    /// Most of what was asked ran out of time.
+    fn outgrew_its_tick(&self) -> bool {
+        self.out_of_time && self.answered * 2 < self.asked
+    }
 }
 
 /// A tick may always poll this many regions, most lagging first.
 pub(crate) const MIN_POLL_REGIONS: usize = 1024;
 
-/// How many regions a tick polls: all that lag, until a poll outgrows its tick (most of what
-/// it asked ran out of time: 10^6 regions in a 2 s tick, or a starved machine); then what
-/// such a poll got answered in time, most lagging first, doubled after each poll that kept
-/// up (no store out of time) while the budget held it back. Polling everything every tick
-/// got nothing answered at 10^6 regions on a loaded machine, so the checkpoint never moved.
+/// How many regions a tick polls: all that lag, until a poll of more than
+/// [`MIN_POLL_REGIONS`] outgrows its tick (most of what it asked ran out of time: 10^6
+/// regions in a 2 s tick, or a starved machine); then what such a poll got answered in time,
+/// most lagging first, doubled after each poll that did not outgrow its tick while the
+/// budget held it back, and no limit again once a poll under it kept up. Polling everything
+/// every tick got nothing answered at 10^6 regions on a loaded machine, so the checkpoint
+/// never moved. A poll whose region listing was cut short says PD was slow, not the stores:
+/// it sets no limit. When every region lags together (they all flushed at once), a limit
+/// below their number holds the checkpoint until it has doubled past it: set by a fault's
+/// passing slow poll and kept, that cost the polling-only fault bench most of its lag.
 #[derive(Debug, Default)]
 pub(crate) struct PollBudget {
     /// `None`: no limit.
@@ -770,7 +785,10 @@ pub(crate) struct PollBudget {
 
 impl PollBudget {
     pub(crate) fn after_poll(&mut self, poll: &PollSummary) {
-        if poll.out_of_time && poll.answered * 2 < poll.asked {
+        if poll.outgrew_its_tick() {
+            if poll.cut_short || poll.asked <= MIN_POLL_REGIONS {
+                return;
+            }
             let regions = poll.answered.max(MIN_POLL_REGIONS);
             let level = if self.regions.is_none() { log::Level::Info } else { log::Level::Debug };
             log::log!(
@@ -781,9 +799,14 @@ impl PollBudget {
                 poll.answered
             );
             self.regions = Some(regions);
-        } else if let Some(regions) = self.regions.filter(|r| !poll.out_of_time && poll.asked >= *r) {
-            log::debug!("a poll of {} regions kept up: polling up to {} next", poll.asked, regions * 2);
-            self.regions = Some(regions.saturating_mul(2));
+        } else if let Some(regions) = self.regions.filter(|_| poll.asked > 0) {
+            if poll.asked >= regions {
+                log::debug!("a poll of {} regions kept up: polling up to {} next", poll.asked, regions * 2);
+                self.regions = Some(regions.saturating_mul(2));
+            } else {
+                log::debug!("a poll of {} regions, all that lagged, kept up: no limit on the next polls", poll.asked);
+                self.regions = None;
+            }
         }
     }
 }

@@ -699,9 +699,12 @@ fn after_a_poll_outgrows_its_tick_the_next_polls_ask_about_the_most_lagging_regi
     assert_eq!(f.store.stored("t1"), Some(at(0)), "nothing answered, nothing advanced");
 }
 
+fn poll(asked: usize, answered: usize, out_of_time: bool) -> PollSummary {
+    PollSummary { asked, answered, out_of_time, ..PollSummary::default() }
+}
+
 #[test]
 fn the_poll_budget_follows_what_polls_get_answered_in_time() {
-    let poll = |asked, answered, out_of_time| PollSummary { asked, answered, out_of_time };
     let mut budget = PollBudget::default();
     budget.after_poll(&poll(10_000, 10_000, false));
     budget.after_poll(&poll(10_000, 9_000, true));
@@ -709,11 +712,28 @@ fn the_poll_budget_follows_what_polls_get_answered_in_time() {
     budget.after_poll(&poll(1_000_000, 300_000, true));
     assert_eq!(budget.regions, Some(300_000));
     budget.after_poll(&poll(300_000, 280_000, true));
-    assert_eq!(budget.regions, Some(300_000), "kept: most was answered, not all");
-    budget.after_poll(&poll(300_000, 300_000, false));
-    assert_eq!(budget.regions, Some(600_000), "doubled: the poll kept up");
-    budget.after_poll(&poll(5_000, 5_000, false));
-    assert_eq!(budget.regions, Some(600_000), "not doubled while it does not hold the polls back");
+    assert_eq!(budget.regions, Some(600_000), "doubled: a late store alone is no sign the poll was too big");
+    budget.after_poll(&poll(0, 0, false));
+    assert_eq!(budget.regions, Some(600_000), "a tick with nothing to poll says nothing");
     budget.after_poll(&poll(600_000, 0, true));
     assert_eq!(budget.regions, Some(MIN_POLL_REGIONS), "nothing answered: the least a tick polls");
+}
+
+/// In the polling-only fault bench a store's loss left its regions lagging one by one; the
+/// first poll after it asked a few hundred of them, its PD look-ups ran out of time, and the
+/// budget fell to `MIN_POLL_REGIONS` while all 10^5 regions lagged together a tick later:
+/// the checkpoint stood until the budget had doubled past them, a fault after a fault.
+#[test]
+fn only_a_poll_bigger_than_the_least_whose_stores_ran_out_of_time_limits_the_next_and_a_limit_goes_once_all_fits() {
+    let mut budget = PollBudget::default();
+    budget.after_poll(&poll(280, 51, true));
+    assert_eq!(budget.regions, None, "no bigger than the least a tick polls: a limit would change nothing");
+    budget.after_poll(&PollSummary { cut_short: true, ..poll(50_000, 1_000, true) });
+    assert_eq!(budget.regions, None, "the region listing was cut short: PD, not the stores, ran out of time");
+    budget.after_poll(&poll(100_000, 20_000, true));
+    assert_eq!(budget.regions, Some(20_000));
+    budget.after_poll(&poll(20_000, 20_000, false));
+    assert_eq!(budget.regions, Some(40_000), "doubled while it holds the polls back");
+    budget.after_poll(&poll(5_000, 5_000, false));
+    assert_eq!(budget.regions, None, "everything lagging fitted and was answered: no limit");
 }
