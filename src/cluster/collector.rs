@@ -637,7 +637,8 @@ impl StoreCalls {
             if is_out_of_time(&e) {
                 result.out_of_time.push(store);
             }
-            warn!("store {store} failed to report checkpoints: {e}");
+            // The caller reports it (the advancer once while it repeats).
+            debug!("store {store} failed to report checkpoints: {e}");
             service.clear_cache(store);
             result.store_errors.push(e);
         }

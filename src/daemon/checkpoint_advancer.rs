@@ -94,6 +94,7 @@ pub struct CheckpointAdvancer {
     subscription_warning: RepeatedWarning,
     tso_warning: RepeatedWarning,
     gc_warning: RepeatedWarning,
+    poll_warning: RepeatedWarning,
     /// Lag pauses whose write failed, by task, and how often in a row: retried every tick,
     /// warned about once, summarised when written.
     failed_pauses: BTreeMap<String, u64>,
@@ -140,6 +141,7 @@ impl CheckpointAdvancer {
             subscription_warning: RepeatedWarning::default(),
             tso_warning: RepeatedWarning::default(),
             gc_warning: RepeatedWarning::default(),
+            poll_warning: RepeatedWarning::default(),
             failed_pauses: BTreeMap::new(),
             interrupt: Interrupt::default(),
         })
@@ -355,6 +357,10 @@ impl CheckpointAdvancer {
         let polls_due = Scope::current().deadline.map(|due| due - reserve);
         let poll = deadline::within(polls_due, || self.poll_lagging(&plans, now));
         self.poll_budget.after_poll(&poll);
+        // A tick with nothing to poll says nothing of the stores.
+        if poll.asked > 0 {
+            self.warn_repeated(Warning::Poll, poll.store_warning());
+        }
         // A deletion (or pause) that came while PD or the stores were slow applies before
         // this tick decides what to write.
         self.apply_pending_events();
@@ -531,8 +537,10 @@ impl CheckpointAdvancer {
             summary.cut_short |= result.unlisted.is_some();
             let failures = result.failed.iter().filter(|f| f.region.is_some()).cloned().collect();
             self.last_failures.insert(plan.task.clone(), failures);
-            for error in &result.store_errors {
-                log::warn!("task {}: {error}", plan.task);
+            let failing = result.failed.iter().filter(|f| f.reason == FailReason::StoreFailed);
+            summary.failing_stores.extend(failing.filter_map(|f| f.store));
+            if summary.first_store_error.is_none() {
+                summary.first_store_error = result.store_errors.first().map(|e| format!("task {}: {e}", plan.task));
             }
             if let Some(e) = &result.unlisted {
                 // What was listed before still counts: at 10^6 regions a cold start's listing
@@ -755,9 +763,20 @@ pub(crate) struct PollSummary {
     pub out_of_time: bool,
     /// Some listing of regions was cut short (PD, not the stores, ran out of time).
     pub cut_short: bool,
+    /// The stores that failed to answer, and the first such failure.
+    pub failing_stores: BTreeSet<StoreId>,
+    pub first_store_error: Option<String>,
 }
 
 impl PollSummary {
+    /// The failing stores as a repeated warning: a store out of time fails every poll, and
+    /// a line for each (the collector's and the advancer's) made two a tick per store.
+    fn store_warning(&self) -> Option<(String, String)> {
+        let first = self.first_store_error.as_ref()?;
+        let stores = &self.failing_stores;
+        Some((format!("{stores:?}"), format!("stores {stores:?} failed to report checkpoints, the first: {first}")))
+    }
+
     /// Most of what was asked ran out of time.
     fn outgrew_its_tick(&self) -> bool {
         self.out_of_time && self.answered * 2 < self.asked
@@ -826,6 +845,7 @@ enum Warning {
     Subscription,
     Tso,
     Gc,
+    Poll,
 }
 
 impl CheckpointAdvancer {
@@ -835,6 +855,7 @@ impl CheckpointAdvancer {
             Warning::Subscription => &mut self.subscription_warning,
             Warning::Tso => &mut self.tso_warning,
             Warning::Gc => &mut self.gc_warning,
+            Warning::Poll => &mut self.poll_warning,
         };
         if let Some(line) = slot.observe(warning) {
             log::warn!("{line}");

@@ -603,6 +603,28 @@ fn a_pd_that_keeps_failing_is_warned_about_once_and_its_recovery_once() {
     assert_eq!(about("failed to update service GC safe point"), 2, "{lines:?}");
 }
 
+/// A store that cannot answer fails every poll: the collector and the advancer each warned
+/// about it at every poll (38 pairs per store in one polling-only fault bench run).
+#[test]
+fn a_store_failing_every_poll_is_warned_about_once_while_it_lasts() {
+    let config =
+        Config { try_advance_threshold: Duration::from_secs(60), lag_limit: Duration::ZERO, ..Config::default() };
+    // Neither store can be dialed.
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&[b"m"], &[1, 2])));
+    f.add_task("t1", at(0));
+    f.own();
+    let lines = crate::testing::warnings_of(|| {
+        for minute in 10..15 {
+            f.tick_at(at(minute));
+        }
+    });
+    assert_eq!(f.advancer.metrics().regions_polled.get([]), 10, "every tick polled both stores' regions");
+    let about: Vec<&String> = lines.iter().filter(|l| l.contains("failed to report checkpoints")).collect();
+    assert_eq!(about.len(), 1, "{lines:?}");
+    assert!(about[0].starts_with("stores {1, 2} failed to report checkpoints, the first: task t1: "), "{about:?}");
+    assert!(!lines.iter().any(|l| l.starts_with("task t1:") || l.starts_with("store 1")), "{lines:?}");
+}
+
 /// 300 tasks once took 25 s to load: each task event and each task's tick cost PD calls.
 #[test]
 fn pd_calls_per_tick_do_not_grow_with_the_number_of_tasks() {
