@@ -732,13 +732,17 @@ fn the_poll_budget_follows_what_polls_get_answered_in_time() {
     budget.after_poll(&poll(10_000, 9_000, true));
     assert_eq!(budget.regions, None, "a late store alone does not limit the polls");
     budget.after_poll(&poll(1_000_000, 300_000, true));
-    assert_eq!(budget.regions, Some(300_000));
-    budget.after_poll(&poll(300_000, 280_000, true));
-    assert_eq!(budget.regions, Some(600_000), "doubled: a late store alone is no sign the poll was too big");
+    assert_eq!(budget.regions, Some(500_000), "halved");
+    budget.after_poll(&poll(500_000, 280_000, true));
+    assert_eq!(budget.regions, Some(1_000_000), "doubled: a late store alone is no sign the poll was too big");
     budget.after_poll(&poll(0, 0, false));
-    assert_eq!(budget.regions, Some(600_000), "a tick with nothing to poll says nothing");
-    budget.after_poll(&poll(600_000, 0, true));
-    assert_eq!(budget.regions, Some(MIN_POLL_REGIONS), "nothing answered: the least a tick polls");
+    assert_eq!(budget.regions, Some(1_000_000), "a tick with nothing to poll says nothing");
+    budget.after_poll(&poll(1_000_000, 0, true));
+    assert_eq!(budget.regions, Some(500_000), "nothing answered (a stall): halved, not down to what was answered");
+    for _ in 0..20 {
+        budget.after_poll(&poll(budget.regions.unwrap(), 0, true));
+    }
+    assert_eq!(budget.regions, Some(MIN_POLL_REGIONS), "at least this many");
 }
 
 /// In the polling-only fault bench a store's loss left its regions lagging one by one; the
@@ -753,9 +757,9 @@ fn only_a_poll_bigger_than_the_least_whose_stores_ran_out_of_time_limits_the_nex
     budget.after_poll(&PollSummary { cut_short: true, ..poll(50_000, 1_000, true) });
     assert_eq!(budget.regions, None, "the region listing was cut short: PD, not the stores, ran out of time");
     budget.after_poll(&poll(100_000, 20_000, true));
-    assert_eq!(budget.regions, Some(20_000));
-    budget.after_poll(&poll(20_000, 20_000, false));
-    assert_eq!(budget.regions, Some(40_000), "doubled while it holds the polls back");
+    assert_eq!(budget.regions, Some(50_000));
+    budget.after_poll(&poll(50_000, 50_000, false));
+    assert_eq!(budget.regions, Some(100_000), "doubled while it holds the polls back");
     budget.after_poll(&poll(5_000, 5_000, false));
     assert_eq!(budget.regions, None, "everything lagging fitted and was answered: no limit");
 }
