@@ -115,6 +115,8 @@ pub struct CollectResult {
     pub failed: Vec<FailedRange>,
     /// One error per store that failed as a whole.
     pub store_errors: Vec<Error>,
+    /// The stores of `store_errors`; sorted.
+    pub failed_stores: Vec<StoreId>,
     /// Regions per request sent (upstream's `batch_size{type="checkpoint"}`).
     pub batch_sizes: Vec<usize>,
     /// How long listing each range's regions from PD took (upstream's `get-regions-in-range`
@@ -205,6 +207,7 @@ pub fn collect_checkpoints_cached(
         result.advanced.extend(retried.advanced);
         result.failed.extend(retried.failed);
         result.store_errors.extend(retried.store_errors);
+        result.failed_stores.extend(retried.failed_stores);
         result.batch_sizes.extend(retried.batch_sizes);
     } else {
         result.failed.extend(stale);
@@ -213,6 +216,8 @@ pub fn collect_checkpoints_cached(
     result.failed.sort();
     result.out_of_time.sort();
     result.out_of_time.dedup();
+    result.failed_stores.sort();
+    result.failed_stores.dedup();
     info!(
         "collected checkpoints of {} regions in {} ranges in {:?} (listed in {:?}): {} advanced, {} failed, {} stores \
          failed{}",
@@ -641,6 +646,7 @@ impl StoreCalls {
             debug!("store {store} failed to report checkpoints: {e}");
             service.clear_cache(store);
             result.store_errors.push(e);
+            result.failed_stores.push(store);
         }
     }
 }

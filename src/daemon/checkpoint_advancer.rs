@@ -542,8 +542,7 @@ impl CheckpointAdvancer {
             summary.cut_short |= result.unlisted.is_some();
             let failures = result.failed.iter().filter(|f| f.region.is_some()).cloned().collect();
             self.last_failures.insert(plan.task.clone(), failures);
-            let failing = result.failed.iter().filter(|f| f.reason == FailReason::StoreFailed);
-            summary.failing_stores.extend(failing.filter_map(|f| f.store));
+            summary.failing_stores.extend(&result.failed_stores);
             if summary.first_store_error.is_none() {
                 summary.first_store_error = result.store_errors.first().map(|e| format!("task {}: {e}", plan.task));
             }
