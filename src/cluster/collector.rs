@@ -172,11 +172,20 @@ pub fn collect_checkpoints_cached(
 ) -> CollectResult {
     let began = Instant::now();
     let mut result = CollectResult::default();
+    cache.begin_poll();
     let first = ask_as_listed(meta, service, pool, cache, ranges, config, &|_| true, None, began, &mut result);
     let kept = cache.note_misses(&first.stores, &result.out_of_time);
     let mut forgotten = Vec::new();
     for failed in std::mem::take(&mut result.failed) {
-        if failed.reason == FailReason::StoreFailed && failed.store.is_some_and(|store| kept.contains(&store)) {
+        // A not-leader from the leader PD named this poll, or lately: not flushed yet.
+        let fresh = failed.region.filter(|id| !first.cached.contains(id));
+        let awaiting = failed.region.filter(|&id| Some(id) == fresh || cache.awaits_flush(id));
+        if let (FailReason::NotLeader, Some(id)) = (&failed.reason, awaiting) {
+            if fresh.is_some() {
+                cache.await_flush(id);
+            }
+            result.failed.push(failed);
+        } else if failed.reason == FailReason::StoreFailed && failed.store.is_some_and(|store| kept.contains(&store)) {
             result.failed.push(failed);
         } else {
             cache.forget(&failed);
@@ -195,9 +204,13 @@ pub fn collect_checkpoints_cached(
         let mut retried = CollectResult::default();
         let wanted = |r: &RegionWithLeader| overlaps_any(&stale_ranges, &r.range);
         ask_as_listed(meta, service, pool, cache, ranges, config, &wanted, Some(first.deadline), began, &mut retried);
-        // Out of time by now whatever the store: nothing of the retry is kept.
+        // Out of time by now whatever the store: nothing of the retry is kept, but for the
+        // leaders PD just named that have not flushed yet.
         for failed in &retried.failed {
-            cache.forget(failed);
+            match failed.region {
+                Some(id) if failed.reason == FailReason::NotLeader => cache.await_flush(id),
+                _ => cache.forget(failed),
+            }
         }
         if let Some(e) = retried.unlisted {
             warn!("looking up {} regions that failed again: {e}", stale.len());
@@ -766,7 +779,7 @@ mod tests {
 
     use super::*;
     use crate::cluster::region_cache::tests::{failed, region, without_peers};
-    use crate::cluster::region_cache::MISSES_BEFORE_RESCAN;
+    use crate::cluster::region_cache::{AWAIT_FLUSH_POLLS, MISSES_BEFORE_RESCAN};
     use crate::cluster::testing::{regions_from_boundaries, FixedDialer, MemMeta};
     use crate::proto::logbackuppb::RegionCheckpoint;
     use crate::testing::warnings_of;
@@ -1336,6 +1349,41 @@ mod tests {
         assert_eq!(result.advanced.len(), 600);
         let scans = sim.pd_scans().0 - scans_before;
         assert!(scans <= 600 / 32 + 1, "{scans} PD calls to find {moved} moved regions: a page of 32 each at most");
+    }
+
+    /// After a leader eviction the new leaders answer not-leader until their first flush (TiKV
+    /// cannot tell that from not leading): re-listing the evicted store's scattered regions at
+    /// every poll until then ran the rolling restart's polls out of time.
+    #[test]
+    fn leaders_pd_just_named_that_have_not_flushed_are_not_looked_up_again_for_a_few_polls() {
+        let (sim, pd, dialer, pool) = sim_cluster(600);
+        let config = CollectorConfig { rpc_timeout: Duration::from_secs(5), page_size: 32, ..Default::default() };
+        let mut cache = RegionCache::default();
+        let mut poll = || {
+            let scans_before = sim.pd_scans().0;
+            let result = collect_checkpoints_cached(&pd, &dialer, &pool, &mut cache, &[KeyRange::full()], &config);
+            assert_at_most_last_flush(&sim, &result);
+            (result, sim.pd_scans().0 - scans_before)
+        };
+        sim.flush_all();
+        assert!(poll().0.failed.is_empty());
+
+        dialer.addresses.lock().remove(&2);
+        let moved = sim.fail_over(2).unwrap();
+        let (result, scans) = poll();
+        assert_eq!(result.failed.len(), moved, "the new leaders have not flushed: {:?}", &result.failed[..3]);
+        assert!(result.failed.iter().all(|f| f.reason == FailReason::NotLeader && f.store != Some(2)));
+        assert!(scans > 0, "store 2's regions were looked up");
+        for _ in 0..AWAIT_FLUSH_POLLS {
+            let (result, scans) = poll();
+            assert_eq!((result.failed.len(), scans), (moved, 0), "failed again, PD not asked");
+        }
+        let (result, scans) = poll();
+        assert_eq!(result.failed.len(), moved);
+        assert!(scans > 0, "looked up again once the polls awaiting a flush are over");
+        sim.flush_all();
+        let (result, scans) = poll();
+        assert_eq!((result.advanced.len(), result.failed.len(), scans), (600, 0, 0), "{:?}", result.failed);
     }
 
     #[test]
