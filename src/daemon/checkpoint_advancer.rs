@@ -520,9 +520,10 @@ impl CheckpointAdvancer {
     fn poll_lagging(&mut self, plans: &[PollPlan], now: Ts) -> PollSummary {
         let mut summary = PollSummary::default();
         let collector = self.collector_config(now);
-        for plan in plans {
+        for (i, plan) in plans.iter().enumerate() {
             if deadline::passed() {
                 log::warn!("tick interval used up; polling of task {} waits for the next tick", plan.task);
+                summary.never_started = i == 0;
                 break;
             }
             let metrics = self.metrics.clone();
@@ -767,6 +768,8 @@ pub(crate) struct PollSummary {
     pub out_of_time: bool,
     /// Some listing of regions was cut short (PD, not the stores, ran out of time).
     pub cut_short: bool,
+    /// The tick's time was gone before the first poll could begin.
+    pub never_started: bool,
     /// The stores that failed to answer, and the first such failure.
     pub failing_stores: BTreeSet<StoreId>,
     pub first_store_error: Option<String>,
@@ -795,7 +798,8 @@ pub(crate) const MIN_POLL_REGIONS: usize = 1024;
 /// regions in a 2 s tick, or a starved machine); then half of what such a poll asked, most
 /// lagging first, halved again while polls outgrow it, doubled after each poll that did not
 /// outgrow its tick while the budget held it back, and no limit again once a poll under it
-/// kept up (or it covers every cached region). Polling everything
+/// kept up (or it covers every cached region); halved too by a tick whose time was gone
+/// before its first poll began. Polling everything
 /// every tick got nothing answered at 10^6 regions on a loaded machine, so the checkpoint
 /// never moved. A poll whose region listing was cut short says PD was slow, not the stores:
 /// it sets no limit. When every region lags together (they all flushed at once), a limit
@@ -809,6 +813,18 @@ pub(crate) struct PollBudget {
 
 impl PollBudget {
     pub(crate) fn after_poll(&mut self, poll: &PollSummary) {
+        if poll.never_started {
+            // Choosing the most lagging costs a cache look-up per span: a budget whose choice
+            // takes the whole tick lets no poll start, and so would never change.
+            if let Some(regions) = self.regions {
+                log::debug!(
+                    "no poll began in time: polling up to {} regions next",
+                    (regions / 2).max(MIN_POLL_REGIONS)
+                );
+                self.regions = Some((regions / 2).max(MIN_POLL_REGIONS));
+            }
+            return;
+        }
         if poll.outgrew_its_tick() {
             if poll.cut_short || poll.asked <= MIN_POLL_REGIONS {
                 return;

@@ -725,6 +725,39 @@ fn poll(asked: usize, answered: usize, out_of_time: bool) -> PollSummary {
     PollSummary { asked, answered, out_of_time, ..PollSummary::default() }
 }
 
+/// Choosing the most lagging regions costs a cache look-up per span, so a large budget can
+/// take a loaded tick's whole time before any poll begins: nothing was asked, so the budget
+/// never changed, and no poll began again (the 10^6 polling-only run that polled nothing per
+/// tick). A tick whose polls never began halves it.
+#[test]
+fn a_tick_whose_polls_never_begin_halves_the_poll_budget() {
+    let keys: Vec<Vec<u8>> = (1..3000).map(|i| format!("k{i:04}").into_bytes()).collect();
+    let boundaries: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    // Accepts connections and never answers: every call waits for its deadline.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tick = Duration::from_millis(300);
+    let config = Config {
+        tick_interval: tick,
+        try_advance_threshold: Duration::from_secs(60),
+        lag_limit: Duration::ZERO,
+        ..Config::default()
+    };
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&boundaries, &[1])));
+    f.service.addresses.lock().insert(1, silent.local_addr().unwrap().to_string());
+    f.add_task("t1", at(0));
+    f.own();
+    f.tick_at(at(10));
+    let planned =
+        |f: &Fixture, now| f.advancer.planned_polls(now).into_iter().flat_map(|p| p.ranges).collect::<Vec<_>>();
+    assert_eq!(planned(&f, at(11)), vec![KeyRange::new("", keys[1499].clone())], "half of the 3000 asked");
+
+    // PD's clock takes the next tick's whole time.
+    *f.cluster.during_tso.lock() = Some(Box::new(move || std::thread::sleep(tick + tick / 2)));
+    f.tick_at(at(11));
+    assert_eq!(f.advancer.metrics().regions_polled.get([]), 3000, "no poll began");
+    assert_eq!(planned(&f, at(12)), vec![KeyRange::new("", keys[MIN_POLL_REGIONS - 1].clone())], "halved");
+}
+
 #[test]
 fn the_poll_budget_follows_what_polls_get_answered_in_time() {
     let mut budget = PollBudget::default();
