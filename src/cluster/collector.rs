@@ -940,11 +940,16 @@ mod tests {
         Ok((regions, cached))
     }
 
-    #[test]
-    fn many_scattered_gaps_are_scanned_in_pages_and_a_few_one_by_one() {
+    /// 10 000 regions over three stores, bounded by "000000" to "009998".
+    fn ten_thousand_regions() -> MemMeta {
         let keys: Vec<Vec<u8>> = (0..9_999).map(|i| format!("{i:06}").into_bytes()).collect();
         let boundaries: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-        let meta = MemMeta::new(regions_from_boundaries(&boundaries, &[1, 2, 3]));
+        MemMeta::new(regions_from_boundaries(&boundaries, &[1, 2, 3]))
+    }
+
+    #[test]
+    fn many_scattered_gaps_are_scanned_in_pages_and_a_few_one_by_one() {
+        let meta = ten_thousand_regions();
         let config = CollectorConfig::default();
         let scan = |cache: &mut RegionCache, ranges: &[KeyRange]| {
             let scans_before = meta.scans.lock().len();
@@ -985,9 +990,7 @@ mod tests {
     /// of time before the stores were asked.
     #[test]
     fn many_ranges_with_a_gap_each_are_scanned_across_in_pages_taking_only_what_they_overlap() {
-        let keys: Vec<Vec<u8>> = (0..9_999).map(|i| format!("{i:06}").into_bytes()).collect();
-        let boundaries: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-        let meta = MemMeta::new(regions_from_boundaries(&boundaries, &[1, 2, 3]));
+        let meta = ten_thousand_regions();
         let config = CollectorConfig::default();
         let mut cache = RegionCache::default();
         let (all, _) = scan_regions(&meta, &mut cache, &[KeyRange::full()], &config).unwrap();

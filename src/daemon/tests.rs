@@ -693,20 +693,7 @@ fn a_poll_that_runs_out_of_time_leaves_the_tick_time_for_the_gc_safepoint() {
 /// answered (at least `MIN_POLL_REGIONS`), across its spans oldest first.
 #[test]
 fn after_a_poll_outgrows_its_tick_the_next_polls_ask_about_the_most_lagging_regions_first() {
-    let keys: Vec<Vec<u8>> = (1..1500).map(|i| format!("k{i:04}").into_bytes()).collect();
-    let boundaries: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-    // Accepts connections and never answers: every call waits for its deadline.
-    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = Config {
-        tick_interval: Duration::from_millis(300),
-        try_advance_threshold: Duration::from_secs(60),
-        lag_limit: Duration::ZERO,
-        ..Config::default()
-    };
-    let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&boundaries, &[1])));
-    f.service.addresses.lock().insert(1, silent.local_addr().unwrap().to_string());
-    f.add_task("t1", at(0));
-    f.own();
+    let (mut f, keys, _silent) = owner_of_regions_on_a_silent_store(1500);
     // The first 1000 regions are newer than the rest; both lag.
     f.flushed_by(1, &[("", "k1000", at(1))]);
     f.tick_at(at(10));
@@ -725,19 +712,15 @@ fn poll(asked: usize, answered: usize, out_of_time: bool) -> PollSummary {
     PollSummary { asked, answered, out_of_time, ..PollSummary::default() }
 }
 
-/// Choosing the most lagging regions costs a cache look-up per span, so a large budget can
-/// take a loaded tick's whole time before any poll begins: nothing was asked, so the budget
-/// never changed, and no poll began again (the 10^6 polling-only run that polled nothing per
-/// tick). A tick whose polls never began halves it.
-#[test]
-fn a_tick_whose_polls_never_begin_halves_the_poll_budget() {
-    let keys: Vec<Vec<u8>> = (1..3000).map(|i| format!("k{i:04}").into_bytes()).collect();
+/// An owner of task t1 (started at `at(0)`, 300 ms ticks, 60 s poll threshold) over `regions`
+/// regions (bounded by the keys returned) led by store 1, which accepts connections and never
+/// answers, so every call waits for its deadline; the listener must be kept.
+fn owner_of_regions_on_a_silent_store(regions: usize) -> (Fixture, Vec<Vec<u8>>, TcpListener) {
+    let keys: Vec<Vec<u8>> = (1..regions).map(|i| format!("k{i:04}").into_bytes()).collect();
     let boundaries: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-    // Accepts connections and never answers: every call waits for its deadline.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
-    let tick = Duration::from_millis(300);
     let config = Config {
-        tick_interval: tick,
+        tick_interval: TICK_ON_A_SILENT_STORE,
         try_advance_threshold: Duration::from_secs(60),
         lag_limit: Duration::ZERO,
         ..Config::default()
@@ -746,12 +729,25 @@ fn a_tick_whose_polls_never_begin_halves_the_poll_budget() {
     f.service.addresses.lock().insert(1, silent.local_addr().unwrap().to_string());
     f.add_task("t1", at(0));
     f.own();
+    (f, keys, silent)
+}
+
+const TICK_ON_A_SILENT_STORE: Duration = Duration::from_millis(300);
+
+/// Choosing the most lagging regions costs a cache look-up per span, so a large budget can
+/// take a loaded tick's whole time before any poll begins: nothing was asked, so the budget
+/// never changed, and no poll began again (the 10^6 polling-only run that polled nothing per
+/// tick). A tick whose polls never began halves it.
+#[test]
+fn a_tick_whose_polls_never_begin_halves_the_poll_budget() {
+    let (mut f, keys, _silent) = owner_of_regions_on_a_silent_store(3000);
     f.tick_at(at(10));
     let planned =
         |f: &Fixture, now| f.advancer.planned_polls(now).into_iter().flat_map(|p| p.ranges).collect::<Vec<_>>();
     assert_eq!(planned(&f, at(11)), vec![KeyRange::new("", keys[1499].clone())], "half of the 3000 asked");
 
     // PD's clock takes the next tick's whole time.
+    let tick = TICK_ON_A_SILENT_STORE;
     *f.cluster.during_tso.lock() = Some(Box::new(move || std::thread::sleep(tick + tick / 2)));
     f.tick_at(at(11));
     assert_eq!(f.advancer.metrics().regions_polled.get([]), 3000, "no poll began");
