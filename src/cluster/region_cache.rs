@@ -23,8 +23,10 @@ use crate::types::{KeyRange, RegionId, StoreId};
 /// time: a loaded store that misses one deadline still leads its regions, and re-scanning
 /// them all made the next poll slower still. A store out of time
 /// [`MISSES_BEFORE_RESCAN`] polls in a row has its regions dropped (a hung store's leaders
-/// move away, and only PD knows where). Holds at most one entry per region of the ranges
-/// polled, and no peer lists: the regions it hands out have empty `peer_stores`.
+/// move away, and only PD knows where). A region PD had just placed whose leader answered
+/// not-leader stays too, for a few polls (see [`RegionCache::await_flush`]). Holds at most
+/// one entry per region of the ranges polled, and no peer lists: the regions it hands out
+/// have empty `peer_stores`.
 #[derive(Debug)]
 pub struct RegionCache {
     /// The whole key space in key order, cut into stretches: entry i covers its start key up
