@@ -23,8 +23,10 @@ use crate::types::{KeyRange, RegionId, StoreId};
 /// time: a loaded store that misses one deadline still leads its regions, and re-scanning
 /// them all made the next poll slower still. A store out of time
 /// [`MISSES_BEFORE_RESCAN`] polls in a row has its regions dropped (a hung store's leaders
-/// move away, and only PD knows where). Holds at most one entry per region of the ranges
-/// polled, and no peer lists: the regions it hands out have empty `peer_stores`.
+/// move away, and only PD knows where). A region PD had just placed whose leader answered
+/// not-leader stays too, for a few polls (see [`RegionCache::await_flush`]). Holds at most
+/// one entry per region of the ranges polled, and no peer lists: the regions it hands out
+/// have empty `peer_stores`.
 #[derive(Debug)]
 pub struct RegionCache {
     /// The whole key space in key order, cut into stretches: entry i covers its start key up
@@ -35,7 +37,15 @@ pub struct RegionCache {
     regions: usize,
     /// Polls in a row each store ran out of time in.
     misses: HashMap<StoreId, u32>,
+    /// Regions PD had just placed whose leader answered not-leader, by the poll they did in
+    /// (see [`RegionCache::await_flush`]).
+    awaiting_flush: HashMap<RegionId, u64>,
+    /// Polls begun with this cache.
+    polls: u64,
 }
+
+/// How many polls a region awaiting its new leader's first flush is not looked up again for.
+pub const AWAIT_FLUSH_POLLS: u64 = 3;
 
 /// How many polls in a row a store may run out of time in before its regions are looked up
 /// again: two, so that a store that missed one deadline under load is asked again at once,
@@ -104,7 +114,13 @@ impl Entry {
 
 impl Default for RegionCache {
     fn default() -> Self {
-        RegionCache { runs: vec![vec![Entry::gap(&[])]], regions: 0, misses: HashMap::new() }
+        RegionCache {
+            runs: vec![vec![Entry::gap(&[])]],
+            regions: 0,
+            misses: HashMap::new(),
+            awaiting_flush: HashMap::new(),
+            polls: 0,
+        }
     }
 }
 
@@ -198,6 +214,27 @@ impl RegionCache {
             }
         }
         kept
+    }
+
+    /// Counts a poll begun; marks of [`RegionCache::await_flush`] older than
+    /// [`AWAIT_FLUSH_POLLS`] polls lapse.
+    pub(crate) fn begin_poll(&mut self) {
+        self.polls += 1;
+        let polls = self.polls;
+        self.awaiting_flush.retain(|_, since| polls - *since <= AWAIT_FLUSH_POLLS);
+    }
+
+    /// The region PD just placed answered not-leader: a leader has nothing to report before
+    /// its first flush (TiKV cannot tell that from not leading), so for the next few polls
+    /// its not-leader answers are failures, not a reason to ask PD again (after a leader
+    /// eviction at 10^5 regions, re-listing its 5 000 scattered regions at every poll until
+    /// the new leaders flushed ran the polls out of time).
+    pub(crate) fn await_flush(&mut self, id: RegionId) {
+        self.awaiting_flush.insert(id, self.polls);
+    }
+
+    pub(crate) fn awaits_flush(&self, id: RegionId) -> bool {
+        self.awaiting_flush.contains_key(&id)
     }
 
     /// Drops the failed region, so that its range is scanned again.

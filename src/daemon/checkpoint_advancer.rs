@@ -94,6 +94,7 @@ pub struct CheckpointAdvancer {
     subscription_warning: RepeatedWarning,
     tso_warning: RepeatedWarning,
     gc_warning: RepeatedWarning,
+    poll_warning: RepeatedWarning,
     /// Lag pauses whose write failed, by task, and how often in a row: retried every tick,
     /// warned about once, summarised when written.
     failed_pauses: BTreeMap<String, u64>,
@@ -140,6 +141,7 @@ impl CheckpointAdvancer {
             subscription_warning: RepeatedWarning::default(),
             tso_warning: RepeatedWarning::default(),
             gc_warning: RepeatedWarning::default(),
+            poll_warning: RepeatedWarning::default(),
             failed_pauses: BTreeMap::new(),
             interrupt: Interrupt::default(),
         })
@@ -355,6 +357,10 @@ impl CheckpointAdvancer {
         let polls_due = Scope::current().deadline.map(|due| due - reserve);
         let poll = deadline::within(polls_due, || self.poll_lagging(&plans, now));
         self.poll_budget.after_poll(&poll);
+        // A tick with nothing to poll says nothing of the stores.
+        if poll.asked > 0 {
+            self.warn_repeated(Warning::Poll, poll.store_warning());
+        }
         // A deletion (or pause) that came while PD or the stores were slow applies before
         // this tick decides what to write.
         self.apply_pending_events();
@@ -479,7 +485,12 @@ impl CheckpointAdvancer {
     pub(super) fn planned_polls(&self, now: Ts) -> Vec<PollPlan> {
         let below = self.core.poll_below(now);
         let plans = self.core.plan_polls_below(below);
-        let Some(budget) = self.poll_budget.regions else { return plans };
+        // A budget over every region cached limits nothing known, and choosing the most lagging
+        // costs a cache look-up per span: at 10^5 regions on a loaded machine that took the
+        // tick's whole time before any poll, tick after tick.
+        let Some(budget) = self.poll_budget.regions.filter(|&budget| budget < self.regions.len()) else {
+            return plans;
+        };
         let mut lagging: Vec<(String, Vec<(KeyRange, Ts)>)> = plans
             .into_iter()
             .map(|plan| {
@@ -509,9 +520,10 @@ impl CheckpointAdvancer {
     fn poll_lagging(&mut self, plans: &[PollPlan], now: Ts) -> PollSummary {
         let mut summary = PollSummary::default();
         let collector = self.collector_config(now);
-        for plan in plans {
+        for (i, plan) in plans.iter().enumerate() {
             if deadline::passed() {
                 log::warn!("tick interval used up; polling of task {} waits for the next tick", plan.task);
+                summary.never_started = i == 0;
                 break;
             }
             let metrics = self.metrics.clone();
@@ -528,10 +540,12 @@ impl CheckpointAdvancer {
             summary.asked += result.advanced.len() + result.failed.len();
             summary.answered += result.advanced.len();
             summary.out_of_time |= !result.out_of_time.is_empty();
+            summary.cut_short |= result.unlisted.is_some();
             let failures = result.failed.iter().filter(|f| f.region.is_some()).cloned().collect();
             self.last_failures.insert(plan.task.clone(), failures);
-            for error in &result.store_errors {
-                log::warn!("task {}: {error}", plan.task);
+            summary.failing_stores.extend(&result.failed_stores);
+            if summary.first_store_error.is_none() {
+                summary.first_store_error = result.store_errors.first().map(|e| format!("task {}: {e}", plan.task));
             }
             if let Some(e) = &result.unlisted {
                 // What was listed before still counts: at 10^6 regions a cold start's listing
@@ -752,16 +766,45 @@ pub(crate) struct PollSummary {
     pub answered: usize,
     /// Some store ran out of time.
     pub out_of_time: bool,
+    /// Some listing of regions was cut short (PD, not the stores, ran out of time).
+    pub cut_short: bool,
+    /// The tick's time was gone before the first poll could begin.
+    pub never_started: bool,
+    /// The stores that failed to answer, and the first such failure.
+    pub failing_stores: BTreeSet<StoreId>,
+    pub first_store_error: Option<String>,
+}
+
+impl PollSummary {
+    /// The failing stores as a repeated warning: a store out of time fails every poll, and
+    /// a line for each (the collector's and the advancer's) made two a tick per store.
+    fn store_warning(&self) -> Option<(String, String)> {
+        let first = self.first_store_error.as_ref()?;
+        let stores = &self.failing_stores;
+        Some((format!("{stores:?}"), format!("stores {stores:?} failed to report checkpoints, the first: {first}")))
+    }
+
+    /// Most of what was asked ran out of time.
+    fn outgrew_its_tick(&self) -> bool {
+        self.out_of_time && self.answered * 2 < self.asked
+    }
 }
 
 /// A tick may always poll this many regions, most lagging first.
 pub(crate) const MIN_POLL_REGIONS: usize = 1024;
 
-/// How many regions a tick polls: all that lag, until a poll outgrows its tick (most of what
-/// it asked ran out of time: 10^6 regions in a 2 s tick, or a starved machine); then what
-/// such a poll got answered in time, most lagging first, doubled after each poll that kept
-/// up (no store out of time) while the budget held it back. Polling everything every tick
-/// got nothing answered at 10^6 regions on a loaded machine, so the checkpoint never moved.
+/// How many regions a tick polls: all that lag, until a poll of more than
+/// [`MIN_POLL_REGIONS`] outgrows its tick (most of what it asked ran out of time: 10^6
+/// regions in a 2 s tick, or a starved machine); then half of what such a poll asked, most
+/// lagging first, halved again while polls outgrow it, doubled after each poll that did not
+/// outgrow its tick while the budget held it back, and no limit again once a poll under it
+/// kept up (or it covers every cached region); halved too by a tick whose time was gone
+/// before its first poll began. Polling everything
+/// every tick got nothing answered at 10^6 regions on a loaded machine, so the checkpoint
+/// never moved. A poll whose region listing was cut short says PD was slow, not the stores:
+/// it sets no limit. When every region lags together (they all flushed at once), a limit
+/// below their number holds the checkpoint until it has doubled past it: set by a fault's
+/// passing slow poll and kept, that cost the polling-only fault bench most of its lag.
 #[derive(Debug, Default)]
 pub(crate) struct PollBudget {
     /// `None`: no limit.
@@ -770,8 +813,25 @@ pub(crate) struct PollBudget {
 
 impl PollBudget {
     pub(crate) fn after_poll(&mut self, poll: &PollSummary) {
-        if poll.out_of_time && poll.answered * 2 < poll.asked {
-            let regions = poll.answered.max(MIN_POLL_REGIONS);
+        if poll.never_started {
+            // Choosing the most lagging costs a cache look-up per span: a budget whose choice
+            // takes the whole tick lets no poll start, and so would never change.
+            if let Some(regions) = self.regions {
+                log::debug!(
+                    "no poll began in time: polling up to {} regions next",
+                    (regions / 2).max(MIN_POLL_REGIONS)
+                );
+                self.regions = Some((regions / 2).max(MIN_POLL_REGIONS));
+            }
+            return;
+        }
+        if poll.outgrew_its_tick() {
+            if poll.cut_short || poll.asked <= MIN_POLL_REGIONS {
+                return;
+            }
+            // Halved: a stalled machine answers nothing whatever the size, and a budget that
+            // fell to what one such poll got answered took ten polls to double back.
+            let regions = (poll.asked / 2).max(MIN_POLL_REGIONS);
             let level = if self.regions.is_none() { log::Level::Info } else { log::Level::Debug };
             log::log!(
                 level,
@@ -781,9 +841,14 @@ impl PollBudget {
                 poll.answered
             );
             self.regions = Some(regions);
-        } else if let Some(regions) = self.regions.filter(|r| !poll.out_of_time && poll.asked >= *r) {
-            log::debug!("a poll of {} regions kept up: polling up to {} next", poll.asked, regions * 2);
-            self.regions = Some(regions.saturating_mul(2));
+        } else if let Some(regions) = self.regions.filter(|_| poll.asked > 0) {
+            if poll.asked >= regions {
+                log::debug!("a poll of {} regions kept up: polling up to {} next", poll.asked, regions * 2);
+                self.regions = Some(regions.saturating_mul(2));
+            } else {
+                log::debug!("a poll of {} regions, all that lagged, kept up: no limit on the next polls", poll.asked);
+                self.regions = None;
+            }
         }
     }
 }
@@ -803,6 +868,7 @@ enum Warning {
     Subscription,
     Tso,
     Gc,
+    Poll,
 }
 
 impl CheckpointAdvancer {
@@ -812,6 +878,7 @@ impl CheckpointAdvancer {
             Warning::Subscription => &mut self.subscription_warning,
             Warning::Tso => &mut self.tso_warning,
             Warning::Gc => &mut self.gc_warning,
+            Warning::Poll => &mut self.poll_warning,
         };
         if let Some(line) = slot.observe(warning) {
             log::warn!("{line}");

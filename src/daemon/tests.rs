@@ -603,6 +603,28 @@ fn a_pd_that_keeps_failing_is_warned_about_once_and_its_recovery_once() {
     assert_eq!(about("failed to update service GC safe point"), 2, "{lines:?}");
 }
 
+/// A store that cannot answer fails every poll: the collector and the advancer each warned
+/// about it at every poll (38 pairs per store in one polling-only fault bench run).
+#[test]
+fn a_store_failing_every_poll_is_warned_about_once_while_it_lasts() {
+    let config =
+        Config { try_advance_threshold: Duration::from_secs(60), lag_limit: Duration::ZERO, ..Config::default() };
+    // Neither store can be dialed.
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&[b"m"], &[1, 2])));
+    f.add_task("t1", at(0));
+    f.own();
+    let lines = crate::testing::warnings_of(|| {
+        for minute in 10..15 {
+            f.tick_at(at(minute));
+        }
+    });
+    assert_eq!(f.advancer.metrics().regions_polled.get([]), 10, "every tick polled both stores' regions");
+    let about: Vec<&String> = lines.iter().filter(|l| l.contains("failed to report checkpoints")).collect();
+    assert_eq!(about.len(), 1, "{lines:?}");
+    assert!(about[0].starts_with("stores {1, 2} failed to report checkpoints, the first: task t1: "), "{about:?}");
+    assert!(!lines.iter().any(|l| l.starts_with("task t1:") || l.starts_with("store 1")), "{lines:?}");
+}
+
 /// 300 tasks once took 25 s to load: each task event and each task's tick cost PD calls.
 #[test]
 fn pd_calls_per_tick_do_not_grow_with_the_number_of_tasks() {
@@ -671,20 +693,7 @@ fn a_poll_that_runs_out_of_time_leaves_the_tick_time_for_the_gc_safepoint() {
 /// answered (at least `MIN_POLL_REGIONS`), across its spans oldest first.
 #[test]
 fn after_a_poll_outgrows_its_tick_the_next_polls_ask_about_the_most_lagging_regions_first() {
-    let keys: Vec<Vec<u8>> = (1..1500).map(|i| format!("k{i:04}").into_bytes()).collect();
-    let boundaries: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-    // Accepts connections and never answers: every call waits for its deadline.
-    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = Config {
-        tick_interval: Duration::from_millis(300),
-        try_advance_threshold: Duration::from_secs(60),
-        lag_limit: Duration::ZERO,
-        ..Config::default()
-    };
-    let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&boundaries, &[1])));
-    f.service.addresses.lock().insert(1, silent.local_addr().unwrap().to_string());
-    f.add_task("t1", at(0));
-    f.own();
+    let (mut f, keys, _silent) = owner_of_regions_on_a_silent_store(1500);
     // The first 1000 regions are newer than the rest; both lag.
     f.flushed_by(1, &[("", "k1000", at(1))]);
     f.tick_at(at(10));
@@ -699,21 +708,87 @@ fn after_a_poll_outgrows_its_tick_the_next_polls_ask_about_the_most_lagging_regi
     assert_eq!(f.store.stored("t1"), Some(at(0)), "nothing answered, nothing advanced");
 }
 
+fn poll(asked: usize, answered: usize, out_of_time: bool) -> PollSummary {
+    PollSummary { asked, answered, out_of_time, ..PollSummary::default() }
+}
+
+/// An owner of task t1 (started at `at(0)`, 300 ms ticks, 60 s poll threshold) over `regions`
+/// regions (bounded by the keys returned) led by store 1, which accepts connections and never
+/// answers, so every call waits for its deadline; the listener must be kept.
+fn owner_of_regions_on_a_silent_store(regions: usize) -> (Fixture, Vec<Vec<u8>>, TcpListener) {
+    let keys: Vec<Vec<u8>> = (1..regions).map(|i| format!("k{i:04}").into_bytes()).collect();
+    let boundaries: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = Config {
+        tick_interval: TICK_ON_A_SILENT_STORE,
+        try_advance_threshold: Duration::from_secs(60),
+        lag_limit: Duration::ZERO,
+        ..Config::default()
+    };
+    let mut f = Fixture::with_cluster(config, MemMeta::new(regions_from_boundaries(&boundaries, &[1])));
+    f.service.addresses.lock().insert(1, silent.local_addr().unwrap().to_string());
+    f.add_task("t1", at(0));
+    f.own();
+    (f, keys, silent)
+}
+
+const TICK_ON_A_SILENT_STORE: Duration = Duration::from_millis(300);
+
+/// Choosing the most lagging regions costs a cache look-up per span, so a large budget can
+/// take a loaded tick's whole time before any poll begins: nothing was asked, so the budget
+/// never changed, and no poll began again (the 10^6 polling-only run that polled nothing per
+/// tick). A tick whose polls never began halves it.
+#[test]
+fn a_tick_whose_polls_never_begin_halves_the_poll_budget() {
+    let (mut f, keys, _silent) = owner_of_regions_on_a_silent_store(3000);
+    f.tick_at(at(10));
+    let planned =
+        |f: &Fixture, now| f.advancer.planned_polls(now).into_iter().flat_map(|p| p.ranges).collect::<Vec<_>>();
+    assert_eq!(planned(&f, at(11)), vec![KeyRange::new("", keys[1499].clone())], "half of the 3000 asked");
+
+    // PD's clock takes the next tick's whole time.
+    let tick = TICK_ON_A_SILENT_STORE;
+    *f.cluster.during_tso.lock() = Some(Box::new(move || std::thread::sleep(tick + tick / 2)));
+    f.tick_at(at(11));
+    assert_eq!(f.advancer.metrics().regions_polled.get([]), 3000, "no poll began");
+    assert_eq!(planned(&f, at(12)), vec![KeyRange::new("", keys[MIN_POLL_REGIONS - 1].clone())], "halved");
+}
+
 #[test]
 fn the_poll_budget_follows_what_polls_get_answered_in_time() {
-    let poll = |asked, answered, out_of_time| PollSummary { asked, answered, out_of_time };
     let mut budget = PollBudget::default();
     budget.after_poll(&poll(10_000, 10_000, false));
     budget.after_poll(&poll(10_000, 9_000, true));
     assert_eq!(budget.regions, None, "a late store alone does not limit the polls");
     budget.after_poll(&poll(1_000_000, 300_000, true));
-    assert_eq!(budget.regions, Some(300_000));
-    budget.after_poll(&poll(300_000, 280_000, true));
-    assert_eq!(budget.regions, Some(300_000), "kept: most was answered, not all");
-    budget.after_poll(&poll(300_000, 300_000, false));
-    assert_eq!(budget.regions, Some(600_000), "doubled: the poll kept up");
+    assert_eq!(budget.regions, Some(500_000), "halved");
+    budget.after_poll(&poll(500_000, 280_000, true));
+    assert_eq!(budget.regions, Some(1_000_000), "doubled: a late store alone is no sign the poll was too big");
+    budget.after_poll(&poll(0, 0, false));
+    assert_eq!(budget.regions, Some(1_000_000), "a tick with nothing to poll says nothing");
+    budget.after_poll(&poll(1_000_000, 0, true));
+    assert_eq!(budget.regions, Some(500_000), "nothing answered (a stall): halved, not down to what was answered");
+    for _ in 0..20 {
+        budget.after_poll(&poll(budget.regions.unwrap(), 0, true));
+    }
+    assert_eq!(budget.regions, Some(MIN_POLL_REGIONS), "at least this many");
+}
+
+/// In the polling-only fault bench a store's loss left its regions lagging one by one; the
+/// first poll after it asked a few hundred of them, its PD look-ups ran out of time, and the
+/// budget fell to `MIN_POLL_REGIONS` while all 10^5 regions lagged together a tick later:
+/// the checkpoint stood until the budget had doubled past them, a fault after a fault.
+#[test]
+fn only_a_poll_bigger_than_the_least_whose_stores_ran_out_of_time_limits_the_next_and_a_limit_goes_once_all_fits() {
+    let mut budget = PollBudget::default();
+    budget.after_poll(&poll(280, 51, true));
+    assert_eq!(budget.regions, None, "no bigger than the least a tick polls: a limit would change nothing");
+    budget.after_poll(&PollSummary { cut_short: true, ..poll(50_000, 1_000, true) });
+    assert_eq!(budget.regions, None, "the region listing was cut short: PD, not the stores, ran out of time");
+    budget.after_poll(&poll(100_000, 20_000, true));
+    assert_eq!(budget.regions, Some(50_000));
+    budget.after_poll(&poll(50_000, 50_000, false));
+    assert_eq!(budget.regions, Some(100_000), "doubled while it holds the polls back");
     budget.after_poll(&poll(5_000, 5_000, false));
-    assert_eq!(budget.regions, Some(600_000), "not doubled while it does not hold the polls back");
-    budget.after_poll(&poll(600_000, 0, true));
-    assert_eq!(budget.regions, Some(MIN_POLL_REGIONS), "nothing answered: the least a tick polls");
+    assert_eq!(budget.regions, None, "everything lagging fitted and was answered: no limit");
 }
