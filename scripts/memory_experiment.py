@@ -3,8 +3,9 @@
 `streamhelper sim` (REGIONS, default 10^6, over 20 stores, flushing every 5 s) and each
 advancer build in turn against it, each with a fresh task whose start is a minute back, its
 VmRSS/VmHWM sampled every 5 s: SUBSCRIBED seconds (40) with flush subscriptions, then with
-them off (every tick polls what lags); POLL_FIRST=1 the other way round. Writes each build's
-log and final smaps to OUT (default /tmp/streamhelper-memory).
+them off (every tick polls what lags); POLL_FIRST=1 the other way round. THRESHOLD is the
+advancer's --try-advance-threshold (6000ms). Writes each build's log and final smaps to OUT
+(default /tmp/streamhelper-memory).
 
 usage: memory_experiment.py SIM_BIN SECONDS NAME=BIN[,ENV=VALUE...][,heaptrack]...
 """
@@ -12,6 +13,7 @@ import os, subprocess, sys, time, re, signal, urllib.request
 sim_bin, dur = sys.argv[1], float(sys.argv[2]); variants = sys.argv[3:]
 regions = int(os.environ.get("REGIONS", "1000000"))
 SUBSCRIBED = float(os.environ.get("SUBSCRIBED", "40"))
+THRESHOLD = os.environ.get("THRESHOLD", "6000ms")
 POLL_FIRST = os.environ.get("POLL_FIRST") == "1"
 out = os.environ.get("OUT", "/tmp/streamhelper-memory")
 d = out + "/run"; os.makedirs(d, exist_ok=True)
@@ -65,15 +67,15 @@ for n, v in enumerate(variants):
         else: k, _, val = p.partition("="); env[k] = val
     port += 1
     cmd = [binp, "advancer", "-u", pd, "--etcd", etcd, "--status-addr", f"127.0.0.1:{port}", "--tick-interval", "2000ms",
-           "--try-advance-threshold", "6000ms"]
+           "--try-advance-threshold", THRESHOLD]
     if heap: cmd = ["heaptrack", "-o", f"{out}/heaptrack.{name}"] + cmd
     adv = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{out}/{name}.log", "w"))
     time.sleep(1)
     pid = adv.pid
     if heap:
         # heaptrack forks the real process
-        out = subprocess.run(["pgrep", "-P", str(adv.pid)], capture_output=True, text=True).stdout.split()
-        pid = int(out[-1]) if out else adv.pid
+        children = subprocess.run(["pgrep", "-P", str(adv.pid)], capture_output=True, text=True).stdout.split()
+        pid = int(children[-1]) if children else adv.pid
     began = time.time(); covered = None; last_cp = None; phase = "sub"
     if POLL_FIRST:
         subscriptions("off"); phase = "poll"

@@ -60,7 +60,8 @@ impl TikvClients {
     /// Dials within the dial timeout, cut to the tick's deadline when one is in force.
     fn dial(&self, store: &StoreInfo) -> Result<Channel> {
         let timeout = deadline::bounded(self.config.dial_timeout, &format!("dialing store {}", store.id))?;
-        let channel = self.security.channel(self.env.clone(), &store.address, self.config.keepalive)?;
+        // Bounded: a flush subscription whose reader is busy leaves the backlog at the store.
+        let channel = self.security.bounded_channel(self.env.clone(), &store.address, self.config.keepalive)?;
         wait_connected(&channel, timeout).map_err(|reason| {
             // Diagnosed only while there is time left for it.
             let why = deadline::bounded(timeout, "diagnosis")
