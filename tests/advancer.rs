@@ -930,3 +930,109 @@ fn a_task_past_a_3s_lag_limit_is_paused_within_8s() {
     let shown: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(shown[0]["paused"], true, "task status: {shown}");
 }
+
+/// Task `t1` over every key, and a new owner whose stores have all flushed since every
+/// piece lagged past the poll threshold: it subscribes, waits (boundedly) for their
+/// snapshots, ticks, and has uploaded a checkpoint covering every region when this returns.
+fn first_upload_after_a_flush(f: &Fixture) -> (DaemonHandle, Safety<'_>, Duration) {
+    let start = f.add_task("t1", KeyRange::full());
+    let threshold = Duration::from_secs(2);
+    // Every piece lags past the threshold by the time the daemon starts; the flush does not.
+    while f.sim.now_ts() <= ts_add(start, threshold + Duration::from_millis(100)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f.sim.flush_all();
+    let mut config = f.daemon_config();
+    config.advancer.try_advance_threshold = threshold;
+    // The snapshot wait's bound: one tick, on a loaded machine.
+    config.advancer.tick_interval = Duration::from_secs(1);
+    // No lock round: their PD calls are not what these tests count.
+    config.advancer.resolve_lock_interval = Duration::from_secs(600);
+    let daemon = Daemon::start(config).unwrap();
+    let mut safety = Safety::new(f, "t1", KeyRange::full());
+    support::wait_until("the first upload covering every region", || safety.check() > start);
+    (daemon, safety, threshold)
+}
+
+/// A new owner takes in the checkpoints its stores send right after it subscribes (their
+/// last flush) before its first tick, which then has nothing to poll: polling every region
+/// first made a cold start at 10^6 regions wait a tick for those checkpoints (scale bench).
+/// Leaders moved and regions split after that flush: the old leaders' snapshots name
+/// regions they no longer lead (or that are no longer whole), and still never raise a
+/// range above what is flushed there.
+#[test]
+fn a_new_owner_covers_every_region_from_the_subscription_snapshots_without_polling() {
+    let f = Fixture::new(3, 64);
+    let (daemon, mut safety, _) = first_upload_after_a_flush(&f);
+    assert_eq!(daemon.metrics().regions_polled.get([]), 0, "the first tick polled regions the snapshots covered");
+    daemon.stop();
+
+    f.sim.flush_all();
+    let regions = f.sim.regions();
+    let stores = f.sim.store_ids();
+    for region in regions.iter().step_by(3) {
+        let leader = region.leader_store.unwrap();
+        let other = *stores.iter().find(|&&s| s != leader).unwrap();
+        f.sim.transfer_leader(region.id, other).unwrap();
+    }
+    for region in regions.iter().skip(1).step_by(5) {
+        let mut inside = region.range.start.clone();
+        inside.push(7);
+        f.sim.split(&inside).unwrap();
+    }
+    let daemon = f.daemon();
+    let moved_at = safety.check();
+    safety.advance_past(moved_at, "after the leaders moved");
+    daemon.stop();
+}
+
+/// A store whose subscription never sends a snapshot (here it has none) delays the first
+/// tick by the snapshot wait's bound at most, and that tick polls its regions.
+#[test]
+fn a_store_that_sends_no_snapshot_is_polled_at_the_first_tick() {
+    let f = Fixture::new(3, 48);
+    let silent = f.sim.store_ids()[2];
+    f.sim.set_subscription_supported(silent, false);
+    let (daemon, _, _) = first_upload_after_a_flush(&f);
+    let polled = daemon.metrics().regions_polled.get([]);
+    let theirs = f.sim.regions().iter().filter(|r| r.leader_store == Some(silent)).count() as u64;
+    assert!(polled >= theirs, "{polled} regions polled, the silent store leads {theirs}");
+    daemon.stop();
+}
+
+/// After a new owner's first tick (nothing to poll: the snapshots covered everything) the
+/// region cache is warmed up in the background, so that the scattered regions that lag
+/// later are asked about without looking each up in PD (before, one PD call per region).
+#[test]
+fn after_the_warm_up_scattered_lagging_regions_are_polled_without_pd_calls() {
+    let f = Fixture::new(3, 400);
+    let (daemon, mut safety, threshold) = first_upload_after_a_flush(&f);
+    assert_eq!(daemon.metrics().regions_polled.get([]), 0, "the first tick polled nothing");
+    safety.until("the warm-up to list every region", || f.sim.pd_scans().1 >= 400);
+    assert_eq!(daemon.metrics().regions_polled.get([]), 0, "the regions were listed by the warm-up, not by polls");
+
+    // A transaction holds back 20 scattered regions: their polls answer, at its start ts.
+    let lagging: Vec<_> = f.sim.regions().into_iter().step_by(20).collect();
+    assert!(lagging.len() < 32, "fewer than the collector pages across");
+    let keys = lagging.iter().map(|r| r.range.start.iter().copied().chain([1]).collect()).collect();
+    let txn = f.sim.begin_txn(&TxnSpec { ttl: Duration::from_secs(60), ..TxnSpec::new(keys) }).unwrap();
+    let scans_before = f.sim.pd_scans().0;
+    let polled_before = daemon.metrics().regions_polled.get([]);
+    // Past the threshold, every tick polls the lagging regions.
+    let polling_from = Instant::now() + threshold;
+    safety.until("five ticks polling the lagging regions", || {
+        Instant::now() > polling_from + Duration::from_millis(2500)
+    });
+    let polled = daemon.metrics().regions_polled.get([]) - polled_before;
+    assert!(polled >= lagging.len() as u64, "{polled} regions polled");
+    let scans = f.sim.pd_scans().0 - scans_before;
+    assert!(scans <= 2, "{scans} PD scans to poll {} scattered lagging regions known to the cache", lagging.len());
+    f.sim.rollback_txn(txn);
+
+    // The task goes: nothing is written for it again, warm cache or not.
+    f.meta.delete_task("t1").unwrap();
+    support::wait_until("the advancer to drop the task", || daemon.status().tasks.is_empty());
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(f.meta.etcd().get(keys::global_checkpoint_of("t1")).unwrap().is_none(), "a deleted task's checkpoint");
+    daemon.stop();
+}

@@ -205,6 +205,11 @@ impl Advancer {
         self.tasks.iter().filter(|(_, t)| !t.paused)
     }
 
+    /// The key ranges of each running task.
+    pub fn running_ranges(&self) -> impl Iterator<Item = (&str, &[KeyRange])> {
+        self.active().map(|(name, task)| (name.as_str(), task.ranges.as_slice()))
+    }
+
     /// A flushed range from a subscription: raises every task's spans it covers.
     pub fn on_flush(&mut self, range: &KeyRange, ts: Ts, now: Ts) -> usize {
         self.on_flushes([(range.start.as_slice(), range.end.as_slice(), ts)], now)

@@ -17,12 +17,14 @@ pub(crate) mod region_cache;
 pub(crate) mod region_iter;
 pub(crate) mod subscriber;
 pub(crate) mod tikv;
+pub(crate) mod warmup;
 
 use crate::error::{Error, Result};
 use crate::proto::logbackuppb_grpc::LogBackupClient;
 use crate::proto::tikvpb_grpc::TikvClient;
 use crate::types::{KeyRange, RegionId, StoreId, Ts};
 
+pub(crate) use collector::plan_listing;
 pub use collector::{
     collect_checkpoints, collect_checkpoints_cached, CollectResult, CollectorConfig, FailReason, FailedRange,
 };
@@ -32,6 +34,7 @@ pub use region_cache::RegionCache;
 pub use region_iter::{check_region_consistency, RegionIter, ScanRetry};
 pub use subscriber::{FlushBatch, FlushSubscriber, SubscriberConfig};
 pub use tikv::{TikvClients, TikvConfig};
+pub use warmup::{RegionWarmup, WarmupConfig};
 
 /// The PD service-safe-point id under which the advancer blocks GC.
 pub const GC_SERVICE_ID: &str = "log-backup-coordinator";

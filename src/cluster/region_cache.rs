@@ -82,6 +82,20 @@ enum Kind {
 /// Where an entry is: (run, index in the run).
 type Pos = (usize, usize);
 
+/// What [`RegionCache::walk`] finds, in key order.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Walked {
+    Region(RegionWithLeader),
+    /// A part of a range no cached region covers, and how many cache entries (regions, or
+    /// uncached stretches outside the ranges) lie between the ranges walked since the last
+    /// such part, counted up to the walk's limit at least, plus the regions walked and not
+    /// handed out: none within one stretch.
+    Gap {
+        range: KeyRange,
+        skipped: usize,
+    },
+}
+
 impl Entry {
     fn gap(start: &[u8]) -> Entry {
         Entry {
@@ -129,28 +143,81 @@ impl RegionCache {
     /// region covers.
     pub fn cover(&self, range: &KeyRange) -> (Vec<RegionWithLeader>, Vec<KeyRange>) {
         let (mut regions, mut gaps) = (Vec::new(), Vec::<KeyRange>::new());
+        for step in self.walk(std::slice::from_ref(range), 0, true) {
+            match step {
+                Walked::Region(region) => regions.push(region),
+                Walked::Gap { range, .. } => gaps.push(range),
+            }
+        }
+        (regions, gaps)
+    }
+
+    /// One ordered pass over `ranges` (in key order, apart, as `spans::collapse` leaves
+    /// them): every cached region overlapping them, once (`with_regions`; else only
+    /// counted, in the next part's `skipped`), and every part of them no cached region
+    /// covers, in key order. Each range is found by a binary search and walked entry by
+    /// entry; covering 87 082 fragmented ranges one `cover` each took 646 ms at 10^6 regions.
+    pub(crate) fn walk(&self, ranges: &[KeyRange], count_up_to: usize, with_regions: bool) -> Vec<Walked> {
+        let mut walked = Vec::new();
+        let mut last: Option<Pos> = None;
+        // Entries passed over between ranges since the last uncached part.
+        let mut skipped = 0;
+        for range in ranges {
+            let mut at = Some(self.locate(&range.start));
+            if let (Some(prev), Some(pos)) = (last, at) {
+                if pos > prev {
+                    skipped += self.entries_between(prev, pos, count_up_to);
+                } else if !self.entry(pos).is_gap() {
+                    // A region reaching into this range from the last one: already walked.
+                    at = self.next(pos);
+                }
+            }
+            while let Some(pos) = at {
+                let entry = self.entry(pos);
+                if !range.end.is_empty() && *entry.start >= *range.end {
+                    break;
+                }
+                at = self.next(pos);
+                last = Some(pos);
+                if !entry.is_gap() {
+                    match with_regions {
+                        true => walked.extend(self.region(pos).map(Walked::Region)),
+                        false => skipped += 1,
+                    }
+                    continue;
+                }
+                let start = entry.start.as_ref().max(range.start.as_slice());
+                let end = match at {
+                    Some(next) if range.end.is_empty() || *self.entry(next).start < *range.end => {
+                        &self.entry(next).start
+                    }
+                    _ => range.end.as_slice(),
+                };
+                match walked.last_mut() {
+                    Some(Walked::Gap { range, .. }) if range.end == start => range.end = end.to_vec(),
+                    _ => walked
+                        .push(Walked::Gap { range: KeyRange::new(start, end), skipped: std::mem::take(&mut skipped) }),
+                }
+            }
+        }
+        walked
+    }
+
+    /// Whether some cached region overlaps `range` (gaps are never neighbours, so this looks
+    /// at two entries at most).
+    pub fn holds_region_in(&self, range: &KeyRange) -> bool {
         let mut at = Some(self.locate(&range.start));
         while let Some(pos) = at {
             let entry = self.entry(pos);
             if !range.end.is_empty() && *entry.start >= *range.end {
-                break;
+                return false;
+            }
+            if !entry.is_gap() {
+                return true;
             }
             at = self.next(pos);
-            if let Some(region) = self.region(pos) {
-                regions.push(region);
-                continue;
-            }
-            let start = entry.start.as_ref().max(range.start.as_slice());
-            let end = match at {
-                Some(next) if range.end.is_empty() || *self.entry(next).start < *range.end => &self.entry(next).start,
-                _ => range.end.as_slice(),
-            };
-            match gaps.last_mut() {
-                Some(last) if last.end == start => last.end = end.to_vec(),
-                _ => gaps.push(KeyRange::new(start, end)),
-            }
         }
-        (regions, gaps)
+        false
     }
 
     /// The cached region holding `key`.
@@ -300,6 +367,22 @@ impl RegionCache {
             (run, 0) => Some((run - 1, self.runs[run - 1].len() - 1)),
             (run, i) => Some((run, i - 1)),
         }
+    }
+
+    /// How many entries lie strictly between `from` and `to` (`from` < `to`), counted up to
+    /// `limit` at least (whole runs at a time).
+    fn entries_between(&self, (from_run, from_i): Pos, (to_run, to_i): Pos, limit: usize) -> usize {
+        if from_run == to_run {
+            return to_i - from_i - 1;
+        }
+        let mut count = self.runs[from_run].len() - from_i - 1 + to_i;
+        for run in &self.runs[from_run + 1..to_run] {
+            if count >= limit {
+                break;
+            }
+            count += run.len();
+        }
+        count
     }
 
     /// The region cached at `pos`, if any, with its end key from the next entry.
@@ -572,6 +655,8 @@ pub(crate) mod tests {
             start: Vec<u8>,
             end: Vec<u8>,
         },
+        /// One walk over the ranges between every other pair of neighbouring `bounds`.
+        Walk(BTreeSet<Vec<u8>>),
         At(Vec<u8>),
     }
 
@@ -587,6 +672,7 @@ pub(crate) mod tests {
             1 => (any::<usize>(), prop::bool::weighted(0.2)).prop_map(|(nth, wrong_id)| Op::Forget { nth, wrong_id }),
             2 => (key(), prop_oneof![key(), Just(Vec::new())]).prop_map(|(start, end)| Op::Cover { start, end }),
             1 => key().prop_map(Op::At),
+            1 => prop::collection::btree_set(key(), 2..9).prop_map(Op::Walk),
         ]
     }
 
@@ -650,6 +736,30 @@ pub(crate) mod tests {
                         let range = KeyRange::new(start, end);
                         let (regions, gaps) = reference.cover(&range);
                         prop_assert_eq!(cache.cover(&range), (without_peers(regions), gaps), "cover of {}", range);
+                    }
+                    Op::Walk(bounds) => {
+                        let keys: Vec<Vec<u8>> = bounds.into_iter().collect();
+                        let ranges: Vec<KeyRange> =
+                            keys.windows(2).step_by(2).map(|w| KeyRange::new(w[0].clone(), w[1].clone())).collect();
+                        let (mut regions, mut gaps) = (Vec::new(), Vec::new());
+                        for range in &ranges {
+                            let (covered, uncovered) = reference.cover(range);
+                            regions.extend(covered);
+                            gaps.extend(uncovered);
+                        }
+                        // A region reaching over two ranges is walked once.
+                        regions.dedup();
+                        let walked = cache.walk(&ranges, 4, true);
+                        let walked_regions: Vec<RegionWithLeader> = walked.iter().filter_map(|w| match w {
+                            Walked::Region(r) => Some(r.clone()),
+                            Walked::Gap { .. } => None,
+                        }).collect();
+                        let walked_gaps: Vec<KeyRange> = walked.into_iter().filter_map(|w| match w {
+                            Walked::Gap { range, .. } => Some(range),
+                            Walked::Region(_) => None,
+                        }).collect();
+                        prop_assert_eq!(walked_regions, without_peers(regions));
+                        prop_assert_eq!(walked_gaps, gaps);
                     }
                     Op::At(key) => {
                         prop_assert_eq!(cache.region_at(&key), reference.region_at(&key).map(|r| without_peers(vec![r]).remove(0)));

@@ -23,8 +23,9 @@ use super::metrics::Metrics;
 use crate::advancer::{latest_believable, Action, Advancer, Config, PollPlan, TaskStatus};
 use crate::cluster::deadline::{self, Scope};
 use crate::cluster::{
-    collect_checkpoints, collect_checkpoints_cached, most_lagging_within, ClusterMeta, CollectResult, CollectorConfig,
-    FailReason, FailedRange, FlushBatch, FlushSubscriber, KvClients, LogBackupService, RegionCache, SubscriberConfig,
+    collect_checkpoints, collect_checkpoints_cached, most_lagging_within, plan_listing, ClusterMeta, CollectResult,
+    CollectorConfig, FailReason, FailedRange, FlushBatch, FlushSubscriber, KvClients, LogBackupService, RegionCache,
+    RegionWarmup, RegionWithLeader, SubscriberConfig, WarmupConfig,
 };
 use crate::error::{Error, Result};
 use crate::etcd::Leadership;
@@ -86,6 +87,11 @@ pub struct CheckpointAdvancer {
     /// The regions polls saw, so that a poll asks PD only about regions not seen or failed;
     /// kept while owner.
     regions: RegionCache,
+    /// Lists the tasks' ranges into `regions` in the background (`cluster::warmup`).
+    warmup: Option<RegionWarmup>,
+    /// Set on becoming owner: the first tick may poll only what the flush snapshots left
+    /// lagging, and then what it left uncached of every task's ranges is warmed up.
+    warm_up_after_first_tick: bool,
     /// How many regions a tick polls, learnt from the polls before.
     poll_budget: PollBudget,
     /// The regions that failed in each task's last poll: a blocker is shown with its reason.
@@ -136,6 +142,8 @@ impl CheckpointAdvancer {
             pending_flushes: Vec::new(),
             pending_flush_events: 0,
             regions: RegionCache::default(),
+            warmup: None,
+            warm_up_after_first_tick: false,
             poll_budget: PollBudget::default(),
             last_failures: HashMap::new(),
             subscription_warning: RepeatedWarning::default(),
@@ -309,7 +317,29 @@ impl CheckpointAdvancer {
             log::warn!("Error when updating store topology: {e}");
         }
         self.subscriber = Some(subscriber);
+        self.warm_up_after_first_tick = true;
         log::info!("became owner: ticking every {:?}", self.config().tick_interval);
+    }
+
+    /// The stores whose flush subscription is up (or still connecting).
+    pub fn subscriptions_up(&self) -> Vec<StoreId> {
+        let states = self.subscriber.as_ref().map(|s| s.store_states()).unwrap_or_default();
+        states.into_iter().filter(|&(_, up)| up).map(|(store, _)| store).collect()
+    }
+
+    /// For `select!`: the pages of the region-cache warm-up; disconnected when it is done.
+    pub fn region_pages(&self) -> Receiver<Vec<RegionWithLeader>> {
+        self.warmup.as_ref().map(|w| w.pages().clone()).unwrap_or_else(never)
+    }
+
+    /// One page of the warm-up into the region cache (PD's answer is newer than what the
+    /// cache holds, but for what a tick in between looked up again: such a region fails its
+    /// next poll on its epoch and is looked up once more); `None`: the warm-up is over.
+    pub fn on_region_page(&mut self, page: Option<Vec<RegionWithLeader>>) {
+        match page {
+            Some(page) => self.regions.insert(&page),
+            None => self.warmup = None,
+        }
     }
 
     /// Ownership lost (or given up): uploads stop at once and the subscriber's threads are
@@ -319,6 +349,8 @@ impl CheckpointAdvancer {
             log::info!("no longer owner: uploads stop");
         }
         self.subscriber = None;
+        self.warmup = None;
+        self.warm_up_after_first_tick = false;
         self.regions = RegionCache::default();
         self.poll_budget = PollBudget::default();
         self.storage.clear();
@@ -371,7 +403,36 @@ impl CheckpointAdvancer {
         self.locks.after_tick(now, &mut self.core, &self.regions, &self.metrics);
         // After the GC step, as upstream; the writes run on the copier's thread.
         self.storage.submit(self.core.config().tick_interval);
+        self.warm_up_region_cache();
         now
+    }
+
+    /// Starts listing into the region cache, unless a listing is under way: after a new
+    /// owner's first tick, what of every running task's ranges that tick left uncached (it
+    /// may have polled only what the flush snapshots left lagging, so listed next to
+    /// nothing; a walk of the cache, once per ownership); at later ticks, the ranges of tasks
+    /// no cached region overlaps (a task added since; a cheap check).
+    fn warm_up_region_cache(&mut self) {
+        let first_tick = std::mem::take(&mut self.warm_up_after_first_tick);
+        if self.warmup.is_some() {
+            return;
+        }
+        let regions = &self.regions;
+        let ranges: Vec<KeyRange> = self
+            .core
+            .running_ranges()
+            .filter(|(_, ranges)| first_tick || !ranges.iter().any(|range| regions.holds_region_in(range)))
+            .flat_map(|(_, ranges)| ranges.iter().cloned())
+            .collect();
+        let (_, scans) = plan_listing(&self.regions, &collapse(&ranges), WarmupConfig::default().page_size, false);
+        if scans.is_empty() {
+            return;
+        }
+        log::info!("warming up the region cache: listing {} ranges from PD in the background", scans.len());
+        match RegionWarmup::start(self.env.cluster.clone(), scans, WarmupConfig::default()) {
+            Ok(warmup) => self.warmup = Some(warmup),
+            Err(e) => log::warn!("cannot warm up the region cache (polls list what they need): {e}"),
+        }
     }
 
     /// Polls every running task's spans older than `threshold` and returns each task's
@@ -408,6 +469,10 @@ impl CheckpointAdvancer {
             self.on_flush_events(batch);
         }
         self.merge_received_flushes();
+        // A caller other than the ticker (which takes pages as they come) gets them here.
+        if let Ok(page) = self.region_pages().try_recv() {
+            self.on_region_page(Some(page));
+        }
     }
 
     /// PD's TSO, or the local clock when PD does not answer. A fallback reading, or a TSO

@@ -3,21 +3,33 @@
 //! request from the handle), handled one at a time on this thread and timed under the
 //! message's label, so no lock guards the advancer.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{tick, Receiver, Sender};
+use crossbeam_channel::{after, tick, Receiver, Sender};
 
 use super::checkpoint_advancer::CheckpointAdvancer;
 use super::owner::OwnerEvent;
 use super::{PublishedTask, Shared, SlowestSpan, TaskView};
 use crate::advancer::Config;
-use crate::cluster::FlushBatch;
+use crate::cluster::{FlushBatch, RegionWithLeader};
 use crate::error::Result;
 use crate::meta::TaskEvent;
 use crate::timefmt::format_rfc3339;
 use crate::types::{local_now_ts, system_time_of, ts_distance, Ts};
 use crate::worker::StopToken;
+
+/// What a new owner waits, at most, for its stores' flush snapshots (never beyond one tick
+/// interval), and for more once every store was heard from.
+const SNAPSHOT_WAIT_LIMIT: Duration = Duration::from_secs(3);
+const SNAPSHOT_QUIET_GAP: Duration = Duration::from_millis(200);
+/// How often that wait checks which subscriptions are up.
+const SUBSCRIPTION_CHECK: Duration = Duration::from_millis(50);
+/// TiKV's events per flush message: a snapshot is split into messages this full, so a
+/// message with fewer ends the store's snapshot (wire-spec 4.2).
+const FULL_MESSAGE: usize = 1024;
 
 /// What the handle asks of the running advancer; each carries where the answer goes.
 pub enum Request {
@@ -33,6 +45,8 @@ enum Message {
     /// The kept flush batches merged into the frontiers, before a tick (not an input: the
     /// ticker sends it itself, so that the merge is timed apart from the tick).
     MergeFlushes,
+    /// A page of the region-cache warm-up; `None` when it is over.
+    RegionPage(Option<Vec<RegionWithLeader>>),
     Tick,
     Request(Request),
 }
@@ -45,6 +59,7 @@ impl Message {
             Message::Owner(_) => "owner-event",
             Message::Flushes(_) => "flush-events",
             Message::MergeFlushes => "flush-merge",
+            Message::RegionPage(_) => "region-page",
             Message::Tick => "tick",
             Message::Request(Request::UpdateConfig(..)) => "update-config",
             Message::Request(Request::Config(_)) => "config",
@@ -66,6 +81,7 @@ impl Ticker {
         let mut ticks = tick(interval);
         loop {
             let flushes = self.advancer.flush_events();
+            let region_pages = self.advancer.region_pages();
             let message = crossbeam_channel::select! {
                 recv(self.stop.receiver()) -> _ => break,
                 recv(self.advancer.task_events()) -> event => match event {
@@ -80,6 +96,7 @@ impl Ticker {
                     Ok(batch) => Message::Flushes(batch),
                     Err(_) => continue,
                 },
+                recv(region_pages) -> page => Message::RegionPage(page.ok()),
                 recv(ticks) -> _ => Message::Tick,
                 recv(self.requests) -> request => match request {
                     Ok(request) => Message::Request(request),
@@ -112,8 +129,10 @@ impl Ticker {
             }
             Message::Owner(OwnerEvent::Gained(leadership)) => {
                 self.advancer.on_become_owner(leadership);
+                self.await_subscription_snapshots();
                 // A new owner ticks at once: waiting for the interval delayed its first
                 // upload by up to a whole tick (the scale bench's cold start).
+                self.drain_flushes();
                 self.tick();
             }
             Message::Owner(OwnerEvent::Lost { stood_down }) => {
@@ -123,6 +142,7 @@ impl Ticker {
             }
             Message::Flushes(batch) => self.advancer.on_flush_events(batch),
             Message::MergeFlushes => self.advancer.merge_received_flushes(),
+            Message::RegionPage(page) => self.advancer.on_region_page(page),
             Message::Tick => self.tick(),
             Message::Request(Request::UpdateConfig(config, reply)) => {
                 let _ = reply.send(self.advancer.update_config(config));
@@ -142,6 +162,54 @@ impl Ticker {
             self.handle(Message::Flushes(batch));
         }
         self.handle(Message::MergeFlushes);
+    }
+
+    /// Right after subscribing, each store sends the checkpoints of its last flush (TiKV
+    /// queues a snapshot for a new subscriber, wire-spec 4.2): a new owner takes them in
+    /// before its first tick, which then polls only what they left lagging. Polling every
+    /// region first took a whole tick at 10^6 regions (listing them from PD alone is over a
+    /// CPU second) while the snapshots waited in the channel for the tick after. It waits
+    /// until every store whose subscription is up sent a message less than full (the end of
+    /// its snapshot), or sent something and 200 ms passed without a message (a snapshot of
+    /// 10^6 regions is a thousand messages, and ones that happen to end full), 3 s and one
+    /// tick interval at most: a store that never flushed sends nothing. It ends at once when
+    /// no subscription is up (subscriptions off: the first tick polls every region, as
+    /// before). Waiting for 200 ms of quiet alone ran to the bound at 10^6 regions, the
+    /// stores' regular flushes arriving meanwhile.
+    fn await_subscription_snapshots(&mut self) {
+        let limit = Instant::now() + self.advancer.config().tick_interval.min(SNAPSHOT_WAIT_LIMIT);
+        let flushes = self.advancer.flush_events();
+        let (mut heard, mut ended) = (HashSet::new(), HashSet::new());
+        let mut quiet_until = Instant::now();
+        loop {
+            let up = self.advancer.subscriptions_up();
+            let now = Instant::now();
+            let quiet = now >= quiet_until && up.iter().all(|s| heard.contains(s));
+            if up.is_empty() || now >= limit || quiet || up.iter().all(|s| ended.contains(s)) {
+                return;
+            }
+            crossbeam_channel::select! {
+                recv(self.stop.receiver()) -> _ => return,
+                // Flushes reach only the tasks known when they are merged: a task loaded
+                // during the wait is added before the snapshots that come after it.
+                recv(self.advancer.task_events()) -> event => match event {
+                    Ok(event) => self.handle(Message::Task(event)),
+                    Err(_) => return,
+                },
+                recv(flushes) -> batch => match batch {
+                    Ok(batch) => {
+                        heard.insert(batch.store);
+                        if batch.len() < FULL_MESSAGE {
+                            ended.insert(batch.store);
+                        }
+                        self.handle(Message::Flushes(batch));
+                        quiet_until = Instant::now() + SNAPSHOT_QUIET_GAP;
+                    }
+                    Err(_) => return,
+                },
+                recv(after(SUBSCRIPTION_CHECK)) -> _ => {}
+            }
+        }
     }
 
     fn tick(&mut self) {
