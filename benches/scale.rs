@@ -590,13 +590,16 @@ fn run_size(regions: usize, settings: &Settings) -> Row {
             break None;
         }
         if let Some(page) = advancer.metrics() {
+            // One instant per page: ownership and the upload seen on the same page are the
+            // same sample, which `within_sample` shows as under one.
+            let seen = Instant::now();
             if owner_at.is_none() && sample(&page, "tidb_log_backup_advancer_owner") == Some(1.0) {
-                owner_at = Some(Instant::now());
+                owner_at = Some(seen);
             }
             if sample(&page, &format!("tidb_log_backup_last_checkpoint{{task=\"{TASK}\"}}"))
                 .is_some_and(|c| c > start_ts as f64)
             {
-                break Some(Instant::now());
+                break Some(seen);
             }
         }
         std::thread::sleep(COLD_START_SAMPLE);
