@@ -106,7 +106,13 @@ pub struct CheckpointAdvancer {
     failed_pauses: BTreeMap<String, u64>,
     /// Ends the PD and TiKV waits of the tick in flight, and of every later one.
     interrupt: Interrupt,
+    /// Told of a deletion as it is applied, which may be mid-tick: the daemon's published
+    /// status drops the task then, with its gauges, not after the tick's writes.
+    on_task_removed: Option<TaskRemovedHook>,
 }
+
+/// Called with the name of a task whose deletion was just applied.
+pub(crate) type TaskRemovedHook = Box<dyn Fn(&str) + Send + Sync>;
 
 impl CheckpointAdvancer {
     /// An advancer with the default configuration, standing by with no task.
@@ -152,7 +158,12 @@ impl CheckpointAdvancer {
             poll_warning: RepeatedWarning::default(),
             failed_pauses: BTreeMap::new(),
             interrupt: Interrupt::default(),
+            on_task_removed: None,
         })
+    }
+
+    pub(crate) fn set_on_task_removed(&mut self, hook: TaskRemovedHook) {
+        self.on_task_removed = Some(hook);
     }
 
     pub fn config(&self) -> &Config {
@@ -229,6 +240,9 @@ impl CheckpointAdvancer {
             }
             TaskEvent::Del { name } => {
                 self.core.remove_task(&name);
+                if let Some(removed) = &self.on_task_removed {
+                    removed(&name);
+                }
                 // Forgotten first, so that no late write brings the storage gauge back.
                 self.storage.forget(&name);
                 self.metrics.external_storage_checkpoint.remove([&name]);

@@ -258,6 +258,8 @@ impl Daemon {
             owner::OwnerLoop { etcd, id, ttl, backoff, events: owner_tx, resign, take_over, crashed, stop }.run()
         })?;
         let resign = owner.take_stop();
+        let published = shared.clone();
+        advancer.set_on_task_removed(Box::new(move |name| published.tasks.lock().retain(|t| t.view.name != name)));
         let ticker_shared = shared.clone();
         let ticker = Worker::spawn("sh-ticker", move |stop| {
             let ticker =
