@@ -32,7 +32,7 @@ pub use lagging::most_lagging_within;
 pub use pd::{PdClient, PdConfig};
 pub use region_cache::RegionCache;
 pub use region_iter::{check_region_consistency, RegionIter, ScanRetry};
-pub use subscriber::{FlushBatch, FlushSubscriber, SubscriberConfig};
+pub use subscriber::{FlushBatch, FlushSubscriber, SubscriberConfig, EVENTS_PER_MESSAGE};
 pub use tikv::{TikvClients, TikvConfig};
 pub use warmup::{RegionWarmup, WarmupConfig};
 

@@ -35,6 +35,10 @@ use crate::proto::logbackuppb::SubscribeFlushEventRequest;
 use crate::types::{DisplayKey, KeyRange, StoreId, Ts};
 use crate::worker::{block_on_by, catch_panic, StopToken, Worker};
 
+/// TiKV puts at most this many events in one `SubscribeFlushEventResponse` (wire-spec 4.2):
+/// a flush or snapshot is split into messages this full, so a message with fewer ends it.
+pub const EVENTS_PER_MESSAGE: usize = 1024;
+
 #[derive(Clone, Debug)]
 pub struct SubscriberConfig {
     /// Bound of the event channel in messages (each up to TiKV's 1024 events); stream

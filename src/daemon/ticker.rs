@@ -14,7 +14,7 @@ use super::checkpoint_advancer::CheckpointAdvancer;
 use super::owner::OwnerEvent;
 use super::{PublishedTask, Shared, SlowestSpan, TaskView};
 use crate::advancer::Config;
-use crate::cluster::{FlushBatch, RegionWithLeader};
+use crate::cluster::{FlushBatch, RegionWithLeader, EVENTS_PER_MESSAGE};
 use crate::error::Result;
 use crate::meta::TaskEvent;
 use crate::timefmt::format_rfc3339;
@@ -27,9 +27,6 @@ const SNAPSHOT_WAIT_LIMIT: Duration = Duration::from_secs(3);
 const SNAPSHOT_QUIET_GAP: Duration = Duration::from_millis(200);
 /// How often that wait checks which subscriptions are up.
 const SUBSCRIPTION_CHECK: Duration = Duration::from_millis(50);
-/// TiKV's events per flush message: a snapshot is split into messages this full, so a
-/// message with fewer ends the store's snapshot (wire-spec 4.2).
-const FULL_MESSAGE: usize = 1024;
 
 /// What the handle asks of the running advancer; each carries where the answer goes.
 pub enum Request {
@@ -199,7 +196,7 @@ impl Ticker {
                 recv(flushes) -> batch => match batch {
                     Ok(batch) => {
                         heard.insert(batch.store);
-                        if batch.len() < FULL_MESSAGE {
+                        if batch.len() < EVENTS_PER_MESSAGE {
                             ended.insert(batch.store);
                         }
                         self.handle(Message::Flushes(batch));

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use futures_util::SinkExt;
 use grpcio::{RpcContext, RpcStatus, RpcStatusCode, ServerStreamingSink, UnarySink, WriteFlags};
 
+use crate::cluster::EVENTS_PER_MESSAGE;
 use crate::proto::errorpb;
 use crate::proto::logbackuppb::{
     FlushEvent, FlushNowRequest, FlushNowResponse, GetLastFlushTSOfRegionRequest, GetLastFlushTSOfRegionResponse,
@@ -21,8 +22,6 @@ use super::mailbox::{mailbox, Inbox};
 use super::server::reply;
 use super::state::{LastFlush, SimState, StoreState};
 
-/// TiKV puts at most this many events in one `SubscribeFlushEventResponse`.
-pub const EVENTS_PER_MESSAGE: usize = 1024;
 /// Messages a subscriber may have queued before further flushes are dropped for it.
 const SUBSCRIBER_QUEUE: usize = 4096;
 
