@@ -438,12 +438,13 @@ impl CheckpointAdvancer {
             .filter(|(_, ranges)| first_tick || !ranges.iter().any(|range| regions.holds_region_in(range)))
             .flat_map(|(_, ranges)| ranges.iter().cloned())
             .collect();
-        let (_, scans) = plan_listing(&self.regions, &collapse(&ranges), WarmupConfig::default().page_size, false);
+        let config = WarmupConfig::default();
+        let (_, scans) = plan_listing(&self.regions, &collapse(&ranges), config.page_size, false);
         if scans.is_empty() {
             return;
         }
         log::info!("warming up the region cache: listing {} ranges from PD in the background", scans.len());
-        match RegionWarmup::start(self.env.cluster.clone(), scans, WarmupConfig::default()) {
+        match RegionWarmup::start(self.env.cluster.clone(), scans, config) {
             Ok(warmup) => self.warmup = Some(warmup),
             Err(e) => log::warn!("cannot warm up the region cache (polls list what they need): {e}"),
         }
@@ -896,11 +897,9 @@ impl PollBudget {
             // Choosing the most lagging costs a cache look-up per span: a budget whose choice
             // takes the whole tick lets no poll start, and so would never change.
             if let Some(regions) = self.regions {
-                log::debug!(
-                    "no poll began in time: polling up to {} regions next",
-                    (regions / 2).max(MIN_POLL_REGIONS)
-                );
-                self.regions = Some((regions / 2).max(MIN_POLL_REGIONS));
+                let halved = (regions / 2).max(MIN_POLL_REGIONS);
+                log::debug!("no poll began in time: polling up to {halved} regions next");
+                self.regions = Some(halved);
             }
             return;
         }
