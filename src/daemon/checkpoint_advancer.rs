@@ -273,7 +273,7 @@ impl CheckpointAdvancer {
     pub fn on_flush_events(&mut self, batch: FlushBatch) {
         let now = self.estimated_now();
         let latest = latest_believable(now);
-        let refused = batch.iter().filter(|&(_, _, ts)| ts > latest).count();
+        let refused = batch.count_above(latest);
         if refused > 0 {
             self.metrics.future_checkpoints.inc_by(["flush"], refused as u64);
             let store = batch.store;
