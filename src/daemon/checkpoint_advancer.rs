@@ -304,9 +304,10 @@ impl CheckpointAdvancer {
             .flat_map(|(batch, latest)| batch.iter().filter(move |&(_, _, ts)| ts <= *latest));
         self.core.merge_flushes(believable, self.pending_flush_events);
         self.pending_flushes.clear();
-        // A tick's flushes at 10^5 regions and more are tens of MB of batches, freed here.
+        // A tick's flushes at 10^5 regions and more are tens of MB of batches, freed here:
+        // given back after a burst (a new owner's snapshots), not after every tick.
         if self.pending_flush_events >= memory::TRIM_AFTER_REGIONS {
-            memory::give_back_freed_memory();
+            memory::give_back_freed_memory_unless_within(memory::FLUSH_TRIM_INTERVAL);
         }
         self.pending_flush_events = 0;
     }
