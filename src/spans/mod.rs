@@ -20,8 +20,10 @@
 //! - tracked records sit in an indexed 8-ary min-heap on (ts, start) (`heap.rs`): the minimum
 //!   is its root and lagging pieces are a best-first walk from it.
 //!
-//! The exact-piece update asks for the hash groups of both of its keys at once, so the
-//! piece's record and its successor's arrive in parallel; each record keeps a copy of its
+//! The exact-piece update finds the piece by its start key and checks that its successor
+//! starts at the end key; alone it asks for the hash groups of both keys at once, so the
+//! piece's record and its successor's arrive in parallel, and in a batch it asks for the
+//! successor's record alone once the piece's is cached. Each record keeps a copy of its
 //! predecessor's ts, so deciding whether the piece now joins a neighbour reads no third
 //! record.
 
@@ -41,7 +43,7 @@ use crate::types::{DisplayKey, KeyRange, Ts};
 use heap::TsHeap;
 use index::KeyIndex;
 use key::Key;
-use mem::huge_vec;
+use mem::{huge_vec, prefetch};
 use order::Order;
 
 /// The null record id.
@@ -65,20 +67,22 @@ const LOOK_AHEAD: usize = 16;
 /// by that count rebuilding wins from about a fifth of the pieces (docs/benchmarks.md).
 const DEFER_SHARE: usize = 4;
 
-/// An update with its keys' hashes, computed once.
+/// An update with its start key's hash, computed once. (The end key is not looked up: the
+/// piece starting at `start` ends there or the update is not an exact piece.)
 #[derive(Clone, Copy)]
 struct Pending<'a> {
     start: &'a [u8],
     end: &'a [u8],
     ts: Ts,
-    hashes: [u64; 2],
-    /// The start key's record, looked up in its (prefetched) hash group (NIL: none), for the heap prefetch.
+    hash: u64,
+    /// The start key's record, looked up in its (prefetched) hash group (NIL: none), for the
+    /// prefetches of its successor and heap entries.
     guess: u32,
 }
 
 impl<'a> Pending<'a> {
     fn new(start: &'a [u8], end: &'a [u8], ts: Ts) -> Self {
-        Pending { start, end, ts, hashes: [index::hash(start), index::hash(end)], guess: NIL }
+        Pending { start, end, ts, hash: index::hash(start), guess: NIL }
     }
 }
 
@@ -190,15 +194,21 @@ impl SpanFrontier {
     /// [`merge`](Self::merge) on borrowed keys: updating a piece with exactly its own
     /// boundaries allocates nothing.
     pub fn merge_keys(&mut self, start: &[u8], end: &[u8], ts: Ts) {
+        // The successor's record sits in the end key's hash group: asked for now, it arrives
+        // while the start's is looked up.
+        if !end.is_empty() {
+            self.index.prefetch(&self.recs, index::hash(end));
+        }
         self.merge_hashed(&Pending::new(start, end, ts));
     }
 
     /// [`merge_keys`](Self::merge_keys) on each item in turn, with exactly its result, but
     /// faster on large frontiers: while one item is merged, the memory the items after it
     /// will read is already on its way to the cache. At 10^6 pieces an exact-piece update
-    /// waits for a memory read (its keys' hash groups of records); here the groups of the item
-    /// `LOOK_AHEAD` places ahead are prefetched, and, closer, the heap entries and records a
-    /// raise of its piece would sift past (found through its by then cached group).
+    /// waits for memory reads (its start key's hash group of records, then its successor's
+    /// record); here the group of the item `LOOK_AHEAD` places ahead is prefetched, and,
+    /// closer, its piece's successor record (found through its by then cached group) and the
+    /// heap entries and records a raise of its piece would sift past.
     /// Prefetches are only hints: a guess made stale by the merges in between costs time,
     /// never correctness. Any iterator works; items are buffered a few at a time and nothing
     /// is allocated. On a frontier that fits in cache the bookkeeping costs a little per
@@ -226,9 +236,7 @@ impl SpanFrontier {
             while taken - done < LOOK_AHEAD {
                 let Some((start, end, ts)) = items.next() else { break };
                 let item = Pending::new(start, end, ts);
-                for h in item.hashes {
-                    self.index.prefetch(&self.recs, h);
-                }
+                self.index.prefetch(&self.recs, item.hash);
                 window[taken % LOOK_AHEAD] = item;
                 taken += 1;
             }
@@ -238,21 +246,29 @@ impl SpanFrontier {
             }
             if done == defer_after {
                 self.heap.defer();
-            } else if done < defer_after {
-                self.prefetch_heap(&mut window, done, taken);
             }
+            self.prefetch_ahead(&mut window, done, taken, done < defer_after);
             self.merge_hashed(&window[done % LOOK_AHEAD]);
             done += 1;
         }
     }
 
-    /// The heap stage of [`merge_batch`](Self::merge_batch)'s look-ahead: what raising the
-    /// pieces of the items a few places ahead of `done` will read.
-    fn prefetch_heap(&self, window: &mut [Pending<'_>; LOOK_AHEAD], done: usize, taken: usize) {
+    /// The later stages of [`merge_batch`](Self::merge_batch)'s look-ahead: the successor
+    /// record of the item half the window ahead of `done`, and with `heap` (its order kept
+    /// at each raise) what raising the pieces of the items closer ahead will read.
+    fn prefetch_ahead(&self, window: &mut [Pending<'_>; LOOK_AHEAD], done: usize, taken: usize, heap: bool) {
         if done + LOOK_AHEAD / 2 < taken {
             let ahead = &mut window[(done + LOOK_AHEAD / 2) % LOOK_AHEAD];
-            // Its groups are cached by now: the exact lookup of its start is cheap.
-            ahead.guess = self.index.get(&self.recs, [ahead.start], [ahead.hashes[0]])[0].unwrap_or(NIL);
+            // Its group is cached by now: the exact lookup of its start is cheap.
+            ahead.guess = self.index.get(&self.recs, [ahead.start], [ahead.hash])[0].unwrap_or(NIL);
+            if let Some(&Rec { next, .. }) = self.recs.get(ahead.guess as usize) {
+                if let Some(successor) = self.recs.get(next as usize) {
+                    prefetch(successor);
+                }
+            }
+        }
+        if !heap {
+            return;
         }
         if done + LOOK_AHEAD / 4 < taken {
             self.heap.prefetch_children(&self.recs, window[(done + LOOK_AHEAD / 4) % LOOK_AHEAD].guess, false);
@@ -263,21 +279,21 @@ impl SpanFrontier {
     }
 
     fn merge_hashed(&mut self, item: &Pending<'_>) {
-        let Pending { start, end, ts, hashes, .. } = *item;
+        let Pending { start, end, ts, hash, .. } = *item;
         if is_empty_range(start, end) {
             return;
         }
-        // The usual case: `[start, end)` is exactly one piece, the successor starting at `end`.
-        let [hit, end_rec] = self.index.get(&self.recs, [start, end], hashes);
-        let end_rec = if end.is_empty() { Some(NIL) } else { end_rec };
-        if let (Some(id), Some(next)) = (hit, end_rec) {
-            if self.is_tracked(id) && self.recs[id as usize].next == next {
+        // The usual case: `[start, end)` is exactly one piece, the successor starting at `end`
+        // (only the first record's key is empty, so an empty `end` matches only no successor).
+        let hit = self.index.get(&self.recs, [start], [hash])[0];
+        if let Some(id) = hit {
+            if self.is_tracked(id) && self.end_of(id) == end {
                 self.raise_piece(id, ts);
                 return;
             }
         }
         // Room for the (at most two) records a split adds, so that no id moves below.
-        let hit = if self.reserve(2) { self.index.get(&self.recs, [start], [hashes[0]])[0] } else { hit };
+        let hit = if self.reserve(2) { self.index.get(&self.recs, [start], [hash])[0] } else { hit };
         // Otherwise walk the records from the one containing `start` up to `end`, skipping gaps
         // (that is the clipping) and pieces already at `ts` or above, and cutting the ones that
         // stick out of the range before raising them.

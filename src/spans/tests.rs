@@ -532,3 +532,34 @@ fn whole_store_flushes_match_one_by_one() {
     run_store_flushes(3, 5);
     run_store_flushes(40, 2);
 }
+
+/// The exact-piece update is recognised by its start's record and its successor's key alone:
+/// updates whose end is some other record's key, +inf where a gap follows, or +inf at the
+/// last piece, each alone and in a batch past the share, give the values of the model.
+#[test]
+fn exact_pieces_are_told_apart_by_their_successor_alone() {
+    let tracked = [kr("", "c"), kr("e", "")];
+    let keys: Vec<Vec<u8>> = ["", "a", "b", "c", "d", "e", "f", "g"].iter().map(|k| k.as_bytes().to_vec()).collect();
+    let updates: &[(&str, &str, Ts)] = &[
+        ("a", "b", 3), // splits: the pieces [, a) [a, b) [b, c)
+        ("", "b", 4),  // not a piece: its end is a record two along
+        ("", "a", 5),  // the first piece, whose key is empty
+        ("b", "", 6),  // not a piece: a gap [c, e) follows it
+        ("f", "", 7),  // splits [e, +inf)
+        ("f", "", 8),  // the last piece, to +inf
+        ("e", "g", 9), // not a piece: g is no record
+        ("a", "c", 9), // covers two pieces
+    ];
+    let mut one_by_one = SpanFrontier::new(&tracked, 1);
+    let mut model = Model::new(&keys, &tracked, 1);
+    for &(start, end, ts) in updates {
+        one_by_one.merge_keys(start.as_bytes(), end.as_bytes(), ts);
+        model.merge(&kr(start, end), ts);
+        one_by_one.check();
+        assert_eq!(one_by_one.snapshot(), model.pieces(), "after [{start}, {end})@{ts}");
+    }
+    let mut batched = SpanFrontier::new(&tracked, 1);
+    batched.merge_batch(updates.iter().map(|&(start, end, ts)| (start.as_bytes(), end.as_bytes(), ts)));
+    batched.check();
+    assert_eq!(batched.snapshot(), model.pieces());
+}
