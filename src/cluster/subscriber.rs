@@ -138,11 +138,11 @@ impl FlushBatch {
         if let Some(last) = self.events.last_mut() {
             let keys = &self.keys;
             let continues = last.ts == ts
-                && covers_keys(&keys[last.start..last.mid], &keys[last.mid..last.end])
-                && covers_keys(&keys[start..mid], &keys[mid..end])
                 // An empty end is +inf, an empty start -inf: they never meet.
                 && last.mid < last.end
-                && keys[last.mid..last.end] == keys[start..mid];
+                && keys[last.mid..last.end] == keys[start..mid]
+                && covers_keys(&keys[last.start..last.mid], &keys[last.mid..last.end])
+                && covers_keys(&keys[start..mid], &keys[mid..end]);
             if continues {
                 self.keys.copy_within(mid..end, last.mid);
                 self.keys.truncate(last.mid + (end - mid));
