@@ -25,6 +25,7 @@
 //! predecessor's ts, so deciding whether the piece now joins a neighbour reads no third
 //! record.
 
+mod bulk;
 mod heap;
 mod index;
 mod key;
@@ -160,24 +161,13 @@ pub struct SpanFrontier {
 impl SpanFrontier {
     /// Tracks the union of `ranges` (see [`collapse`]), every key at `init`.
     pub fn new(ranges: &[KeyRange], init: Ts) -> Self {
-        let mut spans = SpanFrontier {
-            recs: (0..index::GROUP).map(|_| Rec::free()).collect(),
-            live: 0,
-            first: NIL,
-            index: KeyIndex::new(1, 0),
-            order: Order::new(),
-            heap: TsHeap::default(),
-            ranges: Vec::new(),
-        };
         let ranges = collapse(ranges);
-        spans.reserve(2 * ranges.len());
-        let mut last = NIL;
-        for range in &ranges {
-            last = spans.insert_after(last, &range.start, Some(init));
-            if !range.end.is_empty() {
-                last = spans.insert_after(last, &range.end, None);
-            }
-        }
+        let boundaries: Vec<_> = ranges
+            .iter()
+            .flat_map(|range| [(range.start.as_slice(), Some(init)), (range.end.as_slice(), None)])
+            .filter(|&(key, ts)| ts.is_some() || !key.is_empty())
+            .collect();
+        let mut spans = SpanFrontier::from_boundaries(&boundaries);
         spans.ranges = ranges;
         spans
     }
@@ -216,10 +206,16 @@ impl SpanFrontier {
     /// cannot tell. Only a hint, with the same result either way: `expected` at or above the
     /// share orders the heap once at the end from the first item on; a batch found larger
     /// than expected switches to that once it has merged the share.
+    ///
+    /// A batch that turns out to split most of the pieces it touches, with enough of it left
+    /// against the frontier's size (a new owner taking in its stores' snapshots), merges its
+    /// rest by rebuilding the frontier in one ordered pass instead (see [`bulk`]); judged
+    /// every [`bulk::WINDOW`] items from the last window's share of splits, with the same
+    /// result.
     pub fn merge_batch_of<'a>(&mut self, expected: usize, items: impl IntoIterator<Item = (&'a [u8], &'a [u8], Ts)>) {
         let mut items = items.into_iter();
         let mut window = [Pending::new(&[], &[], 0); LOOK_AHEAD];
-        let (mut taken, mut done) = (0, 0);
+        let (mut taken, mut done, mut splits) = (0, 0, 0);
         let share = self.len() / DEFER_SHARE;
         let defer_after = if expected >= share { 0 } else { share };
         loop {
@@ -241,8 +237,20 @@ impl SpanFrontier {
             } else if done < defer_after {
                 self.prefetch_heap(&mut window, done, taken);
             }
-            self.merge_hashed(&window[done % LOOK_AHEAD]);
+            if !self.merge_hashed(&window[done % LOOK_AHEAD]) {
+                splits += 1;
+            }
             done += 1;
+            if done % bulk::WINDOW == 0 {
+                let left = expected.saturating_sub(done);
+                if self.rebuilding_pays(left, splits) {
+                    let mut rest = Vec::with_capacity(left + LOOK_AHEAD);
+                    rest.extend((done..taken).map(|i| window[i % LOOK_AHEAD]).map(|p| (p.start, p.end, p.ts)));
+                    rest.extend(items);
+                    return self.merge_rebuilding(rest);
+                }
+                splits = 0;
+            }
         }
     }
 
@@ -262,10 +270,11 @@ impl SpanFrontier {
         }
     }
 
-    fn merge_hashed(&mut self, item: &Pending<'_>) {
+    /// Merges one item; false when it was not exactly one piece (it split or walked pieces).
+    fn merge_hashed(&mut self, item: &Pending<'_>) -> bool {
         let Pending { start, end, ts, hashes, .. } = *item;
         if is_empty_range(start, end) {
-            return;
+            return true;
         }
         // The usual case: `[start, end)` is exactly one piece, the successor starting at `end`.
         let [hit, end_rec] = self.index.get(&self.recs, [start, end], hashes);
@@ -273,7 +282,7 @@ impl SpanFrontier {
         if let (Some(id), Some(next)) = (hit, end_rec) {
             if self.is_tracked(id) && self.recs[id as usize].next == next {
                 self.raise_piece(id, ts);
-                return;
+                return true;
             }
         }
         // Room for the (at most two) records a split adds, so that no id moves below.
@@ -300,6 +309,7 @@ impl SpanFrontier {
         if let Some((first, last)) = changed {
             self.coalesce(first, last);
         }
+        false
     }
 
     pub fn merge_all(&mut self, items: impl IntoIterator<Item = Valued>) {
