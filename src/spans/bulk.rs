@@ -28,9 +28,20 @@ const MIN_ITEMS: usize = 4096;
 /// --bench spans`, "build" table: ~1.3 µs against ~0.35 µs per record at 10^6).
 const SPLIT_COST: usize = 4;
 
-/// A boundary of the rebuilt frontier: its key, and the value from it to the next one
-/// (`None`: an untracked gap).
-type Boundary<'a> = (&'a [u8], Option<Ts>);
+/// A boundary of the rebuilt frontier: its key, the value from it to the next one (`None`:
+/// an untracked gap), and the key's hash, taken while the key is in cache.
+#[derive(Clone, Copy)]
+pub(super) struct Boundary<'a> {
+    key: &'a [u8],
+    value: Option<Ts>,
+    hash: u64,
+}
+
+impl<'a> Boundary<'a> {
+    pub(super) fn new(key: &'a [u8], value: Option<Ts>) -> Self {
+        Boundary { key, value, hash: index::hash(key) }
+    }
+}
 
 impl SpanFrontier {
     /// Whether rebuilding beats merging the `left` items of a batch one by one, when
@@ -92,8 +103,8 @@ impl SpanFrontier {
                 covering.pop();
             }
             let value = base.map(|ts| covering.peek().map_or(ts, |&(raised, _)| ts.max(raised)));
-            if out.last().and_then(|&(_, last)| last) != value {
-                out.push((key, value));
+            if out.last().and_then(|last| last.value) != value {
+                out.push(Boundary::new(key, value));
             }
         }
         out
@@ -114,24 +125,26 @@ impl SpanFrontier {
         };
         spans.reserve(boundaries.len());
         spans.heap.defer();
-        let hashes: Vec<u64> = boundaries.iter().map(|&(key, _)| index::hash(key)).collect();
         let mut ids = Vec::with_capacity(boundaries.len());
         let (mut last, mut prev_ts) = (NIL, 0);
-        for (i, &(key, ts)) in boundaries.iter().enumerate() {
-            if let Some(&ahead) = hashes.get(i + LOOK_AHEAD) {
-                spans.index.prefetch(&spans.recs, ahead);
+        for (i, boundary) in boundaries.iter().enumerate() {
+            // The slot's group and the key's bytes (in the old records or the batch) a few
+            // boundaries ahead, so that neither waits on memory when placed.
+            if let Some(ahead) = boundaries.get(i + LOOK_AHEAD) {
+                spans.index.prefetch(&spans.recs, ahead.hash);
+                prefetch(ahead.key);
             }
-            let id = spans.index.place(&spans.recs, hashes[i]);
-            let value = ts.unwrap_or_default();
-            spans.recs[id as usize] = Rec { key: Key::new(key), ts: value, prev_ts, next: NIL, heap_pos: NIL };
+            let id = spans.index.place(&spans.recs, boundary.hash);
+            let ts = boundary.value.unwrap_or_default();
+            spans.recs[id as usize] = Rec { key: Key::new(boundary.key), ts, prev_ts, next: NIL, heap_pos: NIL };
             match last {
                 NIL => spans.first = id,
                 last => spans.recs[last as usize].next = id,
             }
-            if ts.is_some() {
+            if boundary.value.is_some() {
                 spans.heap.push(&mut spans.recs, id);
             }
-            (last, prev_ts) = (id, value);
+            (last, prev_ts) = (id, ts);
             ids.push(id);
         }
         spans.live = ids.len();

@@ -166,6 +166,7 @@ impl SpanFrontier {
             .iter()
             .flat_map(|range| [(range.start.as_slice(), Some(init)), (range.end.as_slice(), None)])
             .filter(|&(key, ts)| ts.is_some() || !key.is_empty())
+            .map(|(key, ts)| bulk::Boundary::new(key, ts))
             .collect();
         let mut spans = SpanFrontier::from_boundaries(&boundaries);
         spans.ranges = ranges;
