@@ -20,6 +20,10 @@
 //! - tracked records sit in an indexed 8-ary min-heap on (ts, start) (`heap.rs`): the minimum
 //!   is its root and lagging pieces are a best-first walk from it.
 //!
+//! A batch that would split most of the pieces it touches, large against the frontier (a new
+//! owner's snapshots), is merged by building the frontier anew in one sorted sweep
+//! (`bulk.rs`) rather than by a split per item.
+//!
 //! The exact-piece update asks for the hash groups of both of its keys at once, so the
 //! piece's record and its successor's arrive in parallel; each record keeps a copy of its
 //! predecessor's ts, so deciding whether the piece now joins a neighbour reads no third
