@@ -366,22 +366,34 @@ fn run_case(seed: u64, keys: &[Vec<u8>], ops: usize, max_ts: Ts, wide: u64) -> u
 
 #[test]
 fn random_merges_match_model() {
-    let pool = key_pool();
-    for seed in 0..3000 {
-        let mut rng = Rng::new(seed ^ 0xA5A5);
-        let mut keys: Vec<Vec<u8>> = (0..3 + rng.below(6)).map(|_| rng.pick(&pool).clone()).collect();
-        keys.sort();
+    for (seed, keys) in small_key_sets(3000, 0xA5A5) {
         run_case(seed, &keys, 40, 6, 3);
     }
+}
+
+/// `count` small sorted sets of colliding keys from [`key_pool`], each with its seed.
+fn small_key_sets(count: u64, salt: u64) -> impl Iterator<Item = (u64, Vec<Vec<u8>>)> {
+    let pool = key_pool();
+    (0..count).map(move |seed| {
+        let mut rng = Rng::new(seed ^ salt);
+        let mut keys: Vec<Vec<u8>> = (0..3 + rng.below(6)).map(|_| rng.pick(&pool).clone()).collect();
+        keys.sort();
+        (seed, keys)
+    })
+}
+
+/// `n` region-like keys, `per_table` to a table, in order.
+fn region_keys(n: u64, per_table: u64) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| [b"t".as_slice(), &(i / per_table).to_be_bytes(), b"_r", &(i % per_table).to_be_bytes()].concat())
+        .collect()
 }
 
 #[test]
 fn random_merges_match_model_at_scale() {
     // Region-like keys, many pieces: exercises chunk splits and merges, table growth and
     // backward-shift deletion, and deep heaps.
-    let keys: Vec<Vec<u8>> = (0..400u64)
-        .map(|i| [b"t".as_slice(), &(i / 50).to_be_bytes(), b"_r", &(i % 50).to_be_bytes()].concat())
-        .collect();
+    let keys = region_keys(400, 50);
     let most = (0..6).map(|seed| run_case(seed, &keys, 1500, 1000, 100)).max();
     assert!(most > Some(200), "the cases reach many pieces: {most:?}");
 }
@@ -431,21 +443,20 @@ fn run_batch_case_by(seed: u64, keys: &[Vec<u8>], batches: usize, most: u64, max
     }
 }
 
+/// [`run_batch_case_by`] over small colliding key sets and over region-like keys.
+fn batches_match_one_by_one(salt: u64, rebuild: bool) {
+    for (seed, keys) in small_key_sets(1000, salt) {
+        run_batch_case_by(seed, &keys, 8, 40, 6, 3, rebuild);
+    }
+    let keys = region_keys(400, 50);
+    for seed in 0..4 {
+        run_batch_case_by(seed, &keys, 40, 300, 1000, 100, rebuild);
+    }
+}
+
 #[test]
 fn merge_batch_matches_one_by_one() {
-    let pool = key_pool();
-    for seed in 0..1000 {
-        let mut rng = Rng::new(seed ^ 0x5A5A);
-        let mut keys: Vec<Vec<u8>> = (0..3 + rng.below(6)).map(|_| rng.pick(&pool).clone()).collect();
-        keys.sort();
-        run_batch_case(seed, &keys, 8, 40, 6, 3);
-    }
-    let keys: Vec<Vec<u8>> = (0..400u64)
-        .map(|i| [b"t".as_slice(), &(i / 50).to_be_bytes(), b"_r", &(i % 50).to_be_bytes()].concat())
-        .collect();
-    for seed in 0..4 {
-        run_batch_case(seed, &keys, 40, 300, 1000, 100);
-    }
+    batches_match_one_by_one(0x5A5A, false);
 }
 
 /// Merging by rebuilding leaves exactly what merging one by one leaves, on the same random
@@ -453,23 +464,7 @@ fn merge_batch_matches_one_by_one() {
 /// ranges), and the rebuilt frontier takes item-by-item merges after it.
 #[test]
 fn merge_rebuilding_matches_one_by_one() {
-    let pool = key_pool();
-    for seed in 0..1000 {
-        let mut rng = Rng::new(seed ^ 0x3C3C);
-        let mut keys: Vec<Vec<u8>> = (0..3 + rng.below(6)).map(|_| rng.pick(&pool).clone()).collect();
-        keys.sort();
-        run_batch_case_by(seed, &keys, 8, 40, 6, 3, true);
-    }
-    let keys: Vec<Vec<u8>> = (0..400u64)
-        .map(|i| [b"t".as_slice(), &(i / 50).to_be_bytes(), b"_r", &(i % 50).to_be_bytes()].concat())
-        .collect();
-    for seed in 0..4 {
-        run_batch_case_by(seed, &keys, 40, 300, 1000, 100, true);
-    }
-}
-
-fn region_keys(n: u64) -> Vec<Vec<u8>> {
-    (0..n).map(|i| [b"t".as_slice(), &(i / 64).to_be_bytes(), b"_r", &(i % 64).to_be_bytes()].concat()).collect()
+    batches_match_one_by_one(0x3C3C, true);
 }
 
 /// A new owner's snapshots: every region of 20 stores, each store's regions in key order,
@@ -478,7 +473,7 @@ fn region_keys(n: u64) -> Vec<Vec<u8>> {
 /// (exact pieces) still match.
 #[test]
 fn snapshot_sized_batch_matches_one_by_one() {
-    let keys = region_keys(20_000);
+    let keys = region_keys(20_000, 64);
     let regions: Vec<KeyRange> = keys.windows(2).map(|pair| KeyRange::new(pair[0].clone(), pair[1].clone())).collect();
     let mut rng = Rng::new(20);
     let stores: Vec<u64> = regions.iter().map(|_| rng.below(20)).collect();
@@ -513,7 +508,7 @@ fn snapshot_sized_batch_matches_one_by_one() {
 /// when it is small against the frontier, nor when it splits little, nor when little is left.
 #[test]
 fn rebuilding_pays_only_for_large_splitting_batches() {
-    let keys = region_keys(40_000);
+    let keys = region_keys(40_000, 64);
     let mut spans = SpanFrontier::new(&[kr("", "")], 0);
     assert!(spans.rebuilding_pays(100_000, bulk::WINDOW), "a snapshot into a new frontier");
     assert!(!spans.rebuilding_pays(1000, bulk::WINDOW), "too few left");
@@ -563,9 +558,7 @@ impl SpanFrontier {
 /// result, the minimum and the lagging pieces after every batch are those of the same
 /// merges one by one.
 fn run_store_flushes(stores: u64, rounds: u64) {
-    let keys: Vec<Vec<u8>> = (0..2000u64)
-        .map(|i| [b"t".as_slice(), &(i / 64).to_be_bytes(), b"_r", &(i % 64).to_be_bytes()].concat())
-        .collect();
+    let keys = region_keys(2000, 64);
     let mut rng = Rng::new(stores);
     let regions: Vec<KeyRange> = keys.windows(2).map(|pair| KeyRange::new(pair[0].clone(), pair[1].clone())).collect();
     let mut leaders: Vec<u64> = regions.iter().map(|_| rng.below(stores)).collect();
