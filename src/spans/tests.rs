@@ -401,13 +401,9 @@ fn random_merges_match_model_at_scale() {
 /// Random batches through `merge_batch` must leave exactly what the same merges one by one
 /// through `merge_keys` leave: exact pieces (some repeated within the batch, at the same or
 /// another ts), splits, coalesces, ranges over untracked gaps, empty and inverted ranges,
-/// and batches shorter and longer than the look-ahead window.
-fn run_batch_case(seed: u64, keys: &[Vec<u8>], batches: usize, most: u64, max_ts: Ts, wide: u64) {
-    run_batch_case_by(seed, keys, batches, most, max_ts, wide, false);
-}
-
-/// [`run_batch_case`], with every other batch merged by rebuilding when `rebuild` is set.
-fn run_batch_case_by(seed: u64, keys: &[Vec<u8>], batches: usize, most: u64, max_ts: Ts, wide: u64, rebuild: bool) {
+/// and batches shorter and longer than the look-ahead window. With `rebuild`, every other
+/// batch is merged by rebuilding the frontier instead.
+fn run_batch_case(seed: u64, keys: &[Vec<u8>], batches: usize, most: u64, max_ts: Ts, wide: u64, rebuild: bool) {
     let mut rng = Rng::new(seed);
     let tracked: Vec<KeyRange> =
         (0..rng.below(4)).map(|_| KeyRange::new(rng.pick(keys).clone(), rng.pick(keys).clone())).collect();
@@ -443,14 +439,14 @@ fn run_batch_case_by(seed: u64, keys: &[Vec<u8>], batches: usize, most: u64, max
     }
 }
 
-/// [`run_batch_case_by`] over small colliding key sets and over region-like keys.
+/// [`run_batch_case`] over small colliding key sets and over region-like keys.
 fn batches_match_one_by_one(salt: u64, rebuild: bool) {
     for (seed, keys) in small_key_sets(1000, salt) {
-        run_batch_case_by(seed, &keys, 8, 40, 6, 3, rebuild);
+        run_batch_case(seed, &keys, 8, 40, 6, 3, rebuild);
     }
     let keys = region_keys(400, 50);
     for seed in 0..4 {
-        run_batch_case_by(seed, &keys, 40, 300, 1000, 100, rebuild);
+        run_batch_case(seed, &keys, 40, 300, 1000, 100, rebuild);
     }
 }
 
