@@ -369,6 +369,48 @@ fn rows(n: usize, ours: &mut SpanFrontier, naive: &mut Naive, overhead: u64) -> 
     rows
 }
 
+/// A new owner's first look at `n` regions: each led by one of 20 stores, each store
+/// sending its regions in key order at its own ts, 1024 a message, the stores' messages
+/// interleaved; merged into a frontier of one span one by one, in one `merge_batch`, and
+/// in two (as the ticker merges once 2^19 events are kept). Milliseconds each.
+fn snapshot_builds(n: usize) -> Vec<(&'static str, f64)> {
+    const STORES: usize = 20;
+    let mut rng = Rng::new(9);
+    let leaders: Vec<usize> = (0..n).map(|_| rng.index(STORES)).collect();
+    let of_store: Vec<Vec<usize>> =
+        (0..STORES).map(|store| (0..n).filter(|&region| leaders[region] == store).collect()).collect();
+    let mut events = Batch(Vec::with_capacity(n));
+    for message in 0..n.div_ceil(1024) {
+        for (store, regions) in of_store.iter().enumerate() {
+            for &region in regions.iter().skip(message * 1024).take(1024) {
+                events.0.push((region_key(region), region_key(region + 1), region + 1 < n, 1000 + store as Ts));
+            }
+        }
+    }
+    let items: Vec<(&[u8], &[u8], Ts)> = events.items().collect();
+    let time = |merge: &dyn Fn(&mut SpanFrontier)| {
+        let mut frontier = SpanFrontier::new(&[KeyRange::full()], 0);
+        let start = Instant::now();
+        merge(&mut frontier);
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        assert_eq!(frontier.min_ts(), Some(0), "the spans before the first region and after the last stay");
+        black_box(frontier);
+        ms
+    };
+    vec![
+        ("merge_keys each", time(&|f| items.iter().for_each(|&(start, end, ts)| f.merge_keys(start, end, ts)))),
+        ("one merge_batch", time(&|f| f.merge_batch(items.iter().copied()))),
+        (
+            "merge_batch of 2^19, then of the rest",
+            time(&|f| {
+                let (first, rest) = items.split_at(items.len().min(1 << 19));
+                f.merge_batch(first.iter().copied());
+                f.merge_batch(rest.iter().copied());
+            }),
+        ),
+    ]
+}
+
 fn main() {
     let max: usize = std::env::var("SPANS_BENCH_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let overhead = timer_overhead();
@@ -402,6 +444,14 @@ fn main() {
             assert_eq!(Frontier::snapshot(&ours), naive.snapshot(), "ours and the baseline agree");
         }
         memory.push((n, pieces, ours_bytes as f64 / pieces as f64, naive_bytes as f64 / pieces as f64));
+    }
+    println!();
+    println!("| n | build from 20 stores' snapshots | ms |");
+    println!("|---|---|---:|");
+    for n in [100_000, 1_000_000].into_iter().filter(|&n| n <= max) {
+        for (how, ms) in snapshot_builds(n) {
+            println!("| {n} | {how} | {ms:.0} |");
+        }
     }
     let key = region_key(0).len() as f64;
     println!();

@@ -25,7 +25,7 @@ fn main() {
         let style = buf.default_level_style(record.level());
         let message = record.args().to_string();
         let (level, target) = (record.level(), record.target());
-        writeln!(buf, "[{} {style}{level:<5}{style:#} {target}] {}", buf.timestamp(), printable(&message))
+        writeln!(buf, "[{} {style}{level:<5}{style:#} {target}] {}", buf.timestamp_millis(), printable(&message))
     });
     logger.init();
     if let Err(e) = cli::run(cli) {

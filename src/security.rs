@@ -113,18 +113,6 @@ impl Security {
         self.connect(base_builder(env, keepalive), address)
     }
 
-    /// [`channel`](Self::channel) whose calls receive at most HTTP/2's default window (64 KiB
-    /// a connection) beyond what their callers have taken. By default gRPC grows the window
-    /// with its bandwidth-delay estimate (4 MiB and more on loopback) and reads on into
-    /// memory whatever the peer sends: a flush stream whose reader was busy held MBs, 229 MB
-    /// over 20 stores at 10^6 regions (docs/benchmarks.md, "Memory at 10^6 regions"). The
-    /// backlog waits at the sender instead, where TiKV expects it (its subscriber queue). A
-    /// larger fixed window cannot be asked for: gRPC 1.56 resets the lookahead setting to its
-    /// own target once the peer acknowledges it.
-    pub fn bounded_channel(&self, env: Arc<Environment>, address: &str, keepalive: Duration) -> Result<Channel> {
-        self.connect(base_builder(env, keepalive).http2_bdp_probe(false), address)
-    }
-
     fn connect(&self, builder: ChannelBuilder, address: &str) -> Result<Channel> {
         let target = self.target(address)?;
         Ok(match &self.tls {
@@ -331,81 +319,6 @@ mod tests {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let reason = Security::insecure().diagnose(&format!("127.0.0.1:{port}"), Duration::from_secs(1));
         assert!(reason.contains("connection refused"), "{reason}");
-    }
-
-    /// A server-streaming method of raw bytes, for the read-ahead test's own server.
-    const FIREHOSE: grpcio::Method<Vec<u8>, Vec<u8>> = grpcio::Method {
-        ty: grpcio::MethodType::ServerStreaming,
-        name: "/test.Firehose/Stream",
-        req_mar: grpcio::Marshaller { ser: raw_ser, de: raw_de },
-        resp_mar: grpcio::Marshaller { ser: raw_ser, de: raw_de },
-    };
-
-    #[allow(clippy::ptr_arg)] // the marshaller's signature: `fn(&T, ..)` with `T = Vec<u8>`
-    fn raw_ser(message: &Vec<u8>, buf: &mut grpcio::GrpcSlice) -> grpcio::Result<()> {
-        *buf = grpcio::GrpcSlice::from(message.clone());
-        Ok(())
-    }
-
-    fn raw_de(mut reader: grpcio::MessageReader) -> grpcio::Result<Vec<u8>> {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut reader, &mut bytes).map_err(|e| grpcio::Error::Codec(e.into()))?;
-        Ok(bytes)
-    }
-
-    /// How many bytes a server streaming 8 KiB messages as fast as it may gets through (its
-    /// sends complete) to a call on a bounded channel that reads nothing.
-    fn bytes_through_unread_call() -> usize {
-        use futures_util::SinkExt;
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        const MESSAGE: usize = 8 << 10;
-        let sent = Arc::new(AtomicUsize::new(0));
-        let counter = sent.clone();
-        let service = grpcio::ServiceBuilder::new()
-            .add_server_streaming_handler(&FIREHOSE, move |ctx, _request, mut sink| {
-                let counter = counter.clone();
-                ctx.spawn(async move {
-                    // Bounded: 32 MiB at most, far past any window gRPC starts with.
-                    for _ in 0..4096 {
-                        if sink.send((vec![7; MESSAGE], grpcio::WriteFlags::default())).await.is_err() {
-                            return;
-                        }
-                        counter.fetch_add(MESSAGE, Ordering::SeqCst);
-                    }
-                });
-            })
-            .build();
-        let mut server = grpcio::ServerBuilder::new(grpc_env()).register_service(service).build().unwrap();
-        let port = server.add_listening_port("127.0.0.1:0", grpcio::ServerCredentials::insecure()).unwrap();
-        server.start();
-        let address = format!("127.0.0.1:{port}");
-        let channel = Security::insecure().bounded_channel(grpc_env(), &address, Duration::from_secs(10)).unwrap();
-        let client = grpcio::Client::new(channel);
-        let _call = client.server_streaming(&FIREHOSE, &Vec::new(), grpcio::CallOption::default()).unwrap();
-        // The sends stop where the window is full: wait until the count holds still.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mut last = (usize::MAX, std::time::Instant::now());
-        while std::time::Instant::now() < deadline {
-            let now = sent.load(Ordering::SeqCst);
-            if now != last.0 {
-                last = (now, std::time::Instant::now());
-            } else if now > 0 && last.1.elapsed() > Duration::from_millis(500) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // The call still waits on its window: end it, or the shutdown would wait for it.
-        server.cancel_all_calls();
-        let _ = futures_executor::block_on(server.shutdown());
-        last.0
-    }
-
-    #[test]
-    fn a_bounded_channel_lets_a_call_receive_only_a_window_it_has_not_read() {
-        // HTTP/2's default window, plus a message or two in flight. On a plain channel gRPC
-        // grows the window with its bandwidth estimate: 4 MiB got through here.
-        let through = bytes_through_unread_call();
-        assert!(through <= (64 << 10) + (16 << 10), "{through} bytes through an unread call");
     }
 
     #[test]

@@ -60,8 +60,10 @@ impl TikvClients {
     /// Dials within the dial timeout, cut to the tick's deadline when one is in force.
     fn dial(&self, store: &StoreInfo) -> Result<Channel> {
         let timeout = deadline::bounded(self.config.dial_timeout, &format!("dialing store {}", store.id))?;
-        // Bounded: a flush subscription whose reader is busy leaves the backlog at the store.
-        let channel = self.security.bounded_channel(self.env.clone(), &store.address, self.config.keepalive)?;
+        // gRPC's own window, grown with its bandwidth-delay estimate as upstream's client does:
+        // with HTTP/2's 64 KiB default a new owner's snapshots came one message per round
+        // trip, 0.4 s more at 10^6 regions (docs/benchmarks.md, "Cold start, session 6").
+        let channel = self.security.channel(self.env.clone(), &store.address, self.config.keepalive)?;
         wait_connected(&channel, timeout).map_err(|reason| {
             // Diagnosed only while there is time left for it.
             let why = deadline::bounded(timeout, "diagnosis")

@@ -98,6 +98,8 @@ pub struct CheckpointAdvancer {
     last_failures: HashMap<String, Vec<FailedRange>>,
     /// The subscription failure reported every tick while it lasts: logged once.
     subscription_warning: RepeatedWarning,
+    /// Every store whose subscription failed since they last were all healthy.
+    subscription_failures: FailingStores,
     tso_warning: RepeatedWarning,
     gc_warning: RepeatedWarning,
     poll_warning: RepeatedWarning,
@@ -153,6 +155,7 @@ impl CheckpointAdvancer {
             poll_budget: PollBudget::default(),
             last_failures: HashMap::new(),
             subscription_warning: RepeatedWarning::default(),
+            subscription_failures: FailingStores::default(),
             tso_warning: RepeatedWarning::default(),
             gc_warning: RepeatedWarning::default(),
             poll_warning: RepeatedWarning::default(),
@@ -542,10 +545,9 @@ impl CheckpointAdvancer {
             }
         }
         let pending = subscriber.pending_errors();
-        let failing: Vec<StoreId> = subscriber.store_errors().iter().map(|(store, _)| *store).collect();
-        let warning = pending
-            .as_ref()
-            .map(|e| (format!("{failing:?}"), format!("Subscriber meet error, would polling the checkpoint: {e}")));
+        let failing = self.subscription_failures.observe(subscriber.store_errors().iter().map(|(store, _)| *store));
+        let warning =
+            pending.as_ref().map(|e| (failing, format!("Subscriber meet error, would polling the checkpoint: {e}")));
         self.core.set_subscriptions_healthy(pending.is_none());
         self.warn_repeated(Warning::Subscription, warning);
     }
@@ -962,6 +964,25 @@ impl CheckpointAdvancer {
         if let Some(line) = slot.observe(warning) {
             log::warn!("{line}");
         }
+    }
+}
+
+/// The stores whose subscriptions failed since they last were all healthy, as the key of
+/// the repeated subscription warning: streams retrying drop out of the failing set and come
+/// back tick after tick (19 and 20 of 20 stores while a sim streams nothing), which is not a
+/// new warning; a store that starts failing is.
+#[derive(Default)]
+pub(crate) struct FailingStores(BTreeSet<StoreId>);
+
+impl FailingStores {
+    /// This tick's failing stores; returns the key (empty once none fails).
+    pub(crate) fn observe(&mut self, failing: impl IntoIterator<Item = StoreId>) -> String {
+        let failing: BTreeSet<StoreId> = failing.into_iter().collect();
+        if failing.is_empty() {
+            self.0.clear();
+        }
+        self.0.extend(failing);
+        format!("{:?}", self.0)
     }
 }
 

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
-use super::checkpoint_advancer::{CheckpointAdvancer, Env, PollBudget, PollSummary, RepeatedWarning, MIN_POLL_REGIONS};
+use super::checkpoint_advancer::{
+    CheckpointAdvancer, Env, FailingStores, PollBudget, PollSummary, RepeatedWarning, MIN_POLL_REGIONS,
+};
 use super::owner::OwnerEvent;
 use super::ticker::Ticker;
 use super::{run_ticker, Shared};
@@ -473,6 +475,26 @@ fn a_warning_repeated_every_tick_is_logged_once_then_summarised() {
     assert_eq!(w.observe(failing("reset")), line("stores 1 and 2: reset"));
     assert_eq!(w.observe(failing("refused")), None);
     assert_eq!(w.observe(None), line("resolved: stores 1 and 2: reset (seen in 2 ticks)"));
+}
+
+/// Streams retrying drop out of the failing set and come back (19 and 20 of 20 stores while
+/// the stores stream nothing): one warning, logged again only when another store fails, and
+/// resolved once none does.
+#[test]
+fn subscriptions_failing_on_and_off_are_one_warning() {
+    let (mut stores, mut w) = (FailingStores::default(), RepeatedWarning::default());
+    let mut tick = |failing: &[u64]| {
+        let key = stores.observe(failing.iter().copied());
+        w.observe((!failing.is_empty()).then(|| (key, format!("stores {failing:?} failed"))))
+    };
+    assert_eq!(tick(&[1, 2, 3]), Some("stores [1, 2, 3] failed".to_string()));
+    assert_eq!(tick(&[1, 3]), None, "store 2 retrying");
+    assert_eq!(tick(&[1, 2, 3]), None);
+    assert_eq!(tick(&[2]), None);
+    let line = tick(&[2, 4]).expect("store 4 is news");
+    assert!(line.starts_with("stores [2, 4] failed; before: stores [1, 2, 3] failed (seen in 4 ticks)"), "{line}");
+    assert_eq!(tick(&[]), Some("resolved: stores [2, 4] failed (seen in 1 ticks)".to_string()));
+    assert_eq!(tick(&[1]), Some("stores [1] failed".to_string()), "a new failure after all were healthy");
 }
 
 #[test]

@@ -174,15 +174,30 @@ impl Ticker {
     /// before). Waiting for 200 ms of quiet alone ran to the bound at 10^6 regions, the
     /// stores' regular flushes arriving meanwhile.
     fn await_subscription_snapshots(&mut self) {
-        let limit = Instant::now() + self.advancer.config().tick_interval.min(SNAPSHOT_WAIT_LIMIT);
+        let started = Instant::now();
+        let limit = started + self.advancer.config().tick_interval.min(SNAPSHOT_WAIT_LIMIT);
         let flushes = self.advancer.flush_events();
         let (mut heard, mut ended) = (HashSet::new(), HashSet::new());
         let mut quiet_until = Instant::now();
+        let mut events = 0;
         loop {
             let up = self.advancer.subscriptions_up();
             let now = Instant::now();
             let quiet = now >= quiet_until && up.iter().all(|s| heard.contains(s));
-            if up.is_empty() || now >= limit || quiet || up.iter().all(|s| ended.contains(s)) {
+            let all_ended = up.iter().all(|s| ended.contains(s));
+            if up.is_empty() || now >= limit || quiet || all_ended {
+                let how = match () {
+                    _ if up.is_empty() => "no subscription up",
+                    _ if all_ended => "every store's snapshot ended",
+                    _ if quiet => "quiet",
+                    _ => "time limit",
+                };
+                log::info!(
+                    "took in {events} snapshot events from {} of {} subscribed stores in {:?} ({how})",
+                    heard.len(),
+                    up.len(),
+                    started.elapsed()
+                );
                 return;
             }
             crossbeam_channel::select! {
@@ -195,6 +210,7 @@ impl Ticker {
                 },
                 recv(flushes) -> batch => match batch {
                     Ok(batch) => {
+                        events += batch.len();
                         heard.insert(batch.store);
                         if batch.len() < EVENTS_PER_MESSAGE {
                             ended.insert(batch.store);

@@ -20,6 +20,10 @@
 //! - tracked records sit in an indexed 8-ary min-heap on (ts, start) (`heap.rs`): the minimum
 //!   is its root and lagging pieces are a best-first walk from it.
 //!
+//! A batch that would split most of the pieces it touches, large against the frontier (a new
+//! owner's snapshots), is merged by building the frontier anew in one sorted sweep
+//! (`bulk.rs`) rather than by a split per item.
+//!
 //! The exact-piece update finds the piece by its start key and checks that its successor
 //! starts at the end key; alone it asks for the hash groups of both keys at once, so the
 //! piece's record and its successor's arrive in parallel, and in a batch it asks for the
@@ -27,6 +31,7 @@
 //! predecessor's ts, so deciding whether the piece now joins a neighbour reads no third
 //! record.
 
+mod bulk;
 mod heap;
 mod index;
 mod key;
@@ -164,24 +169,14 @@ pub struct SpanFrontier {
 impl SpanFrontier {
     /// Tracks the union of `ranges` (see [`collapse`]), every key at `init`.
     pub fn new(ranges: &[KeyRange], init: Ts) -> Self {
-        let mut spans = SpanFrontier {
-            recs: (0..index::GROUP).map(|_| Rec::free()).collect(),
-            live: 0,
-            first: NIL,
-            index: KeyIndex::new(1, 0),
-            order: Order::new(),
-            heap: TsHeap::default(),
-            ranges: Vec::new(),
-        };
         let ranges = collapse(ranges);
-        spans.reserve(2 * ranges.len());
-        let mut last = NIL;
-        for range in &ranges {
-            last = spans.insert_after(last, &range.start, Some(init));
-            if !range.end.is_empty() {
-                last = spans.insert_after(last, &range.end, None);
-            }
-        }
+        let boundaries: Vec<_> = ranges
+            .iter()
+            .flat_map(|range| [(range.start.as_slice(), Some(init)), (range.end.as_slice(), None)])
+            .filter(|&(key, ts)| ts.is_some() || !key.is_empty())
+            .map(|(key, ts)| bulk::Boundary::new(key, ts))
+            .collect();
+        let mut spans = SpanFrontier::from_boundaries(&boundaries);
         spans.ranges = ranges;
         spans
     }
@@ -226,10 +221,16 @@ impl SpanFrontier {
     /// cannot tell. Only a hint, with the same result either way: `expected` at or above the
     /// share orders the heap once at the end from the first item on; a batch found larger
     /// than expected switches to that once it has merged the share.
+    ///
+    /// A batch that turns out to split most of the pieces it touches, with enough of it left
+    /// against the frontier's size (a new owner taking in its stores' snapshots), merges its
+    /// rest by rebuilding the frontier in one ordered pass instead (see [`bulk`]); judged
+    /// every [`bulk::WINDOW`] items from the last window's share of splits, with the same
+    /// result.
     pub fn merge_batch_of<'a>(&mut self, expected: usize, items: impl IntoIterator<Item = (&'a [u8], &'a [u8], Ts)>) {
         let mut items = items.into_iter();
         let mut window = [Pending::new(&[], &[], 0); LOOK_AHEAD];
-        let (mut taken, mut done) = (0, 0);
+        let (mut taken, mut done, mut splits) = (0, 0, 0);
         let share = self.len() / DEFER_SHARE;
         let defer_after = if expected >= share { 0 } else { share };
         loop {
@@ -248,8 +249,20 @@ impl SpanFrontier {
                 self.heap.defer();
             }
             self.prefetch_ahead(&mut window, done, taken, done < defer_after);
-            self.merge_hashed(&window[done % LOOK_AHEAD]);
+            if !self.merge_hashed(&window[done % LOOK_AHEAD]) {
+                splits += 1;
+            }
             done += 1;
+            if done % bulk::WINDOW == 0 {
+                let left = expected.saturating_sub(done);
+                if self.rebuilding_pays(left, splits) {
+                    let mut rest = Vec::with_capacity(left + LOOK_AHEAD);
+                    rest.extend((done..taken).map(|i| window[i % LOOK_AHEAD]).map(|p| (p.start, p.end, p.ts)));
+                    rest.extend(items);
+                    return self.merge_rebuilding(rest);
+                }
+                splits = 0;
+            }
         }
     }
 
@@ -278,10 +291,11 @@ impl SpanFrontier {
         }
     }
 
-    fn merge_hashed(&mut self, item: &Pending<'_>) {
+    /// Merges one item; false when it was not exactly one piece (it split or walked pieces).
+    fn merge_hashed(&mut self, item: &Pending<'_>) -> bool {
         let Pending { start, end, ts, hash, .. } = *item;
         if is_empty_range(start, end) {
-            return;
+            return true;
         }
         // The usual case: `[start, end)` is exactly one piece, the successor starting at `end`
         // (only the first record's key is empty, so an empty `end` matches only no successor).
@@ -289,7 +303,7 @@ impl SpanFrontier {
         if let Some(id) = hit {
             if self.is_tracked(id) && self.end_of(id) == end {
                 self.raise_piece(id, ts);
-                return;
+                return true;
             }
         }
         // Room for the (at most two) records a split adds, so that no id moves below.
@@ -316,6 +330,7 @@ impl SpanFrontier {
         if let Some((first, last)) = changed {
             self.coalesce(first, last);
         }
+        false
     }
 
     pub fn merge_all(&mut self, items: impl IntoIterator<Item = Valued>) {

@@ -137,6 +137,28 @@ impl Order {
         }
     }
 
+    /// The key order of records `ids`, already sorted by key, in chunks filled to 3/4 (so
+    /// that the inserts after a bulk build do not split every chunk at once).
+    pub(super) fn from_sorted(recs: &[Rec], ids: &[u32]) -> Self {
+        let mut order = Order { chunks: Vec::new(), free_chunks: Vec::new(), fences: BTreeMap::new() };
+        for (i, chunk) in ids.chunks(CAP * 3 / 4).enumerate() {
+            let fence = if i == 0 { Key::default() } else { recs[chunk[0] as usize].key.clone() };
+            order.fences.insert(fence, order.chunks.len() as u32);
+            let mut ids = Vec::with_capacity(CAP);
+            ids.extend_from_slice(chunk);
+            order.chunks.push(ids);
+        }
+        if order.chunks.is_empty() {
+            order = Order::new();
+        }
+        order
+    }
+
+    /// Every record id, in key order.
+    pub(super) fn in_key_order(&self) -> impl Iterator<Item = u32> + '_ {
+        self.fences.values().flat_map(|&chunk| self.chunks[chunk as usize].iter().copied())
+    }
+
     #[cfg(test)]
     pub(super) fn check(&self, recs: &[Rec], live_in_order: &[u32]) {
         let mut concat = Vec::new();

@@ -366,22 +366,34 @@ fn run_case(seed: u64, keys: &[Vec<u8>], ops: usize, max_ts: Ts, wide: u64) -> u
 
 #[test]
 fn random_merges_match_model() {
-    let pool = key_pool();
-    for seed in 0..3000 {
-        let mut rng = Rng::new(seed ^ 0xA5A5);
-        let mut keys: Vec<Vec<u8>> = (0..3 + rng.below(6)).map(|_| rng.pick(&pool).clone()).collect();
-        keys.sort();
+    for (seed, keys) in small_key_sets(3000, 0xA5A5) {
         run_case(seed, &keys, 40, 6, 3);
     }
+}
+
+/// `count` small sorted sets of colliding keys from [`key_pool`], each with its seed.
+fn small_key_sets(count: u64, salt: u64) -> impl Iterator<Item = (u64, Vec<Vec<u8>>)> {
+    let pool = key_pool();
+    (0..count).map(move |seed| {
+        let mut rng = Rng::new(seed ^ salt);
+        let mut keys: Vec<Vec<u8>> = (0..3 + rng.below(6)).map(|_| rng.pick(&pool).clone()).collect();
+        keys.sort();
+        (seed, keys)
+    })
+}
+
+/// `n` region-like keys, `per_table` to a table, in order.
+fn region_keys(n: u64, per_table: u64) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| [b"t".as_slice(), &(i / per_table).to_be_bytes(), b"_r", &(i % per_table).to_be_bytes()].concat())
+        .collect()
 }
 
 #[test]
 fn random_merges_match_model_at_scale() {
     // Region-like keys, many pieces: exercises chunk splits and merges, table growth and
     // backward-shift deletion, and deep heaps.
-    let keys: Vec<Vec<u8>> = (0..400u64)
-        .map(|i| [b"t".as_slice(), &(i / 50).to_be_bytes(), b"_r", &(i % 50).to_be_bytes()].concat())
-        .collect();
+    let keys = region_keys(400, 50);
     let most = (0..6).map(|seed| run_case(seed, &keys, 1500, 1000, 100)).max();
     assert!(most > Some(200), "the cases reach many pieces: {most:?}");
 }
@@ -389,8 +401,9 @@ fn random_merges_match_model_at_scale() {
 /// Random batches through `merge_batch` must leave exactly what the same merges one by one
 /// through `merge_keys` leave: exact pieces (some repeated within the batch, at the same or
 /// another ts), splits, coalesces, ranges over untracked gaps, empty and inverted ranges,
-/// and batches shorter and longer than the look-ahead window.
-fn run_batch_case(seed: u64, keys: &[Vec<u8>], batches: usize, most: u64, max_ts: Ts, wide: u64) {
+/// and batches shorter and longer than the look-ahead window. With `rebuild`, every other
+/// batch is merged by rebuilding the frontier instead.
+fn run_batch_case(seed: u64, keys: &[Vec<u8>], batches: usize, most: u64, max_ts: Ts, wide: u64, rebuild: bool) {
     let mut rng = Rng::new(seed);
     let tracked: Vec<KeyRange> =
         (0..rng.below(4)).map(|_| KeyRange::new(rng.pick(keys).clone(), rng.pick(keys).clone())).collect();
@@ -409,7 +422,12 @@ fn run_batch_case(seed: u64, keys: &[Vec<u8>], batches: usize, most: u64, max_ts
             };
             batch.push((range, ts));
         }
-        batched.merge_batch(batch.iter().map(|(r, ts)| (r.start.as_slice(), r.end.as_slice(), *ts)));
+        let items = batch.iter().map(|(r, ts)| (r.start.as_slice(), r.end.as_slice(), *ts));
+        if rebuild && step % 2 == 0 {
+            batched.merge_rebuilding(items.collect());
+        } else {
+            batched.merge_batch(items);
+        }
         for (range, ts) in &batch {
             one_by_one.merge_keys(&range.start, &range.end, *ts);
             model.merge(range, *ts);
@@ -421,21 +439,81 @@ fn run_batch_case(seed: u64, keys: &[Vec<u8>], batches: usize, most: u64, max_ts
     }
 }
 
+/// [`run_batch_case`] over small colliding key sets and over region-like keys.
+fn batches_match_one_by_one(salt: u64, rebuild: bool) {
+    for (seed, keys) in small_key_sets(1000, salt) {
+        run_batch_case(seed, &keys, 8, 40, 6, 3, rebuild);
+    }
+    let keys = region_keys(400, 50);
+    for seed in 0..4 {
+        run_batch_case(seed, &keys, 40, 300, 1000, 100, rebuild);
+    }
+}
+
 #[test]
 fn merge_batch_matches_one_by_one() {
-    let pool = key_pool();
-    for seed in 0..1000 {
-        let mut rng = Rng::new(seed ^ 0x5A5A);
-        let mut keys: Vec<Vec<u8>> = (0..3 + rng.below(6)).map(|_| rng.pick(&pool).clone()).collect();
-        keys.sort();
-        run_batch_case(seed, &keys, 8, 40, 6, 3);
+    batches_match_one_by_one(0x5A5A, false);
+}
+
+/// Merging by rebuilding leaves exactly what merging one by one leaves, on the same random
+/// batches as above (overlapping items, ranges over gaps, late reports, empty and inverted
+/// ranges), and the rebuilt frontier takes item-by-item merges after it.
+#[test]
+fn merge_rebuilding_matches_one_by_one() {
+    batches_match_one_by_one(0x3C3C, true);
+}
+
+/// A new owner's snapshots: every region of 20 stores, each store's regions in key order,
+/// the stores' messages interleaved, into a frontier of one span. Through `merge_batch` (which
+/// rebuilds), the result is that of the same merges one by one, and later steady flushes
+/// (exact pieces) still match.
+#[test]
+fn snapshot_sized_batch_matches_one_by_one() {
+    let keys = region_keys(20_000, 64);
+    let regions: Vec<KeyRange> = keys.windows(2).map(|pair| KeyRange::new(pair[0].clone(), pair[1].clone())).collect();
+    let mut rng = Rng::new(20);
+    let stores: Vec<u64> = regions.iter().map(|_| rng.below(20)).collect();
+    let mut snapshot: Vec<(&[u8], &[u8], Ts)> = Vec::new();
+    for message in regions.chunks(256) {
+        for store in 0..20 {
+            let ts = 1000 + store;
+            let of_store = message.iter().zip(&stores).filter(|&(_, &s)| s == store);
+            snapshot.extend(of_store.map(|(r, _)| (r.start.as_slice(), r.end.as_slice(), ts)));
+        }
     }
-    let keys: Vec<Vec<u8>> = (0..400u64)
-        .map(|i| [b"t".as_slice(), &(i / 50).to_be_bytes(), b"_r", &(i % 50).to_be_bytes()].concat())
-        .collect();
-    for seed in 0..4 {
-        run_batch_case(seed, &keys, 40, 300, 1000, 100);
+    let tracked = [kr("", "")];
+    let (mut batched, mut one_by_one) = (SpanFrontier::new(&tracked, 0), SpanFrontier::new(&tracked, 0));
+    batched.merge_batch(snapshot.iter().copied());
+    for &(start, end, ts) in &snapshot {
+        one_by_one.merge_keys(start, end, ts);
     }
+    batched.check();
+    assert_eq!(batched.snapshot(), one_by_one.snapshot());
+    assert_eq!(batched.min(), one_by_one.min());
+    let steady: Vec<(&[u8], &[u8], Ts)> =
+        regions.iter().map(|r| (r.start.as_slice(), r.end.as_slice(), 2000 + rng.below(50))).collect();
+    batched.merge_batch(steady.iter().copied());
+    for &(start, end, ts) in &steady {
+        one_by_one.merge_keys(start, end, ts);
+    }
+    batched.check();
+    assert_eq!(batched.snapshot(), one_by_one.snapshot());
+}
+
+/// A batch rebuilds only when what is left of it would split much of the frontier: not
+/// when it is small against the frontier, nor when it splits little, nor when little is left.
+#[test]
+fn rebuilding_pays_only_for_large_splitting_batches() {
+    let keys = region_keys(40_000, 64);
+    let mut spans = SpanFrontier::new(&[kr("", "")], 0);
+    assert!(spans.rebuilding_pays(100_000, bulk::WINDOW), "a snapshot into a new frontier");
+    assert!(!spans.rebuilding_pays(1000, bulk::WINDOW), "too few left");
+    spans.merge_batch(keys.windows(2).zip(1..).map(|(pair, ts)| (pair[0].as_slice(), pair[1].as_slice(), ts)));
+    assert_eq!(spans.len(), keys.len() + 1, "a piece per region and one on each side");
+    assert!(!spans.rebuilding_pays(5000, bulk::WINDOW), "small against the frontier");
+    assert!(spans.rebuilding_pays(40_000, bulk::WINDOW), "as large as the frontier");
+    assert!(!spans.rebuilding_pays(40_000, bulk::WINDOW / 10), "splitting little");
+    assert!(!spans.rebuilding_pays(40_000, 0), "exact pieces");
 }
 
 impl SpanFrontier {
@@ -476,9 +554,7 @@ impl SpanFrontier {
 /// result, the minimum and the lagging pieces after every batch are those of the same
 /// merges one by one.
 fn run_store_flushes(stores: u64, rounds: u64) {
-    let keys: Vec<Vec<u8>> = (0..2000u64)
-        .map(|i| [b"t".as_slice(), &(i / 64).to_be_bytes(), b"_r", &(i % 64).to_be_bytes()].concat())
-        .collect();
+    let keys = region_keys(2000, 64);
     let mut rng = Rng::new(stores);
     let regions: Vec<KeyRange> = keys.windows(2).map(|pair| KeyRange::new(pair[0].clone(), pair[1].clone())).collect();
     let mut leaders: Vec<u64> = regions.iter().map(|_| rng.below(stores)).collect();
