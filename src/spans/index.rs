@@ -66,21 +66,14 @@ impl KeyIndex {
         }
     }
 
-    /// Looks up several keys at once: the home groups of all of them are requested before
-    /// any is read, so their cache misses overlap instead of adding up.
-    pub(super) fn get<const N: usize>(&self, recs: &[Rec], keys: [&[u8]; N], hashes: [u64; N]) -> [Option<u32>; N] {
-        let homes = hashes.map(|h| self.home(h));
-        for &g in &homes {
-            // A key's record is in its home group or, less often, the next one: both are asked
-            // for at once, so that a displaced key costs no second round trip either.
-            prefetch_group(&recs[self.slots(g)]);
-            prefetch_group(&recs[self.slots(self.after(g))]);
-        }
-        let mut found = [None; N];
-        for j in 0..N {
-            found[j] = self.probe(recs, keys[j], homes[j]);
-        }
-        found
+    /// The record whose key is `key` (hashing to `h`). A key's record is in its home group
+    /// or, less often, the next one: both are asked for at once, so that a displaced key
+    /// costs no second round trip.
+    pub(super) fn get(&self, recs: &[Rec], key: &[u8], h: u64) -> Option<u32> {
+        let home = self.home(h);
+        prefetch_group(&recs[self.slots(home)]);
+        prefetch_group(&recs[self.slots(self.after(home))]);
+        self.probe(recs, key, home)
     }
 
     fn probe(&self, recs: &[Rec], key: &[u8], home: usize) -> Option<u32> {
@@ -146,7 +139,7 @@ impl KeyIndex {
         let mut over = vec![0usize; self.groups()];
         for &id in live {
             let key = recs[id as usize].key.as_bytes();
-            assert_eq!(self.get(recs, [key], [hash(key)]), [Some(id)], "index lookup");
+            assert_eq!(self.get(recs, key, hash(key)), Some(id), "index lookup");
             let mut g = self.home(hash(key));
             while g != (id as usize - self.base) / GROUP {
                 over[g] += 1;

@@ -273,7 +273,7 @@ impl SpanFrontier {
         if done + LOOK_AHEAD / 2 < taken {
             let ahead = &mut window[(done + LOOK_AHEAD / 2) % LOOK_AHEAD];
             // Its group is cached by now: the exact lookup of its start is cheap.
-            ahead.guess = self.index.get(&self.recs, [ahead.start], [ahead.hash])[0].unwrap_or(NIL);
+            ahead.guess = self.index.get(&self.recs, ahead.start, ahead.hash).unwrap_or(NIL);
             if let Some(&Rec { next, .. }) = self.recs.get(ahead.guess as usize) {
                 if let Some(successor) = self.recs.get(next as usize) {
                     prefetch(successor);
@@ -299,7 +299,7 @@ impl SpanFrontier {
         }
         // The usual case: `[start, end)` is exactly one piece, the successor starting at `end`
         // (only the first record's key is empty, so an empty `end` matches only no successor).
-        let hit = self.index.get(&self.recs, [start], [hash])[0];
+        let hit = self.index.get(&self.recs, start, hash);
         if let Some(id) = hit {
             if self.is_tracked(id) && self.end_of(id) == end {
                 self.raise_piece(id, ts);
@@ -307,7 +307,7 @@ impl SpanFrontier {
             }
         }
         // Room for the (at most two) records a split adds, so that no id moves below.
-        let hit = if self.reserve(2) { self.index.get(&self.recs, [start], [hash])[0] } else { hit };
+        let hit = if self.reserve(2) { self.index.get(&self.recs, start, hash) } else { hit };
         // Otherwise walk the records from the one containing `start` up to `end`, skipping gaps
         // (that is the clipping) and pieces already at `ts` or above, and cutting the ones that
         // stick out of the range before raising them.
