@@ -110,11 +110,14 @@ impl Security {
     /// Opens a lazily connecting channel to `address` (`host:port`, an optional
     /// `http://`/`https://` scheme is stripped, as PD advertises its URLs with one).
     pub fn channel(&self, env: Arc<Environment>, address: &str, keepalive: Duration) -> Result<Channel> {
-        self.connect(base_builder(env, keepalive), address)
-    }
-
-    fn connect(&self, builder: ChannelBuilder, address: &str) -> Result<Channel> {
         let target = self.target(address)?;
+        let builder = ChannelBuilder::new(env)
+            .keepalive_time(keepalive)
+            .keepalive_timeout(keepalive)
+            .max_receive_message_len(i32::MAX)
+            .max_send_message_len(i32::MAX)
+            .initial_reconnect_backoff(Duration::from_millis(100))
+            .max_reconnect_backoff(Duration::from_secs(3));
         Ok(match &self.tls {
             None => builder.connect(target),
             Some(tls) => {
@@ -149,17 +152,6 @@ impl Security {
             Err(reason) => reason,
         }
     }
-}
-
-/// What every channel shares: keepalive, no message size limit, and reconnect backoff.
-fn base_builder(env: Arc<Environment>, keepalive: Duration) -> ChannelBuilder {
-    ChannelBuilder::new(env)
-        .keepalive_time(keepalive)
-        .keepalive_timeout(keepalive)
-        .max_receive_message_len(i32::MAX)
-        .max_send_message_len(i32::MAX)
-        .initial_reconnect_backoff(Duration::from_millis(100))
-        .max_reconnect_backoff(Duration::from_secs(3))
 }
 
 fn connect_tcp(target: &str, timeout: Duration) -> std::result::Result<TcpStream, String> {
