@@ -340,12 +340,11 @@ fn list_regions(
     let collapsed;
     let in_order = ranges.iter().all(|r| r.end.is_empty() || r.start < r.end)
         && ranges.windows(2).all(|w| !w[0].end.is_empty() && w[0].end <= w[1].start);
-    let ranges = match in_order {
-        true => ranges,
-        false => {
-            collapsed = collapse(ranges);
-            collapsed.as_slice()
-        }
+    let ranges = if in_order {
+        ranges
+    } else {
+        collapsed = collapse(ranges);
+        collapsed.as_slice()
     };
     let started = Instant::now();
     let (cached, scans) = plan_listing(cache, ranges, config.page_size, true);

@@ -180,9 +180,10 @@ impl RegionCache {
                 at = self.next(pos);
                 last = Some(pos);
                 if !entry.is_gap() {
-                    match with_regions {
-                        true => walked.extend(self.region(pos).map(Walked::Region)),
-                        false => skipped += 1,
+                    if with_regions {
+                        walked.extend(self.region(pos).map(Walked::Region));
+                    } else {
+                        skipped += 1;
                     }
                     continue;
                 }

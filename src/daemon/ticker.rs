@@ -186,11 +186,14 @@ impl Ticker {
             let quiet = now >= quiet_until && up.iter().all(|s| heard.contains(s));
             let all_ended = up.iter().all(|s| ended.contains(s));
             if up.is_empty() || now >= limit || quiet || all_ended {
-                let how = match () {
-                    _ if up.is_empty() => "no subscription up",
-                    _ if all_ended => "every store's snapshot ended",
-                    _ if quiet => "quiet",
-                    _ => "time limit",
+                let how = if up.is_empty() {
+                    "no subscription up"
+                } else if all_ended {
+                    "every store's snapshot ended"
+                } else if quiet {
+                    "quiet"
+                } else {
+                    "time limit"
                 };
                 log::info!(
                     "took in {events} snapshot events from {} of {} subscribed stores in {:?} ({how})",

@@ -140,6 +140,9 @@ impl Order {
     /// The key order of records `ids`, already sorted by key, in chunks filled to 3/4 (so
     /// that the inserts after a bulk build do not split every chunk at once).
     pub(super) fn from_sorted(recs: &[Rec], ids: &[u32]) -> Self {
+        if ids.is_empty() {
+            return Order::new();
+        }
         let mut order = Order { chunks: Vec::new(), free_chunks: Vec::new(), fences: BTreeMap::new() };
         for (i, chunk) in ids.chunks(CAP * 3 / 4).enumerate() {
             let fence = if i == 0 { Key::default() } else { recs[chunk[0] as usize].key.clone() };
@@ -147,9 +150,6 @@ impl Order {
             let mut ids = Vec::with_capacity(CAP);
             ids.extend_from_slice(chunk);
             order.chunks.push(ids);
-        }
-        if order.chunks.is_empty() {
-            order = Order::new();
         }
         order
     }
